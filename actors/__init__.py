@@ -1,0 +1,16 @@
+"""The Ray side of meshpipe: stage and router actors, the message envelope, the `Pipeline` facade."""
+
+from actors.errors import (
+    BackPressureError,
+    DeploymentError,
+    InsufficientResourcesError,
+    RequestCancelledError,
+    RequestTimeoutError,
+    StageFailedError,
+)
+from actors.pipeline import DeployConfig, Pipeline, StreamChunk
+
+__all__ = [
+    "BackPressureError", "DeployConfig", "DeploymentError", "InsufficientResourcesError", "Pipeline",
+    "RequestCancelledError", "RequestTimeoutError", "StageFailedError", "StreamChunk",
+]

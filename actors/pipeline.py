@@ -1,0 +1,274 @@
+"""`Pipeline`: deploy a model as stage actors plus a router, then generate, stream and chat.
+
+Everything is a named, detached Ray actor in namespace `meshpipe`
+(`meshpipe/<name>/stage-2/replica-0`, `meshpipe/<name>/router-0`), so another driver, the CLI or
+an HTTP server attaches with `Pipeline.connect(name)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from actors.errors import DeploymentError, InsufficientResourcesError
+from actors.router import RouterActor, RouterConfig
+from actors.stage import StageActor
+from models import Completion, ConfigError, MeshpipeError, SamplingParams, is_batch, partition
+from models.config import resolve_dtype
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "meshpipe"
+_warned_cpu = False
+
+
+def actor_name(deployment: str, role: str) -> str:
+    return f"meshpipe/{deployment}/{role}"
+
+
+class DeployConfig(BaseModel):
+    """User-facing deployment options, validated at the edge (cross-field rules name both values)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    model: str = "smollm2-135m"  # a known name, a .gguf path or a Hugging Face folder
+    num_stages: int | None = Field(None, ge=1)  # stages; or layers_per_stage
+    layers_per_stage: int | None = Field(None, ge=1)  # 1 = one actor per layer
+    replicas_per_stage: int | list[int] = 1  # replicas arrive with the topology issue
+    topology: Any = None  # arrives with the topology issue
+    codec: str = "none"  # codecs arrive with the messages issue
+    dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float64"
+    autoscaling: dict | None = None  # arrives with the autoscaler issue
+    stage_resources: dict[str, float] | None = None  # e.g. {"num_gpus": 1, "num_cpus": 0.5}
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    threads_per_stage: int | None = Field(None, ge=1)  # torch threads in each stage (None = chosen)
+    micro_batches: int | None = Field(None, ge=1)  # lanes in flight (None = chosen)
+    max_active_sequences: int = Field(64, ge=1)
+    max_queued: int = Field(256, ge=0)
+    max_kv_tokens: int = Field(262144, ge=1)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        resolve_dtype(v)  # raises ConfigError naming the accepted values
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> DeployConfig:
+        if self.num_stages is not None and self.layers_per_stage is not None:
+            raise ValueError(f"give num_stages ({self.num_stages}) or layers_per_stage "
+                             f"({self.layers_per_stage}), not both")
+        if self.replicas_per_stage != 1:
+            raise ValueError(f"replicas_per_stage={self.replicas_per_stage!r}: only 1 is supported in this release")
+        if self.topology is not None or self.autoscaling is not None:
+            raise ValueError("topology= and autoscaling= are not supported in this release; leave them None")
+        if self.codec not in ("none", "auto"):
+            raise ValueError(f"codec={self.codec!r}: only 'none' is supported in this release")
+        return self
+
+
+@dataclass
+class StreamChunk:
+    text: str  # new text since the previous chunk
+    token_ids: list[int]  # new tokens since the previous chunk
+    finish_reason: str | None = None  # set on the last chunk
+
+
+def _unwrap(e: Exception) -> Exception:
+    """Ray wraps an actor's exception; hand the caller meshpipe's own typed error."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, MeshpipeError) else e
+
+
+def _call(ref: Any, timeout: float | None = None) -> Any:
+    try:
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.RayTaskError as e:
+        raise _unwrap(e) from None
+
+
+class Pipeline:
+    """A handle on a deployment: its router actor (and, for `shutdown`, its stage actors)."""
+
+    def __init__(self, name: str, router: Any) -> None:
+        self.name = name
+        self.router = router
+        self._info: dict | None = None
+
+    # ---------- lifecycle ----------
+
+    @classmethod
+    def deploy(cls, model: str | Path = "smollm2-135m", **options: Any) -> Pipeline:
+        """Starts the stage actors and the router; returns when every stage has its weights."""
+        from models.loading import read_config, resolve_source
+
+        try:
+            dc = DeployConfig(model=str(model), **options)
+        except ValueError as e:  # pydantic's ValidationError is a ValueError
+            raise ConfigError(str(e)) from None
+        if not ray.is_initialized():
+            ray.init()
+        try:
+            ray.get_actor(actor_name(dc.name, "router-0"), namespace=NAMESPACE)
+            raise DeploymentError(f"a deployment named {dc.name!r} is running: Pipeline.connect({dc.name!r}) "
+                                  "to use it, or shut it down first")
+        except ValueError:
+            pass
+        source = resolve_source(dc.model)
+        cfg = read_config(source)
+        if dc.layers_per_stage is not None:
+            specs = partition(cfg, layers_per_stage=dc.layers_per_stage)
+        else:
+            specs = partition(cfg, num_stages=dc.num_stages or 1)
+        resources = stage_resources(len(specs), dc.stage_resources)
+        threads = dc.threads_per_stage or default_threads(len(specs), resources)
+        micro = dc.micro_batches or 1
+        t0 = time.perf_counter()
+        stages = []
+        try:
+            for spec in specs:
+                stages.append(
+                    ray.remote(StageActor).options(
+                        name=actor_name(dc.name, f"stage-{spec.index}/replica-0"), namespace=NAMESPACE,
+                        lifetime="detached", max_restarts=0, max_task_retries=0, **resources,
+                    ).remote(dc.name, str(source), spec, cfg.to_dict(), dc.dtype, threads, 0)
+                )
+            info = ray.get([s.ready.remote() for s in stages])
+            rc = RouterConfig(max_active_sequences=dc.max_active_sequences, max_queued=dc.max_queued,
+                              max_kv_tokens=dc.max_kv_tokens, micro_batches=micro)
+            router = ray.remote(RouterActor).options(
+                name=actor_name(dc.name, "router-0"), namespace=NAMESPACE, lifetime="detached",
+                num_cpus=0, max_concurrency=1000,
+            ).remote(dc.name, str(source), cfg.to_dict(), stages, info, vars(rc))
+            ray.get(router.describe.remote())
+        except Exception:
+            for s in stages:
+                ray.kill(s)
+            raise
+        log.info("deployed %r: %s in %d stages (%s) in %.1f s", dc.name, source.name, len(specs),
+                 ", ".join(s.label for s in specs), time.perf_counter() - t0)
+        return cls(dc.name, router)
+
+    @classmethod
+    def connect(cls, name: str = "default") -> Pipeline:
+        """Attaches to a running named deployment (from any driver of the same Ray cluster)."""
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
+        try:
+            router = ray.get_actor(actor_name(name, "router-0"), namespace=NAMESPACE)
+        except ValueError:
+            raise DeploymentError(f"no deployment named {name!r} in this Ray cluster: "
+                                  "deploy it first (Pipeline.deploy(..., name=...))") from None
+        return cls(name, router)
+
+    def shutdown(self) -> None:
+        """Stops the router and kills every actor of the deployment."""
+        info = self.describe()
+        try:
+            ray.get(self.router.shutdown.remote(), timeout=10)
+        except Exception as e:  # noqa: BLE001 - the router may be dead already
+            log.warning("router of %r did not shut down cleanly: %s", self.name, e)
+        for role in [*info["route"], actor_name(self.name, "router-0")]:
+            try:
+                ray.kill(ray.get_actor(role, namespace=NAMESPACE))
+            except ValueError:
+                pass
+
+    # ---------- requests ----------
+
+    def generate(self, prompts: Any, max_new_tokens: int = 16, timeout_s: float | None = None,
+                 **sampling: Any) -> list[Completion]:
+        """Greedy by default. One prompt (str or list of ids) or a list of prompts; one Completion each."""
+        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+        plist = list(prompts) if is_batch(prompts) else [prompts]
+        return _call(self.router.generate.remote(plist, params, timeout_s))
+
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 64, timeout_s: float | None = None,
+             **sampling: Any) -> Completion:
+        """Applies the model's chat template, then generates the assistant's answer."""
+        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+        return _call(self.router.chat.remote(messages, params, timeout_s))
+
+    def submit(self, prompt: Any, max_new_tokens: int = 16, timeout_s: float | None = None,
+               **sampling: Any) -> str:
+        """Admits one request without waiting; returns its id for `result`, `cancel` or streaming."""
+        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+        return _call(self.router.submit.remote(prompt, params, timeout_s))
+
+    def result(self, request_id: str, timeout: float | None = None) -> Completion:
+        return _call(self.router.result.remote(request_id), timeout)
+
+    def cancel(self, request_id: str) -> bool:
+        return _call(self.router.cancel.remote(request_id))
+
+    def stream(self, prompt: Any, max_new_tokens: int = 16, timeout_s: float | None = None,
+               **sampling: Any) -> Iterator[StreamChunk]:
+        """Yields text as it is generated. Closing the iterator early cancels the request."""
+        rid = self.submit(prompt, max_new_tokens, timeout_s, **sampling)
+        return self._stream(rid)
+
+    def _stream(self, rid: str) -> Iterator[StreamChunk]:
+        cursor, text, done = 0, "", False
+        try:
+            while not done:
+                step = _call(self.router.stream_next.remote(rid, cursor))
+                done = step["done"]
+                cursor += len(step["token_ids"])
+                if done:
+                    full = step["completion"].text
+                    yield StreamChunk(full[len(text):], step["token_ids"], step["completion"].finish_reason)
+                    return
+                if step["token_ids"]:
+                    yield StreamChunk(step["text"][len(text):], step["token_ids"])
+                    text = step["text"]
+        finally:
+            if not done:
+                self.cancel(rid)
+
+    # ---------- introspection and test hooks ----------
+
+    def describe(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = _call(self.router.describe.remote())
+        return self._info
+
+    def stats(self) -> dict[str, Any]:
+        return {"router": _call(self.router.stats.remote()), "stages": _call(self.router.stage_stats.remote())}
+
+    def set_hop_delay(self, stage: int, seconds: float) -> None:
+        """Test hook: delays every message into `stage` by `seconds`."""
+        _call(self.router.set_hop_delay.remote(stage, seconds))
+
+
+def stage_resources(num_stages: int, override: dict[str, float] | None) -> dict[str, float]:
+    """One GPU per stage by default; CPUs when the cluster has no GPU; fail fast on a shortfall."""
+    global _warned_cpu
+    if override is not None:
+        return dict(override)
+    total = ray.cluster_resources().get("GPU", 0)
+    free = ray.available_resources().get("GPU", 0)
+    if total == 0:
+        if not _warned_cpu:
+            log.warning("the Ray cluster has no GPU: stages run on CPUs (pass stage_resources= to choose)")
+            _warned_cpu = True
+        return {"num_cpus": 0, "num_gpus": 0}
+    if free < num_stages:
+        raise InsufficientResourcesError(
+            f"{num_stages} stages need {num_stages} GPUs (one each) but the cluster has {free:g} free "
+            f"of {total:g}: use fewer stages, or pass stage_resources={{'num_gpus': {free / num_stages:.2g}}} "
+            "to share GPUs"
+        )
+    return {"num_gpus": 1, "num_cpus": 0}
+
+
+def default_threads(num_stages: int, resources: dict[str, float]) -> int:
+    """Torch threads per stage: every core on a machine with one stage busy at a time (measured)."""
+    return max(1, os.cpu_count() or 1)

