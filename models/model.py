@@ -68,8 +68,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32 (as HF Llama does), then scale in the model's dtype
-        xf = x.float()
+        # normalise in at least float32 (as HF Llama does), then scale in the model's dtype
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -200,8 +200,8 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, b: Batch, cache: KVCache) -> torch.Tensor:
         """x: (N,) token ids on the first stage, else (N, dim) hidden states.
 
-        Returns (N, dim) hidden states, or on the last stage (B, vocab) float32 logits of each
-        sequence's last new token (full logits never leave the stage).
+        Returns (N, dim) hidden states, or on the last stage (B, vocab) logits of each
+        sequence's last new token, float32 or float64 (full logits never leave the stage).
         """
         if self.tok_embeddings is not None:
             x = self.tok_embeddings(x)  # (N, dim)
@@ -214,7 +214,8 @@ class Transformer(nn.Module):
         if self.output is None:
             return x
         x = self.norm(x[b.last_token])  # (B, dim)
-        return self.output(x).float()  # (B, vocab)
+        logits = self.output(x)  # (B, vocab)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def attention_mask(b: Batch) -> torch.Tensor:

