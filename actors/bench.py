@@ -84,7 +84,7 @@ def bench_single_process(model: Any, prompt: list[int], batches: Sequence[int], 
     torch.set_num_threads(threads)
     for b in batches:
         prompts = [prompt] * b
-        model.generate(prompts, max_new_tokens=4, ignore_eos=True)  # warm-up
+        model.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)  # warm-up
         best, med = _timed(lambda: model.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True), repeats)
         yield {"bench": "single_process", "batch": b, "new_tokens": new_tokens, "threads": threads,
                "ms_per_step": best / new_tokens * 1e3, "ms_per_step_median": med / new_tokens * 1e3,
@@ -115,7 +115,7 @@ def bench_transformers(source: Any, prompt: list[int], batches: Sequence[int], n
             with torch.inference_mode():
                 return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
 
-        run(4)  # warm-up
+        run(new_tokens)  # warm-up
         best, med = _timed(lambda: run(new_tokens), repeats)
         row = {"bench": "transformers", "batch": b, "new_tokens": new_tokens, "threads": threads,
                "ms_per_step": best / new_tokens * 1e3, "ms_per_step_median": med / new_tokens * 1e3,
@@ -136,7 +136,10 @@ def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens
     """One deployment of `stages` stages: warm up, then time `generate` at every batch size."""
     from actors.pipeline import Pipeline
 
+    import ray
+
     name = f"bench-{stages}-t{threads or 'auto'}-m{micro_batches or 'auto'}"
+    free_before = ray.available_resources().get("GPU", 0)
     t0 = time.perf_counter()
     pipe = Pipeline.deploy(model, num_stages=stages, name=name, threads_per_stage=threads,
                            micro_batches=micro_batches)
@@ -147,7 +150,7 @@ def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens
         used_micro = info["router"]["micro_batches"]
         for b in batches:
             prompts = [prompt] * b
-            pipe.generate(prompts, max_new_tokens=4, ignore_eos=True)  # warm-up
+            pipe.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)  # warm-up
             best, med = _timed(lambda: pipe.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True),
                                repeats)
             ms = best / new_tokens * 1e3
@@ -162,6 +165,19 @@ def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens
             yield row
     finally:
         pipe.shutdown()
+        _wait_for_gpus(free_before)
+
+
+def _wait_for_gpus(free: float, timeout_s: float = 60.0) -> None:
+    """`Pipeline.shutdown` kills actors asynchronously: wait until `free` GPUs are free again."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("GPU", 0) < free:
+        if time.monotonic() > deadline:
+            log.warning("GPUs of the last deployment still not free after %.0f s", timeout_s)
+            return
+        time.sleep(0.2)
 
 
 # --------------------------------------------------------------------------- hops

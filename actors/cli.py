@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
@@ -166,14 +167,14 @@ def demo(
 
 
 def _print_route(info: dict) -> None:
-    out.print("[bold]route:[/] driver -> " + " -> ".join(info["route"]) + " -> router")
-    table = Table("stage", "actor", "layers", "device", "threads", "pid", "load s")
+    short = [r.split("/")[-2] for r in info["route"]]  # stage-K
+    out.print("[bold]route:[/] driver -> router -> " + " -> ".join(short) + " -> router (sampled tokens)")
+    table = Table("actor", "layers", "device", "threads", "pid", "load s", box=box.SIMPLE_HEAD)
     for name, s in zip(info["route"], info["stages"]):
         first, last = s["layers"]
-        table.add_row(str(s["stage"]), name, f"{first}-{last}", s["device"], str(s.get("threads", "")),
-                      str(s["pid"]), f"{s.get('load_s', 0):.1f}")
+        table.add_row(name, f"{first}-{last}", s["device"], str(s.get("threads", "")), str(s["pid"]),
+                      f"{s.get('load_s', 0):.1f}")
     out.print(table)
-
 
 # --------------------------------------------------------------------------- generate
 

@@ -249,22 +249,28 @@ class Pipeline:
 
 
 def stage_resources(num_stages: int, override: dict[str, float] | None) -> dict[str, float]:
-    """One GPU per stage by default; CPUs when the cluster has no GPU; fail fast on a shortfall."""
+    """Reads the cluster's GPUs and applies `choose_stage_resources`, warning once on CPU fallback."""
     global _warned_cpu
+    resources = choose_stage_resources(num_stages, ray.cluster_resources().get("GPU", 0),
+                                       ray.available_resources().get("GPU", 0), override)
+    if resources.get("num_gpus") == 0 and override is None and not _warned_cpu:
+        log.warning("the Ray cluster has no GPU: stages run on CPUs (pass stage_resources= to choose)")
+        _warned_cpu = True
+    return resources
+
+
+def choose_stage_resources(num_stages: int, total_gpus: float, free_gpus: float,
+                           override: dict[str, float] | None = None) -> dict[str, float]:
+    """Pure policy: one GPU per stage; CPUs when the cluster has none; fail fast on a shortfall."""
     if override is not None:
         return dict(override)
-    total = ray.cluster_resources().get("GPU", 0)
-    free = ray.available_resources().get("GPU", 0)
-    if total == 0:
-        if not _warned_cpu:
-            log.warning("the Ray cluster has no GPU: stages run on CPUs (pass stage_resources= to choose)")
-            _warned_cpu = True
+    if total_gpus == 0:
         return {"num_cpus": 0, "num_gpus": 0}
-    if free < num_stages:
+    if free_gpus < num_stages:
         raise InsufficientResourcesError(
-            f"{num_stages} stages need {num_stages} GPUs (one each) but the cluster has {free:g} free "
-            f"of {total:g}: use fewer stages, or pass stage_resources={{'num_gpus': {free / num_stages:.2g}}} "
-            "to share GPUs"
+            f"{num_stages} stages need {num_stages} GPUs (one each) but the cluster has {free_gpus:g} free "
+            f"of {total_gpus:g}: use fewer stages, or pass stage_resources={{'num_gpus': "
+            f"{max(free_gpus, 1) / num_stages:.2g}}} to share GPUs"
         )
     return {"num_gpus": 1, "num_cpus": 0}
 

@@ -38,10 +38,8 @@ class Completion:
 
 
 def is_batch(prompts: Any) -> bool:
-    """A list of prompts, as opposed to one prompt (a str, or a list of ints)."""
-    return isinstance(prompts, (list, tuple)) and bool(prompts) and not all(
-        isinstance(p, int) and not isinstance(p, bool) for p in prompts
-    )
+    """A list of prompts (strs or id lists), as opposed to one prompt (a str, or a list of ids)."""
+    return isinstance(prompts, (list, tuple)) and any(isinstance(p, (str, list, tuple)) for p in prompts)
 
 
 def encode_prompt(prompt: Prompt, cfg: ModelConfig, tokenizer: Tokenizer | None) -> list[int]:

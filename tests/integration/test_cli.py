@@ -1,0 +1,60 @@
+"""The `meshpipe` console script, run as a subprocess (each `generate` starts its own local Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models import load_model
+from tests.checkpoints import make_tiny_llama, smollm2_gguf_path
+
+
+def meshpipe(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    exe = shutil.which("meshpipe")
+    cmd = [exe] if exe else [sys.executable, "-m", "actors.cli"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+@pytest.mark.smollm2
+def test_pull_installed_model_prints_its_path() -> None:
+    path = smollm2_gguf_path()
+    r = meshpipe("pull", "smollm2-135m")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(path)
+
+
+@pytest.mark.ray
+def test_generate_token_ids_on_tiny_checkpoint_matches_single_process(tmp_path: Path) -> None:
+    folder = make_tiny_llama(tmp_path / "tiny")
+    n = 8
+    want = load_model(folder).generate([1, 2, 3], max_new_tokens=n)[0]
+    r = meshpipe("generate", "--model", str(folder), "--stages", "2", "--prompt-ids", "1,2,3",
+                 "--max-new-tokens", str(n), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(got) == {"text", "token_ids", "finish_reason", "usage"}
+    assert got["token_ids"] == want.token_ids
+    assert got["finish_reason"] == want.finish_reason
+    assert got["usage"] == want.usage
+
+
+def test_unknown_model_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
+    r = meshpipe("generate", "--model", str(tmp_path / "no-such-model"), "--prompt-ids", "1,2,3")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ")
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_prompt_and_prompt_ids_are_exclusive() -> None:
+    r = meshpipe("generate", "--prompt", "hi", "--prompt-ids", "1,2")
+    assert r.returncode == 2
+    assert "exactly one of --prompt and --prompt-ids" in r.stderr

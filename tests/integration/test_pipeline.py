@@ -1,0 +1,225 @@
+"""The pipeline on real Ray with tiny random checkpoints: identical tokens, bad input, control."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from actors import (
+    BackPressureError,
+    DeploymentError,
+    InsufficientResourcesError,
+    Pipeline,
+    RequestTimeoutError,
+)
+from actors.pipeline import choose_stage_resources
+from models import ConfigError, InvalidRequestError, UnknownModelError, load_model
+from tests.checkpoints import make_tiny_llama
+from tests.support import min_margin, tokens
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(30, 71)), [200], [9] * 13]
+
+
+def _wait_for(cond, timeout: float = 10.0) -> None:  # noqa: ANN001
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpt: Path):  # noqa: ANN201
+    p = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="tiny",
+                        max_active_sequences=4, max_queued=2, micro_batches=2)
+    yield p
+    p.shutdown()
+
+
+@pytest.mark.parametrize("layout", [{"num_stages": 1}, {"num_stages": 2}, {"num_stages": 4},
+                                    {"layers_per_stage": 1}])
+def test_greedy_tokens_equal_the_single_process_model(tiny_tied_ckpt: Path, layout: dict) -> None:
+    ref = load_model(tiny_tied_ckpt, dtype="float64").generate(PROMPTS, max_new_tokens=10, ignore_eos=True)
+    p = Pipeline.deploy(str(tiny_tied_ckpt), dtype="float64", name="layout", **layout)
+    try:
+        n = len(p.describe()["stages"])
+        assert n == layout.get("num_stages", 6)
+        outs = p.generate(PROMPTS, max_new_tokens=10, ignore_eos=True)
+        assert tokens(outs) == tokens(ref)
+        assert [o.usage for o in outs] == [o.usage for o in ref]
+    finally:
+        p.shutdown()
+
+
+def test_float32_pipeline_matches_with_asserted_margins(tiny_ckpt: Path) -> None:
+    ref = load_model(tiny_ckpt, dtype="float32").generate(PROMPTS, max_new_tokens=12, ignore_eos=True,
+                                                          logprobs=2)
+    assert min_margin(ref) > 1e-3  # batching moves fp32 logits by ~1e-5: these cannot flip
+    p = Pipeline.deploy(str(tiny_ckpt), num_stages=4, name="fp32", micro_batches=2)
+    try:
+        assert tokens(p.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)) == tokens(ref)
+    finally:
+        p.shutdown()
+
+
+def test_actor_names_are_readable(pipe: Pipeline) -> None:
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert {"meshpipe/tiny/stage-0/replica-0", "meshpipe/tiny/stage-1/replica-0",
+            "meshpipe/tiny/router-0"} <= names
+    assert pipe.describe()["route"] == ["meshpipe/tiny/stage-0/replica-0", "meshpipe/tiny/stage-1/replica-0"]
+
+
+@pytest.mark.parametrize("prompt,kwargs,error,match", [
+    ("", {}, InvalidRequestError, "empty"),
+    ([], {}, InvalidRequestError, "empty"),
+    ([1, 256], {}, InvalidRequestError, "outside the vocabulary"),
+    ([1, 2.5], {}, InvalidRequestError, "integers"),
+    ([1] * 300, {}, InvalidRequestError, "context"),
+    ([1, 2], {"max_new_tokens": 0}, InvalidRequestError, "max_new_tokens"),
+    ([1, 2], {"max_new_tokens": -1}, InvalidRequestError, "max_new_tokens"),
+    ("hello", {}, InvalidRequestError, "no tokenizer"),
+    ([1, 2], {"top_p": 2.0}, InvalidRequestError, "top_p"),
+])
+def test_bad_input_is_a_typed_error_and_the_pipeline_keeps_serving(
+        pipe: Pipeline, prompt: object, kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        pipe.generate(prompt, **kwargs)
+    assert len(pipe.generate([1, 2, 3], max_new_tokens=3, ignore_eos=True)[0].token_ids) == 3
+
+
+def test_one_bad_prompt_rejects_the_batch_before_anything_runs(pipe: Pipeline) -> None:
+    with pytest.raises(InvalidRequestError, match="outside"):
+        pipe.generate([[1, 2], [999]], max_new_tokens=2)
+    assert pipe.stats()["router"]["active"] == 0
+
+
+def test_back_pressure_not_a_hang(pipe: Pipeline) -> None:
+    """4 active + 2 queued allowed: 7 at once is refused whole, at once; 6 all finish."""
+    t0 = time.monotonic()
+    with pytest.raises(BackPressureError, match="full"):
+        pipe.generate([[i + 3] for i in range(7)], max_new_tokens=2)
+    assert time.monotonic() - t0 < 5
+    outs = pipe.generate([[i + 3] for i in range(6)], max_new_tokens=4, ignore_eos=True)
+    assert all(len(o.token_ids) == 4 for o in outs)
+
+
+def test_kv_budget_too_small_for_one_request(tiny_ckpt: Path) -> None:
+    p = Pipeline.deploy(str(tiny_ckpt), num_stages=1, name="kv", max_kv_tokens=16)
+    try:
+        with pytest.raises(InvalidRequestError, match="max_kv_tokens"):
+            p.generate([1] * 10, max_new_tokens=10)
+        assert p.generate([1] * 10, max_new_tokens=6)[0].usage["prompt_tokens"] == 10
+    finally:
+        p.shutdown()
+
+
+def test_sixteen_concurrent_threads_get_the_tokens_they_get_alone(pipe: Pipeline, tiny_ckpt: Path) -> None:
+    prompts = [[(7 * i + j) % 250 + 3 for j in range(1 + 3 * i)] for i in range(16)]
+    alone = [pipe.generate(p, max_new_tokens=6, ignore_eos=True)[0].token_ids for p in prompts]
+    with cf.ThreadPoolExecutor(16) as ex:  # 16 > 4 active + 2 queued: retry on back-pressure
+        def run(p: list[int]) -> list[int]:
+            while True:
+                try:
+                    return pipe.generate(p, max_new_tokens=6, ignore_eos=True)[0].token_ids
+                except BackPressureError:
+                    time.sleep(0.05)
+        together = list(ex.map(run, prompts))
+    assert together == alone
+
+
+def test_stream_yields_tokens_and_a_dropped_stream_frees_every_cache(pipe: Pipeline) -> None:
+    full = pipe.generate([4, 5, 6], max_new_tokens=8, ignore_eos=True)[0].token_ids
+    streamed = [t for chunk in pipe.stream([4, 5, 6], max_new_tokens=8, ignore_eos=True) for t in chunk.token_ids]
+    assert streamed == full
+    pipe.set_hop_delay(1, 0.05)
+    try:
+        it = pipe.stream([4, 5, 6], max_new_tokens=200, ignore_eos=True)
+        next(it)
+        _wait_for(lambda: any(s["sequences"] for s in pipe.stats()["stages"]))
+        it.close()  # the client goes away mid-stream
+        _wait_for(lambda: all(s["sequences"] == 0 for s in pipe.stats()["stages"]))
+        assert pipe.stats()["router"]["active"] == 0
+    finally:
+        pipe.set_hop_delay(1, 0.0)
+
+
+def test_timeout_and_cancel_free_their_caches(pipe: Pipeline) -> None:
+    pipe.set_hop_delay(0, 0.05)
+    try:
+        with pytest.raises(RequestTimeoutError, match="timed out"):
+            pipe.generate([1, 2, 3], max_new_tokens=200, ignore_eos=True, timeout_s=0.5)
+        rid = pipe.submit([1, 2, 3], max_new_tokens=200, ignore_eos=True)
+        time.sleep(0.3)
+        assert pipe.cancel(rid)
+        _wait_for(lambda: all(s["sequences"] == 0 for s in pipe.stats()["stages"]))
+    finally:
+        pipe.set_hop_delay(0, 0.0)
+    assert len(pipe.generate([1, 2, 3], max_new_tokens=2, ignore_eos=True)[0].token_ids) == 2
+
+
+def test_hop_delay_hook_slows_one_hop_and_changes_nothing(pipe: Pipeline) -> None:
+    t0 = time.perf_counter()
+    fast = pipe.generate([8, 9], max_new_tokens=5, ignore_eos=True)[0].token_ids
+    fast_s = time.perf_counter() - t0
+    pipe.set_hop_delay(1, 0.1)
+    try:
+        t0 = time.perf_counter()
+        slow = pipe.generate([8, 9], max_new_tokens=5, ignore_eos=True)[0].token_ids
+        slow_s = time.perf_counter() - t0
+    finally:
+        pipe.set_hop_delay(1, 0.0)
+    assert slow == fast and slow_s >= fast_s + 0.4  # 5 steps, each 0.1 s late
+
+
+def test_second_driver_and_cli_attach_by_name(pipe: Pipeline, ray_cluster: dict) -> None:
+    expected = pipe.generate([3, 4, 5], max_new_tokens=4, ignore_eos=True)[0].token_ids
+    code = ("import ray; from actors import Pipeline; ray.init(address='auto'); "
+            "print(Pipeline.connect('tiny').generate([3, 4, 5], max_new_tokens=4, ignore_eos=True)[0].token_ids)")
+    # address 'auto' finds this session's Ray (RAY_ADDRESS pins it when other clusters run here)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(expected)
+    cli = subprocess.run(["meshpipe", "generate", "--address", "auto", "--name", "tiny", "--prompt-ids", "3,4,5",
+                          "--max-new-tokens", "4", "--json"], capture_output=True, text=True, timeout=120, env=env)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert json.loads(cli.stdout.strip().splitlines()[-1])["token_ids"][:4] == expected
+
+
+def test_connect_to_a_missing_deployment() -> None:
+    with pytest.raises(DeploymentError, match="no deployment named 'nope'"):
+        Pipeline.connect("nope")
+
+
+def test_deploy_errors_name_the_problem(tiny_ckpt: Path, tmp_path: Path, pipe: Pipeline) -> None:
+    with pytest.raises(UnknownModelError, match="no-such-model"):
+        Pipeline.deploy("no-such-model", name="bad")
+    with pytest.raises(ConfigError, match="more stages than"):
+        Pipeline.deploy(str(tiny_ckpt), num_stages=5, name="bad")
+    with pytest.raises(ConfigError, match="dtype"):
+        Pipeline.deploy(str(tiny_ckpt), dtype="float8", name="bad")
+    with pytest.raises(DeploymentError, match="named 'tiny' is running"):
+        Pipeline.deploy(str(tiny_ckpt), name="tiny")
+    wide = make_tiny_llama(tmp_path / "wide", n_layers=40, dim=16, n_heads=2, n_kv_heads=1, hidden=16)
+    t0 = time.monotonic()
+    with pytest.raises(InsufficientResourcesError, match="40 stages need 40 GPUs"):
+        Pipeline.deploy(str(wide), layers_per_stage=1, name="bad")
+    assert time.monotonic() - t0 < 10  # fails fast, nothing left behind
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("meshpipe/bad/")]
+
+
+def test_resource_policy() -> None:
+    assert choose_stage_resources(4, 0, 0) == {"num_cpus": 0, "num_gpus": 0}  # CPU fallback
+    assert choose_stage_resources(4, 8, 4) == {"num_gpus": 1, "num_cpus": 0}
+    with pytest.raises(InsufficientResourcesError, match="4 stages need 4 GPUs .* 2 free of 8"):
+        choose_stage_resources(4, 8, 2)
+    assert choose_stage_resources(4, 8, 2, {"num_gpus": 0.5}) == {"num_gpus": 0.5}
