@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.checkpoints import make_tiny_llama
+from tests.checkpoints import make_tiny_llama, smollm2_gguf_path
 
 LOGICAL_GPUS = 32  # enough for SmolLM2 with one layer per actor (30 stages)
 
@@ -39,3 +39,23 @@ def tiny_tied_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 6-layer random Llama with tied embeddings, in 64 KB safetensors shards."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-tied") / "llama", n_layers=6, tie=True,
                            sharded=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_model():  # noqa: ANN201
+    """The outside oracle: transformers' LlamaForCausalLM from its own GGUF loader (~20 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2_gguf_path()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():  # noqa: ANN201
+    """meshpipe's single-process SmolLM2 (fp32): the reference the pipeline must equal."""
+    from models import load_model
+
+    smollm2_gguf_path()
+    return load_model("smollm2-135m", dtype="float32")

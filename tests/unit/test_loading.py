@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -373,13 +374,9 @@ def test_smollm2_stage_keys() -> None:
 
 
 @pytest.fixture(scope="module")
-def hf_smollm2() -> dict[str, torch.Tensor]:
-    """transformers' own GGUF loader on SmolLM2 (~20-30 s)."""
-    from transformers import AutoModelForCausalLM
-
-    path = smollm2_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def hf_smollm2(hf_smollm2_model: Any) -> dict[str, torch.Tensor]:
+    """transformers' own GGUF loader's tensors for SmolLM2."""
+    return {k: v.detach().clone() for k, v in hf_smollm2_model.state_dict().items()}
 
 
 @pytest.mark.smollm2
