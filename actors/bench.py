@@ -44,6 +44,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "ray": ray.__version__,
         "zero_copy": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "0") not in ("", "0"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
 
 

@@ -51,6 +51,7 @@ class DeployConfig(BaseModel):
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
     threads_per_stage: int | None = Field(None, ge=1)  # torch threads in each stage (None = chosen)
     micro_batches: int | None = Field(None, ge=1)  # lanes in flight (None = chosen)
+    hop_mode: str = Field("push", pattern="^(push|router)$")  # who calls the next stage
     max_active_sequences: int = Field(64, ge=1)
     max_queued: int = Field(256, ge=0)
     max_kv_tokens: int = Field(262144, ge=1)
@@ -142,8 +143,9 @@ class Pipeline:
                     ).remote(dc.name, str(source), spec, cfg.to_dict(), dc.dtype, threads, 0)
                 )
             info = ray.get([s.ready.remote() for s in stages])
+            ray.get([a.set_successor.remote(b) for a, b in zip(stages, stages[1:])])
             rc = RouterConfig(max_active_sequences=dc.max_active_sequences, max_queued=dc.max_queued,
-                              max_kv_tokens=dc.max_kv_tokens, micro_batches=micro)
+                              max_kv_tokens=dc.max_kv_tokens, micro_batches=micro, hop_mode=dc.hop_mode)
             router = ray.remote(RouterActor).options(
                 name=actor_name(dc.name, "router-0"), namespace=NAMESPACE, lifetime="detached",
                 num_cpus=0, max_concurrency=1000,
@@ -152,6 +154,7 @@ class Pipeline:
         except Exception:
             for s in stages:
                 ray.kill(s)
+            _wait_dead(stages)
             raise
         log.info("deployed %r: %s in %d stages (%s) in %.1f s", dc.name, source.name, len(specs),
                  ", ".join(s.label for s in specs), time.perf_counter() - t0)
@@ -170,17 +173,21 @@ class Pipeline:
         return cls(name, router)
 
     def shutdown(self) -> None:
-        """Stops the router and kills every actor of the deployment."""
+        """Stops the router and kills every actor of the deployment; returns once they are gone."""
         info = self.describe()
         try:
             ray.get(self.router.shutdown.remote(), timeout=10)
         except Exception as e:  # noqa: BLE001 - the router may be dead already
             log.warning("router of %r did not shut down cleanly: %s", self.name, e)
+        handles = []
         for role in [*info["route"], actor_name(self.name, "router-0")]:
             try:
-                ray.kill(ray.get_actor(role, namespace=NAMESPACE))
+                handles.append(ray.get_actor(role, namespace=NAMESPACE))
             except ValueError:
                 pass
+        for h in handles:
+            ray.kill(h)
+        _wait_dead(handles)
 
     # ---------- requests ----------
 
@@ -246,6 +253,18 @@ class Pipeline:
     def set_hop_delay(self, stage: int, seconds: float) -> None:
         """Test hook: delays every message into `stage` by `seconds`."""
         _call(self.router.set_hop_delay.remote(stage, seconds))
+
+
+def _wait_dead(handles: list[Any], timeout_s: float = 30.0) -> None:
+    """`ray.kill` is asynchronous: wait until each actor answers as dead, so its GPU is free again."""
+    end = time.monotonic() + timeout_s
+    for h in handles:
+        while time.monotonic() < end:
+            try:
+                ray.get(h.__ray_ready__.remote(), timeout=1)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+            time.sleep(0.05)
 
 
 def stage_resources(num_stages: int, override: dict[str, float] | None) -> dict[str, float]:

@@ -39,6 +39,7 @@ class RouterConfig:
     max_queued: int = 256  # admitted requests waiting for a slot; beyond this -> BackPressureError
     max_kv_tokens: int = 262144  # sum of (prompt + max_new_tokens) over active sequences
     micro_batches: int = 1  # lanes: micro-batches in flight down the pipeline at once
+    hop_mode: str = "push"  # "push": stage k calls stage k+1 itself; "router": the router chains refs
     finished_kept: int = 1024  # finished requests remembered for late `result`/`stream_next` calls
 
 
@@ -255,13 +256,11 @@ class RouterActor:
                 tokens=[t for x in inputs for t in x],
                 params=[r.seq.params for r in batch],
                 release=lane.release,
+                push=self.rc.hop_mode == "push",
             )
             lane.release = []
-            ref: Any = env
-            for stage in self.stages:
-                ref = stage.forward.remote(ref)
             try:
-                out: Envelope = await ref
+                out = await self._send(env)
             except Exception as e:  # noqa: BLE001 - any stage failure fails this step's requests
                 err = self._stage_error(e)
                 for r in batch:
@@ -278,6 +277,18 @@ class RouterActor:
                     self._release(r)
                     r.future.set_result(r.seq.completion(self.tokenizer))
             self._schedule()
+
+    async def _send(self, env: Envelope) -> Envelope:
+        """Runs one envelope down the stages; returns the last stage's envelope (sampled tokens)."""
+        if env.push:
+            out: Any = await self.stages[0].forward.remote(env)
+            while isinstance(out, self._ray.ObjectRef):  # each stage returned its successor's call
+                out = await out
+            return out
+        ref: Any = env
+        for stage in self.stages:
+            ref = stage.forward.remote(ref)
+        return await ref
 
     def _stage_error(self, e: Exception) -> MeshpipeError:
         cause = getattr(e, "cause", None)

@@ -45,6 +45,7 @@ class StageActor:
         self.model = load_stage(source, spec, dtype, self.device, ModelConfig.from_dict(config))
         self.cache = self.model.new_cache()
         self.dtype = next(self.model.parameters()).dtype
+        self.successor: Any = None  # the next stage's actor handle, for push mode
         self.delay_s = 0.0  # test hook: extra seconds before each forward (a slow inbound hop)
         self.steps = 0
         self.busy_s = 0.0
@@ -69,8 +70,16 @@ class StageActor:
             "load_s": round(self.load_s, 3),
         }
 
-    def forward(self, env: Envelope) -> Envelope:
-        """One step of one micro-batch: embed (first), run the layers, sample (last)."""
+    def set_successor(self, handle: Any) -> None:
+        """The stage to call next in push mode."""
+        self.successor = handle
+
+    def forward(self, env: Envelope) -> Envelope | Any:
+        """One step of one micro-batch: embed (first), run the layers, sample (last).
+
+        In push mode a stage with a successor calls it itself and returns that call's ObjectRef
+        (the router follows the chain of refs to the last stage's sampled tokens).
+        """
         if self.delay_s:
             time.sleep(self.delay_s)
         t0 = time.perf_counter()
@@ -80,19 +89,22 @@ class StageActor:
         if self.model.is_first:
             x = torch.tensor(env.tokens, dtype=torch.long, device=self.device)
         else:
-            x = env.hidden.to(self.device, self.dtype)
+            x = env.hidden(self.device).to(self.dtype)
         y = self.model(x, b, self.cache)
-        out = Envelope(env.seq_ids, env.starts, env.lengths, env.step, params=env.params, release=env.release)
+        out = Envelope(env.seq_ids, env.starts, env.lengths, env.step, params=env.params,
+                       release=env.release, push=env.push)
         if self.model.is_last:
             positions = [s + n for s, n in zip(env.starts, env.lengths)]
             out.sampled, out.logprobs = sample(y.cpu(), env.params, positions)
             out.params = None
         else:
-            out.hidden = y if self.device.type == "cpu" else y.cpu()
+            out.set_hidden(y)
         dt = time.perf_counter() - t0
         self.steps += 1
         self.busy_s += dt
         self.step_ema_s = dt if self.steps == 1 else 0.9 * self.step_ema_s + 0.1 * dt
+        if env.push and self.successor is not None and not self.model.is_last:
+            return self.successor.forward.remote(out)
         return out
 
     def free(self, seq_ids: list[str]) -> int:
