@@ -60,11 +60,12 @@ def test_greedy_tokens_equal_the_single_process_model(tiny_tied_ckpt: Path, layo
         p.shutdown()
 
 
-def test_float32_pipeline_matches_with_asserted_margins(tiny_ckpt: Path) -> None:
+@pytest.mark.parametrize("hop_mode", ["push", "router"])
+def test_float32_pipeline_matches_with_asserted_margins(tiny_ckpt: Path, hop_mode: str) -> None:
     ref = load_model(tiny_ckpt, dtype="float32").generate(PROMPTS, max_new_tokens=12, ignore_eos=True,
                                                           logprobs=2)
     assert min_margin(ref) > 1e-3  # batching moves fp32 logits by ~1e-5: these cannot flip
-    p = Pipeline.deploy(str(tiny_ckpt), num_stages=4, name="fp32", micro_batches=2)
+    p = Pipeline.deploy(str(tiny_ckpt), num_stages=4, name="fp32", micro_batches=2, hop_mode=hop_mode)
     try:
         assert tokens(p.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)) == tokens(ref)
     finally:
