@@ -51,7 +51,7 @@ class DeployConfig(BaseModel):
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
     threads_per_stage: int | None = Field(None, ge=1)  # torch threads in each stage (None = chosen)
     micro_batches: int | None = Field(None, ge=1)  # lanes in flight (None = chosen)
-    hop_mode: str = Field("push", pattern="^(push|router)$")  # who calls the next stage
+    hop_mode: str = Field("router", pattern="^(router|push)$")  # who calls the next stage (measured)
     max_active_sequences: int = Field(64, ge=1)
     max_queued: int = Field(256, ge=0)
     max_kv_tokens: int = Field(262144, ge=1)
@@ -130,8 +130,7 @@ class Pipeline:
         else:
             specs = partition(cfg, num_stages=dc.num_stages or 1)
         resources = stage_resources(len(specs), dc.stage_resources)
-        threads = dc.threads_per_stage or default_threads(len(specs), resources)
-        micro = dc.micro_batches or 1
+        threads = dc.threads_per_stage  # None: each stage chooses by its device (default_threads)
         t0 = time.perf_counter()
         stages = []
         try:
@@ -140,9 +139,10 @@ class Pipeline:
                     ray.remote(StageActor).options(
                         name=actor_name(dc.name, f"stage-{spec.index}/replica-0"), namespace=NAMESPACE,
                         lifetime="detached", max_restarts=0, max_task_retries=0, **resources,
-                    ).remote(dc.name, str(source), spec, cfg.to_dict(), dc.dtype, threads, 0)
+                    ).remote(dc.name, str(source), spec, cfg.to_dict(), dc.dtype, threads, 0, len(specs))
                 )
             info = ray.get([s.ready.remote() for s in stages])
+            micro = dc.micro_batches or default_micro_batches([i["device"] for i in info])
             ray.get([a.set_successor.remote(b) for a, b in zip(stages, stages[1:])])
             rc = RouterConfig(max_active_sequences=dc.max_active_sequences, max_queued=dc.max_queued,
                               max_kv_tokens=dc.max_kv_tokens, micro_batches=micro, hop_mode=dc.hop_mode)
@@ -294,6 +294,8 @@ def choose_stage_resources(num_stages: int, total_gpus: float, free_gpus: float,
     return {"num_gpus": 1, "num_cpus": 0}
 
 
-def default_threads(num_stages: int, resources: dict[str, float]) -> int:
-    """Torch threads per stage: every core on a machine with one stage busy at a time (measured)."""
-    return max(1, os.cpu_count() or 1)
+def default_micro_batches(devices: list[str]) -> int:
+    """Lanes in flight: one per stage keeps every stage busy; on CPUs no more than the cores."""
+    if all(d.startswith("cpu") for d in devices):
+        return max(1, min(len(devices), os.cpu_count() or 1))
+    return len(devices)

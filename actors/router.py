@@ -39,7 +39,7 @@ class RouterConfig:
     max_queued: int = 256  # admitted requests waiting for a slot; beyond this -> BackPressureError
     max_kv_tokens: int = 262144  # sum of (prompt + max_new_tokens) over active sequences
     micro_batches: int = 1  # lanes: micro-batches in flight down the pipeline at once
-    hop_mode: str = "push"  # "push": stage k calls stage k+1 itself; "router": the router chains refs
+    hop_mode: str = "router"  # "router": the router chains ObjectRefs; "push": stage k calls stage k+1
     finished_kept: int = 1024  # finished requests remembered for late `result`/`stream_next` calls
 
 
