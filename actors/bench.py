@@ -3,13 +3,17 @@
 `bench_pipeline` yields one JSON-able dict per measurement, all taken in one process and one Ray
 session so that every figure has its baseline from the same run. Each dict has a ``"bench"`` key:
 
-- ``single_process``: the same network in this process (`models.load_model`), every core.
+- ``single_process``: the same network in this process (`models.load_model`), every core; once
+  at the start, then again right before each deployment's timing at each batch (``next_to``).
 - ``transformers``: transformers' `LlamaForCausalLM.generate` on the same weights (when installed).
 - ``pipeline``: `Pipeline.generate` over S stage actors; ``efficiency`` = its tokens/s ÷ the
-  single-process tokens/s at the same batch.
+  single-process tokens/s at the same batch, measured next to it (the machine is shared: figures
+  taken minutes apart drift), and ``efficiency_vs_first_baseline``.
 - ``hop_meshpipe_derived``: (pipeline ms/step - single-process ms/step) / S, for the largest S.
-- ``hop_bare``: a chain of bare Ray actors, each returning its input (`ref = a.f.remote(ref)`).
-- ``hop_envelope``: the same chain passing an `Envelope` and returning a new one.
+- ``hop_bare``: a chain of bare Ray actors, each returning its input (`ref = a.f.remote(ref)`),
+  torch tensor or numpy payload.
+- ``hop_envelope``: the same chain passing an `Envelope` and returning a new one, router-chained
+  and in push mode (meshpipe's stage hop without the layers).
 - ``hop_push``: push mode, actor i calling actor i+1 itself (returning the ObjectRef, or awaiting
   it and returning the value).
 
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 RAW_PROMPT = "The capital of France is"
 SMALL_SHAPE = (1, 576)  # one token's hidden state in SmolLM2-135M
 LARGE_SHAPE = (5472, 576)  # 12.6 MB of fp32
+PUSH_MODE = "push: actor i calls actor i+1, returns its ObjectRef; caller chases refs"
 
 
 def machine() -> dict[str, Any]:
@@ -50,6 +55,30 @@ def machine() -> dict[str, Any]:
 
 def _load1() -> float:
     return round(os.getloadavg()[0], 2)
+
+
+def _runnable() -> int | None:
+    """Threads runnable right now, machine-wide (Linux; /proc/loadavg's 4th field), this one included."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def wait_quiet(max_wait_s: float = 30.0, samples: int = 6) -> float:
+    """Waits until at most one thread is runnable in `samples` samples in a row (0.5 s apart), or
+    `max_wait_s`; returns the seconds waited. Ray's start (worker prestart, agents) costs seconds of
+    CPU, and a 2-thread torch job on 2 cores slows down several-fold beside any busy process."""
+    t0 = time.monotonic()
+    quiet = 0
+    while quiet < samples and time.monotonic() - t0 < max_wait_s:
+        r = _runnable()
+        if r is None:
+            break
+        quiet = quiet + 1 if r <= 1 else 0
+        time.sleep(0.5)
+    return time.monotonic() - t0
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
@@ -86,7 +115,8 @@ def bench_single_process(model: Any, prompt: list[int], batches: Sequence[int], 
     for b in batches:
         prompts = [prompt] * b
         model.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)  # warm-up
-        best, med = _timed(lambda: model.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True), repeats)
+        best, med = _timed(lambda: model.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True),
+                           repeats)
         yield {"bench": "single_process", "batch": b, "new_tokens": new_tokens, "threads": threads,
                "ms_per_step": best / new_tokens * 1e3, "ms_per_step_median": med / new_tokens * 1e3,
                "tokens_per_s": b * new_tokens / best, "load1": _load1()}
@@ -122,8 +152,12 @@ def bench_transformers(source: Any, prompt: list[int], batches: Sequence[int], n
                "ms_per_step": best / new_tokens * 1e3, "ms_per_step_median": med / new_tokens * 1e3,
                "tokens_per_s": b * new_tokens / best, "load_s": round(load_s, 1), "load1": _load1()}
         if reference is not None and b == 1:
-            # min_new_tokens suppresses EOS, like ignore_eos: same tokens expected.
-            row["same_tokens_as_meshpipe"] = run(new_tokens)[0, len(prompt):].tolist() == reference
+            # min_new_tokens forbids EOS where ignore_eos lets it through: compare up to the first EOS.
+            eos_ids = set(eos if isinstance(eos, list) else [eos])
+            k = next((i for i, tok in enumerate(reference) if tok in eos_ids), len(reference))
+            got = run(new_tokens)[0, len(prompt):][:k].tolist()
+            row["same_greedy_tokens_as_meshpipe_until_eos"] = got == reference[:k]
+            row["compared_tokens"] = k
         yield row
     del hf
 
@@ -133,23 +167,36 @@ def bench_transformers(source: Any, prompt: list[int], batches: Sequence[int], n
 
 def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens: int, prompt: list[int],
                      threads: int | None, micro_batches: int | None, repeats: int,
-                     single: dict[int, dict]) -> Iterator[dict]:
-    """One deployment of `stages` stages: warm up, then time `generate` at every batch size."""
-    from actors.pipeline import Pipeline
+                     baseline: Callable[[int], dict] | None = None, hop_mode: str | None = None,
+                     first: dict[int, dict] | None = None) -> Iterator[dict]:
+    """One deployment of `stages` stages: warm up, then time `generate` at every batch size.
 
+    `baseline(b)` measures the single-process model at batch b: it runs right before the
+    pipeline's timing at that batch (deployment idle), so `efficiency` compares two figures taken
+    under the same conditions; its row is yielded too. `first`: the run's first baselines, for
+    `efficiency_vs_first_baseline`.
+    """
     import ray
 
-    name = f"bench-{stages}-t{threads or 'auto'}-m{micro_batches or 'auto'}"
+    from actors.pipeline import Pipeline
+
+    name = f"bench-{stages}-t{threads or 'auto'}-m{micro_batches or 'auto'}-{hop_mode or 'auto'}"
     free_before = ray.available_resources().get("GPU", 0)
+    options: dict[str, Any] = {"hop_mode": hop_mode} if hop_mode else {}
     t0 = time.perf_counter()
     pipe = Pipeline.deploy(model, num_stages=stages, name=name, threads_per_stage=threads,
-                           micro_batches=micro_batches)
+                           micro_batches=micro_batches, **options)
     deploy_s = time.perf_counter() - t0
     try:
         info = pipe.describe()
         used_threads = info["stages"][0]["threads"]
         used_micro = info["router"]["micro_batches"]
+        used_mode = info["router"].get("hop_mode")
         for b in batches:
+            single = None
+            if baseline is not None:
+                single = {**baseline(b), "next_to": name}
+                yield single
             prompts = [prompt] * b
             pipe.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)  # warm-up
             best, med = _timed(lambda: pipe.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True),
@@ -157,12 +204,15 @@ def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens
             ms = best / new_tokens * 1e3
             tps = b * new_tokens / best
             row = {"bench": "pipeline", "stages": stages, "batch": b, "new_tokens": new_tokens,
-                   "threads_per_stage": used_threads, "micro_batches": used_micro,
+                   "threads_per_stage": used_threads, "micro_batches": used_micro, "hop_mode": used_mode,
                    "ms_per_step": ms, "ms_per_step_median": med / new_tokens * 1e3, "tokens_per_s": tps,
                    "deploy_s": round(deploy_s, 1), "load1": _load1()}
-            if b in single:
-                row["efficiency"] = tps / single[b]["tokens_per_s"]
-                row["overhead_ms_per_step"] = ms - single[b]["ms_per_step"]
+            if single is not None:
+                row["single_process_ms_per_step"] = single["ms_per_step"]
+                row["efficiency"] = tps / single["tokens_per_s"]
+                row["overhead_ms_per_step"] = ms - single["ms_per_step"]
+            if first and b in first:
+                row["efficiency_vs_first_baseline"] = tps / first[b]["tokens_per_s"]
             yield row
     finally:
         pipe.shutdown()
@@ -191,16 +241,30 @@ class EchoActor:
         return x
 
     def envelope(self, env: Any) -> Any:
-        from actors.envelope import Envelope
-
-        return Envelope(env.seq_ids, env.starts, env.lengths, env.step, hidden=env.hidden,
-                        params=env.params, release=env.release)
+        """What a stage does with its message, minus the layers: payload in, new Envelope out."""
+        return _next_envelope(env)
 
     def push(self, x: Any, rest: list) -> Any:
         """Push mode: call the next actor and return its ObjectRef (the caller chases the refs)."""
         if not rest:
             return x
         return rest[0].push.remote(x, rest[1:])
+
+    def push_envelope(self, env: Any, rest: list) -> Any:
+        """Push mode with envelopes, as `StageActor.forward` does it."""
+        out = _next_envelope(env)
+        if not rest:
+            return out
+        return rest[0].push_envelope.remote(out, rest[1:])
+
+
+def _next_envelope(env: Any) -> Any:
+    from actors.envelope import Envelope
+
+    out = Envelope(env.seq_ids, env.starts, env.lengths, env.step, params=env.params, release=env.release,
+                   push=env.push)
+    out.set_hidden(env.hidden())
+    return out
 
 
 class AsyncEchoActor:
@@ -222,7 +286,11 @@ def _chase(ref: Any) -> Any:
 
 
 def bench_hops(n_actors: int = 4, iters_small: int = 50, iters_large: int = 8) -> Iterator[dict]:
-    """Per-hop cost of a chain of `n_actors` actors: bare, with an Envelope, and in push mode."""
+    """Per-hop cost of a chain of `n_actors` actors (ms per hop = chain time / n_actors).
+
+    bare: torch tensor and numpy array (meshpipe's payload type), router-chained and push mode;
+    envelope: an `Envelope` carrying the payload, router-chained (meshpipe's default) and push mode.
+    """
     import ray
 
     from actors.envelope import Envelope
@@ -232,51 +300,54 @@ def bench_hops(n_actors: int = 4, iters_small: int = 50, iters_large: int = 8) -
     echo = [ray.remote(EchoActor).options(**opts).remote() for _ in range(n_actors)]
     aecho = [ray.remote(AsyncEchoActor).options(**opts).remote() for _ in range(n_actors)]
     ray.get([a.f.remote(None) for a in echo] + [a.push.remote(None, []) for a in aecho])
+
+    def router_chain(method: str, x: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            ref = ray.put(x)
+            for a in echo:
+                ref = getattr(a, method).remote(ref)
+            return ray.get(ref)
+        return run
+
     try:
         for label, shape, iters in (("small", SMALL_SHAPE, iters_small), ("large", LARGE_SHAPE, iters_large)):
-            x = torch.randn(shape)
-            nbytes = x.numel() * x.element_size()
-            base = {"n_actors": n_actors, "shape": list(shape), "bytes": nbytes, "size": label}
-
-            def chain() -> None:
-                ref = ray.put(x)
-                for a in echo:
-                    ref = a.f.remote(ref)
-                ray.get(ref)
-
-            env = Envelope(["bench-0"], [16], [shape[0] if label == "large" else 1], 1, hidden=x,
-                           params=[SamplingParams()])
-
-            def env_chain() -> None:
-                ref = ray.put(env)
-                for a in echo:
-                    ref = a.envelope.remote(ref)
-                ray.get(ref)
-
-            def push_ref() -> None:
-                _chase(echo[0].push.remote(x, echo[1:]))
-
-            def push_await() -> None:
-                ray.get(aecho[0].push.remote(x, aecho[1:]))
-
-            for fn in (chain, env_chain, push_ref, push_await):
+            t = torch.randn(shape)
+            base = {"n_actors": n_actors, "shape": list(shape), "bytes": t.numel() * t.element_size(),
+                    "size": label}
+            env = Envelope(["bench-0"], [16], [shape[0]], 1, params=[SamplingParams()])
+            env.set_hidden(t)
+            penv = Envelope(["bench-0"], [16], [shape[0]], 1, params=[SamplingParams()], push=True)
+            penv.set_hidden(t)
+            cases = [
+                ("hop_bare", "torch", "router-chained: ref = a.f.remote(ref), each returns its input",
+                 router_chain("f", t)),
+                ("hop_bare", "numpy", "router-chained: ref = a.f.remote(ref), each returns its input",
+                 router_chain("f", t.numpy())),
+                ("hop_push", "torch", PUSH_MODE,
+                 lambda: _chase(echo[0].push.remote(t, echo[1:]))),
+                ("hop_push", "numpy", PUSH_MODE,
+                 lambda: _chase(echo[0].push.remote(t.numpy(), echo[1:]))),
+                ("hop_push", "torch", "push: async actor i awaits actor i+1, returns the value back up",
+                 lambda: ray.get(aecho[0].push.remote(t, aecho[1:]))),
+                ("hop_envelope", "envelope", "router-chained: Envelope in, payload -> tensor -> new one out",
+                 router_chain("envelope", env)),
+                ("hop_envelope", "envelope", "push (hop_mode='push'): as above, actor i calls actor i+1 "
+                 "and returns its ObjectRef; caller chases refs",
+                 lambda: _chase(echo[0].push_envelope.remote(penv, echo[1:]))),
+            ]
+            bare: dict[str, float] = {}
+            for bench, payload, mode, fn in cases:
                 fn()  # warm-up
-            bare_best, bare_med = _timed(chain, iters)
-            bare = bare_best / n_actors * 1e3
-            yield {"bench": "hop_bare", **base, "mode": "router-chained ObjectRefs (ray.put, a.f.remote(ref))",
-                   "ms_per_hop": bare, "ms_per_hop_median": bare_med / n_actors * 1e3, "load1": _load1()}
-            best, med = _timed(env_chain, iters)
-            yield {"bench": "hop_envelope", **base, "mode": "router-chained ObjectRefs, Envelope in, new Envelope out",
-                   "ms_per_hop": best / n_actors * 1e3, "ms_per_hop_median": med / n_actors * 1e3,
-                   "vs_bare": best / bare_best, "load1": _load1()}
-            best, med = _timed(push_ref, iters)
-            yield {"bench": "hop_push", **base, "mode": "actor i calls actor i+1, returns its ObjectRef; driver chases refs",
-                   "ms_per_hop": best / n_actors * 1e3, "ms_per_hop_median": med / n_actors * 1e3,
-                   "vs_bare": best / bare_best, "load1": _load1()}
-            best, med = _timed(push_await, iters)
-            yield {"bench": "hop_push", **base, "mode": "async actor i awaits actor i+1, returns the value",
-                   "ms_per_hop": best / n_actors * 1e3, "ms_per_hop_median": med / n_actors * 1e3,
-                   "vs_bare": best / bare_best, "load1": _load1()}
+                best, med = _timed(fn, iters)
+                row = {"bench": bench, **base, "payload": payload, "mode": mode,
+                       "ms_per_hop": best / n_actors * 1e3, "ms_per_hop_median": med / n_actors * 1e3}
+                if bench == "hop_bare":
+                    bare[payload] = best
+                else:
+                    ref = bare["numpy" if payload == "envelope" else payload]
+                    row["vs_bare_router_chained"] = best / ref
+                    row["vs_bare_of"] = "numpy" if payload == "envelope" else payload
+                yield {**row, "load1": _load1()}
     finally:
         for a in echo + aecho:
             ray.kill(a)
@@ -293,15 +364,17 @@ def bench_pipeline(
     threads: int | Sequence[int] | None = None,
     micro_batches: int | Sequence[int] | None = None,
     *,
+    hop_modes: str | Sequence[str] | None = None,
     repeats: int = 2,
     with_transformers: bool = True,
     hops: bool = True,
 ) -> Iterator[dict]:
     """All measurements in one process and one Ray session; one dict per measurement.
 
-    `threads` and `micro_batches` may be lists: every stage count is deployed once per
-    (threads, micro_batches) pair (None = the pipeline's default). Starts a local Ray when none
-    is running (and shuts it down at the end).
+    `threads`, `micro_batches` and `hop_modes` ("push", "router") may be lists: every stage count
+    is deployed once per combination (None = the pipeline's default); a single stage has nothing
+    to pipeline, so S=1 only sweeps `threads` (with the first micro-batch count and hop mode).
+    Starts a local Ray when none is running (and shuts it down at the end).
     """
     import ray
 
@@ -316,14 +389,15 @@ def bench_pipeline(
                  include_dashboard=False, log_to_driver=False)
         started = True
     try:
+        waited = wait_quiet()
         ref_model = load_model(source)
         prompt = _prompt_ids(ref_model)
-        single: dict[int, dict] = {}
+        first: dict[int, dict] = {}
         for row in bench_single_process(ref_model, prompt, batches, new_tokens, 2 * repeats):
-            single[row["batch"]] = row
-            yield {**row, "model": model, "prompt_tokens": len(prompt), "machine": info}
+            first[row["batch"]] = row
+            yield {**row, "model": model, "prompt_tokens": len(prompt), "quiet_wait_s": round(waited, 1),
+                   "machine": info}
         reference = ref_model.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)[0].token_ids
-        del ref_model
         if with_transformers:
             try:
                 import transformers  # noqa: F401
@@ -332,19 +406,29 @@ def bench_pipeline(
             else:
                 for row in bench_transformers(source, prompt, batches, new_tokens, repeats, reference):
                     yield {**row, "model": model, "machine": info}
+
+        def baseline(b: int) -> dict:
+            row = next(bench_single_process(ref_model, prompt, [b], new_tokens, repeats + 1))
+            return {**row, "model": model, "machine": info}
+
         last = max(stages)
+        modes = [hop_modes] if isinstance(hop_modes, str) else list(hop_modes or [None])
         for s in stages:
-            for t in _as_list(threads):
-                for m in _as_list(micro_batches):
-                    for row in bench_deployment(model, s, batches, new_tokens, prompt, t, m, repeats, single):
-                        yield {**row, "model": model, "machine": info}
-                        if s == last and s > 1 and "overhead_ms_per_step" in row:
-                            yield {"bench": "hop_meshpipe_derived", "stages": s, "batch": row["batch"],
-                                   "threads_per_stage": row["threads_per_stage"],
-                                   "micro_batches": row["micro_batches"],
-                                   "how": "(pipeline ms/step - single-process ms/step) / stages",
-                                   "ms_per_hop": row["overhead_ms_per_step"] / s, "model": model,
-                                   "load1": row["load1"], "machine": info}
+            micros = _as_list(micro_batches)
+            configs = [(t, m, h) for t in _as_list(threads)
+                       for m in (micros if s > 1 else micros[:1]) for h in (modes if s > 1 else modes[:1])]
+            for t, m, h in configs:
+                for row in bench_deployment(model, s, batches, new_tokens, prompt, t, m, repeats, baseline, h,
+                                            first):
+                    yield {**row, "model": model, "machine": info}
+                    if row["bench"] == "pipeline" and s == last and s > 1 and "overhead_ms_per_step" in row:
+                        yield {"bench": "hop_meshpipe_derived", "stages": s, "batch": row["batch"],
+                               "threads_per_stage": row["threads_per_stage"],
+                               "micro_batches": row["micro_batches"], "hop_mode": row["hop_mode"],
+                               "how": "(pipeline ms/step - single-process ms/step next to it) / stages",
+                               "ms_per_hop": row["overhead_ms_per_step"] / s, "model": model,
+                               "load1": row["load1"], "machine": info}
+        del ref_model
         if hops:
             for row in bench_hops():
                 yield {**row, "machine": info}

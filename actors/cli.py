@@ -62,14 +62,17 @@ def _handles_errors(fn: F) -> F:
             if me is None:
                 raise
             first, *rest = str(me).strip().splitlines() or [type(me).__name__]
-            typer.echo(f"error: {first}" + (" " + " ".join(r.strip() for r in rest) if rest else ""), err=True)
+            tail = "".join(" " + r.strip() for r in rest)
+            typer.echo(f"error: {first}{tail}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
 
 @app.callback()
-def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="INFO logs on stderr.")] = False) -> None:
+def _setup(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="INFO logs on stderr.")] = False,
+) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False)], force=True)
 
@@ -102,7 +105,8 @@ def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise typer.BadParameter(f"{text!r}: give comma-separated integers, e.g. 1,2,3", param_hint="--prompt-ids")
+        raise typer.BadParameter(f"{text!r}: give comma-separated integers, e.g. 1,2,3",
+                                 param_hint="--prompt-ids") from None
     if not ids:
         raise typer.BadParameter("give at least one token id", param_hint="--prompt-ids")
     return ids
@@ -114,7 +118,8 @@ def _parse_ints(text: str | None, what: str) -> list[int] | None:
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise typer.BadParameter(f"{text!r}: give comma-separated integers, e.g. 1,2", param_hint=what)
+        raise typer.BadParameter(f"{text!r}: give comma-separated integers, e.g. 1,2",
+                                 param_hint=what) from None
 
 
 # --------------------------------------------------------------------------- demo
@@ -123,11 +128,11 @@ def _parse_ints(text: str | None, what: str) -> list[int] | None:
 @app.command()
 @_handles_errors
 def demo(
-    prompt: Annotated[str, typer.Option(help="The question asked through the chat template.")] = DEMO_QUESTION,
-    completion: Annotated[str, typer.Option(help="A raw completion prompt (timed for tokens/s).")] = DEMO_COMPLETION,
+    prompt: Annotated[str, typer.Option(help="A question, asked through the chat template.")] = DEMO_QUESTION,
+    completion: Annotated[str, typer.Option(help="A raw completion prompt (timed).")] = DEMO_COMPLETION,
     stages: Annotated[int, typer.Option(min=1, help="Pipeline stages (one actor each).")] = 4,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
-    address: Annotated[str | None, typer.Option(help="An existing Ray cluster (default: a local Ray).")] = None,
+    address: Annotated[str | None, typer.Option(help="An existing Ray cluster (default: local).")] = None,
     name: Annotated[str, typer.Option(help="Deployment name.")] = "demo",
 ) -> None:
     """Local Ray, SmolLM2 in 4 stages: answers a prompt, prints the route and tokens/s."""
@@ -157,8 +162,8 @@ def demo(
             dt = time.perf_counter() - t0
         out.print(f"\n[bold]completion:[/] {completion}[cyan]{raw.text}[/]")
         n = raw.usage["completion_tokens"]
-        out.print(f"\n{n} tokens in {dt:.2f} s = [bold]{n / dt:.1f} tokens/s[/] "
-                  f"(batch 1, prompt of {raw.usage['prompt_tokens']} tokens included, finish: {raw.finish_reason})")
+        out.print(f"\n{n} tokens in {dt:.2f} s = [bold]{n / dt:.1f} tokens/s[/] (batch 1, prompt of "
+                  f"{raw.usage['prompt_tokens']} tokens included, finish: {raw.finish_reason})")
     finally:
         if pipe is not None:
             with err.status("shutting down ..."):
@@ -183,10 +188,13 @@ def _print_route(info: dict) -> None:
 @_handles_errors
 def generate(
     prompt: Annotated[str | None, typer.Option(help="Text prompt (no chat template).")] = None,
-    prompt_ids: Annotated[str | None, typer.Option(help="Token-id prompt, e.g. 1,2,3 (models without a tokenizer).")] = None,
-    model: Annotated[str | None, typer.Option(help=f"Model to deploy locally (default {SMOLLM2_NAME}).")] = None,
+    prompt_ids: Annotated[str | None, typer.Option(
+        help="Token-id prompt, e.g. 1,2,3 (for models without a tokenizer).")] = None,
+    model: Annotated[str | None, typer.Option(
+        help=f"Model to deploy locally (default {SMOLLM2_NAME}).")] = None,
     stages: Annotated[int, typer.Option(min=1, help="Stages of the local deployment.")] = 2,
-    address: Annotated[str | None, typer.Option(help="Attach to this Ray cluster (e.g. auto) instead of deploying.")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Attach to this Ray cluster (e.g. auto) instead of deploying.")] = None,
     name: Annotated[str, typer.Option(help="With --address: the running deployment to use.")] = "default",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
@@ -202,7 +210,8 @@ def generate(
     if (prompt is None) == (prompt_ids is None):
         raise typer.BadParameter("give exactly one of --prompt and --prompt-ids")
     if address and model:
-        raise typer.BadParameter("give --model (deploy locally) or --address (attach to a deployment), not both")
+        raise typer.BadParameter("give --model (deploy locally) or --address (attach to a deployment), "
+                                 "not both")
     the_prompt: str | list[int] = prompt if prompt is not None else _parse_ids(prompt_ids or "")
     model = model or SMOLLM2_NAME
     if not address:
@@ -218,7 +227,8 @@ def generate(
         else:
             pipe = Pipeline.connect(name)
         with err.status("generating ..."):
-            c = pipe.generate(the_prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)[0]
+            c = pipe.generate(the_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                              seed=seed)[0]
         if as_json:
             typer.echo(json.dumps({"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
                                    "usage": c.usage}))
@@ -263,8 +273,12 @@ def bench_pipeline_cmd(
     batches: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,16",
     new_tokens: Annotated[int, typer.Option(min=1)] = 32,
     model: Annotated[str, typer.Option()] = SMOLLM2_NAME,
-    threads: Annotated[str | None, typer.Option(help="Torch threads per stage, comma-separated (default: the pipeline's).")] = None,
-    micro_batches: Annotated[str | None, typer.Option(help="Micro-batches in flight, comma-separated (default: the pipeline's).")] = None,
+    threads: Annotated[str | None, typer.Option(
+        help="Torch threads per stage, comma-separated (default: the pipeline's).")] = None,
+    micro_batches: Annotated[str | None, typer.Option(
+        help="Micro-batches in flight, comma-separated (default: the pipeline's).")] = None,
+    hop_modes: Annotated[str | None, typer.Option(
+        help="Hop modes, comma-separated: push, router (default: the pipeline's).")] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per figure (the best is reported).")] = 2,
     with_transformers: Annotated[bool, typer.Option("--transformers/--no-transformers")] = True,
     hops: Annotated[bool, typer.Option("--hops/--no-hops")] = True,
@@ -276,11 +290,15 @@ def bench_pipeline_cmd(
 
     stage_list = _parse_ints(stages, "--stages") or [1, 2, 4]
     batch_list = _parse_ints(batches, "--batches") or [1, 16]
+    modes = [m.strip() for m in hop_modes.split(",") if m.strip()] if hop_modes else None
+    if modes and not set(modes) <= {"push", "router"}:
+        raise typer.BadParameter(f"{hop_modes!r}: give push, router or both", param_hint="--hop-modes")
     ray.init(address="local", num_gpus=max(stage_list), log_to_driver=False, include_dashboard=False)
     try:
-        for row in bench_pipeline(stage_list, batch_list, new_tokens, model, _parse_ints(threads, "--threads"),
-                                  _parse_ints(micro_batches, "--micro-batches"), repeats=repeats,
-                                  with_transformers=with_transformers, hops=hops):
+        rows = bench_pipeline(stage_list, batch_list, new_tokens, model, _parse_ints(threads, "--threads"),
+                              _parse_ints(micro_batches, "--micro-batches"), hop_modes=modes,
+                              repeats=repeats, with_transformers=with_transformers, hops=hops)
+        for row in rows:
             typer.echo(json.dumps(_rounded(row)))
             sys.stdout.flush()
     finally:

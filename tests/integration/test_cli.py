@@ -19,7 +19,8 @@ def meshpipe(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     exe = shutil.which("meshpipe")
     cmd = [exe] if exe else [sys.executable, "-m", "actors.cli"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          check=False)
 
 
 @pytest.mark.smollm2
