@@ -30,7 +30,7 @@ bench_app = typer.Typer(help="Benchmarks (DESIGN §3); one JSON line per measure
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-out = Console(highlight=False)  # results
+out = Console(highlight=False, soft_wrap=True)  # results
 err = Console(stderr=True, highlight=False)  # progress, logs, errors
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -81,8 +81,14 @@ def _init_ray(address: str | None, num_gpus: int) -> bool:
     """Attaches to `address`, or starts a local Ray with `num_gpus` logical GPUs. True if local."""
     import ray
 
+    from actors.errors import DeploymentError
+
     if address:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as e:
+            raise DeploymentError(f"no Ray cluster at --address {address}: {e} Start one "
+                                  "(`ray start --head`) or leave --address out to deploy locally.") from None
         return False
     ray.init(address="local", num_gpus=num_gpus, log_to_driver=False, include_dashboard=False)
     return True
@@ -173,7 +179,9 @@ def demo(
 
 def _print_route(info: dict) -> None:
     short = [r.split("/")[-2] for r in info["route"]]  # stage-K
-    out.print("[bold]route:[/] driver -> router -> " + " -> ".join(short) + " -> router (sampled tokens)")
+    rc = info.get("router", {})
+    out.print("[bold]route:[/] router -> " + " -> ".join(short) + " -> router (sampled tokens); "
+              f"hop mode {rc.get('hop_mode', '?')}, {rc.get('micro_batches', '?')} micro-batch(es) in flight")
     table = Table("actor", "layers", "device", "threads", "pid", "load s", box=box.SIMPLE_HEAD)
     for name, s in zip(info["route"], info["stages"]):
         first, last = s["layers"]

@@ -262,16 +262,22 @@ def _wait_dead(handles: list[Any], timeout_s: float = 30.0) -> None:
         while time.monotonic() < end:
             try:
                 ray.get(h.__ray_ready__.remote(), timeout=1)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            except ray.exceptions.RayActorError:
                 break
+            except ray.exceptions.GetTimeoutError:
+                continue
             time.sleep(0.05)
 
 
 def stage_resources(num_stages: int, override: dict[str, float] | None) -> dict[str, float]:
     """Reads the cluster's GPUs and applies `choose_stage_resources`, warning once on CPU fallback."""
     global _warned_cpu
-    resources = choose_stage_resources(num_stages, ray.cluster_resources().get("GPU", 0),
-                                       ray.available_resources().get("GPU", 0), override)
+    total = ray.cluster_resources().get("GPU", 0)
+    end = time.monotonic() + 10.0  # GPUs of actors killed a moment ago come back within seconds
+    while override is None and total >= num_stages > ray.available_resources().get("GPU", 0) \
+            and time.monotonic() < end:
+        time.sleep(0.2)
+    resources = choose_stage_resources(num_stages, total, ray.available_resources().get("GPU", 0), override)
     if resources.get("num_gpus") == 0 and override is None and not _warned_cpu:
         log.warning("the Ray cluster has no GPU: stages run on CPUs (pass stage_resources= to choose)")
         _warned_cpu = True
