@@ -47,7 +47,7 @@ class DeployConfig(BaseModel):
     codec: str = "none"  # codecs arrive with the messages issue
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float64"
     autoscaling: dict | None = None  # arrives with the autoscaler issue
-    stage_resources: dict[str, float] | None = None  # e.g. {"num_gpus": 1, "num_cpus": 0.5}
+    stage_resources: dict[str, Any] | None = None  # e.g. {"num_gpus": 1, "num_cpus": 0.5}
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
     threads_per_stage: int | None = Field(None, ge=1)  # torch threads in each stage (None = chosen)
     micro_batches: int | None = Field(None, ge=1)  # lanes in flight (None = chosen)
@@ -55,11 +55,22 @@ class DeployConfig(BaseModel):
     max_active_sequences: int = Field(64, ge=1)
     max_queued: int = Field(256, ge=0)
     max_kv_tokens: int = Field(262144, ge=1)
+    ready_timeout_s: float = Field(600.0, gt=0)  # stages not loaded by then: DeploymentError
 
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
         resolve_dtype(v)  # raises ConfigError naming the accepted values
+        return v
+
+    @field_validator("stage_resources")
+    @classmethod
+    def _resources(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        allowed = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type", "label_selector"}
+        bad = sorted(set(v or {}) - allowed)
+        if bad:
+            raise ValueError(f"stage_resources keys {bad} are not Ray actor resources; use {sorted(allowed)} "
+                             "(custom resources go in 'resources': {{name: amount}})")
         return v
 
     @model_validator(mode="after")
@@ -141,7 +152,7 @@ class Pipeline:
                         lifetime="detached", max_restarts=0, max_task_retries=0, **resources,
                     ).remote(dc.name, str(source), spec, cfg.to_dict(), dc.dtype, threads, 0, len(specs))
                 )
-            info = ray.get([s.ready.remote() for s in stages])
+            info = _wait_ready(stages, specs, dc.ready_timeout_s)
             micro = dc.micro_batches or default_micro_batches([i["device"] for i in info])
             ray.get([a.set_successor.remote(b) for a, b in zip(stages, stages[1:])])
             rc = RouterConfig(max_active_sequences=dc.max_active_sequences, max_queued=dc.max_queued,
@@ -255,6 +266,20 @@ class Pipeline:
         _call(self.router.set_hop_delay.remote(stage, seconds))
 
 
+def _wait_ready(stages: list[Any], specs: list[Any], timeout_s: float) -> list[dict]:
+    """Every stage's `ready` info, or a DeploymentError naming the stages that never came up."""
+    refs = [s.ready.remote() for s in stages]
+    done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        late = [specs[refs.index(r)].label for r in pending]
+        raise DeploymentError(
+            f"{len(pending)} of {len(refs)} stages were not ready after {timeout_s:g} s ({', '.join(late[:4])}"
+            f"{', ...' if len(late) > 4 else ''}): the cluster cannot place them (check stage_resources= "
+            "against `ray status`) or loading is slower than ready_timeout_s"
+        )
+    return _call(refs)
+
+
 def _wait_dead(handles: list[Any], timeout_s: float = 30.0) -> None:
     """`ray.kill` is asynchronous: wait until each actor answers as dead, so its GPU is free again."""
     end = time.monotonic() + timeout_s
@@ -269,7 +294,7 @@ def _wait_dead(handles: list[Any], timeout_s: float = 30.0) -> None:
             time.sleep(0.05)
 
 
-def stage_resources(num_stages: int, override: dict[str, float] | None) -> dict[str, float]:
+def stage_resources(num_stages: int, override: dict[str, Any] | None) -> dict[str, Any]:
     """Reads the cluster's GPUs and applies `choose_stage_resources`, warning once on CPU fallback."""
     global _warned_cpu
     total = ray.cluster_resources().get("GPU", 0)
@@ -285,9 +310,14 @@ def stage_resources(num_stages: int, override: dict[str, float] | None) -> dict[
 
 
 def choose_stage_resources(num_stages: int, total_gpus: float, free_gpus: float,
-                           override: dict[str, float] | None = None) -> dict[str, float]:
+                           override: dict[str, Any] | None = None) -> dict[str, Any]:
     """Pure policy: one GPU per stage; CPUs when the cluster has none; fail fast on a shortfall."""
     if override is not None:
+        if override.get("num_gpus", 0) > 0 and total_gpus == 0:
+            raise InsufficientResourcesError(
+                f"stage_resources={override} asks for GPUs but the cluster has none: "
+                "drop num_gpus to run stages on CPUs"
+            )
         return dict(override)
     if total_gpus == 0:
         return {"num_cpus": 0, "num_gpus": 0}

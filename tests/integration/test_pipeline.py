@@ -206,6 +206,8 @@ def test_deploy_errors_name_the_problem(tiny_ckpt: Path, tmp_path: Path, pipe: P
         Pipeline.deploy("no-such-model", name="bad")
     with pytest.raises(ConfigError, match="more stages than"):
         Pipeline.deploy(str(tiny_ckpt), num_stages=5, name="bad")
+    with pytest.raises(ConfigError, match="not Ray actor resources"):
+        Pipeline.deploy(str(tiny_ckpt), name="bad", stage_resources={"gpus": 1})
     with pytest.raises(ConfigError, match="dtype"):
         Pipeline.deploy(str(tiny_ckpt), dtype="float8", name="bad")
     with pytest.raises(DeploymentError, match="named 'tiny' is running"):
@@ -224,3 +226,14 @@ def test_resource_policy() -> None:
     with pytest.raises(InsufficientResourcesError, match="4 stages need 4 GPUs .* 2 free of 8"):
         choose_stage_resources(4, 8, 2)
     assert choose_stage_resources(4, 8, 2, {"num_gpus": 0.5}) == {"num_gpus": 0.5}
+    with pytest.raises(InsufficientResourcesError, match="asks for GPUs but the cluster has none"):
+        choose_stage_resources(2, 0, 0, {"num_gpus": 1})
+
+
+def test_unplaceable_stages_fail_with_a_named_error_not_a_hang(tiny_ckpt: Path) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(DeploymentError, match="not ready after 3 s .*stage-0"):
+        Pipeline.deploy(str(tiny_ckpt), num_stages=2, name="nowhere", ready_timeout_s=3,
+                        stage_resources={"num_cpus": 0, "resources": {"no_such_resource": 1}})
+    assert time.monotonic() - t0 < 30
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("meshpipe/nowhere/")]
