@@ -44,7 +44,7 @@ class DeployConfig(BaseModel):
     layers_per_stage: int | None = Field(None, ge=1)  # 1 = one actor per layer
     replicas_per_stage: int | list[int] = 1  # replicas arrive with the topology issue
     topology: Any = None  # arrives with the topology issue
-    codec: str = "none"  # codecs arrive with the messages issue
+    codec: str = "auto"  # "auto" is "none" until the messages issue adds codecs
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float64"
     autoscaling: dict | None = None  # arrives with the autoscaler issue
     stage_resources: dict[str, Any] | None = None  # e.g. {"num_gpus": 1, "num_cpus": 0.5}

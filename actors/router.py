@@ -104,7 +104,13 @@ class RouterActor:
         """Admits all prompts at once (all or none) and returns their completions in order."""
         reqs = [self._new_request(p, params, timeout_s) for p in prompts]
         self._admit(reqs)
-        return [await self._await(r) for r in reqs]
+        try:
+            return [await self._await(r) for r in reqs]
+        except BaseException:  # one failed (or the caller went away): the rest are not wanted
+            for r in reqs:
+                if not r.future.done():
+                    self._end(r, RequestCancelledError(f"request {r.rid} was cancelled with its batch"))
+            raise
 
     async def chat(self, messages: list[dict], params: SamplingParams,
                    timeout_s: float | None = None) -> Completion:
@@ -322,8 +328,8 @@ class RouterActor:
     async def _reap_timeouts(self) -> None:
         while not self._closed:
             now = time.monotonic()
-            for req in list(self.requests.values()):
-                if req.deadline is not None and now > req.deadline and not req.future.done():
+            for req in [r for r in self.requests.values() if r.deadline is not None and not r.future.done()]:
+                if now > req.deadline:
                     self._end(req, RequestTimeoutError(
                         f"request {req.rid} timed out after {len(req.seq.generated)} tokens"))
             await asyncio.sleep(0.05)
