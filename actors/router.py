@@ -260,13 +260,12 @@ class RouterActor:
                 lengths=[len(x) for x in inputs],
                 step=lane.step,
                 tokens=[t for x in inputs for t in x],
-                params=[r.seq.params for r in batch],
                 release=lane.release,
                 push=self.rc.hop_mode == "push",
             )
             lane.release = []
             try:
-                out = await self._send(env)
+                out = await self._send(env, [r.seq.params for r in batch])
             except Exception as e:  # noqa: BLE001 - any stage failure fails this step's requests
                 err = self._stage_error(e)
                 for r in batch:
@@ -284,17 +283,18 @@ class RouterActor:
                     r.future.set_result(r.seq.completion(self.tokenizer))
             self._schedule()
 
-    async def _send(self, env: Envelope) -> Envelope:
+    async def _send(self, env: Envelope, params: list[SamplingParams]) -> Envelope:
         """Runs one envelope down the stages; returns the last stage's envelope (sampled tokens)."""
         if env.push:
+            env.params = params
             out: Any = await self.stages[0].forward.remote(env)
             while isinstance(out, self._ray.ObjectRef):  # each stage returned its successor's call
                 out = await out
             return out
         ref: Any = env
-        for stage in self.stages:
+        for stage in self.stages[:-1]:
             ref = stage.forward.remote(ref)
-        return await ref
+        return await self.stages[-1].forward.remote(ref, params)
 
     def _stage_error(self, e: Exception) -> MeshpipeError:
         cause = getattr(e, "cause", None)

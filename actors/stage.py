@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from actors.envelope import Envelope
-from models import Batch, ModelConfig, StageSpec, load_stage, sample
+from models import Batch, ModelConfig, SamplingParams, StageSpec, load_stage, sample
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,12 @@ class StageActor:
         """The stage to call next in push mode."""
         self.successor = handle
 
-    def forward(self, env: Envelope) -> Envelope | Any:
+    def forward(self, env: Envelope, params: list[SamplingParams] | None = None) -> Envelope | Any:
         """One step of one micro-batch: embed (first), run the layers, sample (last).
 
-        In push mode a stage with a successor calls it itself and returns that call's ObjectRef
-        (the router follows the chain of refs to the last stage's sampled tokens).
+        In router mode only the last stage gets `params` (sampling options); in push mode they
+        ride in the envelope, and a stage with a successor calls it itself and returns that call's
+        ObjectRef (the router follows the chain of refs to the last stage's sampled tokens).
         """
         if self.delay_s:
             time.sleep(self.delay_s)
@@ -108,7 +109,7 @@ class StageActor:
                        release=env.release, push=env.push)
         if self.model.is_last:
             positions = [s + n for s, n in zip(env.starts, env.lengths)]
-            out.sampled, out.logprobs = sample(y.cpu(), env.params, positions)
+            out.sampled, out.logprobs = sample(y.cpu(), params or env.params, positions)
             out.params = None
         else:
             out.set_hidden(y)
