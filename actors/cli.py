@@ -274,6 +274,29 @@ def pull(name: Annotated[str, typer.Argument(help=f"A known model name, e.g. {SM
 # --------------------------------------------------------------------------- bench
 
 
+@app.command()
+@_handles_errors
+def route(
+    topology: Annotated[str, typer.Argument(help="Topology YAML (nodes, links).")],
+    src: Annotated[str, typer.Option("--from", help="Start node.")],
+    dst: Annotated[str, typer.Option("--to", help="End node.")],
+    nbytes: Annotated[float, typer.Option("--bytes", min=0, help="Message size in bytes.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help='Print {"path": [...], "cost_ms": ...}.')] = False,
+    mermaid: Annotated[bool, typer.Option("--mermaid", help="Also print the topology as Mermaid.")] = False,
+) -> None:
+    """The cheapest path between two nodes of a topology and its cost (no Ray needed)."""
+    from topology import Topology
+
+    topo = Topology.from_yaml(topology)
+    path, cost = topo.route(src, dst, nbytes)
+    if as_json:
+        typer.echo(json.dumps({"path": path, "cost_ms": cost}))
+    else:
+        out.print(f"{' -> '.join(path)}  ({cost:.3f} ms for {nbytes:g} bytes)")
+    if mermaid:
+        typer.echo(topo.to_mermaid(highlight=path))
+
+
 @bench_app.command("pipeline")
 @_handles_errors
 def bench_pipeline_cmd(

@@ -1,0 +1,141 @@
+"""The cluster as a graph: hosts/GPUs as nodes, links weighted by latency and bandwidth.
+
+Loaded from YAML (DESIGN.md §2). Cost of sending N bytes over a link, in ms:
+`latency_ms + N * 8 / (bandwidth_gbps * 1e9) * 1000` (no bandwidth: latency only); a path's cost
+is the sum over its links. networkx does host-to-host shortest paths. Starts no actors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from models.errors import MeshpipeError
+
+
+class TopologyError(MeshpipeError, ValueError):
+    """A topology file or route request is invalid (the message names the field)."""
+
+
+class NoRouteError(TopologyError):
+    """No path joins the two nodes."""
+
+
+class NodeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: int = Field(0, ge=0)  # GPUs on this host
+    gpu_memory_gb: float = Field(0.0, ge=0)  # memory of each GPU
+    tflops: float = Field(0.0, ge=0)  # measured or nominal speed of each GPU
+
+
+class LinkSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    a: str
+    b: str
+    latency_ms: float = Field(0.0, ge=0)  # one-way latency
+    bandwidth_gbps: float | None = Field(None, gt=0)  # gigabits per second; None = latency only
+    directed: bool = False  # a -> b only
+    trusted: bool = True  # False: encrypt messages on this link (messages issue)
+
+
+class TopologySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    nodes: dict[str, NodeSpec | None] = Field(default_factory=dict)
+    links: list[LinkSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _links_name_known_nodes(self) -> TopologySpec:
+        for i, link in enumerate(self.links):
+            for end in ("a", "b"):
+                if getattr(link, end) not in self.nodes:
+                    raise ValueError(f"links[{i}].{end}: unknown node {getattr(link, end)!r} "
+                                     f"(nodes are {sorted(self.nodes)})")
+        return self
+
+
+def transfer_ms(latency_ms: float, bandwidth_gbps: float | None, nbytes: float) -> float:
+    """DESIGN.md §2's link cost for a message of `nbytes`."""
+    if bandwidth_gbps is None:
+        return latency_ms
+    return latency_ms + nbytes * 8 / (bandwidth_gbps * 1e9) * 1000
+
+
+class Topology:
+    """A directed networkx graph; an undirected link is two edges."""
+
+    def __init__(self, spec: TopologySpec) -> None:
+        self.spec = spec
+        self.graph = nx.DiGraph()
+        for name, node in spec.nodes.items():
+            self.graph.add_node(name, **(node or NodeSpec()).model_dump())
+        for link in spec.links:
+            attrs = {"latency_ms": link.latency_ms, "bandwidth_gbps": link.bandwidth_gbps, "trusted": link.trusted}
+            self.graph.add_edge(link.a, link.b, **attrs)
+            if not link.directed:
+                self.graph.add_edge(link.b, link.a, **attrs)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "topology") -> Topology:
+        try:
+            return cls(TopologySpec.model_validate(data if data is not None else {}))
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(map(str, err['loc'])) or 'top level'}: {err['msg'].removeprefix('Value error, ')}"
+                for err in e.errors()
+            )
+            raise TopologyError(f"{where}: {problems}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Topology:
+        path = Path(path)
+        if not path.is_file():
+            raise TopologyError(f"topology file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise TopologyError(f"{path}: not valid YAML: {e}") from None
+        return cls.from_dict(data, where=str(path))
+
+    def link_cost_ms(self, a: str, b: str, nbytes: float = 0) -> float:
+        e = self.graph.edges[a, b]
+        return transfer_ms(e["latency_ms"], e["bandwidth_gbps"], nbytes)
+
+    def route(self, src: str, dst: str, nbytes: float = 0) -> tuple[list[str], float]:
+        """The cheapest path from `src` to `dst` for a message of `nbytes`, and its cost in ms."""
+        for end, name in (("--from", src), ("--to", dst)):
+            if name not in self.graph:
+                raise TopologyError(f"{end}: unknown node {name!r} (nodes are {sorted(self.graph)})")
+
+        def weight(a: str, b: str, e: dict) -> float:
+            return transfer_ms(e["latency_ms"], e["bandwidth_gbps"], nbytes)
+
+        try:
+            cost, path = nx.single_source_dijkstra(self.graph, src, dst, weight=weight)
+        except nx.NetworkXNoPath:
+            raise NoRouteError(f"no path from {src!r} to {dst!r}: add a link that joins them") from None
+        return path, float(cost)
+
+    def to_mermaid(self, highlight: list[str] | None = None) -> str:
+        """A Mermaid flowchart of the hosts and links (a highlighted path drawn thick)."""
+        ids = {n: f"n{i}" for i, n in enumerate(self.graph)}
+        lines = ["graph LR"]
+        for n, d in self.graph.nodes(data=True):
+            gpus = f"<br/>{d['gpus']} GPU" if d.get("gpus") else ""
+            lines.append(f'  {ids[n]}["{n}{gpus}"]')
+        on_path = set(zip(highlight or [], (highlight or [])[1:]))
+        seen = set()
+        for a, b, d in self.graph.edges(data=True):
+            if (b, a) in seen and not ({(a, b), (b, a)} & on_path):
+                continue
+            seen.add((a, b))
+            bw = f", {d['bandwidth_gbps']:g} Gb/s" if d["bandwidth_gbps"] else ""
+            arrow = "==>" if (a, b) in on_path else "---" if self.graph.has_edge(b, a) else "-->"
+            lines.append(f'  {ids[a]} {arrow}|"{d["latency_ms"]:g} ms{bw}"| {ids[b]}')
+        return "\n".join(lines)
