@@ -45,7 +45,3 @@ class Envelope:
         if self.dtype == "bfloat16":
             t = t.view(torch.bfloat16)
         return t.to(device)
-
-    def header(self) -> str:
-        shape = self.payload.shape if self.payload is not None else (len(self.tokens or ()),)
-        return f"step {self.step}: {len(self.seq_ids)} seqs, payload {shape} {self.dtype}"

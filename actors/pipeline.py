@@ -269,7 +269,7 @@ class Pipeline:
 def _wait_ready(stages: list[Any], specs: list[Any], timeout_s: float) -> list[dict]:
     """Every stage's `ready` info, or a DeploymentError naming the stages that never came up."""
     refs = [s.ready.remote() for s in stages]
-    done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     if pending:
         late = [specs[refs.index(r)].label for r in pending]
         raise DeploymentError(

@@ -46,7 +46,6 @@ def default_threads(num_stages: int, device: str) -> int:
     return max(1, (os.cpu_count() or 1) // num_stages)
 
 
-
 class StageActor:
     def __init__(self, deployment: str, source: str | Path, spec: StageSpec, config: dict,
                  dtype: str = "auto", threads: int | None = None, replica: int = 0,
