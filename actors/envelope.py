@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ class Envelope:
     params: list[SamplingParams] | None = None  # (B,) sampling options, read by the last stage
     release: list[str] = field(default_factory=list)  # sequences whose caches to free first
     push: bool = False  # each stage calls the next itself (push mode) instead of the router
+    hops: list[Any] = field(default_factory=list)  # push mode: actor handles of the stages still to visit
+    sent_at: float = 0.0  # time.time() when the producer sent it (inbound wait = start - sent_at)
+    trace: list[tuple[int, int, float, float]] = field(default_factory=list)  # (stage, replica, inbound_ms, compute_ms) per hop so far
     sampled: list[int] | None = None  # (B,) next tokens: out of the last stage
     logprobs: list[TokenLogprob | None] | None = None  # (B,) when asked for
 

@@ -42,7 +42,7 @@ class DeployConfig(BaseModel):
     model: str = "smollm2-135m"  # a known name, a .gguf path or a Hugging Face folder
     num_stages: int | None = Field(None, ge=1)  # stages; or layers_per_stage
     layers_per_stage: int | None = Field(None, ge=1)  # 1 = one actor per layer
-    replicas_per_stage: int | list[int] = 1  # replicas arrive with the topology issue
+    replicas_per_stage: int | list[int] = 1  # replicas of every stage, or one count per stage
     topology: Any = None  # arrives with the topology issue
     codec: str = "auto"  # "auto" is "none" until the messages issue adds codecs
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float64"
@@ -78,8 +78,13 @@ class DeployConfig(BaseModel):
         if self.num_stages is not None and self.layers_per_stage is not None:
             raise ValueError(f"give num_stages ({self.num_stages}) or layers_per_stage "
                              f"({self.layers_per_stage}), not both")
-        if self.replicas_per_stage != 1:
-            raise ValueError(f"replicas_per_stage={self.replicas_per_stage!r}: only 1 is supported in this release")
+        counts = self.replicas_per_stage if isinstance(self.replicas_per_stage, list) else [self.replicas_per_stage]
+        if not counts or any(c < 1 for c in counts):
+            raise ValueError(f"replicas_per_stage={self.replicas_per_stage!r}: every count must be at least 1")
+        if isinstance(self.replicas_per_stage, list) and self.num_stages is not None \
+                and len(counts) != self.num_stages:
+            raise ValueError(f"replicas_per_stage has {len(counts)} counts but num_stages={self.num_stages}: "
+                             "give one count per stage")
         if self.topology is not None or self.autoscaling is not None:
             raise ValueError("topology= and autoscaling= are not supported in this release; leave them None")
         if self.codec not in ("none", "auto"):
@@ -113,7 +118,6 @@ class Pipeline:
     def __init__(self, name: str, router: Any) -> None:
         self.name = name
         self.router = router
-        self._info: dict | None = None
 
     # ---------- lifecycle ----------
 
@@ -140,32 +144,41 @@ class Pipeline:
             specs = partition(cfg, layers_per_stage=dc.layers_per_stage)
         else:
             specs = partition(cfg, num_stages=dc.num_stages or 1)
-        resources = stage_resources(len(specs), dc.stage_resources)
+        counts = replica_counts(dc.replicas_per_stage, len(specs))
+        resources = stage_resources(sum(counts), dc.stage_resources)
         threads = dc.threads_per_stage  # None: each stage chooses by its device (default_threads)
+        spread = {"scheduling_strategy": "SPREAD"} if max(counts) > 1 else {}  # replicas on different nodes
         t0 = time.perf_counter()
-        stages = []
+        stages: list[list[Any]] = []
         try:
-            for spec in specs:
-                stages.append(
+            for spec, count in zip(specs, counts):
+                stages.append([
                     ray.remote(StageActor).options(
-                        name=actor_name(dc.name, f"stage-{spec.index}/replica-0"), namespace=NAMESPACE,
-                        lifetime="detached", max_restarts=0, max_task_retries=0, **resources,
-                    ).remote(dc.name, str(source), spec, cfg.to_dict(), dc.dtype, threads, 0, len(specs))
-                )
-            info = _wait_ready(stages, specs, dc.ready_timeout_s)
-            micro = dc.micro_batches or default_micro_batches([i["device"] for i in info])
-            ray.get([a.set_successor.remote(b) for a, b in zip(stages, stages[1:])])
+                        name=actor_name(dc.name, f"stage-{spec.index}/replica-{r}"), namespace=NAMESPACE,
+                        lifetime="detached", max_restarts=0, max_task_retries=0, **{**spread, **resources},
+                    ).remote(dc.name, str(source), spec, cfg.to_dict(), dc.dtype, threads, r, len(specs))
+                    for r in range(count)
+                ])
+            flat = [h for hs in stages for h in hs]
+            info = _wait_ready(flat, [spec for spec, c in zip(specs, counts) for _ in range(c)],
+                               dc.ready_timeout_s)
+            nested, i = [], 0
+            for c in counts:
+                nested.append(info[i:i + c])
+                i += c
+            micro = dc.micro_batches or default_micro_batches([x["device"] for x in info[:len(specs)]])
             rc = RouterConfig(max_active_sequences=dc.max_active_sequences, max_queued=dc.max_queued,
                               max_kv_tokens=dc.max_kv_tokens, micro_batches=micro, hop_mode=dc.hop_mode)
             router = ray.remote(RouterActor).options(
                 name=actor_name(dc.name, "router-0"), namespace=NAMESPACE, lifetime="detached",
                 num_cpus=0, max_concurrency=1000,
-            ).remote(dc.name, str(source), cfg.to_dict(), stages, info, vars(rc))
+            ).remote(dc.name, str(source), cfg.to_dict(), stages, nested, vars(rc))
             ray.get(router.describe.remote())
         except Exception:
-            for s in stages:
+            flat = [h for hs in stages for h in hs]
+            for s in flat:
                 ray.kill(s)
-            _wait_dead(stages)
+            _wait_dead(flat)
             raise
         log.info("deployed %r: %s in %d stages (%s) in %.1f s", dc.name, source.name, len(specs),
                  ", ".join(s.label for s in specs), time.perf_counter() - t0)
@@ -185,17 +198,18 @@ class Pipeline:
 
     def shutdown(self) -> None:
         """Stops the router and kills every actor of the deployment; returns once they are gone."""
-        info = self.describe()
         try:
             ray.get(self.router.shutdown.remote(), timeout=10)
         except Exception as e:  # noqa: BLE001 - the router may be dead already
             log.warning("router of %r did not shut down cleanly: %s", self.name, e)
+        prefix = actor_name(self.name, "")
         handles = []
-        for role in [*info["route"], actor_name(self.name, "router-0")]:
-            try:
-                handles.append(ray.get_actor(role, namespace=NAMESPACE))
-            except ValueError:
-                pass
+        for a in ray.util.list_named_actors(all_namespaces=True):
+            if a["namespace"] == NAMESPACE and a["name"].startswith(prefix):
+                try:
+                    handles.append(ray.get_actor(a["name"], namespace=NAMESPACE))
+                except ValueError:
+                    pass
         for h in handles:
             ray.kill(h)
         _wait_dead(handles)
@@ -254,16 +268,19 @@ class Pipeline:
     # ---------- introspection and test hooks ----------
 
     def describe(self) -> dict[str, Any]:
-        if self._info is None:
-            self._info = _call(self.router.describe.remote())
-        return self._info
+        """The deployment: model, stages, replicas, the route a new request would take now, options."""
+        return _call(self.router.describe.remote())
 
     def stats(self) -> dict[str, Any]:
         return {"router": _call(self.router.stats.remote()), "stages": _call(self.router.stage_stats.remote())}
 
-    def set_hop_delay(self, stage: int, seconds: float) -> None:
-        """Test hook: delays every message into `stage` by `seconds`."""
-        _call(self.router.set_hop_delay.remote(stage, seconds))
+    def set_hop_delay(self, stage: int, seconds: float, replica: int | None = None) -> None:
+        """Test hook: delays every message into `stage` (one replica, or all of them) by `seconds`."""
+        _call(self.router.set_hop_delay.remote(stage, seconds, replica))
+
+    def routes_mermaid(self) -> str:
+        """Mermaid flowchart of the stage replicas, the route a new request takes now drawn thick."""
+        return _call(self.router.routes_mermaid.remote())
 
 
 def _wait_ready(stages: list[Any], specs: list[Any], timeout_s: float) -> list[dict]:
@@ -294,22 +311,32 @@ def _wait_dead(handles: list[Any], timeout_s: float = 30.0) -> None:
             time.sleep(0.05)
 
 
-def stage_resources(num_stages: int, override: dict[str, Any] | None) -> dict[str, Any]:
+def replica_counts(replicas_per_stage: int | list[int], num_stages: int) -> list[int]:
+    """One replica count per stage (an int applies to every stage)."""
+    if isinstance(replicas_per_stage, int):
+        return [replicas_per_stage] * num_stages
+    if len(replicas_per_stage) != num_stages:
+        raise ConfigError(f"replicas_per_stage has {len(replicas_per_stage)} counts but the model was split "
+                          f"into {num_stages} stages: give one count per stage")
+    return list(replicas_per_stage)
+
+
+def stage_resources(num_actors: int, override: dict[str, Any] | None) -> dict[str, Any]:
     """Reads the cluster's GPUs and applies `choose_stage_resources`, warning once on CPU fallback."""
     global _warned_cpu
     total = ray.cluster_resources().get("GPU", 0)
     end = time.monotonic() + 10.0  # GPUs of actors killed a moment ago come back within seconds
-    while override is None and total >= num_stages > ray.available_resources().get("GPU", 0) \
+    while override is None and total >= num_actors > ray.available_resources().get("GPU", 0) \
             and time.monotonic() < end:
         time.sleep(0.2)
-    resources = choose_stage_resources(num_stages, total, ray.available_resources().get("GPU", 0), override)
+    resources = choose_stage_resources(num_actors, total, ray.available_resources().get("GPU", 0), override)
     if resources.get("num_gpus") == 0 and override is None and not _warned_cpu:
         log.warning("the Ray cluster has no GPU: stages run on CPUs (pass stage_resources= to choose)")
         _warned_cpu = True
     return resources
 
 
-def choose_stage_resources(num_stages: int, total_gpus: float, free_gpus: float,
+def choose_stage_resources(num_actors: int, total_gpus: float, free_gpus: float,
                            override: dict[str, Any] | None = None) -> dict[str, Any]:
     """Pure policy: one GPU per stage; CPUs when the cluster has none; fail fast on a shortfall."""
     if override is not None:
@@ -321,11 +348,11 @@ def choose_stage_resources(num_stages: int, total_gpus: float, free_gpus: float,
         return dict(override)
     if total_gpus == 0:
         return {"num_cpus": 0, "num_gpus": 0}
-    if free_gpus < num_stages:
+    if free_gpus < num_actors:
         raise InsufficientResourcesError(
-            f"{num_stages} stages need {num_stages} GPUs (one each) but the cluster has {free_gpus:g} free "
-            f"of {total_gpus:g}: use fewer stages, or pass stage_resources={{'num_gpus': "
-            f"{max(free_gpus, 1) / num_stages:.2g}}} to share GPUs"
+            f"{num_actors} stage actors need {num_actors} GPUs (one each) but the cluster has {free_gpus:g} free "
+            f"of {total_gpus:g}: use fewer stages or replicas, or pass stage_resources={{'num_gpus': "
+            f"{max(free_gpus, 1) / num_actors:.2g}}} to share GPUs"
         )
     return {"num_gpus": 1, "num_cpus": 0}
 

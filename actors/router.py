@@ -5,6 +5,12 @@ lane 0 runs on stage 1, lane 1 can run on stage 0 (pipelining). A lane's step se
 envelope down the stage chain as ObjectRefs (`stage_k.forward.remote(ref_{k-1})`), awaits the
 sampled tokens from the last stage, and lets new sequences join at the next step
 (iteration-level batching).
+
+With several replicas per stage, each sequence gets a route (one replica per stage) when it
+starts, the cheapest by the planner (topology/planner.py) with load as queue wait, and keeps it
+while its KV cache lives there; a lane's step sends one envelope per distinct route, concurrently.
+Every message brings back a per-hop trace (inbound wait, compute time) that feeds the costs, and
+a background probe keeps idle replicas' inbound waits fresh.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.envelope import Envelope
+from actors.replicas import Replica, ReplicaTable
 from actors.errors import (
     BackPressureError,
     DeploymentError,
@@ -29,6 +36,8 @@ from actors.errors import (
 )
 from models import Completion, InvalidRequestError, MeshpipeError, ModelConfig, SamplingParams, SequenceState
 from models.generation import encode_prompt
+from topology.graph import Topology
+from topology.planner import HostCosts, Route, RouteCache
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,11 @@ class RouterConfig:
     micro_batches: int = 1  # lanes: micro-batches in flight down the pipeline at once
     hop_mode: str = "router"  # "router": the router chains ObjectRefs; "push": stage k calls stage k+1
     finished_kept: int = 1024  # finished requests remembered for late `result`/`stream_next` calls
+    load_knee: float = 8.0  # sequences on a replica at which its queue wait counts as one step time
+    route_threshold: float = 0.1  # re-plan when a replica's cost moves by this fraction
+    probe_interval_s: float = 1.0  # how often idle replicas' inbound waits are probed (0 = never)
+    message_bytes: int = 4096  # typical activation message, for the topology's transfer costs
+    topology_refresh_s: float = 30.0  # re-measure links between the stages' nodes (0 = never)
 
 
 @dataclass
@@ -52,20 +66,21 @@ class Request:
     future: asyncio.Future
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     lane: Lane | None = None
+    route: Route | None = None  # the replicas holding its KV cache, chosen when it starts
 
 
 @dataclass
 class Lane:
     index: int
     seqs: list[Request] = field(default_factory=list)
-    release: list[str] = field(default_factory=list)  # finished sequences to free on every stage
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     step: int = 0
 
 
 class RouterActor:
-    def __init__(self, deployment: str, source: str | Path, config: dict, stages: list[Any],
-                 stage_info: list[dict], router_config: dict | None = None) -> None:
+    def __init__(self, deployment: str, source: str | Path, config: dict, replicas: list[list[Any]],
+                 replica_info: list[list[dict]], router_config: dict | None = None,
+                 topology: dict | None = None) -> None:
         import ray
 
         from models.loading import resolve_source
@@ -75,10 +90,21 @@ class RouterActor:
         self.source = str(source)
         self.cfg = ModelConfig.from_dict(config)
         self.tokenizer = load_tokenizer(resolve_source(source))
-        self.stages = stages
-        self.stage_info = stage_info
+        self.replica_info = replica_info
         self.rc = RouterConfig(**(router_config or {}))
-        self._actor_label = {h._actor_id.hex(): f"stage-{i}" for i, h in enumerate(stages)}
+        self.table = ReplicaTable([
+            [Replica(stage=k, replica=info["replica"], handle=h, host=info["node_id"],
+                     name=f"meshpipe/{deployment}/stage-{k}/replica-{info['replica']}")
+             for h, info in zip(handles, infos)]
+            for k, (handles, infos) in enumerate(zip(replicas, replica_info))
+        ], load_knee=self.rc.load_knee)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.topology: Topology | None = None if topology is None else Topology.from_dict(topology)
+        self.measured = topology is None  # no topology given: measure it with probe actors
+        self.costs = self._host_costs(self.topology)
+        self.probes: dict[str, Any] = {}
+        self.routes = RouteCache(threshold=self.rc.route_threshold, min_change_ms=0.0)
+        self._actor_label = {r.handle._actor_id.hex(): r.label for r in self.table}
         self.requests: OrderedDict[str, Request] = OrderedDict()
         self.waiting: deque[Request] = deque()
         self.lanes = [Lane(i) for i in range(self.rc.micro_batches)]
@@ -88,8 +114,36 @@ class RouterActor:
         self._tasks: list[asyncio.Task] = []
         self._closed = False
         self._ray = ray
-        log.info("router for %r: %d stages, route %s", deployment, len(stages),
-                 " -> ".join(f"stage-{i}/replica-0" for i in range(len(stages))))
+        log.info("router for %r: %d stages, replicas per stage %s", deployment, len(replicas),
+                 [len(r) for r in replicas])
+
+    def _hosts(self) -> list[str]:
+        return sorted({self.node_id, *(r.host for r in self.table)})
+
+    def _host_costs(self, topo: Topology | None) -> HostCosts:
+        """Transfer costs between the hosts of the router and the replicas (Ray node ids)."""
+        hosts = self._hosts()
+        if topo is None:
+            return HostCosts.uniform(hosts, 0.0)
+        missing = [h for h in hosts if h not in topo.graph]
+        if missing:
+            raise DeploymentError(f"the topology has no node for Ray node(s) {missing}: name nodes by Ray node id")
+        return HostCosts.from_topology(topo, self.rc.message_bytes)
+
+    async def _topology_loop(self) -> None:
+        """Measures the links between the nodes hosting the router and the stages, in the background."""
+        from actors.probe import measure_topology, start_probes
+
+        while not self._closed:
+            try:
+                if not self.probes:
+                    self.probes = start_probes(self._hosts(), f"meshpipe/{self.deployment}")
+                topo = await asyncio.to_thread(measure_topology, self.probes)
+                self.topology, self.costs = topo, self._host_costs(topo)
+                self.routes.invalidate()
+            except Exception as e:  # noqa: BLE001 - keep the last costs; try again later
+                log.warning("measuring the topology failed (keeping the last costs): %s", e)
+            await asyncio.sleep(self.rc.topology_refresh_s)
 
     # ---------- public API (called through the actor handle) ----------
 
@@ -146,12 +200,17 @@ class RouterActor:
         return True
 
     def describe(self) -> dict[str, Any]:
+        route = self._plan()
         return {
             "deployment": self.deployment,
             "model": self.source,
             "config": self.cfg.to_dict(),
-            "stages": self.stage_info,
-            "route": [f"meshpipe/{self.deployment}/stage-{i}/replica-0" for i in range(len(self.stages))],
+            "stages": [info for infos in self.replica_info for info in infos],
+            "route": [r.name for r in self.table.on_route(route)],  # a new request's route now
+            "route_cost_ms": route.cost_ms,
+            "replicas": [[r.name for r in stage] for stage in self.table.by_stage],
+            "probes": [f"meshpipe/{self.deployment}/probe-{n}" for n in self.probes],
+            "topology": None if self.topology is None else self.topology.spec.model_dump(),
             "router": vars(self.rc),
         }
 
@@ -162,14 +221,24 @@ class RouterActor:
             "kv_reserved": self.kv_reserved,
             "tokens_generated": self.tokens_generated,
             "lanes": [len(lane.seqs) for lane in self.lanes],
+            "replicas": self.table.describe(),
         }
 
-    async def set_hop_delay(self, stage: int, seconds: float) -> None:
-        """Test hook: delays every message into `stage` by `seconds`."""
-        await self.stages[stage].set_delay.remote(seconds)
+    def routes_mermaid(self) -> str:
+        """The replicas as a layered graph, the route a new request would take drawn thick."""
+        from topology.planner import route_to_mermaid
+
+        return route_to_mermaid(self._plan(), self.table.states(), self.table.num_stages)
+
+    async def set_hop_delay(self, stage: int, seconds: float, replica: int | None = None) -> None:
+        """Test hook: delays every message into `stage` (one replica, or all) by `seconds`."""
+        targets = [r for r in self.table.by_stage[stage] if replica is None or r.replica == replica]
+        if not targets:
+            raise InvalidRequestError(f"stage {stage} has no replica {replica}")
+        await asyncio.gather(*[r.handle.set_delay.remote(seconds) for r in targets])
 
     async def stage_stats(self) -> list[dict]:
-        return list(await asyncio.gather(*[s.stats.remote() for s in self.stages]))
+        return list(await asyncio.gather(*[r.handle.stats.remote() for r in self.table]))
 
     async def shutdown(self) -> None:
         self._closed = True
@@ -230,6 +299,8 @@ class RouterActor:
             lane = min(self.lanes, key=lambda ln: len(ln.seqs))
             lane.seqs.append(req)
             req.lane = lane
+            req.route = self._plan()
+            self.table.assign(req.route, req.rid)
             self.kv_reserved += req.kv_tokens
             lane.wake.set()
 
@@ -238,63 +309,98 @@ class RouterActor:
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._run_lane(lane)) for lane in self.lanes]
             self._tasks.append(loop.create_task(self._reap_timeouts()))
+            if self.rc.probe_interval_s > 0:
+                self._tasks.append(loop.create_task(self._probe_loop()))
+            if self.measured and self.rc.topology_refresh_s > 0 and len(self._hosts()) > 1:
+                self._tasks.append(loop.create_task(self._topology_loop()))
+
+    def _plan(self) -> Route:
+        """The cheapest route for a new sequence now (cached until costs move)."""
+        return self.routes.get(self.table.states(), self.table.num_stages, self.costs, self.node_id)
 
     # ---------- the step loop ----------
 
     async def _run_lane(self, lane: Lane) -> None:
         while not self._closed:
             if not lane.seqs:
-                if lane.release:
-                    ids, lane.release = lane.release, []
-                    for stage in self.stages:
-                        stage.free.remote(ids)
+                self._flush_releases()
                 lane.wake.clear()
                 await lane.wake.wait()
                 continue
             batch = list(lane.seqs)
-            inputs = [r.seq.next_input() for r in batch]
             lane.step += 1
-            env = Envelope(
-                seq_ids=[r.rid for r in batch],
-                starts=[r.seq.cached for r in batch],
-                lengths=[len(x) for x in inputs],
-                step=lane.step,
-                tokens=[t for x in inputs for t in x],
-                release=lane.release,
-                push=self.rc.hop_mode == "push",
-            )
-            lane.release = []
-            try:
-                out = await self._send(env, [r.seq.params for r in batch])
-            except Exception as e:  # noqa: BLE001 - any stage failure fails this step's requests
-                err = self._stage_error(e)
-                for r in batch:
-                    if not r.future.done():
-                        self._end(r, err)
-                continue
-            for r, token, lp in zip(batch, out.sampled, out.logprobs):
-                if r.future.done():  # cancelled or timed out while the step was in flight
+            groups: dict[Route, list[Request]] = {}
+            for r in batch:
+                groups.setdefault(r.route, []).append(r)
+            outs = await asyncio.gather(*[self._step(lane, route, reqs) for route, reqs in groups.items()],
+                                        return_exceptions=True)
+            for reqs, out in zip(groups.values(), outs):
+                if isinstance(out, BaseException):  # any stage failure fails these requests
+                    err = self._stage_error(out)
+                    for r in reqs:
+                        if not r.future.done():
+                            self._end(r, err)
                     continue
-                r.seq.add(token, lp, self.tokenizer)
-                self.tokens_generated += 1
-                r.changed.set()
-                if r.seq.done:
-                    self._release(r)
-                    r.future.set_result(r.seq.completion(self.tokenizer))
+                self.table.observe_trace(out.trace)
+                for r, token, lp in zip(reqs, out.sampled, out.logprobs):
+                    if r.future.done():  # cancelled or timed out while the step was in flight
+                        continue
+                    r.seq.add(token, lp, self.tokenizer)
+                    self.tokens_generated += 1
+                    r.changed.set()
+                    if r.seq.done:
+                        completion = r.seq.completion(self.tokenizer)
+                        completion.route = [rep.name for rep in self.table.on_route(r.route)]
+                        self._release(r)
+                        r.future.set_result(completion)
             self._schedule()
 
-    async def _send(self, env: Envelope, params: list[SamplingParams]) -> Envelope:
-        """Runs one envelope down the stages; returns the last stage's envelope (sampled tokens)."""
+    async def _step(self, lane: Lane, route: Route, reqs: list[Request]) -> Envelope:
+        inputs = [r.seq.next_input() for r in reqs]
+        env = Envelope(
+            seq_ids=[r.rid for r in reqs],
+            starts=[r.seq.cached for r in reqs],
+            lengths=[len(x) for x in inputs],
+            step=lane.step,
+            tokens=[t for x in inputs for t in x],
+            release=self.table.take_release(route),
+            push=self.rc.hop_mode == "push",
+        )
+        return await self._send(env, [r.seq.params for r in reqs], route)
+
+    async def _send(self, env: Envelope, params: list[SamplingParams], route: Route) -> Envelope:
+        """Runs one envelope down the route's replicas; returns the last stage's envelope."""
+        handles = [r.handle for r in self.table.on_route(route)]
+        env.sent_at = time.time()
         if env.push:
             env.params = params
-            out: Any = await self.stages[0].forward.remote(env)
+            env.hops = handles[1:]
+            out: Any = await handles[0].forward.remote(env)
             while isinstance(out, self._ray.ObjectRef):  # each stage returned its successor's call
                 out = await out
             return out
         ref: Any = env
-        for stage in self.stages[:-1]:
-            ref = stage.forward.remote(ref)
-        return await self.stages[-1].forward.remote(ref, params)
+        for h in handles[:-1]:
+            ref = h.forward.remote(ref)
+        return await handles[-1].forward.remote(ref, params)
+
+    def _flush_releases(self) -> None:
+        """Frees finished sequences' caches on replicas no message is going to soon."""
+        for rep in self.table:
+            if rep.release:
+                ids, rep.release = rep.release, []
+                rep.handle.free.remote(ids)
+
+    async def _probe_loop(self) -> None:
+        """Keeps every replica's inbound wait fresh, also for replicas no route uses now."""
+        while not self._closed:
+            await asyncio.sleep(self.rc.probe_interval_s)
+            reps = [r for r in self.table if r.alive]
+            sent = time.time()
+            results = await asyncio.gather(*[r.handle.probe.remote(sent) for r in reps], return_exceptions=True)
+            for rep, ms in zip(reps, results):
+                if not isinstance(ms, BaseException):
+                    rep.observe(inbound_ms=ms)
 
     def _stage_error(self, e: Exception) -> MeshpipeError:
         cause = getattr(e, "cause", None)
@@ -306,13 +412,14 @@ class RouterActor:
         return StageFailedError(f"{label} of deployment {self.deployment!r} failed: {type(e).__name__}: {e}")
 
     def _release(self, req: Request) -> None:
-        """Takes a request out of its lane and queues its caches to be freed on every stage."""
+        """Takes a request out of its lane and queues its caches to be freed on its route."""
         lane = req.lane
         if lane is not None and req in lane.seqs:
             lane.seqs.remove(req)
-            lane.release.append(req.rid)
             lane.wake.set()
             self.kv_reserved -= req.kv_tokens
+            if req.route is not None:
+                self.table.finish(req.route, req.rid)
         req.lane = None
 
     def _end(self, req: Request, err: Exception) -> None:

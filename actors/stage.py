@@ -57,7 +57,6 @@ class StageActor:
         self.model = load_stage(source, spec, dtype, self.device, ModelConfig.from_dict(config))
         self.cache = self.model.new_cache()
         self.dtype = next(self.model.parameters()).dtype
-        self.successor: Any = None  # the next stage's actor handle, for push mode
         self.delay_s = 0.0  # test hook: extra seconds before each forward (a slow inbound hop)
         self.steps = 0
         self.busy_s = 0.0
@@ -82,19 +81,26 @@ class StageActor:
             "load_s": round(self.load_s, 3),
         }
 
-    def set_successor(self, handle: Any) -> None:
-        """The stage to call next in push mode."""
-        self.successor = handle
+    def probe(self, sent_at: float) -> float:
+        """Milliseconds from `sent_at` (the caller's time.time()) until this stage could start work.
+
+        Includes the test hook's delay and any queue behind running steps, as a real message would.
+        """
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return max(0.0, (time.time() - sent_at) * 1e3)
 
     def forward(self, env: Envelope, params: list[SamplingParams] | None = None) -> Envelope | Any:
         """One step of one micro-batch: embed (first), run the layers, sample (last).
 
         In router mode only the last stage gets `params` (sampling options); in push mode they
-        ride in the envelope, and a stage with a successor calls it itself and returns that call's
-        ObjectRef (the router follows the chain of refs to the last stage's sampled tokens).
+        ride in the envelope with the route's remaining stages (`hops`), and a stage calls the next
+        itself and returns that call's ObjectRef (the router follows the chain of refs to the last
+        stage's sampled tokens). Each hop appends (stage, replica, inbound ms, compute ms) to `trace`.
         """
         if self.delay_s:
             time.sleep(self.delay_s)
+        inbound_ms = max(0.0, (time.time() - env.sent_at) * 1e3) if env.sent_at else 0.0
         t0 = time.perf_counter()
         if env.release:
             self.cache.free(env.release)
@@ -105,7 +111,7 @@ class StageActor:
             x = env.hidden(self.device).to(self.dtype)
         y = self.model(x, b, self.cache)
         out = Envelope(env.seq_ids, env.starts, env.lengths, env.step, params=env.params,
-                       release=env.release, push=env.push)
+                       release=env.release, push=env.push, hops=env.hops[1:])
         if self.model.is_last:
             positions = [s + n for s, n in zip(env.starts, env.lengths)]
             out.sampled, out.logprobs = sample(y.cpu(), params or env.params, positions)
@@ -116,8 +122,10 @@ class StageActor:
         self.steps += 1
         self.busy_s += dt
         self.step_ema_s = dt if self.steps == 1 else 0.9 * self.step_ema_s + 0.1 * dt
-        if env.push and self.successor is not None and not self.model.is_last:
-            return self.successor.forward.remote(out)
+        out.trace = [*env.trace, (self.spec.index, self.replica, inbound_ms, dt * 1e3)]
+        out.sent_at = time.time()
+        if env.push and env.hops and not self.model.is_last:
+            return env.hops[0].forward.remote(out)
         return out
 
     def free(self, seq_ids: list[str]) -> int:

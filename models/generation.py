@@ -35,6 +35,7 @@ class Completion:
     usage: dict[str, int]  # prompt_tokens, completion_tokens, total_tokens
     logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked for
     prompt_token_ids: list[int] = field(default_factory=list)
+    route: list[str] = field(default_factory=list)  # the stage actors that served it (pipelines only)
 
 
 def is_batch(prompts: Any) -> bool:

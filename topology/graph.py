@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -121,6 +122,26 @@ class Topology:
         except nx.NetworkXNoPath:
             raise NoRouteError(f"no path from {src!r} to {dst!r}: add a link that joins them") from None
         return path, float(cost)
+
+    def transfer_matrix(self, nbytes: float = 0) -> tuple[list[str], np.ndarray]:
+        """All-pairs cheapest transfer times for a message of `nbytes`: (hosts, (H, H) ms).
+
+        `ms[i, j]` is the cost of `route(hosts[i], hosts[j], nbytes)`; 0 on the diagonal, inf where no
+        path joins them (networkx Dijkstra from every node).
+        """
+        hosts = list(self.graph)
+        index = {h: i for i, h in enumerate(hosts)}
+        ms = np.full((len(hosts), len(hosts)), np.inf)  # (H, H)
+
+        def weight(a: str, b: str, e: dict) -> float:
+            return transfer_ms(e["latency_ms"], e["bandwidth_gbps"], nbytes)
+
+        for src, dist in nx.all_pairs_dijkstra_path_length(self.graph, weight=weight):
+            row = ms[index[src]]
+            for dst, d in dist.items():
+                row[index[dst]] = d
+        np.fill_diagonal(ms, 0.0)
+        return hosts, ms
 
     def to_mermaid(self, highlight: list[str] | None = None) -> str:
         """A Mermaid flowchart of the hosts and links (a highlighted path drawn thick)."""

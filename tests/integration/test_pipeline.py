@@ -214,7 +214,7 @@ def test_deploy_errors_name_the_problem(tiny_ckpt: Path, tmp_path: Path, pipe: P
         Pipeline.deploy(str(tiny_ckpt), name="tiny")
     wide = make_tiny_llama(tmp_path / "wide", n_layers=40, dim=16, n_heads=2, n_kv_heads=1, hidden=16)
     t0 = time.monotonic()
-    with pytest.raises(InsufficientResourcesError, match="40 stages need 40 GPUs"):
+    with pytest.raises(InsufficientResourcesError, match="40 stage actors need 40 GPUs"):
         Pipeline.deploy(str(wide), layers_per_stage=1, name="bad")
     assert time.monotonic() - t0 < 10  # fails fast, nothing left behind
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("meshpipe/bad/")]
@@ -223,7 +223,7 @@ def test_deploy_errors_name_the_problem(tiny_ckpt: Path, tmp_path: Path, pipe: P
 def test_resource_policy() -> None:
     assert choose_stage_resources(4, 0, 0) == {"num_cpus": 0, "num_gpus": 0}  # CPU fallback
     assert choose_stage_resources(4, 8, 4) == {"num_gpus": 1, "num_cpus": 0}
-    with pytest.raises(InsufficientResourcesError, match="4 stages need 4 GPUs .* 2 free of 8"):
+    with pytest.raises(InsufficientResourcesError, match="4 stage actors need 4 GPUs .* 2 free of 8"):
         choose_stage_resources(4, 8, 2)
     assert choose_stage_resources(4, 8, 2, {"num_gpus": 0.5}) == {"num_gpus": 0.5}
     with pytest.raises(InsufficientResourcesError, match="asks for GPUs but the cluster has none"):

@@ -1,0 +1,114 @@
+"""The router's view of the stage replicas: where they run, what they cost, who they serve.
+
+Pure bookkeeping (no Ray calls), unit-tested without Ray: the router feeds it measurements (the
+per-hop trace each step brings back, probe round trips) and asks it for the planner's input.
+Load enters the cost as a queue wait, so new sequences spread over replicas instead of piling
+on the cheapest one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from topology.planner import ReplicaState, Route
+
+EMA = 0.3  # weight of a new measurement in the moving averages
+
+
+@dataclass
+class Replica:
+    stage: int  # stage index
+    replica: int  # replica id within its stage
+    handle: Any  # the Ray actor handle (opaque here)
+    host: str  # the Ray node id it runs on
+    name: str  # its actor name, meshpipe/<deployment>/stage-k/replica-r
+    compute_ms: float | None = None  # moving average of its step time (None: not measured yet)
+    inbound_ms: float = 0.0  # moving average of the wait between a message's send and its start
+    sequences: set[str] = field(default_factory=set)  # active sequences routed through it
+    served: int = 0  # sequences ever routed through it
+    release: list[str] = field(default_factory=list)  # finished sequences to free here
+    alive: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"stage-{self.stage}/replica-{self.replica}"
+
+    def observe(self, inbound_ms: float | None = None, compute_ms: float | None = None) -> None:
+        if inbound_ms is not None:
+            self.inbound_ms = max(0.0, (1 - EMA) * self.inbound_ms + EMA * inbound_ms)
+        if compute_ms is not None:
+            self.compute_ms = compute_ms if self.compute_ms is None else (1 - EMA) * self.compute_ms + EMA * compute_ms
+
+
+class ReplicaTable:
+    """All replicas of a deployment, by stage."""
+
+    def __init__(self, replicas: list[list[Replica]], load_knee: float = 8.0) -> None:
+        self.by_stage = replicas  # [stage][i]
+        self.load_knee = load_knee  # sequences at which a replica's queue wait equals its step time
+        self._index = {(r.stage, r.replica): r for rs in replicas for r in rs}
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.by_stage)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._index.values())
+
+    def get(self, stage: int, replica: int) -> Replica:
+        return self._index[(stage, replica)]
+
+    def on_route(self, route: Route) -> list[Replica]:
+        return [self._index[(s, r)] for s, r in enumerate(route.replicas)]
+
+    def states(self) -> list[ReplicaState]:
+        """The planner's input: measured costs, with load as queue wait.
+
+        An unmeasured replica is assumed as fast as its stage's measured mean (1 ms if none is), so a
+        new replica is neither shunned nor flooded. Queue wait = step time × sequences / load_knee.
+        """
+        out = []
+        for stage in self.by_stage:
+            measured = [r.compute_ms for r in stage if r.compute_ms is not None and r.alive]
+            fallback = sum(measured) / len(measured) if measured else 1.0
+            for r in stage:
+                step = r.compute_ms if r.compute_ms is not None else fallback
+                out.append(ReplicaState(
+                    stage=r.stage, replica=r.replica, host=r.host, compute_ms=step,
+                    queue_ms=max(step, 1.0) * len(r.sequences) / self.load_knee,
+                    inbound_ms=r.inbound_ms, alive=r.alive,
+                ))
+        return out
+
+    def assign(self, route: Route, seq_id: str) -> None:
+        for r in self.on_route(route):
+            r.sequences.add(seq_id)
+            r.served += 1
+
+    def finish(self, route: Route, seq_id: str) -> None:
+        """The sequence left: its caches on the route are freed with the next message (or idle flush)."""
+        for r in self.on_route(route):
+            if seq_id in r.sequences:
+                r.sequences.discard(seq_id)
+                r.release.append(seq_id)
+
+    def take_release(self, route: Route) -> list[str]:
+        """Finished sequences to free on this route's replicas (a stage ignores ids it never held)."""
+        ids: list[str] = []
+        for r in self.on_route(route):
+            ids += r.release
+            r.release = []
+        return sorted(set(ids))
+
+    def observe_trace(self, trace: list[tuple[int, int, float, float]]) -> None:
+        """A step's per-hop measurements: (stage, replica, inbound_ms, compute_ms)."""
+        for stage, replica, inbound_ms, compute_ms in trace:
+            rep = self._index.get((stage, replica))
+            if rep is not None:
+                rep.observe(inbound_ms, compute_ms)
+
+    def describe(self) -> list[list[dict[str, Any]]]:
+        return [[{"name": r.name, "host": r.host, "alive": r.alive, "sequences": len(r.sequences),
+                  "served": r.served, "compute_ms": r.compute_ms, "inbound_ms": round(r.inbound_ms, 3)}
+                 for r in stage] for stage in self.by_stage]

@@ -1,0 +1,83 @@
+"""A 3-node Ray cluster on one machine (`ray.cluster_utils.Cluster`), run in its own process.
+
+`python -m tests.integration.multinode CHECKPOINT` deploys 2 stages × 2 replicas over two GPU
+nodes, checks tokens against the single-process model, waits for the probes' measured topology,
+makes one replica's inbound link slow (the hop-delay hook) and checks new requests avoid it.
+Prints one JSON line of what it saw; exits non-zero on any failed check.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import ray
+from ray.cluster_utils import Cluster
+
+from actors import Pipeline
+from models import load_model
+
+PROMPTS = [[5, 17, 42, 99, 3], [11, 12], list(range(30, 51)), [200], [9] * 13, [1, 2, 3]]
+
+
+def wait_for(cond, timeout: float, what: str) -> None:  # noqa: ANN001
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def main(ckpt: str) -> dict:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
+                                                            "include_dashboard": False})
+    try:
+        workers = [cluster.add_node(num_cpus=1, num_gpus=2) for _ in range(2)]
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        ref = load_model(ckpt, dtype="float64").generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
+        pipe = Pipeline.deploy(ckpt, num_stages=2, replicas_per_stage=2, dtype="float64", name="multinode",
+                               micro_batches=1)
+        try:
+            info = pipe.describe()
+            nodes = [[s["node_id"] for s in info["stages"] if s["stage"] == k] for k in range(2)]
+            worker_ids = {w.node_id for w in workers}
+            assert all(set(n) <= worker_ids for n in nodes), nodes  # GPU actors on the GPU nodes
+            assert all(len(set(n)) == 2 for n in nodes), f"replicas of a stage share a node: {nodes}"
+
+            outs = pipe.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
+            assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+            spread = sorted({n for o in outs for n in o.route})
+
+            wait_for(lambda: pipe.describe()["topology"] is not None, 60, "the measured topology")
+            topo = pipe.describe()["topology"]
+            links = [(lk["a"][:8], lk["b"][:8], lk["latency_ms"], lk["bandwidth_gbps"]) for lk in topo["links"]]
+            assert len(topo["nodes"]) == 3 and len(links) == 6, topo  # router's node + 2 GPU nodes
+
+            pipe.set_hop_delay(1, 0.3, replica=0)
+
+            def slow_noticed() -> bool:
+                return pipe.stats()["router"]["replicas"][1][0]["inbound_ms"] > 100
+
+            wait_for(slow_noticed, 30, "the router to notice the slow replica")
+            before = pipe.stats()["router"]["replicas"][1][0]["served"]
+            outs2 = pipe.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
+            assert [o.token_ids for o in outs2] == [o.token_ids for o in ref]
+            routes2 = sorted({n for o in outs2 for n in o.route})
+            assert all(o.route[1].endswith("stage-1/replica-1") for o in outs2), routes2
+            assert pipe.stats()["router"]["replicas"][1][0]["served"] == before
+            return {"nodes": len(ray.nodes()), "stage_nodes": [[n[:8] for n in ns] for ns in nodes],
+                    "replicas_used_before": spread, "replicas_used_after_slow_link": routes2,
+                    "measured_links": links, "identical": True}
+        finally:
+            pipe.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    print(json.dumps(main(sys.argv[1])), flush=True)

@@ -1,0 +1,84 @@
+"""Several replicas per stage on the session's Ray: routes spread, slow replicas avoided, same tokens."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from actors import Pipeline
+from models import ConfigError, load_model
+from tests.support import tokens
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+PROMPTS = [[5, 17, 42, 99, 3], [11, 12], list(range(30, 51)), [200], [9] * 13, [1, 2, 3], [77, 78], [4] * 6]
+
+
+@pytest.fixture(scope="module")
+def replicated(tiny_ckpt: Path):  # noqa: ANN201
+    p = Pipeline.deploy(str(tiny_ckpt), num_stages=2, replicas_per_stage=2, dtype="float64", name="replicated",
+                        micro_batches=1)
+    yield p
+    p.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt: Path) -> list:
+    return load_model(tiny_ckpt, dtype="float64").generate(PROMPTS, max_new_tokens=8, ignore_eos=True)
+
+
+def _replica(stats: dict, stage: int, replica: int) -> dict:
+    return stats["router"]["replicas"][stage][replica]
+
+
+def test_sequences_spread_over_replicas_and_keep_their_route(replicated: Pipeline, reference: list) -> None:
+    info = replicated.describe()
+    assert info["replicas"] == [[f"meshpipe/replicated/stage-{s}/replica-{r}" for r in range(2)] for s in range(2)]
+    outs = replicated.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)
+    assert tokens(outs) == tokens(reference)  # a route change mid-sequence would miss its KV cache
+    used = {name for o in outs for name in o.route}
+    assert used == {n for names in info["replicas"] for n in names}  # load spread: every replica served
+    for o in outs:
+        assert [n.split("/")[2] for n in o.route] == ["stage-0", "stage-1"]
+    served = [[_replica(replicated.stats(), s, r)["served"] for r in range(2)] for s in range(2)]
+    assert all(abs(a - b) <= 1 for a, b in served), served  # 8 sequences: 4 and 4 on each stage
+
+
+def test_new_requests_avoid_a_slow_replica(replicated: Pipeline, reference: list) -> None:
+    replicated.set_hop_delay(1, 0.3, replica=0)  # every message into stage-1/replica-0 waits 300 ms
+    try:
+        end = time.monotonic() + 20
+        while _replica(replicated.stats(), 1, 0)["inbound_ms"] < 100:  # the router's probes notice
+            assert time.monotonic() < end, replicated.stats()
+            time.sleep(0.2)
+        before = _replica(replicated.stats(), 1, 0)["served"]
+        outs = replicated.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)
+        assert tokens(outs) == tokens(reference)
+        assert all(o.route[1].endswith("stage-1/replica-1") for o in outs)
+        assert _replica(replicated.stats(), 1, 0)["served"] == before
+        assert replicated.describe()["route"][1].endswith("stage-1/replica-1")
+        mermaid = replicated.routes_mermaid()
+        chosen = [ln for ln in mermaid.splitlines() if ln.strip().startswith("class ") and ln.endswith(" chosen")]
+        assert mermaid.startswith("graph LR") and "==>" in mermaid and "s1r1" in chosen[0]
+    finally:
+        replicated.set_hop_delay(1, 0.0, replica=0)
+
+
+def test_one_count_per_stage(tiny_ckpt: Path, reference: list) -> None:
+    p = Pipeline.deploy(str(tiny_ckpt), num_stages=2, replicas_per_stage=[1, 2], dtype="float64", name="uneven")
+    try:
+        assert [len(r) for r in p.describe()["replicas"]] == [1, 2]
+        assert tokens(p.generate(PROMPTS[:4], max_new_tokens=8, ignore_eos=True)) == tokens(reference[:4])
+    finally:
+        p.shutdown()
+
+
+def test_bad_replica_counts_name_the_problem(tiny_ckpt: Path) -> None:
+    with pytest.raises(ConfigError, match="every count must be at least 1"):
+        Pipeline.deploy(str(tiny_ckpt), num_stages=2, replicas_per_stage=0, name="bad")
+    with pytest.raises(ConfigError, match="3 counts but num_stages=2"):
+        Pipeline.deploy(str(tiny_ckpt), num_stages=2, replicas_per_stage=[1, 1, 1], name="bad")
+    with pytest.raises(ConfigError, match="2 counts but the model was split into 4 stages"):
+        Pipeline.deploy(str(tiny_ckpt), layers_per_stage=1, replicas_per_stage=[1, 1], name="bad")
