@@ -1,4 +1,4 @@
-"""The `meshpipe` command line: demo, generate, pull, bench.
+"""The `meshpipe` command line: demo, generate, pull, route, bench.
 
 The only place in meshpipe that prints. Errors meshpipe raises on purpose (`MeshpipeError`) end
 the command with one `error: ...` line on stderr and exit status 2, no traceback.
@@ -329,11 +329,54 @@ def bench_pipeline_cmd(
         rows = bench_pipeline(stage_list, batch_list, new_tokens, model, _parse_ints(threads, "--threads"),
                               _parse_ints(micro_batches, "--micro-batches"), hop_modes=modes,
                               repeats=repeats, with_transformers=with_transformers, hops=hops)
-        for row in rows:
-            typer.echo(json.dumps(_rounded(row)))
-            sys.stdout.flush()
+        _emit(rows)
     finally:
         ray.shutdown()
+
+
+def _emit(rows: Any) -> None:
+    for row in rows:
+        typer.echo(json.dumps(_rounded(row)))
+        sys.stdout.flush()
+
+
+@bench_app.command("planner")
+@_handles_errors
+def bench_planner_cmd(
+    sizes: Annotated[str, typer.Option(help="Total replicas, comma-separated.")] = "32,100,1000,3000,10000",
+    stages: Annotated[int, typer.Option(min=1)] = 32,
+    repeats: Annotated[int, typer.Option(min=1)] = 5,
+    nx_max: Annotated[int, typer.Option(help="Largest size to run networkx over every replica pair.")] = 3000,
+) -> None:
+    """Route planning time vs size: the host-grouped DP against greedy, A* and networkx (no Ray)."""
+    from topology.bench import bench_planner
+
+    _emit(bench_planner(_parse_ints(sizes, "--sizes") or [32], num_stages=stages, repeats=repeats, nx_max=nx_max))
+
+
+@bench_app.command("placement")
+@_handles_errors
+def bench_placement_cmd(seed: Annotated[int, typer.Option()] = 0) -> None:
+    """Layer placement DP over heterogeneous GPUs against brute force, and realistic clusters (no Ray)."""
+    from topology.placement_bench import bench_placement
+
+    _emit(bench_placement(seed))
+
+
+@bench_app.command("simulate")
+@_handles_errors
+def bench_simulate_cmd(
+    gpus: Annotated[int, typer.Option(min=1)] = 1000,
+    regions: Annotated[int, typer.Option(min=1)] = 3,
+    stages: Annotated[int, typer.Option(min=1)] = 8,
+    requests: Annotated[int, typer.Option(min=1)] = 2000,
+    rate: Annotated[float | None, typer.Option(help="Arrivals a second (default: a fixed share of capacity).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Discrete-event simulation: shortest-path routing vs random vs round-robin (no Ray)."""
+    from topology.simulator import bench_simulator
+
+    _emit(bench_simulator(gpus, regions, stages, requests, rate, seed))
 
 
 def _rounded(v: Any) -> Any:

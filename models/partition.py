@@ -28,12 +28,75 @@ def head_cost(cfg: ModelConfig) -> float:
     return cfg.embedding_params() / cfg.layer_params()
 
 
+@dataclass(frozen=True)
+class StageCostModel:
+    """Compute and weight memory of a stage owning layers [start, stop) (shared with placement).
+
+    Compute: one unit a decoder layer, `head_cost` for the LM head (last stage); the embedding lookup
+    is free. Memory: the layers, the embedding table on the first stage, and the LM head on the last
+    (a tied head costs nothing extra when the first stage is also the last).
+    """
+
+    n_layers: int  # decoder layers of the model
+    head_cost: float  # the LM head's compute, in decoder-layer units
+    layer_bytes: float  # bytes one decoder layer needs (weights + any per-layer headroom)
+    embedding_bytes: float  # bytes of the embedding table (= an untied LM head's)
+    tie_embeddings: bool  # the LM head reuses the embedding table
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, bytes_per_param: float = 4,
+           extra_bytes_per_layer: float = 0.0) -> StageCostModel:
+        """The cost model of `cfg`; `extra_bytes_per_layer` adds headroom (e.g. KV cache) per layer."""
+        return cls(n_layers=cfg.n_layers, head_cost=head_cost(cfg),
+                   layer_bytes=cfg.layer_params() * bytes_per_param + extra_bytes_per_layer,
+                   embedding_bytes=cfg.embedding_params() * bytes_per_param,
+                   tie_embeddings=cfg.tie_embeddings)
+
+    def cost(self, start: int, stop: int) -> float:
+        """Compute of layers [start, stop), the head included when `stop` is the last layer's end."""
+        return (stop - start) + (self.head_cost if stop == self.n_layers else 0.0)
+
+    def memory(self, start: int, stop: int) -> float:
+        """Bytes a stage owning layers [start, stop) holds."""
+        tied_head = stop == self.n_layers and (not self.tie_embeddings or start > 0)
+        return ((stop - start) * self.layer_bytes + (self.embedding_bytes if start == 0 else 0)
+                + (self.embedding_bytes if tied_head else 0))
+
+
+def min_max_cuts(model: StageCostModel, num_stages: int,
+                 capacity: float = float("inf")) -> tuple[float, tuple[int, ...]]:
+    """Cut points (stage ends) of `num_stages` contiguous stages minimising the costliest stage.
+
+    Returns (that cost, cuts); the cost is inf when no split fits `capacity` bytes a stage.
+    Among equally good splits the first stage ends earliest, then recursively for the rest.
+    """
+    n, cost, mem = model.n_layers, model.cost, model.memory
+
+    @lru_cache(maxsize=None)
+    def best(i: int, s: int) -> tuple[float, tuple[int, ...]]:
+        """Min over splits of layers [i, n) into s stages of the max stage cost, and the cut points."""
+        if s == 1:
+            return (cost(i, n), (n,)) if mem(i, n) <= capacity else (float("inf"), (n,))
+        result: tuple[float, tuple[int, ...]] = (float("inf"), ())
+        for j in range(i + 1, n - s + 2):
+            if mem(i, j) > capacity:
+                break
+            rest, cuts = best(j, s - 1)
+            worst = max(cost(i, j), rest)
+            if worst < result[0]:
+                result = (worst, (j, *cuts))
+        return result
+
+    return best(0, num_stages)
+
+
 def partition(cfg: ModelConfig, num_stages: int | None = None, layers_per_stage: int | None = None,
               stage_memory_bytes: float | None = None, bytes_per_param: int = 4) -> list[StageSpec]:
     """Contiguous layer ranges minimising the costliest stage.
 
     Cost: one unit a layer, `head_cost` for the LM head; the embedding lookup is free in compute
-    but its table counts in memory. With `stage_memory_bytes`, no stage may hold more weights.
+    but its table counts in memory (`StageCostModel`). With `stage_memory_bytes`, no stage may hold
+    more weights.
     """
     n = cfg.n_layers
     if (num_stages is None) == (layers_per_stage is None):
@@ -50,34 +113,8 @@ def partition(cfg: ModelConfig, num_stages: int | None = None, layers_per_stage:
     if num_stages > n:
         raise ConfigError(f"num_stages={num_stages} is more stages than the model's {n} layers")
 
-    hc = head_cost(cfg)
-    layer_mem = cfg.layer_params() * bytes_per_param
-    emb_mem = cfg.embedding_params() * bytes_per_param
     cap = float("inf") if stage_memory_bytes is None else stage_memory_bytes
-
-    def cost(i: int, j: int) -> float:  # layers [i, j)
-        return (j - i) + (hc if j == n else 0.0)
-
-    def mem(i: int, j: int) -> float:
-        tied_head = j == n and (not cfg.tie_embeddings or i > 0)
-        return (j - i) * layer_mem + (emb_mem if i == 0 else 0) + (emb_mem if tied_head else 0)
-
-    @lru_cache(maxsize=None)
-    def best(i: int, s: int) -> tuple[float, tuple[int, ...]]:
-        """Min over splits of layers [i, n) into s stages of the max stage cost, and the cut points."""
-        if s == 1:
-            return (cost(i, n), (n,)) if mem(i, n) <= cap else (float("inf"), (n,))
-        result = (float("inf"), ())
-        for j in range(i + 1, n - s + 2):
-            if mem(i, j) > cap:
-                break
-            rest, cuts = best(j, s - 1)
-            worst = max(cost(i, j), rest)
-            if worst < result[0]:
-                result = (worst, (j, *cuts))
-        return result
-
-    worst, cuts = best(0, num_stages)
+    worst, cuts = min_max_cuts(StageCostModel.of(cfg, bytes_per_param), num_stages, cap)
     if worst == float("inf"):
         raise ConfigError(
             f"{n} layers do not fit in {num_stages} stages of {stage_memory_bytes / 2**30:.2f} GiB each: "

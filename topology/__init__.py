@@ -1,6 +1,7 @@
 """The cluster as a graph and the routes through it (no actors here)."""
 
 from topology.graph import NoRouteError, Topology, TopologyError, transfer_ms
+from topology.placement import Gpu, StagePlacement, gpus_from_topology, place
 from topology.planner import (
     HostCosts,
     NoReplicaError,
@@ -14,6 +15,7 @@ from topology.planner import (
 )
 
 __all__ = [
+    "Gpu",
     "HostCosts",
     "NoReplicaError",
     "NoRouteError",
@@ -21,8 +23,11 @@ __all__ = [
     "ReplicaState",
     "Route",
     "RouteCache",
+    "StagePlacement",
     "Topology",
     "TopologyError",
+    "gpus_from_topology",
+    "place",
     "plan",
     "route_cost",
     "route_to_mermaid",
