@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.errors import DeploymentError, InsufficientResourcesError
@@ -23,6 +24,8 @@ from actors.router import RouterActor, RouterConfig
 from actors.stage import StageActor
 from models import Completion, ConfigError, MeshpipeError, SamplingParams, is_batch, partition
 from models.config import resolve_dtype
+from topology import Gpu, StagePlacement, Topology, gpus_from_topology, place
+from topology.placement import place_replicas
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ class DeployConfig(BaseModel):
     num_stages: int | None = Field(None, ge=1)  # stages; or layers_per_stage
     layers_per_stage: int | None = Field(None, ge=1)  # 1 = one actor per layer
     replicas_per_stage: int | list[int] = 1  # replicas of every stage, or one count per stage
-    topology: Any = None  # arrives with the topology issue
+    topology: Any = None  # a Topology, a YAML path or a dict: place stages on its GPUs (DP); None: measured
     codec: str = "auto"  # "auto" is "none" until the messages issue adds codecs
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float64"
     autoscaling: dict | None = None  # arrives with the autoscaler issue
@@ -85,8 +88,11 @@ class DeployConfig(BaseModel):
                 and len(counts) != self.num_stages:
             raise ValueError(f"replicas_per_stage has {len(counts)} counts but num_stages={self.num_stages}: "
                              "give one count per stage")
-        if self.topology is not None or self.autoscaling is not None:
-            raise ValueError("topology= and autoscaling= are not supported in this release; leave them None")
+        if self.autoscaling is not None:
+            raise ValueError("autoscaling= is not supported in this release; leave it None")
+        if self.topology is not None and self.layers_per_stage is not None:
+            raise ValueError(f"topology= places layers by GPU speed and memory: give num_stages "
+                             f"(or nothing), not layers_per_stage ({self.layers_per_stage})")
         if self.codec not in ("none", "auto"):
             raise ValueError(f"codec={self.codec!r}: only 'none' is supported in this release")
         return self
@@ -140,11 +146,17 @@ class Pipeline:
             pass
         source = resolve_source(dc.model)
         cfg = read_config(source)
-        if dc.layers_per_stage is not None:
-            specs = partition(cfg, layers_per_stage=dc.layers_per_stage)
+        placement = None
+        if dc.topology is not None:
+            placement = plan_placement(cfg, dc)
+            specs = [p.stage for p in placement.stages]
+            counts = [len(g) for g in placement.gpus]
         else:
-            specs = partition(cfg, num_stages=dc.num_stages or 1)
-        counts = replica_counts(dc.replicas_per_stage, len(specs))
+            if dc.layers_per_stage is not None:
+                specs = partition(cfg, layers_per_stage=dc.layers_per_stage)
+            else:
+                specs = partition(cfg, num_stages=dc.num_stages or 1)
+            counts = replica_counts(dc.replicas_per_stage, len(specs))
         resources = stage_resources(sum(counts), dc.stage_resources)
         threads = dc.threads_per_stage  # None: each stage chooses by its device (default_threads)
         spread = {"scheduling_strategy": "SPREAD"} if max(counts) > 1 else {}  # replicas on different nodes
@@ -155,7 +167,8 @@ class Pipeline:
                 stages.append([
                     ray.remote(StageActor).options(
                         name=actor_name(dc.name, f"stage-{spec.index}/replica-{r}"), namespace=NAMESPACE,
-                        lifetime="detached", max_restarts=0, max_task_retries=0, **{**spread, **resources},
+                        lifetime="detached", max_restarts=0, max_task_retries=0,
+                        **{**spread, **resources, **(placement.options(spec.index, r) if placement else {})},
                     ).remote(dc.name, str(source), spec, cfg.to_dict(), dc.dtype, threads, r, len(specs))
                     for r in range(count)
                 ])
@@ -171,8 +184,9 @@ class Pipeline:
                               max_kv_tokens=dc.max_kv_tokens, micro_batches=micro, hop_mode=dc.hop_mode)
             router = ray.remote(RouterActor).options(
                 name=actor_name(dc.name, "router-0"), namespace=NAMESPACE, lifetime="detached",
-                num_cpus=0, max_concurrency=1000,
-            ).remote(dc.name, str(source), cfg.to_dict(), stages, nested, vars(rc))
+                num_cpus=0, max_concurrency=1000, **(placement.options(0, 0) if placement else {}),
+            ).remote(dc.name, str(source), cfg.to_dict(), stages, nested, vars(rc),
+                     placement.router_topology() if placement else None)
             ray.get(router.describe.remote())
         except Exception:
             flat = [h for hs in stages for h in hs]
@@ -309,6 +323,62 @@ def _wait_dead(handles: list[Any], timeout_s: float = 30.0) -> None:
             except ray.exceptions.GetTimeoutError:
                 continue
             time.sleep(0.05)
+
+
+@dataclass
+class Placement:
+    """Where `topology=` puts every stage replica: its GPU, and the Ray node that GPU's host maps to."""
+
+    topology: Topology  # the user's topology
+    stages: list[StagePlacement]  # replica 0 of each stage (layer ranges)
+    gpus: list[list[Gpu]]  # [stage][replica] -> GPU
+    nodes: dict[str, str]  # topology host -> Ray node id
+
+    def options(self, stage: int, replica: int) -> dict[str, Any]:
+        """Ray actor options pinning the replica to its host's node (hard node affinity)."""
+        node = self.nodes[self.gpus[stage][replica].host]
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+    def router_topology(self) -> dict:
+        """The topology with hosts renamed to Ray node ids, for the router's transfer costs."""
+        rename = {h: self.nodes.get(h, h) for h in self.topology.spec.nodes}
+        spec = self.topology.spec.model_dump()
+        return {"nodes": {rename[h]: v for h, v in spec["nodes"].items()},
+                "links": [{**lk, "a": rename[lk["a"]], "b": rename[lk["b"]]} for lk in spec["links"]]}
+
+
+def plan_placement(cfg: Any, dc: DeployConfig) -> Placement:
+    """Places the layers on the topology's GPUs (DP), the replicas on free GPUs, and maps hosts to Ray nodes."""
+    topo = dc.topology if isinstance(dc.topology, Topology) else (
+        Topology.from_dict(dc.topology) if isinstance(dc.topology, dict) else Topology.from_yaml(dc.topology))
+    gpus = gpus_from_topology(topo)
+    if not gpus:
+        raise ConfigError("the topology has no GPUs (nodes' `gpus`): nothing to place the stages on")
+    bytes_per_param = 2 if dc.dtype == "bfloat16" else 8 if dc.dtype == "float64" else 4
+    stages = place(cfg, gpus, num_stages=dc.num_stages, bytes_per_param=bytes_per_param)
+    counts = replica_counts(dc.replicas_per_stage, len(stages))
+    chosen = place_replicas(stages, gpus, counts)
+    hosts = sorted({g.host for gs in chosen for g in gs})
+    placement = Placement(topo, stages, chosen, ray_nodes_for(hosts))
+    log.info("placement on the topology: %s", " | ".join(
+        f"{p.stage.label} on {', '.join(g.label for g in gs)}" for p, gs in zip(stages, chosen)))
+    return placement
+
+
+def ray_nodes_for(hosts: list[str]) -> dict[str, str]:
+    """Maps topology hosts to alive Ray nodes: by node id, by IP, or by a custom resource named after the host."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    mapping = {}
+    for host in hosts:
+        match = [n for n in nodes if n["NodeID"] == host] or [n for n in nodes if n["NodeManagerAddress"] == host] \
+            or [n for n in nodes if host in n.get("Resources", {})]
+        if len(match) != 1:
+            raise DeploymentError(
+                f"topology node {host!r} matches {len(match)} Ray nodes: name it by its Ray node id or IP, or "
+                f"start exactly one Ray node with the custom resource {host!r} (ray start --resources "
+                f"'{{\"{host}\": 1}}')")
+        mapping[host] = match[0]["NodeID"]
+    return mapping
 
 
 def replica_counts(replicas_per_stage: int | list[int], num_stages: int) -> list[int]:

@@ -208,6 +208,7 @@ class RouterActor:
             "stages": [info for infos in self.replica_info for info in infos],
             "route": [r.name for r in self.table.on_route(route)],  # a new request's route now
             "route_cost_ms": route.cost_ms,
+            "router_node": self.node_id,
             "replicas": [[r.name for r in stage] for stage in self.table.by_stage],
             "probes": [f"meshpipe/{self.deployment}/probe-{n}" for n in self.probes],
             "topology": None if self.topology is None else self.topology.spec.model_dump(),

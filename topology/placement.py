@@ -429,3 +429,32 @@ def _nothing_fits(model: StageCostModel, gpus: list[Gpu], num_stages: int | None
         f"bytes_per_param={bytes_per_param} and kv_bytes_per_layer={kv_bytes_per_layer:g}. Use more GPUs or "
         f"GPUs with more memory, a smaller bytes_per_param (2 for bf16), less KV headroom"
         + (", or another num_stages" if num_stages else ""))
+
+
+def place_replicas(placements: Sequence[StagePlacement], gpus: Sequence[Gpu], counts: Sequence[int]) -> list[list[Gpu]]:
+    """GPUs for every replica of every stage: replica 0 where `place` put it, the others on free GPUs.
+
+    Stage boundaries are fixed by `place`; replica r of stage k takes the fastest free GPU with the
+    memory for that stage, preferring the host of replica r of stage k-1 (its hops stay on the
+    host). Raises ConfigError naming the stage when no free GPU can hold another replica.
+    """
+    if len(counts) != len(placements):
+        raise ConfigError(f"{len(counts)} replica counts for {len(placements)} placed stages: give one per stage")
+    used = {(p.gpu.host, p.gpu.index) for p in placements}
+    result = [[p.gpu] for p in placements]
+    for r in range(1, max(counts, default=1)):
+        prev_host: str | None = None
+        for k, p in enumerate(placements):
+            if counts[k] <= r:
+                prev_host = None
+                continue
+            free = [g for g in gpus if (g.host, g.index) not in used and g.memory_bytes >= p.memory_bytes]
+            if not free:
+                raise ConfigError(
+                    f"stage {k} ({p.stage.label}) needs {p.memory_bytes / GIB:.2f} GiB for replica {r}, and no free "
+                    f"GPU of the topology has it: lower replicas_per_stage or add GPUs")
+            best = max(free, key=lambda g: (g.speed, g.host == prev_host, -gpus.index(g)))
+            used.add((best.host, best.index))
+            result[k].append(best)
+            prev_host = best.host
+    return result

@@ -34,7 +34,7 @@ def main(ckpt: str) -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
                                                             "include_dashboard": False})
     try:
-        workers = [cluster.add_node(num_cpus=1, num_gpus=2) for _ in range(2)]
+        workers = [cluster.add_node(num_cpus=1, num_gpus=2, resources={host: 1}) for host in ("gpu-a", "gpu-b")]
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         ref = load_model(ckpt, dtype="float64").generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
@@ -54,7 +54,9 @@ def main(ckpt: str) -> dict:
             wait_for(lambda: pipe.describe()["topology"] is not None, 60, "the measured topology")
             topo = pipe.describe()["topology"]
             links = [(lk["a"][:8], lk["b"][:8], lk["latency_ms"], lk["bandwidth_gbps"]) for lk in topo["links"]]
-            assert len(topo["nodes"]) == 3 and len(links) == 6, topo  # router's node + 2 GPU nodes
+            hosts = {*worker_ids, info["router_node"]}
+            assert set(topo["nodes"]) == hosts, topo  # the router's node and the stages' nodes
+            assert len(links) == len(hosts) * (len(hosts) - 1), topo  # every ordered pair measured
 
             pipe.set_hop_delay(1, 0.3, replica=0)
 
@@ -68,14 +70,36 @@ def main(ckpt: str) -> dict:
             routes2 = sorted({n for o in outs2 for n in o.route})
             assert all(o.route[1].endswith("stage-1/replica-1") for o in outs2), routes2
             assert pipe.stats()["router"]["replicas"][1][0]["served"] == before
-            return {"nodes": len(ray.nodes()), "stage_nodes": [[n[:8] for n in ns] for ns in nodes],
-                    "replicas_used_before": spread, "replicas_used_after_slow_link": routes2,
-                    "measured_links": links, "identical": True}
         finally:
             pipe.shutdown()
+        placed = placed_by_topology(ckpt, ref, {w.node_id: host for w, host in zip(workers, ("gpu-a", "gpu-b"))})
+        return {"nodes": len(ray.nodes()), "stage_nodes": [[n[:8] for n in ns] for ns in nodes],
+                "replicas_used_before": spread, "replicas_used_after_slow_link": routes2,
+                "measured_links": links, "identical": True, "placed": placed}
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+TOPOLOGY = {
+    "nodes": {"gpu-a": {"gpus": 1, "tflops": 40}, "gpu-b": {"gpus": 2, "tflops": 10}},
+    "links": [{"a": "gpu-a", "b": "gpu-b", "latency_ms": 1, "bandwidth_gbps": 10}],
+}
+
+
+def placed_by_topology(ckpt: str, ref: list, host_of: dict[str, str]) -> list[dict]:
+    """`topology=`: the DP puts more layers on the 4x faster host; actors land on the hosts it chose."""
+    pipe = Pipeline.deploy(ckpt, num_stages=2, topology=TOPOLOGY, dtype="float64", name="placed")
+    try:
+        stages = pipe.describe()["stages"]
+        placed = [{"stage": s["stage"], "layers": s["layers"], "host": host_of[s["node_id"]]} for s in stages]
+        work = {p["host"]: p["layers"][1] - p["layers"][0] + 1 for p in placed}
+        assert work["gpu-a"] > work["gpu-b"], placed
+        outs = pipe.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+        return placed
+    finally:
+        pipe.shutdown()
 
 
 if __name__ == "__main__":

@@ -23,4 +23,5 @@ def test_three_nodes_two_replicas_a_slow_link_is_avoided_and_tokens_stay_identic
     assert seen["nodes"] == 3 and seen["identical"]
     assert len(seen["replicas_used_before"]) == 4  # both replicas of both stages served
     assert not any(n.endswith("stage-1/replica-0") for n in seen["replicas_used_after_slow_link"])
-    assert len(seen["measured_links"]) == 6 and all(bw > 0 for *_, bw in seen["measured_links"])
+    assert len(seen["measured_links"]) >= 2 and all(bw > 0 for *_, bw in seen["measured_links"])
+    assert {p["host"] for p in seen["placed"]} == {"gpu-a", "gpu-b"}  # topology= placed a stage on each host

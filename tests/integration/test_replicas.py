@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from actors import Pipeline
+from actors import DeploymentError, Pipeline
 from models import ConfigError, load_model
+from topology import TopologyError
 from tests.support import tokens
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -71,6 +72,26 @@ def test_one_count_per_stage(tiny_ckpt: Path, reference: list) -> None:
     try:
         assert [len(r) for r in p.describe()["replicas"]] == [1, 2]
         assert tokens(p.generate(PROMPTS[:4], max_new_tokens=8, ignore_eos=True)) == tokens(reference[:4])
+    finally:
+        p.shutdown()
+
+
+def test_topology_places_stages_on_named_nodes(tiny_ckpt: Path, reference: list) -> None:
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    with pytest.raises(DeploymentError, match="topology node 'nowhere' matches 0 Ray nodes"):
+        Pipeline.deploy(str(tiny_ckpt), num_stages=2, name="bad", topology={"nodes": {"nowhere": {"gpus": 2}}})
+    with pytest.raises(ConfigError, match="topology has no GPUs"):
+        Pipeline.deploy(str(tiny_ckpt), name="bad", topology={"nodes": {node: {}}})
+    with pytest.raises(TopologyError, match=r"links\[0\].b: unknown node .B."):
+        Pipeline.deploy(str(tiny_ckpt), name="bad", topology={"nodes": {node: {"gpus": 2}},
+                                                             "links": [{"a": node, "b": "B"}]})
+    p = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="placed",
+                        topology={"nodes": {node: {"gpus": 4, "gpu_memory_gb": 1}}})
+    try:
+        assert {s["node_id"] for s in p.describe()["stages"]} == {node}
+        assert tokens(p.generate(PROMPTS[:3], max_new_tokens=8, ignore_eos=True)) == tokens(reference[:3])
     finally:
         p.shutdown()
 
