@@ -178,15 +178,16 @@ def demo(
 
 
 def _print_route(info: dict) -> None:
-    short = [r.split("/")[-2] for r in info["route"]]  # stage-K
+    short = ["/".join(r.split("/")[-2:]) for r in info["route"]]  # stage-K/replica-R
     rc = info.get("router", {})
     out.print("[bold]route:[/] router -> " + " -> ".join(short) + " -> router (sampled tokens); "
               f"hop mode {rc.get('hop_mode', '?')}, {rc.get('micro_batches', '?')} micro-batch(es) in flight")
-    table = Table("actor", "layers", "device", "threads", "pid", "load s", box=box.SIMPLE_HEAD)
-    for name, s in zip(info["route"], info["stages"]):
+    table = Table("actor", "layers", "node", "device", "threads", "pid", "load s", box=box.SIMPLE_HEAD)
+    names = [n for names in info["replicas"] for n in names]
+    for name, s in zip(names, info["stages"]):
         first, last = s["layers"]
-        table.add_row(name, f"{first}-{last}", s["device"], str(s.get("threads", "")), str(s["pid"]),
-                      f"{s.get('load_s', 0):.1f}")
+        table.add_row(name, f"{first}-{last}", s["node_id"][:8], s["device"], str(s.get("threads", "")),
+                      str(s["pid"]), f"{s.get('load_s', 0):.1f}")
     out.print(table)
 
 # --------------------------------------------------------------------------- generate
