@@ -168,21 +168,23 @@ def bench_transformers(source: Any, prompt: list[int], batches: Sequence[int], n
 def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens: int, prompt: list[int],
                      threads: int | None, micro_batches: int | None, repeats: int,
                      baseline: Callable[[int], dict] | None = None, hop_mode: str | None = None,
-                     first: dict[int, dict] | None = None) -> Iterator[dict]:
+                     first: dict[int, dict] | None = None, extra: dict[str, Any] | None = None) -> Iterator[dict]:
     """One deployment of `stages` stages: warm up, then time `generate` at every batch size.
 
     `baseline(b)` measures the single-process model at batch b: it runs right before the
     pipeline's timing at that batch (deployment idle), so `efficiency` compares two figures taken
     under the same conditions; its row is yielded too. `first`: the run's first baselines, for
-    `efficiency_vs_first_baseline`.
+    `efficiency_vs_first_baseline`. `extra`: more deploy options (e.g. codec), echoed in each row.
     """
     import ray
 
     from actors.pipeline import Pipeline
 
     name = f"bench-{stages}-t{threads or 'auto'}-m{micro_batches or 'auto'}-{hop_mode or 'auto'}"
+    name += "".join(f"-{v}" for v in (extra or {}).values() if isinstance(v, str))
     free_before = ray.available_resources().get("GPU", 0)
     options: dict[str, Any] = {"hop_mode": hop_mode} if hop_mode else {}
+    options.update(extra or {})
     t0 = time.perf_counter()
     pipe = Pipeline.deploy(model, num_stages=stages, name=name, threads_per_stage=threads,
                            micro_batches=micro_batches, **options)
@@ -206,7 +208,8 @@ def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens
             row = {"bench": "pipeline", "stages": stages, "batch": b, "new_tokens": new_tokens,
                    "threads_per_stage": used_threads, "micro_batches": used_micro, "hop_mode": used_mode,
                    "ms_per_step": ms, "ms_per_step_median": med / new_tokens * 1e3, "tokens_per_s": tps,
-                   "deploy_s": round(deploy_s, 1), "load1": _load1()}
+                   "deploy_s": round(deploy_s, 1), "load1": _load1(),
+                   **{k: v for k, v in (extra or {}).items() if k != "encryption_key"}}
             if single is not None:
                 row["single_process_ms_per_step"] = single["ms_per_step"]
                 row["efficiency"] = tps / single["tokens_per_s"]
@@ -259,12 +262,14 @@ class EchoActor:
 
 
 def _next_envelope(env: Any) -> Any:
+    """Verify and decode the message, then encode the same tensor into a new one (codec none)."""
+    from dataclasses import replace
+
+    from actors.codec import LinkCodec
     from actors.envelope import Envelope
 
-    out = Envelope(env.seq_ids, env.starts, env.lengths, env.step, params=env.params, release=env.release,
-                   push=env.push)
-    out.set_hidden(env.hidden())
-    return out
+    header, x = env.open(None)
+    return Envelope.seal(replace(header, sender="echo"), x, LinkCodec(), None, params=env.params)
 
 
 class AsyncEchoActor:
@@ -293,6 +298,7 @@ def bench_hops(n_actors: int = 4, iters_small: int = 50, iters_large: int = 8) -
     """
     import ray
 
+    from actors.codec import Header, LinkCodec
     from actors.envelope import Envelope
     from models.sampling import SamplingParams
 
@@ -314,10 +320,9 @@ def bench_hops(n_actors: int = 4, iters_small: int = 50, iters_large: int = 8) -
             t = torch.randn(shape)
             base = {"n_actors": n_actors, "shape": list(shape), "bytes": t.numel() * t.element_size(),
                     "size": label}
-            env = Envelope(["bench-0"], [16], [shape[0]], 1, params=[SamplingParams()])
-            env.set_hidden(t)
-            penv = Envelope(["bench-0"], [16], [shape[0]], 1, params=[SamplingParams()], push=True)
-            penv.set_hidden(t)
+            header = Header(kind="step", step=1, msg_id=1, attempt=0, sender="bench", seq_ids=["bench-0"],
+                            starts=[16], lengths=[shape[0]], release=[])
+            env = penv = Envelope.seal(header, t, LinkCodec(), None, params=[SamplingParams()])
             cases = [
                 ("hop_bare", "torch", "router-chained: ref = a.f.remote(ref), each returns its input",
                  router_chain("f", t)),
@@ -329,7 +334,8 @@ def bench_hops(n_actors: int = 4, iters_small: int = 50, iters_large: int = 8) -
                  lambda: _chase(echo[0].push.remote(t.numpy(), echo[1:]))),
                 ("hop_push", "torch", "push: async actor i awaits actor i+1, returns the value back up",
                  lambda: ray.get(aecho[0].push.remote(t, aecho[1:]))),
-                ("hop_envelope", "envelope", "router-chained: Envelope in, payload -> tensor -> new one out",
+                ("hop_envelope", "envelope", "router-chained: Envelope in, verify + decode -> tensor -> "
+                 "encode + checksum -> new one out (codec none)",
                  router_chain("envelope", env)),
                 ("hop_envelope", "envelope", "push (hop_mode='push'): as above, actor i calls actor i+1 "
                  "and returns its ObjectRef; caller chases refs",
@@ -435,3 +441,38 @@ def bench_pipeline(
     finally:
         if started:
             ray.shutdown()
+
+
+# --------------------------------------------------------------------------- codecs end to end
+
+CODEC_SETUPS: list[dict[str, Any]] = [
+    {"codec": "none"}, {"codec": "fp16"}, {"codec": "bf16"}, {"codec": "int8"},
+    {"codec": "none", "compress": "lz4"}, {"codec": "none", "compress": "zstd"},
+    {"codec": "int8", "compress": "zstd"}, {"codec": "none", "encryption": "always"},
+]
+
+
+def bench_codec_pipeline(model: str = "smollm2-135m", stages: int = 2, batches: Sequence[int] = (1, 16),
+                         new_tokens: int = 32, repeats: int = 2,
+                         setups: Sequence[dict[str, Any]] = tuple(CODEC_SETUPS)) -> Iterator[dict]:
+    """End-to-end tokens/s of one deployment per codec setup; `vs_none` against codec none in this run."""
+    from actors.codec import new_key
+    from models.loading import resolve_source
+    from models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(resolve_source(model))
+    prompt = tok.encode(RAW_PROMPT) if tok is not None else list(range(1, 9))
+    ref: dict[int, float] = {}
+    for setup in setups:
+        extra = dict(setup)
+        if extra.get("encryption") == "always":
+            extra["encryption_key"] = new_key()
+        wait_quiet()
+        for row in bench_deployment(model, stages, batches, new_tokens, prompt, None, None, repeats, extra=extra):
+            row["bench"] = "codec_pipeline"
+            row.setdefault("compress", None)
+            if setup == {"codec": "none"}:
+                ref[row["batch"]] = row["tokens_per_s"]
+            if row["batch"] in ref:
+                row["vs_none"] = row["tokens_per_s"] / ref[row["batch"]]
+            yield row

@@ -380,6 +380,34 @@ def bench_simulate_cmd(
     _emit(bench_simulator(gpus, regions, stages, requests, rate, seed))
 
 
+@bench_app.command("codecs")
+@_handles_errors
+def bench_codecs_cmd(
+    pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline",
+                                           help="Also SmolLM2 end to end, one deployment per codec.")] = True,
+    stages: Annotated[int, typer.Option(min=2)] = 2,
+    batches: Annotated[str, typer.Option(help="Batch sizes for --pipeline.")] = "1,16",
+    new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    repeats: Annotated[int, typer.Option(min=1)] = 2,
+) -> None:
+    """Codec encode/decode GB/s on one core and size ratios; then tokens/s per codec end to end."""
+    import ray
+
+    from actors.bench import bench_codec_pipeline
+    from actors.codec_bench import bench_codecs
+
+    _emit(bench_codecs())
+    if not pipeline:
+        return
+    _ensure_model(SMOLLM2_NAME)
+    ray.init(address="local", num_gpus=stages, log_to_driver=False, include_dashboard=False)
+    try:
+        _emit(bench_codec_pipeline(SMOLLM2_NAME, stages, _parse_ints(batches, "--batches") or [1, 16], new_tokens,
+                                   repeats))
+    finally:
+        ray.shutdown()
+
+
 def _rounded(v: Any) -> Any:
     if isinstance(v, float):
         return round(v, 3)

@@ -1,51 +1,48 @@
-"""The message that travels stage to stage (as an ObjectRef, never through the driver).
+"""What travels stage to stage (as an ObjectRef, never through the driver).
 
-A small header (which sequences, where they start, how many new tokens each) and one payload:
-token ids into the first stage, packed hidden states (N, dim) between stages, sampled tokens
-out of the last one. The messages issue extends it with codec, checksum and attempt fields.
+The message itself is `wire`: a typed header (sequences, starts, lengths, step, message id,
+attempt, kind, sender, codec, shape, dtype) and the encoded payload (token ids into the first
+stage, packed hidden states (N, dim) between stages) with a checksum, optionally encrypted
+(actors/codec.py). Numpy bytes pass zero-copy through Ray's object store. Around it ride control
+fields the transport needs and no stage trusts for content: the handle to ask for a resend, the
+per-hop codec plan, push-mode hops, timing trace, and (out of the last stage) the sampled tokens.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from actors.codec import Header, LinkCodec, pack, unpack
 from models.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass(slots=True)
 class Envelope:
-    seq_ids: list[str]  # B sequences in this micro-batch
-    starts: list[int]  # (B,) tokens each sequence already has cached
-    lengths: list[int]  # (B,) new tokens each sequence brings this step
-    step: int  # the router's step counter for this lane
-    tokens: list[int] | None = None  # (N,) packed new token ids: into the first stage
-    payload: np.ndarray | None = None  # (N, dim) packed hidden states between stages, as numpy
-    dtype: str = ""  # torch dtype of the payload ("bfloat16" travels as its int16 bits)
+    wire: np.ndarray | None  # the message (actors/codec.py wire format); None if it was dropped in transit
+    msg_id: int  # router-unique id of this step on this route: the key for a resend
+    reply_to: Any = None  # the sender's actor handle, asked to resend a bad message (None: the router)
+    links: list[LinkCodec] = field(default_factory=list)  # links[k]: how the message into stage k is encoded
     params: list[SamplingParams] | None = None  # (B,) sampling options, read by the last stage
-    release: list[str] = field(default_factory=list)  # sequences whose caches to free first
-    push: bool = False  # each stage calls the next itself (push mode) instead of the router
     hops: list[Any] = field(default_factory=list)  # push mode: actor handles of the stages still to visit
     sent_at: float = 0.0  # time.time() when the producer sent it (inbound wait = start - sent_at)
     trace: list[tuple[int, int, float, float]] = field(default_factory=list)  # (stage, replica, inbound_ms, compute_ms) per hop so far
+    retransmits: int = 0  # resends this step needed so far, summed over hops
     sampled: list[int] | None = None  # (B,) next tokens: out of the last stage
     logprobs: list[TokenLogprob | None] | None = None  # (B,) when asked for
 
-    def set_hidden(self, t: torch.Tensor) -> None:
-        """Numpy travels zero-copy through Ray's object store (out-of-band pickle buffers)."""
-        t = t.detach().contiguous().cpu()
-        self.dtype = str(t.dtype).removeprefix("torch.")
-        self.payload = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+    @property
+    def push(self) -> bool:
+        return bool(self.hops)
 
-    def hidden(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The payload as a tensor: read-only shared memory when it came from the object store."""
-        with warnings.catch_warnings():  # from_numpy warns on read-only arrays; we never write
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(self.payload)
-        if self.dtype == "bfloat16":
-            t = t.view(torch.bfloat16)
-        return t.to(device)
+    @classmethod
+    def seal(cls, header: Header, tensor: torch.Tensor, link: LinkCodec, key: bytes | None, **control: Any) -> Envelope:
+        """Encodes `tensor` under `header` for one link."""
+        return cls(pack(header, tensor, link, key), header.msg_id, **control)
+
+    def open(self, key: bytes | None) -> tuple[Header, torch.Tensor]:
+        """Verifies and decodes the message (raises a MessageError subclass if it is bad)."""
+        return unpack(self.wire if self.wire is not None else b"", key)

@@ -17,8 +17,9 @@ from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from actors.codec import load_key
 from actors.errors import DeploymentError, InsufficientResourcesError
 from actors.router import RouterActor, RouterConfig
 from actors.stage import StageActor
@@ -47,7 +48,12 @@ class DeployConfig(BaseModel):
     layers_per_stage: int | None = Field(None, ge=1)  # 1 = one actor per layer
     replicas_per_stage: int | list[int] = 1  # replicas of every stage, or one count per stage
     topology: Any = None  # a Topology, a YAML path or a dict: place stages on its GPUs (DP); None: measured
-    codec: str = "auto"  # "auto" is "none" until the messages issue adds codecs
+    codec: str = Field("auto", pattern="^(auto|none|fp16|bf16|int8)$")  # message codec; auto: per link (lossless)
+    compress: str | None = Field(None, pattern="^(zstd|lz4)$")  # lossless compression on top (None: auto decides)
+    encryption: str = Field("auto", pattern="^(auto|always|never)$")  # AES-GCM: untrusted links | all | none
+    encryption_key: SecretStr | None = None  # 32 bytes as hex/base64; default: $MESHPIPE_KEY (never logged)
+    int8_block: int = Field(64, ge=8)  # elements per int8 scale
+    max_retransmits: int = Field(3, ge=0)  # resends a stage asks for a corrupted message before failing the step
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float64"
     autoscaling: dict | None = None  # arrives with the autoscaler issue
     stage_resources: dict[str, Any] | None = None  # e.g. {"num_gpus": 1, "num_cpus": 0.5}
@@ -93,8 +99,6 @@ class DeployConfig(BaseModel):
         if self.topology is not None and self.layers_per_stage is not None:
             raise ValueError(f"topology= places layers by GPU speed and memory: give num_stages "
                              f"(or nothing), not layers_per_stage ({self.layers_per_stage})")
-        if self.codec not in ("none", "auto"):
-            raise ValueError(f"codec={self.codec!r}: only 'none' is supported in this release")
         return self
 
 
@@ -157,6 +161,10 @@ class Pipeline:
             else:
                 specs = partition(cfg, num_stages=dc.num_stages or 1)
             counts = replica_counts(dc.replicas_per_stage, len(specs))
+        key = load_key(dc.encryption_key.get_secret_value() if dc.encryption_key else None)
+        if dc.encryption == "always" and key is None:
+            raise ConfigError("encryption='always' needs a key: pass encryption_key= or set MESHPIPE_KEY "
+                              "(python -c 'from actors.codec import new_key; print(new_key())')")
         resources = stage_resources(sum(counts), dc.stage_resources)
         threads = dc.threads_per_stage  # None: each stage chooses by its device (default_threads)
         spread = {"scheduling_strategy": "SPREAD"} if max(counts) > 1 else {}  # replicas on different nodes
@@ -169,7 +177,8 @@ class Pipeline:
                         name=actor_name(dc.name, f"stage-{spec.index}/replica-{r}"), namespace=NAMESPACE,
                         lifetime="detached", max_restarts=0, max_task_retries=0,
                         **{**spread, **resources, **(placement.options(spec.index, r) if placement else {})},
-                    ).remote(dc.name, str(source), spec, cfg.to_dict(), dc.dtype, threads, r, len(specs))
+                    ).remote(dc.name, str(source), spec, cfg.to_dict(), dc.dtype, threads, r, len(specs), key,
+                             dc.max_retransmits)
                     for r in range(count)
                 ])
             flat = [h for hs in stages for h in hs]
@@ -181,12 +190,14 @@ class Pipeline:
                 i += c
             micro = dc.micro_batches or default_micro_batches([x["device"] for x in info[:len(specs)]])
             rc = RouterConfig(max_active_sequences=dc.max_active_sequences, max_queued=dc.max_queued,
-                              max_kv_tokens=dc.max_kv_tokens, micro_batches=micro, hop_mode=dc.hop_mode)
+                              max_kv_tokens=dc.max_kv_tokens, micro_batches=micro, hop_mode=dc.hop_mode,
+                              codec=dc.codec, compress=dc.compress, encryption=dc.encryption,
+                              int8_block=dc.int8_block, message_bytes=cfg.dim * 4)
             router = ray.remote(RouterActor).options(
                 name=actor_name(dc.name, "router-0"), namespace=NAMESPACE, lifetime="detached",
                 num_cpus=0, max_concurrency=1000, **(placement.options(0, 0) if placement else {}),
             ).remote(dc.name, str(source), cfg.to_dict(), stages, nested, vars(rc),
-                     placement.router_topology() if placement else None)
+                     placement.router_topology() if placement else None, key)
             ray.get(router.describe.remote())
         except Exception:
             flat = [h for hs in stages for h in hs]
@@ -291,6 +302,10 @@ class Pipeline:
     def set_hop_delay(self, stage: int, seconds: float, replica: int | None = None) -> None:
         """Test hook: delays every message into `stage` (one replica, or all of them) by `seconds`."""
         _call(self.router.set_hop_delay.remote(stage, seconds, replica))
+
+    def inject_fault(self, stage: int, kind: str, count: int = 1, replica: int | None = None) -> None:
+        """Test hook: `stage` corrupts ("corrupt": one byte flipped) or drops ("drop") its next `count` messages."""
+        _call(self.router.inject_fault.remote(stage, kind, count, replica))
 
     def routes_mermaid(self) -> str:
         """Mermaid flowchart of the stage replicas, the route a new request takes now drawn thick."""

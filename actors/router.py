@@ -25,7 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from actors.codec import Header, LinkCodec
 from actors.envelope import Envelope
+from actors.links import LinkInfo, choose_link
 from actors.replicas import Replica, ReplicaTable
 from actors.errors import (
     BackPressureError,
@@ -55,6 +59,10 @@ class RouterConfig:
     probe_interval_s: float = 1.0  # how often idle replicas' inbound waits are probed (0 = never)
     message_bytes: int = 4096  # typical activation message, for the topology's transfer costs
     topology_refresh_s: float = 30.0  # re-measure links between the stages' nodes (0 = never)
+    codec: str = "auto"  # message codec: auto | none | fp16 | bf16 | int8 (actors/links.py)
+    compress: str | None = None  # lossless zstd | lz4 on top (None: auto decides per link)
+    encryption: str = "auto"  # auto (untrusted links) | always | never
+    int8_block: int = 64  # elements per int8 scale
 
 
 @dataclass
@@ -80,7 +88,7 @@ class Lane:
 class RouterActor:
     def __init__(self, deployment: str, source: str | Path, config: dict, replicas: list[list[Any]],
                  replica_info: list[list[dict]], router_config: dict | None = None,
-                 topology: dict | None = None) -> None:
+                 topology: dict | None = None, key: bytes | None = None) -> None:
         import ray
 
         from models.loading import resolve_source
@@ -103,6 +111,12 @@ class RouterActor:
         self.measured = topology is None  # no topology given: measure it with probe actors
         self.costs = self._host_costs(self.topology)
         self.probes: dict[str, Any] = {}
+        self.key = key
+        self._links: dict[Route, list[LinkCodec]] = {}  # per route: how each hop encodes
+        self._msg_ids = itertools.count(1)
+        self.outbox: dict[int, Any] = {}  # msg id -> first message of a step in flight (for resends)
+        self.retransmits = 0
+        self._handle = ray.get_runtime_context().current_actor
         self.routes = RouteCache(threshold=self.rc.route_threshold, min_change_ms=0.0)
         self._actor_label = {r.handle._actor_id.hex(): r.label for r in self.table}
         self.requests: OrderedDict[str, Request] = OrderedDict()
@@ -141,6 +155,7 @@ class RouterActor:
                 topo = await asyncio.to_thread(measure_topology, self.probes)
                 self.topology, self.costs = topo, self._host_costs(topo)
                 self.routes.invalidate()
+                self._links.clear()
             except Exception as e:  # noqa: BLE001 - keep the last costs; try again later
                 log.warning("measuring the topology failed (keeping the last costs): %s", e)
             await asyncio.sleep(self.rc.topology_refresh_s)
@@ -209,6 +224,7 @@ class RouterActor:
             "route": [r.name for r in self.table.on_route(route)],  # a new request's route now
             "route_cost_ms": route.cost_ms,
             "router_node": self.node_id,
+            "links": [vars(lk) for lk in self.links_for(route)],  # how each hop of that route encodes
             "replicas": [[r.name for r in stage] for stage in self.table.by_stage],
             "probes": [f"meshpipe/{self.deployment}/probe-{n}" for n in self.probes],
             "topology": None if self.topology is None else self.topology.spec.model_dump(),
@@ -221,6 +237,7 @@ class RouterActor:
             "queued": len(self.waiting),
             "kv_reserved": self.kv_reserved,
             "tokens_generated": self.tokens_generated,
+            "retransmits": self.retransmits,
             "lanes": [len(lane.seqs) for lane in self.lanes],
             "replicas": self.table.describe(),
         }
@@ -237,6 +254,13 @@ class RouterActor:
         if not targets:
             raise InvalidRequestError(f"stage {stage} has no replica {replica}")
         await asyncio.gather(*[r.handle.set_delay.remote(seconds) for r in targets])
+
+    async def inject_fault(self, stage: int, kind: str, count: int = 1, replica: int | None = None) -> None:
+        """Test hook: corrupt or drop the next `count` messages that `stage` (one replica, or all) sends."""
+        targets = [r for r in self.table.by_stage[stage] if replica is None or r.replica == replica]
+        if not targets:
+            raise InvalidRequestError(f"stage {stage} has no replica {replica}")
+        await asyncio.gather(*[r.handle.inject_fault.remote(kind, count) for r in targets])
 
     async def stage_stats(self) -> list[dict]:
         return list(await asyncio.gather(*[r.handle.stats.remote() for r in self.table]))
@@ -358,32 +382,65 @@ class RouterActor:
 
     async def _step(self, lane: Lane, route: Route, reqs: list[Request]) -> Envelope:
         inputs = [r.seq.next_input() for r in reqs]
-        env = Envelope(
-            seq_ids=[r.rid for r in reqs],
-            starts=[r.seq.cached for r in reqs],
-            lengths=[len(x) for x in inputs],
-            step=lane.step,
-            tokens=[t for x in inputs for t in x],
-            release=self.table.take_release(route),
-            push=self.rc.hop_mode == "push",
-        )
-        return await self._send(env, [r.seq.params for r in reqs], route)
+        msg_id = next(self._msg_ids)
+        header = Header(kind="step", step=lane.step, msg_id=msg_id, attempt=0, sender="router",
+                        seq_ids=[r.rid for r in reqs], starts=[r.seq.cached for r in reqs],
+                        lengths=[len(x) for x in inputs], release=self.table.take_release(route))
+        links = self.links_for(route)
+        tokens = torch.tensor([t for x in inputs for t in x], dtype=torch.long)
+        env = Envelope.seal(header, tokens, links[0], self.key, reply_to=self._handle, links=links)
+        self.outbox[msg_id] = env.wire
+        try:
+            return await self._send(env, [r.seq.params for r in reqs], route)
+        finally:
+            del self.outbox[msg_id]
 
     async def _send(self, env: Envelope, params: list[SamplingParams], route: Route) -> Envelope:
         """Runs one envelope down the route's replicas; returns the last stage's envelope."""
         handles = [r.handle for r in self.table.on_route(route)]
         env.sent_at = time.time()
-        if env.push:
+        if self.rc.hop_mode == "push":
             env.params = params
             env.hops = handles[1:]
             out: Any = await handles[0].forward.remote(env)
             while isinstance(out, self._ray.ObjectRef):  # each stage returned its successor's call
                 out = await out
-            return out
-        ref: Any = env
-        for h in handles[:-1]:
-            ref = h.forward.remote(ref)
-        return await handles[-1].forward.remote(ref, params)
+        else:
+            ref: Any = env
+            for h in handles[:-1]:
+                ref = h.forward.remote(ref)
+            out = await handles[-1].forward.remote(ref, params)
+        self.retransmits += out.retransmits
+        return out
+
+    def resend(self, msg_id: int) -> Any:
+        """A stage asks again for a step's first message that failed its checksum."""
+        if msg_id not in self.outbox:
+            raise InvalidRequestError(f"message {msg_id} is not in flight any more")
+        return self.outbox[msg_id]
+
+    def links_for(self, route: Route) -> list[LinkCodec]:
+        """How each hop of `route` encodes: links[k] is the message into stage k."""
+        if route not in self._links:
+            hosts = [self.node_id, *route.hosts]
+            self._links[route] = [
+                choose_link(self._link_info(a, b), self.rc.codec, self.rc.compress, self.rc.encryption,
+                            self.rc.message_bytes, self.rc.int8_block)
+                for a, b in zip(hosts, hosts[1:])
+            ]
+        return self._links[route]
+
+    def _link_info(self, a: str, b: str) -> LinkInfo:
+        if a == b or self.topology is None or a not in self.topology.graph or b not in self.topology.graph:
+            return LinkInfo(same_host=a == b, bandwidth_gbps=None)
+        try:
+            path, _ = self.topology.route(a, b, self.rc.message_bytes)
+        except MeshpipeError:
+            return LinkInfo(same_host=False, bandwidth_gbps=None)
+        edges = [self.topology.graph.edges[u, v] for u, v in zip(path, path[1:])]
+        bws = [e["bandwidth_gbps"] for e in edges if e["bandwidth_gbps"]]
+        return LinkInfo(same_host=False, bandwidth_gbps=min(bws) if bws else None,
+                        trusted=all(e.get("trusted", True) for e in edges))
 
     def _flush_releases(self) -> None:
         """Frees finished sequences' caches on replicas no message is going to soon."""

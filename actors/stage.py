@@ -10,15 +10,32 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from actors.codec import (
+    ChecksumError,
+    Header,
+    LinkCodec,
+    MessageError,
+    OutOfOrderError,
+    ReplayError,
+    load_key,
+    pack,
+    unpack,
+)
 from actors.envelope import Envelope
-from models import Batch, ModelConfig, SamplingParams, StageSpec, load_stage, sample
+from actors.history import OutputHistory
+from models import Batch, CacheMissError, InvalidRequestError, ModelConfig, SamplingParams, StageSpec, load_stage, sample
 
 log = logging.getLogger(__name__)
+
+SENT_KEPT = 256  # messages a stage can resend (their headers; the tensors come from the output history)
 
 
 def pick_device() -> torch.device:
@@ -49,15 +66,23 @@ def default_threads(num_stages: int, device: str) -> int:
 class StageActor:
     def __init__(self, deployment: str, source: str | Path, spec: StageSpec, config: dict,
                  dtype: str = "auto", threads: int | None = None, replica: int = 0,
-                 num_stages: int = 1) -> None:
+                 num_stages: int = 1, key: bytes | None = None, max_retransmits: int = 3) -> None:
         t0 = time.perf_counter()
         self.deployment, self.spec, self.replica = deployment, spec, replica
+        self.name = f"meshpipe/{deployment}/stage-{spec.index}/replica-{replica}"
+        self.key = key if key is not None else load_key()  # from the deployment, else MESHPIPE_KEY here
+        self.max_retransmits = max_retransmits
         self.device = pick_device()
         torch.set_num_threads(threads or default_threads(num_stages, str(self.device)))
         self.model = load_stage(source, spec, dtype, self.device, ModelConfig.from_dict(config))
         self.cache = self.model.new_cache()
         self.dtype = next(self.model.parameters()).dtype
         self.delay_s = 0.0  # test hook: extra seconds before each forward (a slow inbound hop)
+        self.history = OutputHistory()  # what this stage sent on, per sequence (resends, cache rebuilds)
+        self.sent: OrderedDict[int, tuple[Header, LinkCodec]] = OrderedDict()  # msg id -> what it sent
+        self._handle: Any = None
+        self.faults: list[str] = []  # test hook: "corrupt" / "drop" for the next outgoing messages
+        self.counters = {"retransmits_asked": 0, "resends": 0, "checksum_failures": 0, "rejected": 0}
         self.steps = 0
         self.busy_s = 0.0
         self.step_ema_s = 0.0
@@ -91,46 +116,149 @@ class StageActor:
         return max(0.0, (time.time() - sent_at) * 1e3)
 
     def forward(self, env: Envelope, params: list[SamplingParams] | None = None) -> Envelope | Any:
-        """One step of one micro-batch: embed (first), run the layers, sample (last).
+        """One step of one micro-batch: verify and decode, embed (first), run the layers, sample (last).
 
         In router mode only the last stage gets `params` (sampling options); in push mode they
         ride in the envelope with the route's remaining stages (`hops`), and a stage calls the next
         itself and returns that call's ObjectRef (the router follows the chain of refs to the last
         stage's sampled tokens). Each hop appends (stage, replica, inbound ms, compute ms) to `trace`.
+        A message that fails its checksum is asked again from its sender (`max_retransmits`);
+        a replayed or out-of-order step is rejected (ReplayError / OutOfOrderError) before any
+        cache changes.
         """
         if self.delay_s:
             time.sleep(self.delay_s)
         inbound_ms = max(0.0, (time.time() - env.sent_at) * 1e3) if env.sent_at else 0.0
+        header, x, resends = self._receive(env)
         t0 = time.perf_counter()
-        if env.release:
-            self.cache.free(env.release)
-        b = Batch.build(env.seq_ids, env.starts, env.lengths).to(self.device)
-        if self.model.is_first:
-            x = torch.tensor(env.tokens, dtype=torch.long, device=self.device)
-        else:
-            x = env.hidden(self.device).to(self.dtype)
+        self._check_order(header)
+        if header.release:
+            self.cache.free(header.release)
+            self.history.free(header.release)
+        b = Batch.build(header.seq_ids, header.starts, header.lengths).to(self.device)
+        x = x.to(self.device) if self.model.is_first else x.to(self.device, self.dtype)
         y = self.model(x, b, self.cache)
-        out = Envelope(env.seq_ids, env.starts, env.lengths, env.step, params=env.params,
-                       release=env.release, push=env.push, hops=env.hops[1:])
+        control = {"params": env.params, "hops": env.hops[1:], "links": env.links,
+                   "retransmits": env.retransmits + resends}
         if self.model.is_last:
-            positions = [s + n for s, n in zip(env.starts, env.lengths)]
+            out = Envelope(None, header.msg_id, **control)
+            positions = [s + n for s, n in zip(header.starts, header.lengths)]
             out.sampled, out.logprobs = sample(y.cpu(), params or env.params, positions)
             out.params = None
         else:
-            out.set_hidden(y)
+            self.history.record(header.seq_ids, header.starts, header.lengths, y)
+            link = self._link(env.links)
+            nxt = Header(kind=header.kind, step=header.step, msg_id=header.msg_id, attempt=0, sender=self.name,
+                         seq_ids=header.seq_ids, starts=header.starts, lengths=header.lengths,
+                         release=header.release)
+            self._remember(nxt, link)
+            try:
+                out = Envelope.seal(nxt, y, link, self.key, reply_to=self._self_handle(), **control)
+            except ValueError as e:  # int8 cannot carry inf/NaN: send this one lossless
+                log.warning("%s: %s; message %d goes uncompressed", self.name, e, header.msg_id)
+                link = replace(link, codec="none")
+                self.sent[nxt.msg_id] = (nxt, link)
+                out = Envelope.seal(nxt, y, link, self.key, reply_to=self._self_handle(), **control)
+            out.wire = self._inject(out.wire)
         dt = time.perf_counter() - t0
         self.steps += 1
         self.busy_s += dt
         self.step_ema_s = dt if self.steps == 1 else 0.9 * self.step_ema_s + 0.1 * dt
         out.trace = [*env.trace, (self.spec.index, self.replica, inbound_ms, dt * 1e3)]
         out.sent_at = time.time()
-        if env.push and env.hops and not self.model.is_last:
+        if env.hops and not self.model.is_last:
             return env.hops[0].forward.remote(out)
         return out
+
+    def resend(self, msg_id: int) -> np.ndarray | None:
+        """The message `msg_id` again, rebuilt from the output history (kind "retransmit")."""
+        if msg_id not in self.sent:
+            raise CacheMissError(f"{self.name} no longer has message {msg_id} (it keeps the last {SENT_KEPT})")
+        header, link = self.sent[msg_id]
+        self.counters["resends"] += 1
+        again = replace(header, kind="retransmit" if header.kind == "step" else header.kind,
+                        attempt=header.attempt + 1)
+        self.sent[msg_id] = (again, link)
+        y = self.history.gather(header.seq_ids, header.starts, header.lengths)
+        return self._inject(pack(again, y, link, self.key))
+
+    def inject_fault(self, kind: str, count: int = 1) -> None:
+        """Test hook: corrupt (flip one byte) or drop the next `count` messages this stage sends."""
+        if kind not in ("corrupt", "drop", "none"):
+            raise InvalidRequestError(f"fault kind {kind!r}: choose corrupt, drop or none (delay: set_delay)")
+        self.faults = [] if kind == "none" else [kind] * count
+
+    def _receive(self, env: Envelope) -> tuple[Header, torch.Tensor, int]:
+        """Opens the message; on a checksum failure asks the sender again, up to max_retransmits."""
+        wire, asked = env.wire, 0
+        while True:
+            try:
+                header, x = unpack(wire if wire is not None else b"", self.key)
+                return header, x, asked
+            except ChecksumError as e:
+                self.counters["checksum_failures"] += 1
+                if asked >= self.max_retransmits:
+                    self.counters["rejected"] += 1
+                    raise ChecksumError(f"{self.name}: message {env.msg_id} still fails after {asked} resends: {e}") from None
+                import ray
+
+                asked += 1
+                self.counters["retransmits_asked"] += 1
+                log.warning("%s: message %d failed verification (%s); asking for resend %d", self.name, env.msg_id,
+                            e, asked)
+                if env.reply_to is None:
+                    raise
+                wire = ray.get(env.reply_to.resend.remote(env.msg_id))
+            except MessageError:
+                self.counters["rejected"] += 1
+                raise
+
+    def _check_order(self, h: Header) -> None:
+        """Anti-replay: a step must start where each sequence's cache ends (a rebuild may rewind)."""
+        for sid, start in zip(h.seq_ids, h.starts):
+            have = self.cache.length_of.get(sid, 0)
+            if start < have and h.kind != "rebuild":
+                self.counters["rejected"] += 1
+                raise ReplayError(
+                    f"{self.name}: step {h.step} (message {h.msg_id}, kind {h.kind!r}) starts {sid!r} at position "
+                    f"{start} but {have} positions are applied already: a replayed message; only a 'rebuild' may "
+                    "rewrite a cache")
+            if start > have:
+                self.counters["rejected"] += 1
+                raise OutOfOrderError(
+                    f"{self.name}: step {h.step} (message {h.msg_id}) starts {sid!r} at position {start} but only "
+                    f"{have} are cached: an earlier step is missing")
+
+    def _link(self, links: list[LinkCodec]) -> LinkCodec:
+        nxt = self.spec.index + 1
+        return links[nxt] if nxt < len(links) else LinkCodec()
+
+    def _remember(self, header: Header, link: LinkCodec) -> None:
+        self.sent[header.msg_id] = (header, link)
+        while len(self.sent) > SENT_KEPT:
+            self.sent.popitem(last=False)
+
+    def _inject(self, wire: np.ndarray) -> np.ndarray | None:
+        if not self.faults:
+            return wire
+        kind = self.faults.pop(0)
+        if kind == "drop":
+            return None
+        bad = wire.copy()
+        bad[len(bad) // 2] ^= 0xFF
+        return bad
+
+    def _self_handle(self) -> Any:
+        if self._handle is None:
+            import ray
+
+            self._handle = ray.get_runtime_context().current_actor
+        return self._handle
 
     def free(self, seq_ids: list[str]) -> int:
         """Drops the caches of finished or cancelled sequences; returns tokens still cached."""
         self.cache.free(seq_ids)
+        self.history.free(seq_ids)
         return self.cache.tokens_held()
 
     def set_delay(self, seconds: float) -> None:
@@ -146,4 +274,5 @@ class StageActor:
             "step_ema_ms": self.step_ema_s * 1e3,
             "sequences": len(self.cache.slot_of),
             "tokens_cached": self.cache.tokens_held(),
+            **self.counters,
         }

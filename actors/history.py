@@ -1,0 +1,68 @@
+"""Each sequence's output history at a stage: the hidden states it sent on, position by position.
+
+A stage keeps what it produced for every live sequence so that it can resend any message
+(retransmission after a checksum failure) and, in the fault-tolerance issue, hand a replacement
+of the next stage the inputs it needs to rebuild its KV cache. Pure torch, no Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from models.errors import CacheMissError
+
+
+class OutputHistory:
+    def __init__(self) -> None:
+        self._rows: dict[str, torch.Tensor] = {}  # seq id -> (T, dim) outputs for positions 0..T-1
+        self._chunks: dict[str, list[torch.Tensor]] = {}  # appended since the last compaction
+
+    def length(self, seq_id: str) -> int:
+        base = self._rows.get(seq_id)
+        return (0 if base is None else base.shape[0]) + sum(c.shape[0] for c in self._chunks.get(seq_id, []))
+
+    def record(self, seq_ids: list[str], starts: list[int], lengths: list[int], y: torch.Tensor) -> None:
+        """Stores packed outputs y (N, dim) for positions starts[i] .. starts[i] + lengths[i] - 1."""
+        offset = 0
+        for sid, start, n in zip(seq_ids, starts, lengths):
+            have = self.length(sid)
+            if start < have:  # a rebuild rewrote these positions
+                self._truncate(sid, start)
+            elif start > have:
+                raise CacheMissError(f"output history of {sid!r} has {have} positions, a step starts at {start}")
+            chunks = self._chunks.setdefault(sid, [])
+            chunks.append(y[offset:offset + n].detach().clone())
+            if len(chunks) >= 64:
+                self._compact(sid)
+            offset += n
+
+    def gather(self, seq_ids: list[str], starts: list[int], lengths: list[int]) -> torch.Tensor:
+        """The packed outputs (N, dim) those positions had, e.g. to resend a message."""
+        parts = []
+        for sid, start, n in zip(seq_ids, starts, lengths):
+            rows = self._compact(sid)
+            if rows is None or start + n > rows.shape[0]:
+                have = 0 if rows is None else rows.shape[0]
+                raise CacheMissError(f"output history of {sid!r} has {have} positions, not {start}..{start + n - 1}")
+            parts.append(rows[start:start + n])
+        return torch.cat(parts) if parts else torch.empty(0)
+
+    def free(self, seq_ids: Iterable[str]) -> None:
+        for sid in seq_ids:
+            self._rows.pop(sid, None)
+            self._chunks.pop(sid, None)
+
+    def _compact(self, sid: str) -> torch.Tensor | None:
+        chunks = self._chunks.pop(sid, [])
+        base = self._rows.get(sid)
+        if chunks:
+            base = torch.cat(([base] if base is not None else []) + chunks)
+            self._rows[sid] = base
+        return base
+
+    def _truncate(self, sid: str, n: int) -> None:
+        rows = self._compact(sid)
+        if rows is not None:
+            self._rows[sid] = rows[:n]
