@@ -53,3 +53,17 @@ def test_sixteen_concurrent_requests_equal_one_at_a_time(smollm2: Transformer) -
         assert [c.usage for c in together] == [c.usage for c in alone]
     finally:
         pipe.shutdown()
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8"])
+def test_lossy_message_codecs_keep_the_greedy_tokens(reference: list[list[int]], codec: str) -> None:
+    """fp16 (and int8, which keeps each block's largest value aside) messages between 2 stages."""
+    pipe = Pipeline.deploy("smollm2-135m", num_stages=2, name=f"smol-{codec}", dtype="float32", codec=codec,
+                           threads_per_stage=1)
+    try:
+        assert pipe.describe()["links"][1]["codec"] == codec
+        got = tokens(pipe.generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True))
+        diverged = [i for i, (a, b) in enumerate(zip(got, reference)) if a != b]
+        assert not diverged, f"{codec}: prompts {diverged} diverge"
+    finally:
+        pipe.shutdown()
