@@ -112,7 +112,7 @@ class RouterActor:
         self.costs = self._host_costs(self.topology)
         self.probes: dict[str, Any] = {}
         self.key = key
-        self._links: dict[Route, list[LinkCodec]] = {}  # per route: how each hop encodes
+        self._links: dict[tuple[int, ...], list[LinkCodec]] = {}  # per route's replicas: how each hop encodes
         self._msg_ids = itertools.count(1)
         self.outbox: dict[int, Any] = {}  # msg id -> first message of a step in flight (for resends)
         self.retransmits = 0
@@ -354,10 +354,10 @@ class RouterActor:
                 continue
             batch = list(lane.seqs)
             lane.step += 1
-            groups: dict[Route, list[Request]] = {}
+            groups: dict[tuple[int, ...], list[Request]] = {}  # by replicas: a route's cost moves with load
             for r in batch:
-                groups.setdefault(r.route, []).append(r)
-            outs = await asyncio.gather(*[self._step(lane, route, reqs) for route, reqs in groups.items()],
+                groups.setdefault(r.route.replicas, []).append(r)
+            outs = await asyncio.gather(*[self._step(lane, reqs[0].route, reqs) for reqs in groups.values()],
                                         return_exceptions=True)
             for reqs, out in zip(groups.values(), outs):
                 if isinstance(out, BaseException):  # any stage failure fails these requests
@@ -421,14 +421,14 @@ class RouterActor:
 
     def links_for(self, route: Route) -> list[LinkCodec]:
         """How each hop of `route` encodes: links[k] is the message into stage k."""
-        if route not in self._links:
+        if route.replicas not in self._links:
             hosts = [self.node_id, *route.hosts]
-            self._links[route] = [
+            self._links[route.replicas] = [
                 choose_link(self._link_info(a, b), self.rc.codec, self.rc.compress, self.rc.encryption,
                             self.rc.message_bytes, self.rc.int8_block)
                 for a, b in zip(hosts, hosts[1:])
             ]
-        return self._links[route]
+        return self._links[route.replicas]
 
     def _link_info(self, a: str, b: str) -> LinkInfo:
         if a == b or self.topology is None or a not in self.topology.graph or b not in self.topology.graph:

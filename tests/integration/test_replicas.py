@@ -103,3 +103,14 @@ def test_bad_replica_counts_name_the_problem(tiny_ckpt: Path) -> None:
         Pipeline.deploy(str(tiny_ckpt), num_stages=2, replicas_per_stage=[1, 1, 1], name="bad")
     with pytest.raises(ConfigError, match="2 counts but the model was split into 4 stages"):
         Pipeline.deploy(str(tiny_ckpt), layers_per_stage=1, replicas_per_stage=[1, 1], name="bad")
+
+
+def test_sequences_on_one_route_share_every_step(tiny_ckpt: Path) -> None:
+    """Routes' costs move with load; sequences with the same replicas must still batch together."""
+    p = Pipeline.deploy(str(tiny_ckpt), num_stages=1, name="onebatch", micro_batches=1)
+    try:
+        before = p.stats()["stages"][0]["steps"]
+        p.generate([[i + 1, i + 2] for i in range(12)], max_new_tokens=6, ignore_eos=True)
+        assert p.stats()["stages"][0]["steps"] - before == 6  # one step per token for all 12, not 12 x 6
+    finally:
+        p.shutdown()
