@@ -181,7 +181,7 @@ def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens
     from actors.pipeline import Pipeline
 
     name = f"bench-{stages}-t{threads or 'auto'}-m{micro_batches or 'auto'}-{hop_mode or 'auto'}"
-    name += "".join(f"-{v}" for v in (extra or {}).values() if isinstance(v, str))
+    name += "".join(f"-{(extra or {}).get(k)}" for k in ("codec", "compress", "encryption") if (extra or {}).get(k))
     free_before = ray.available_resources().get("GPU", 0)
     options: dict[str, Any] = {"hop_mode": hop_mode} if hop_mode else {}
     options.update(extra or {})
@@ -452,6 +452,12 @@ CODEC_SETUPS: list[dict[str, Any]] = [
 ]
 
 
+def setup_label(setup: dict[str, Any]) -> str:
+    """'int8+zstd', 'none+encrypted', ... for the CLI and the rows."""
+    label = setup["codec"] + (f"+{setup['compress']}" if setup.get("compress") else "")
+    return label + ("+encrypted" if setup.get("encryption") == "always" else "")
+
+
 def bench_codec_pipeline(model: str = "smollm2-135m", stages: int = 2, batches: Sequence[int] = (1, 16),
                          new_tokens: int = 32, repeats: int = 2,
                          setups: Sequence[dict[str, Any]] = tuple(CODEC_SETUPS)) -> Iterator[dict]:
@@ -470,6 +476,7 @@ def bench_codec_pipeline(model: str = "smollm2-135m", stages: int = 2, batches: 
         wait_quiet()
         for row in bench_deployment(model, stages, batches, new_tokens, prompt, None, None, repeats, extra=extra):
             row["bench"] = "codec_pipeline"
+            row["setup"] = setup_label(setup)
             row.setdefault("compress", None)
             if setup == {"codec": "none"}:
                 ref[row["batch"]] = row["tokens_per_s"]

@@ -389,21 +389,33 @@ def bench_codecs_cmd(
     batches: Annotated[str, typer.Option(help="Batch sizes for --pipeline.")] = "1,16",
     new_tokens: Annotated[int, typer.Option(min=1)] = 32,
     repeats: Annotated[int, typer.Option(min=1)] = 2,
+    setups: Annotated[str | None, typer.Option(
+        help="Only these setups, e.g. 'none,int8+zstd,none+encrypted' (default: all).")] = None,
+    micro: Annotated[bool, typer.Option("--micro/--no-micro", help="The codec micro-benchmark first.")] = True,
 ) -> None:
     """Codec encode/decode GB/s on one core and size ratios; then tokens/s per codec end to end."""
     import ray
 
-    from actors.bench import bench_codec_pipeline
+    from actors.bench import CODEC_SETUPS, bench_codec_pipeline, setup_label
     from actors.codec_bench import bench_codecs
 
-    _emit(bench_codecs())
+    chosen = list(CODEC_SETUPS)
+    if setups:
+        wanted = [s.strip() for s in setups.split(",") if s.strip()]
+        known = {setup_label(s): s for s in CODEC_SETUPS}
+        bad = [w for w in wanted if w not in known]
+        if bad:
+            raise typer.BadParameter(f"unknown setups {bad}: choose from {sorted(known)}", param_hint="--setups")
+        chosen = [known[w] for w in wanted]
+    if micro:
+        _emit(bench_codecs())
     if not pipeline:
         return
     _ensure_model(SMOLLM2_NAME)
     ray.init(address="local", num_gpus=stages, log_to_driver=False, include_dashboard=False)
     try:
         _emit(bench_codec_pipeline(SMOLLM2_NAME, stages, _parse_ints(batches, "--batches") or [1, 16], new_tokens,
-                                   repeats))
+                                   repeats, chosen))
     finally:
         ray.shutdown()
 
