@@ -53,6 +53,8 @@ class DeployConfig(BaseModel):
     encryption: str = Field("auto", pattern="^(auto|always|never)$")  # AES-GCM: untrusted links | all | none
     encryption_key: SecretStr | None = None  # 32 bytes as hex/base64; default: $MESHPIPE_KEY (never logged)
     int8_block: int = Field(64, ge=8)  # elements per int8 scale
+    max_restarts: int = Field(3, ge=0)  # Ray restarts a dead stage actor this often; the router rebuilds its caches
+    restart_timeout_s: float = Field(60.0, gt=0)  # a step waits this long for a stage to come back
     max_retransmits: int = Field(3, ge=0)  # resends a stage asks for a corrupted message before failing the step
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float64"
     autoscaling: dict | None = None  # arrives with the autoscaler issue
@@ -175,7 +177,7 @@ class Pipeline:
                 stages.append([
                     ray.remote(StageActor).options(
                         name=actor_name(dc.name, f"stage-{spec.index}/replica-{r}"), namespace=NAMESPACE,
-                        lifetime="detached", max_restarts=0, max_task_retries=0,
+                        lifetime="detached", max_restarts=dc.max_restarts, max_task_retries=0,
                         **{**spread, **resources, **(placement.options(spec.index, r) if placement else {})},
                     ).remote(dc.name, str(source), spec, cfg.to_dict(), dc.dtype, threads, r, len(specs), key,
                              dc.max_retransmits)
@@ -192,7 +194,8 @@ class Pipeline:
             rc = RouterConfig(max_active_sequences=dc.max_active_sequences, max_queued=dc.max_queued,
                               max_kv_tokens=dc.max_kv_tokens, micro_batches=micro, hop_mode=dc.hop_mode,
                               codec=dc.codec, compress=dc.compress, encryption=dc.encryption,
-                              int8_block=dc.int8_block, message_bytes=cfg.dim * 4)
+                              int8_block=dc.int8_block, message_bytes=cfg.dim * 4,
+                              restart_timeout_s=dc.restart_timeout_s)
             router = ray.remote(RouterActor).options(
                 name=actor_name(dc.name, "router-0"), namespace=NAMESPACE, lifetime="detached",
                 num_cpus=0, max_concurrency=1000, **(placement.options(0, 0) if placement else {}),

@@ -63,6 +63,7 @@ class RouterConfig:
     compress: str | None = None  # lossless zstd | lz4 on top (None: auto decides per link)
     encryption: str = "auto"  # auto (untrusted links) | always | never
     int8_block: int = 64  # elements per int8 scale
+    restart_timeout_s: float = 60.0  # how long a step waits for a dead stage actor to restart
 
 
 @dataclass
@@ -116,6 +117,7 @@ class RouterActor:
         self._msg_ids = itertools.count(1)
         self.outbox: dict[int, Any] = {}  # msg id -> first message of a step in flight (for resends)
         self.retransmits = 0
+        self.recoveries: list[float] = []  # seconds each recovered step took
         self._handle = ray.get_runtime_context().current_actor
         self.routes = RouteCache(threshold=self.rc.route_threshold, min_change_ms=0.0)
         self._actor_label = {r.handle._actor_id.hex(): r.label for r in self.table}
@@ -238,6 +240,7 @@ class RouterActor:
             "kv_reserved": self.kv_reserved,
             "tokens_generated": self.tokens_generated,
             "retransmits": self.retransmits,
+            "recoveries_s": [round(x, 3) for x in self.recoveries],
             "lanes": [len(lane.seqs) for lane in self.lanes],
             "replicas": self.table.describe(),
         }
@@ -360,6 +363,11 @@ class RouterActor:
             outs = await asyncio.gather(*[self._step(lane, reqs[0].route, reqs) for reqs in groups.values()],
                                         return_exceptions=True)
             for reqs, out in zip(groups.values(), outs):
+                if isinstance(out, BaseException) and self._recoverable(out):
+                    try:
+                        out = await self._recover(lane, reqs, out)
+                    except Exception as e:  # noqa: BLE001 - recovery failed: fail these requests below
+                        out = e
                 if isinstance(out, BaseException):  # any stage failure fails these requests
                     err = self._stage_error(out)
                     for r in reqs:
@@ -380,10 +388,10 @@ class RouterActor:
                         r.future.set_result(completion)
             self._schedule()
 
-    async def _step(self, lane: Lane, route: Route, reqs: list[Request]) -> Envelope:
+    async def _step(self, lane: Lane, route: Route, reqs: list[Request], kind: str = "step") -> Envelope:
         inputs = [r.seq.next_input() for r in reqs]
         msg_id = next(self._msg_ids)
-        header = Header(kind="step", step=lane.step, msg_id=msg_id, attempt=0, sender="router",
+        header = Header(kind=kind, step=lane.step, msg_id=msg_id, attempt=0, sender="router",
                         seq_ids=[r.rid for r in reqs], starts=[r.seq.cached for r in reqs],
                         lengths=[len(x) for x in inputs], release=self.table.take_release(route))
         links = self.links_for(route)
@@ -412,6 +420,65 @@ class RouterActor:
             out = await handles[-1].forward.remote(ref, params)
         self.retransmits += out.retransmits
         return out
+
+    # ---------- recovery from a stage actor that died (and restarts) ----------
+
+    def _recoverable(self, e: BaseException) -> bool:
+        """A dead or restarting stage actor, or one that came back without its cache."""
+        from actors.codec import OutOfOrderError
+
+        return isinstance(e, self._ray.exceptions.RayActorError) or isinstance(getattr(e, "cause", None),
+                                                                             OutOfOrderError)
+
+    async def _recover(self, lane: Lane, reqs: list[Request], err: BaseException) -> Envelope:
+        """Waits for the route's actors, rebuilds lost caches (batched), then re-runs the failed step.
+
+        A restarted stage k gets the positions it lost as one "rebuild" message: token ids for
+        stage 0, stage k-1's output history otherwise. Surviving stages are not touched; the
+        failed step is re-sent as a "rebuild" so stages that had applied it rewind instead of
+        appending twice. Sampling is seeded per position, so the tokens are those of a clean run.
+        """
+        t0 = time.monotonic()
+        route = reqs[0].route
+        reps = self.table.on_route(route)
+        log.warning("step %d of %d sequences failed (%s): recovering route %s", lane.step, len(reqs),
+                    type(err).__name__, " -> ".join(r.label for r in reps))
+        for rep in reps:
+            await self._wait_alive(rep, t0 + self.rc.restart_timeout_s)
+        ids = [r.rid for r in reqs]
+        needed = [r.seq.cached for r in reqs]
+        links = self.links_for(route)
+        for k, rep in enumerate(reps):
+            have = await rep.handle.have.remote(ids)
+            todo = [i for i, h in enumerate(have) if h < needed[i]]
+            if not todo:
+                continue
+            header = Header(kind="rebuild", step=lane.step, msg_id=next(self._msg_ids), attempt=0, sender="router",
+                            seq_ids=[ids[i] for i in todo], starts=[have[i] for i in todo],
+                            lengths=[needed[i] - have[i] for i in todo], release=[])
+            if k == 0:
+                toks = [t for i in todo for t in (reqs[i].seq.prompt + reqs[i].seq.generated)[have[i]:needed[i]]]
+                env: Any = Envelope.seal(header, torch.tensor(toks, dtype=torch.long), links[0], self.key, links=links)
+            else:
+                env = reps[k - 1].handle.replay.remote(header, links)
+            await rep.handle.forward.remote(env, [reqs[i].seq.params for i in todo])
+            log.warning("rebuilt %d positions of %d sequences on %s", sum(header.lengths), len(todo), rep.label)
+        out = await self._step(lane, route, reqs, kind="rebuild")
+        self.recoveries.append(time.monotonic() - t0)
+        return out
+
+    async def _wait_alive(self, rep: Replica, deadline: float) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(rep.handle.__ray_ready__.remote(), max(0.1, deadline - time.monotonic()))
+                return
+            except (self._ray.exceptions.RayActorError, asyncio.TimeoutError) as e:
+                if time.monotonic() >= deadline:
+                    raise StageFailedError(
+                        f"{rep.label} of deployment {self.deployment!r} did not come back within "
+                        f"{self.rc.restart_timeout_s:g} s ({type(e).__name__}): its restarts may be used up "
+                        "(max_restarts)") from None
+                await asyncio.sleep(0.1)
 
     def resend(self, msg_id: int) -> Any:
         """A stage asks again for a step's first message that failed its checksum."""

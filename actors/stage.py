@@ -182,6 +182,16 @@ class StageActor:
         y = self.history.gather(header.seq_ids, header.starts, header.lengths)
         return self._inject(pack(again, y, link, self.key))
 
+    def have(self, seq_ids: list[str]) -> list[int]:
+        """Positions cached for each sequence (0 after a restart): what a recovery must rebuild."""
+        return [self.cache.length_of.get(sid, 0) for sid in seq_ids]
+
+    def replay(self, header: Header, links: list[LinkCodec]) -> Envelope:
+        """A "rebuild" message of this stage's past outputs (from its history) for the next stage."""
+        y = self.history.gather(header.seq_ids, header.starts, header.lengths)
+        h = replace(header, kind="rebuild", sender=self.name)
+        return Envelope.seal(h, y, self._link(links), self.key, links=links)
+
     def inject_fault(self, kind: str, count: int = 1) -> None:
         """Test hook: corrupt (flip one byte) or drop the next `count` messages this stage sends."""
         if kind not in ("corrupt", "drop", "none"):

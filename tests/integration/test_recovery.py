@@ -1,0 +1,82 @@
+"""A stage actor killed mid-generation restarts; the router rebuilds its caches; tokens stay identical.
+
+The first slice of the fault-tolerance issue: one replica per stage, waiting for Ray's restart.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from actors import Pipeline, StageFailedError
+from models import load_model
+from tests.support import tokens
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+PROMPTS = [[5, 17, 42, 99, 3], [11, 12], list(range(30, 51)), [200], [9] * 13]
+NEW = 20
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt: Path) -> list:
+    return tokens(load_model(tiny_ckpt, dtype="float64").generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True))
+
+
+def _generate_while(pipe: Pipeline, action) -> list:  # noqa: ANN001
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["outs"] = pipe.generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True)
+        except Exception as e:  # noqa: BLE001 - handed to the test below
+            result["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    action()
+    t.join(timeout=120)
+    if "error" in result:
+        raise result["error"]
+    return result["outs"]
+
+
+@pytest.mark.parametrize("victim", [0, 1, 2])
+def test_a_killed_stage_restarts_and_the_generation_is_identical(tiny_ckpt: Path, reference: list,
+                                                                 victim: int) -> None:
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=3, dtype="float64", name=f"restart-{victim}",
+                           micro_batches=1, max_restarts=2)
+    try:
+        pipe.set_hop_delay(0, 0.05)  # 20 steps take > 1 s: the kill lands mid-generation
+        handle = ray.get_actor(f"meshpipe/restart-{victim}/stage-{victim}/replica-0", namespace="meshpipe")
+
+        def kill() -> None:
+            time.sleep(0.5)
+            ray.kill(handle, no_restart=False)
+
+        outs = _generate_while(pipe, kill)
+        assert tokens(outs) == reference
+        recoveries = pipe.stats()["router"]["recoveries_s"]
+        assert recoveries, "the kill did not hit a step"
+        pipe.set_hop_delay(0, 0.0)
+        assert tokens(pipe.generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True)) == reference
+    finally:
+        pipe.shutdown()
+
+
+def test_a_stage_without_restarts_fails_requests_with_a_typed_error_in_bounded_time(tiny_ckpt: Path) -> None:
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="norestart", micro_batches=1,
+                           max_restarts=0, restart_timeout_s=3)
+    try:
+        pipe.set_hop_delay(0, 0.05)
+        handle = ray.get_actor("meshpipe/norestart/stage-1/replica-0", namespace="meshpipe")
+        t0 = time.monotonic()
+        with pytest.raises(StageFailedError, match="stage-1/replica-0"):
+            _generate_while(pipe, lambda: (time.sleep(0.5), ray.kill(handle)))
+        assert time.monotonic() - t0 < 30
+    finally:
+        pipe.shutdown()
