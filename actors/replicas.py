@@ -28,7 +28,9 @@ class Replica:
     sequences: set[str] = field(default_factory=set)  # active sequences routed through it
     served: int = 0  # sequences ever routed through it
     release: list[str] = field(default_factory=list)  # finished sequences to free here
-    alive: bool = True
+    alive: bool = True  # False while banned (down); the planner skips it
+    banned_until: float = 0.0  # time.monotonic() after which the probe loop tries it again
+    ban_s: float = 0.0  # current backoff (doubles on each ban, up to 60 s)
 
     @property
     def label(self) -> str:

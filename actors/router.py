@@ -266,7 +266,11 @@ class RouterActor:
         await asyncio.gather(*[r.handle.inject_fault.remote(kind, count) for r in targets])
 
     async def stage_stats(self) -> list[dict]:
-        return list(await asyncio.gather(*[r.handle.stats.remote() for r in self.table]))
+        reps = list(self.table)
+        got = await asyncio.gather(*[asyncio.wait_for(r.handle.stats.remote(), 10) for r in reps],
+                                   return_exceptions=True)
+        return [x if not isinstance(x, BaseException) else
+                {"stage": r.stage, "replica": r.replica, "down": f"{type(x).__name__}"} for r, x in zip(reps, got)]
 
     async def shutdown(self) -> None:
         self._closed = True
@@ -443,6 +447,9 @@ class RouterActor:
         reps = self.table.on_route(route)
         log.warning("step %d of %d sequences failed (%s): recovering route %s", lane.step, len(reqs),
                     type(err).__name__, " -> ".join(r.label for r in reps))
+        down = [rep for rep, ok in zip(reps, await asyncio.gather(*[self._answers(rep) for rep in reps])) if not ok]
+        if down and all(any(o.alive and o is not rep for o in self.table.by_stage[rep.stage]) for rep in down):
+            route, reps = self._reroute(reqs, down)  # another replica takes over; its caches are rebuilt below
         for rep in reps:
             await self._wait_alive(rep, t0 + self.rc.restart_timeout_s)
         ids = [r.rid for r in reqs]
@@ -466,6 +473,36 @@ class RouterActor:
         out = await self._step(lane, route, reqs, kind="rebuild")
         self.recoveries.append(time.monotonic() - t0)
         return out
+
+    async def _answers(self, rep: Replica, timeout_s: float = 1.0) -> bool:
+        try:
+            await asyncio.wait_for(rep.handle.__ray_ready__.remote(), timeout_s)
+            return True
+        except (self._ray.exceptions.RayActorError, asyncio.TimeoutError):
+            return False
+
+    def _reroute(self, reqs: list[Request], down: list[Replica]) -> tuple[Route, list[Replica]]:
+        """Bans the replicas that are down (with backoff) and moves the sequences to a new route."""
+        now = time.monotonic()
+        for rep in down:
+            rep.alive = False
+            rep.ban_s = min(60.0, rep.ban_s * 2) if rep.ban_s else 2.0
+            rep.banned_until = now + rep.ban_s
+            log.warning("%s is down: banned for %.0f s, its sequences move to other replicas", rep.label, rep.ban_s)
+        self.routes.invalidate()
+        old = reqs[0].route
+        new = self._plan()
+        for r in reqs:
+            for k, (a, b) in enumerate(zip(old.replicas, new.replicas)):
+                if a != b:  # the replica it leaves frees its cache; one it keeps holds it
+                    left, joined = self.table.get(k, a), self.table.get(k, b)
+                    left.sequences.discard(r.rid)
+                    left.release.append(r.rid)
+                    joined.sequences.add(r.rid)
+                    joined.served += 1
+            r.route = new
+        log.warning("%d sequences moved to %s", len(reqs), " -> ".join(r.label for r in self.table.on_route(new)))
+        return new, self.table.on_route(new)
 
     async def _wait_alive(self, rep: Replica, deadline: float) -> None:
         while True:
@@ -520,12 +557,22 @@ class RouterActor:
         """Keeps every replica's inbound wait fresh, also for replicas no route uses now."""
         while not self._closed:
             await asyncio.sleep(self.rc.probe_interval_s)
-            reps = [r for r in self.table if r.alive]
+            now = time.monotonic()
+            reps = [r for r in self.table if r.alive or now >= r.banned_until]  # banned ones after their backoff
             sent = time.time()
-            results = await asyncio.gather(*[r.handle.probe.remote(sent) for r in reps], return_exceptions=True)
+            results = await asyncio.gather(*[asyncio.wait_for(r.handle.probe.remote(sent), 5.0) for r in reps],
+                                           return_exceptions=True)
             for rep, ms in zip(reps, results):
-                if not isinstance(ms, BaseException):
-                    rep.observe(inbound_ms=ms)
+                if isinstance(ms, BaseException):
+                    if not rep.alive:  # still down: back off further
+                        rep.ban_s = min(60.0, rep.ban_s * 2)
+                        rep.banned_until = now + rep.ban_s
+                    continue
+                rep.observe(inbound_ms=ms)
+                if not rep.alive:
+                    rep.alive = True  # answers again (restarted): new sequences may use it
+                    self.routes.invalidate()
+                    log.warning("%s answers again: back in the routes", rep.label)
 
     def _stage_error(self, e: Exception) -> MeshpipeError:
         cause = getattr(e, "cause", None)

@@ -80,3 +80,30 @@ def test_a_stage_without_restarts_fails_requests_with_a_typed_error_in_bounded_t
         assert time.monotonic() - t0 < 30
     finally:
         pipe.shutdown()
+
+
+def test_with_two_replicas_a_dead_one_is_routed_around_and_caches_rebuilt(tiny_ckpt: Path, reference: list) -> None:
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, replicas_per_stage=2, dtype="float64", name="reroute",
+                           micro_batches=1, max_restarts=0)
+    try:
+        pipe.set_hop_delay(0, 0.05)
+        killed: list[int] = []
+
+        def kill_a_busy_replica() -> None:
+            time.sleep(0.5)
+            busy = [r for r, rep in enumerate(pipe.stats()["router"]["replicas"][1]) if rep["sequences"]]
+            killed.append(busy[0])
+            ray.kill(ray.get_actor(f"meshpipe/reroute/stage-1/replica-{busy[0]}", namespace="meshpipe"))
+
+        t0 = time.monotonic()
+        outs = _generate_while(pipe, kill_a_busy_replica)
+        assert tokens(outs) == reference  # no request lost, none changed
+        survivor = f"stage-1/replica-{1 - killed[0]}"
+        assert all(o.route[1].endswith(survivor) for o in outs)  # moved to the other replica
+        stats = pipe.stats()["router"]
+        assert stats["recoveries_s"] and max(stats["recoveries_s"]) < 5, stats["recoveries_s"]
+        assert not stats["replicas"][1][killed[0]]["alive"]
+        assert time.monotonic() - t0 < 30
+        assert tokens(pipe.generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True)) == reference  # still serving
+    finally:
+        pipe.shutdown()
