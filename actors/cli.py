@@ -373,11 +373,14 @@ def bench_simulate_cmd(
     requests: Annotated[int, typer.Option(min=1)] = 2000,
     rate: Annotated[float | None, typer.Option(help="Arrivals a second (default: a fixed share of capacity).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    policies: Annotated[str, typer.Option(help="Comma-separated: shortest, shortest_static, random, "
+                                               "round_robin.")] = "shortest,random,round_robin",
 ) -> None:
     """Discrete-event simulation: shortest-path routing vs random vs round-robin (no Ray)."""
     from topology.simulator import bench_simulator
 
-    _emit(bench_simulator(gpus, regions, stages, requests, rate, seed))
+    chosen = [p.strip() for p in policies.split(",") if p.strip()]
+    _emit(bench_simulator(gpus, regions, stages, requests, rate, seed, chosen))
 
 
 @bench_app.command("codecs")
@@ -397,7 +400,7 @@ def bench_codecs_cmd(
     import ray
 
     from actors.bench import CODEC_SETUPS, bench_codec_pipeline, setup_label
-    from actors.codec_bench import bench_codecs
+    from actors.codec_bench import bench_codecs, int8_targets
 
     chosen = list(CODEC_SETUPS)
     if setups:
@@ -408,7 +411,8 @@ def bench_codecs_cmd(
             raise typer.BadParameter(f"unknown setups {bad}: choose from {sorted(known)}", param_hint="--setups")
         chosen = [known[w] for w in wanted]
     if micro:
-        _emit(bench_codecs())
+        rows = list(bench_codecs())
+        _emit([*rows, int8_targets(rows)])
     if not pipeline:
         return
     _ensure_model(SMOLLM2_NAME)

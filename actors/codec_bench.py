@@ -1,17 +1,15 @@
 """Benchmark of the message codecs (DESIGN §3: int8 >= 3.5x smaller than fp32 on messages >= 64 KB,
 encode+decode >= 1 GB/s on one core). No Ray: `pack`/`unpack` in this process, one torch thread.
 
-`python -m actors.codec_bench` prints one JSON line per (shape, codec, compress, encrypt), then a
-``codec_targets`` line saying whether int8 meets the targets. Throughputs count fp32 bytes of the
+`meshpipe bench codecs` prints one JSON line per (shape, codec, compress, encrypt), then a
+``codec_targets`` line (`int8_targets`) saying whether int8 meets the targets. Throughputs count fp32 bytes of the
 tensor (``bytes_in``) over the best of ``repeats`` timings (each timing averages enough calls to last
 a few milliseconds).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -106,25 +104,3 @@ def int8_targets(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "gbps_ok": bool(big) and all(r["roundtrip_gbps"] >= TARGET_GBPS for r in big),
         "within_bound": all(r.get("within_bound", True) for r in big),
     }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print the codec benchmark as JSON lines."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m actors.codec_bench", description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--shape", action="append", default=None, help="e.g. 64x576 (repeatable)")
-    args = p.parse_args(argv)
-    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shape] if args.shape else SHAPES
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    rows = []
-    for row in bench_codecs(shapes, args.repeats):
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print(json.dumps(int8_targets(rows)), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

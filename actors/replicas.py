@@ -95,6 +95,16 @@ class ReplicaTable:
                 r.sequences.discard(seq_id)
                 r.release.append(seq_id)
 
+    def move(self, old: Route, new: Route, seq_id: str) -> None:
+        """The sequence changes route: replicas it leaves free its cache; those it keeps still hold it."""
+        for stage, (a, b) in enumerate(zip(old.replicas, new.replicas)):
+            if a != b:
+                left, joined = self.get(stage, a), self.get(stage, b)
+                left.sequences.discard(seq_id)
+                left.release.append(seq_id)
+                joined.sequences.add(seq_id)
+                joined.served += 1
+
     def take_release(self, route: Route) -> list[str]:
         """Finished sequences to free on this route's replicas (a stage ignores ids it never held)."""
         ids: list[str] = []

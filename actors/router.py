@@ -493,13 +493,7 @@ class RouterActor:
         old = reqs[0].route
         new = self._plan()
         for r in reqs:
-            for k, (a, b) in enumerate(zip(old.replicas, new.replicas)):
-                if a != b:  # the replica it leaves frees its cache; one it keeps holds it
-                    left, joined = self.table.get(k, a), self.table.get(k, b)
-                    left.sequences.discard(r.rid)
-                    left.release.append(r.rid)
-                    joined.sequences.add(r.rid)
-                    joined.served += 1
+            self.table.move(old, new, r.rid)
             r.route = new
         log.warning("%d sequences moved to %s", len(reqs), " -> ".join(r.label for r in self.table.on_route(new)))
         return new, self.table.on_route(new)

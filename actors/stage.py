@@ -111,9 +111,7 @@ class StageActor:
 
         Includes the test hook's delay and any queue behind running steps, as a real message would.
         """
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        return max(0.0, (time.time() - sent_at) * 1e3)
+        return self._arrive(sent_at)
 
     def forward(self, env: Envelope, params: list[SamplingParams] | None = None) -> Envelope | Any:
         """One step of one micro-batch: verify and decode, embed (first), run the layers, sample (last).
@@ -126,9 +124,7 @@ class StageActor:
         a replayed or out-of-order step is rejected (ReplayError / OutOfOrderError) before any
         cache changes.
         """
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        inbound_ms = max(0.0, (time.time() - env.sent_at) * 1e3) if env.sent_at else 0.0
+        inbound_ms = self._arrive(env.sent_at)
         header, x, resends = self._receive(env)
         t0 = time.perf_counter()
         self._check_order(header)
@@ -238,6 +234,12 @@ class StageActor:
                 raise OutOfOrderError(
                     f"{self.name}: step {h.step} (message {h.msg_id}) starts {sid!r} at position {start} but only "
                     f"{have} are cached: an earlier step is missing")
+
+    def _arrive(self, sent_at: float) -> float:
+        """Applies the hop-delay hook, then: ms since the sender's `sent_at` (0 when unknown)."""
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return max(0.0, (time.time() - sent_at) * 1e3) if sent_at else 0.0
 
     def _link(self, links: list[LinkCodec]) -> LinkCodec:
         nxt = self.spec.index + 1

@@ -1,6 +1,6 @@
 """Planner benchmark on a synthetic cluster (DESIGN.md §3: 10,000 replicas over 32 stages in <= 50 ms).
 
-`python -m topology.bench [--sizes 32 100 1000] [--repeats 5]` prints one JSON object a line.
+`meshpipe bench planner [--sizes 32,100,1000] [--repeats 5]` prints one JSON object a line.
 Compared, in one run: the host-grouped DP ("dp"), greedy, networkx A* over the layered graph
 ("astar"), and a plain networkx Dijkstra over an explicit graph with an edge between every replica
 pair of consecutive stages ("networkx_all_pairs", ~N²/S edges; its build time reported apart).
@@ -8,8 +8,6 @@ pair of consecutive stages ("networkx_all_pairs", ~N²/S edges; its build time r
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import statistics
@@ -143,21 +141,3 @@ def bench_planner(sizes: Sequence[int] = (32, 100, 1000, 3000, 10000), num_stage
             else:
                 row.update(extrapolated=False, build_ms=None, ms=None, note=f"not run above nx_max={nx_max} replicas")
             yield row
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Print the benchmark as JSON lines."""
-    ap = argparse.ArgumentParser(prog="python -m topology.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 100, 1000, 3000, 10000])
-    ap.add_argument("--stages", type=int, default=32)
-    ap.add_argument("--gpus-per-host", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--nx-max", type=int, default=3000)
-    a = ap.parse_args(argv)
-    for row in bench_planner(a.sizes, a.stages, a.gpus_per_host, a.repeats, a.seed, a.nx_max):
-        print(json.dumps(row), flush=True)
-
-
-if __name__ == "__main__":
-    main()

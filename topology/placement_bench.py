@@ -1,16 +1,14 @@
 """Benchmark of `topology.placement.place`: time of the DP, checked against brute force when small.
 
-`python -m topology.placement_bench [SEED]` prints one JSON line per case.
+`meshpipe bench placement [--seed N]` prints one JSON line per case.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import random
-import sys
 import time
 from collections.abc import Iterator, Sequence
 
@@ -117,13 +115,3 @@ def bench_placement(seed: int = 0) -> Iterator[dict]:
     for k in (None, 16, 64):
         yield _record(LLAMA_70B_LIKE, big, k, 2, False, "70b-64gpu-3types")
     yield _record(LLAMA_70B_LIKE, _cluster([(8, 8, 80, 989.0)]), None, 2, False, "70b-64gpu-homogeneous")
-
-
-def main(argv: Sequence[str] = ()) -> None:
-    seed = int(argv[0]) if argv else 0
-    for record in bench_placement(seed):
-        print(json.dumps(record))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -60,10 +60,8 @@ gets them 45-60 % busy.
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import itertools
-import json
 import logging
 import math
 import time
@@ -623,24 +621,3 @@ def bench_simulator(num_gpus: int = 1000, regions: int = 3, num_stages: int = 8,
         out["rate_per_s"] = rate_per_s
         log.info("%s", out)
         yield out
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m topology.simulator", description=__doc__.splitlines()[0])
-    ap.add_argument("--gpus", type=int, default=1000)
-    ap.add_argument("--regions", type=int, default=3)
-    ap.add_argument("--stages", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--rate", type=float, default=None,
-                    help=f"arrivals a second (default: {LOAD:g} x round-robin's saturation rate)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), choices=POLICIES)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for row in bench_simulator(args.gpus, args.regions, args.stages, args.requests, args.rate, args.seed,
-                               args.policies):
-        print(json.dumps(row), flush=True)
-
-
-if __name__ == "__main__":
-    main()

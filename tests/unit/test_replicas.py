@@ -56,3 +56,16 @@ def test_unmeasured_replicas_cost_their_stages_mean() -> None:
     t.get(0, 1).observe(compute_ms=8.0)
     states = {s.replica: s for s in t.states()}
     assert states[2].compute_ms == 6.0 and states[0].compute_ms == 4.0
+
+
+def test_moving_a_sequence_frees_it_only_where_it_leaves() -> None:
+    t = table([1, 2])
+    costs = HostCosts.uniform(["n0"])
+    old = route_for(t, costs)
+    t.assign(old, "s")
+    t.get(1, old.replicas[1]).alive = False
+    new = route_for(t, costs)
+    t.move(old, new, "s")
+    assert new.replicas[0] == old.replicas[0] and new.replicas[1] != old.replicas[1]
+    assert t.get(0, old.replicas[0]).release == [] and "s" in t.get(0, old.replicas[0]).sequences
+    assert t.get(1, old.replicas[1]).release == ["s"] and "s" in t.get(1, new.replicas[1]).sequences

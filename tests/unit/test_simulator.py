@@ -15,7 +15,6 @@ from topology.simulator import (
     SimCluster,
     bench_simulator,
     build_cluster,
-    main,
     poisson_workload,
     round_robin_capacity_per_s,
     simulate,
@@ -169,13 +168,18 @@ def test_bad_inputs_name_the_parameter() -> None:
         simulate(cluster, [Request(0.0, router=5, prompt_len=4, gen_tokens=4)], "random")
 
 
-def test_bench_and_main_print_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_and_cli_print_json_lines() -> None:
     rows = list(bench_simulator(num_gpus=48, regions=2, num_stages=4, requests=60, rate_per_s=20.0,
                                 policies=("shortest", "random", "round_robin")))
     assert [r["policy"] for r in rows] == ["shortest", "random", "round_robin"]
     for r in rows:
         assert SUMMARY_KEYS <= set(r) and r["bench"] == "simulator" and r["gpus"] == 48 and r["hosts"] == 6
         assert r["regions"] == 2 and r["stages"] == 4 and r["requests"] == 60 and r["rate_per_s"] == 20.0
-    main(["--gpus", "48", "--regions", "2", "--stages", "4", "--requests", "40", "--policies", "round_robin"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and json.loads(lines[0])["policy"] == "round_robin"
+    from typer.testing import CliRunner
+
+    from actors.cli import app
+
+    run = CliRunner().invoke(app, ["bench", "simulate", "--gpus", "48", "--regions", "2", "--stages", "4",
+                                   "--requests", "40", "--policies", "round_robin"])
+    lines = run.stdout.strip().splitlines()
+    assert run.exit_code == 0 and len(lines) == 1 and json.loads(lines[0])["policy"] == "round_robin"
