@@ -23,6 +23,7 @@ from actors.codec import load_key
 from actors.errors import DeploymentError, InsufficientResourcesError
 from actors.router import RouterActor, RouterConfig
 from actors.stage import StageActor
+from actors.weights import WeightsActor
 from models import Completion, ConfigError, MeshpipeError, SamplingParams, is_batch, partition
 from models.config import resolve_dtype
 from topology import Gpu, StagePlacement, Topology, gpus_from_topology, place
@@ -172,6 +173,10 @@ class Pipeline:
         spread = {"scheduling_strategy": "SPREAD"} if max(counts) > 1 else {}  # replicas on different nodes
         t0 = time.perf_counter()
         stages: list[list[Any]] = []
+        weights = ray.remote(WeightsActor).options(  # owns the tensors in the object store; outlives stages
+            name=actor_name(dc.name, "weights"), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+            max_restarts=-1, max_concurrency=8, **(placement.options(0, 0) if placement else {}),
+        ).remote(dc.name, str(source), cfg.to_dict())
         try:
             for spec, count in zip(specs, counts):
                 stages.append([
@@ -180,7 +185,7 @@ class Pipeline:
                         lifetime="detached", max_restarts=dc.max_restarts, max_task_retries=0,
                         **{**spread, **resources, **(placement.options(spec.index, r) if placement else {})},
                     ).remote(dc.name, str(source), spec, cfg.to_dict(), dc.dtype, threads, r, len(specs), key,
-                             dc.max_retransmits)
+                             dc.max_retransmits, weights)
                     for r in range(count)
                 ])
             flat = [h for hs in stages for h in hs]
@@ -203,7 +208,7 @@ class Pipeline:
                      placement.router_topology() if placement else None, key)
             ray.get(router.describe.remote())
         except Exception:
-            flat = [h for hs in stages for h in hs]
+            flat = [h for hs in stages for h in hs] + [weights]
             for s in flat:
                 ray.kill(s)
             _wait_dead(flat)

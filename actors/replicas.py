@@ -31,6 +31,7 @@ class Replica:
     alive: bool = True  # False while banned (down); the planner skips it
     banned_until: float = 0.0  # time.monotonic() after which the probe loop tries it again
     ban_s: float = 0.0  # current backoff (doubles on each ban, up to 60 s)
+    gone: bool = False  # dead for good (Ray will not restart it): never probed or routed again
 
     @property
     def label(self) -> str:
@@ -121,6 +122,6 @@ class ReplicaTable:
                 rep.observe(inbound_ms, compute_ms)
 
     def describe(self) -> list[list[dict[str, Any]]]:
-        return [[{"name": r.name, "host": r.host, "alive": r.alive, "sequences": len(r.sequences),
+        return [[{"name": r.name, "host": r.host, "alive": r.alive, "gone": r.gone, "sequences": len(r.sequences),
                   "served": r.served, "compute_ms": r.compute_ms, "inbound_ms": round(r.inbound_ms, 3)}
                  for r in stage] for stage in self.by_stage]

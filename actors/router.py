@@ -41,7 +41,8 @@ from actors.errors import (
 from models import Completion, InvalidRequestError, MeshpipeError, ModelConfig, SamplingParams, SequenceState
 from models.generation import encode_prompt
 from topology.graph import Topology
-from topology.planner import HostCosts, Route, RouteCache
+from topology.failover import Health, failover
+from topology.planner import HostCosts, NoReplicaError, Route, RouteCache
 
 log = logging.getLogger(__name__)
 
@@ -327,11 +328,22 @@ class RouterActor:
             active = sum(len(lane.seqs) for lane in self.lanes)
             if active >= self.rc.max_active_sequences or self.kv_reserved + req.kv_tokens > self.rc.max_kv_tokens:
                 return
+            try:
+                route = self._plan()
+            except NoReplicaError:
+                lost = [k for k, reps in enumerate(self.table.by_stage) if all(r.gone for r in reps)]
+                if not lost:
+                    return  # every replica of a stage is down for now: wait for the probe to readmit one
+                doomed = list(self.waiting)
+                self.waiting.clear()
+                for r in doomed:
+                    self._end(r, StageFailedError(self._all_gone_message(lost[0])))
+                return
             self.waiting.popleft()
             lane = min(self.lanes, key=lambda ln: len(ln.seqs))
             lane.seqs.append(req)
             req.lane = lane
-            req.route = self._plan()
+            req.route = route
             self.table.assign(req.route, req.rid)
             self.kv_reserved += req.kv_tokens
             lane.wake.set()
@@ -435,23 +447,50 @@ class RouterActor:
                                                                              OutOfOrderError)
 
     async def _recover(self, lane: Lane, reqs: list[Request], err: BaseException) -> Envelope:
-        """Waits for the route's actors, rebuilds lost caches (batched), then re-runs the failed step.
+        """Fails over the route's dead replicas, rebuilds lost caches (batched), re-runs the failed step.
 
-        A restarted stage k gets the positions it lost as one "rebuild" message: token ids for
-        stage 0, stage k-1's output history otherwise. Surviving stages are not touched; the
+        `topology.failover` decides: a failed stage moves to a live replica of the same stage (the
+        others keep theirs), or is waited for while Ray restarts it, or fails the step when none
+        is left. A stage that lost positions gets them back as one "rebuild" message: token ids
+        for stage 0, stage k-1's output history otherwise. Surviving stages are not touched; the
         failed step is re-sent as a "rebuild" so stages that had applied it rewind instead of
         appending twice. Sampling is seeded per position, so the tokens are those of a clean run.
         """
         t0 = time.monotonic()
+        deadline = t0 + self.rc.restart_timeout_s
         route = reqs[0].route
-        reps = self.table.on_route(route)
         log.warning("step %d of %d sequences failed (%s): recovering route %s", lane.step, len(reqs),
-                    type(err).__name__, " -> ".join(r.label for r in reps))
-        down = [rep for rep, ok in zip(reps, await asyncio.gather(*[self._answers(rep) for rep in reps])) if not ok]
-        if down and all(any(o.alive and o is not rep for o in self.table.by_stage[rep.stage]) for rep in down):
-            route, reps = self._reroute(reqs, down)  # another replica takes over; its caches are rebuilt below
-        for rep in reps:
-            await self._wait_alive(rep, t0 + self.rc.restart_timeout_s)
+                    type(err).__name__, " -> ".join(r.label for r in self.table.on_route(route)))
+        while True:
+            reps = self.table.on_route(route)
+            health = await asyncio.gather(*[self._health(rep) for rep in reps])
+            if all(h == Health.UP for h in health):
+                break
+            for rep, h in zip(reps, health):
+                rep.gone = rep.gone or h == Health.GONE
+            decision = failover(route, health, self.table.states(), self.table.num_stages, self.costs,
+                                self.node_id)
+            if decision.gone:
+                raise StageFailedError(self._all_gone_message(decision.gone[0]))
+            if decision.moved:
+                self._ban([reps[k] for k in decision.moved])
+                for r in reqs:
+                    self.table.move(route, decision.route, r.rid)
+                    r.route = decision.route
+                route = decision.route
+                log.warning("%d sequences moved to %s", len(reqs),
+                            " -> ".join(r.label for r in self.table.on_route(route)))
+                continue  # check the new route's replicas too
+            for k in decision.wait:
+                await self._wait_alive(reps[k], deadline)
+        await self._rebuild(lane.step, reqs, route)
+        out = await self._step(lane, route, reqs, kind="rebuild")
+        self.recoveries.append(time.monotonic() - t0)
+        return out
+
+    async def _rebuild(self, step: int, reqs: list[Request], route: Route) -> None:
+        """Gives every replica on `route` the cached positions it lacks, stage by stage, batched."""
+        reps = self.table.on_route(route)
         ids = [r.rid for r in reqs]
         needed = [r.seq.cached for r in reqs]
         links = self.links_for(route)
@@ -460,7 +499,7 @@ class RouterActor:
             todo = [i for i, h in enumerate(have) if h < needed[i]]
             if not todo:
                 continue
-            header = Header(kind="rebuild", step=lane.step, msg_id=next(self._msg_ids), attempt=0, sender="router",
+            header = Header(kind="rebuild", step=step, msg_id=next(self._msg_ids), attempt=0, sender="router",
                             seq_ids=[ids[i] for i in todo], starts=[have[i] for i in todo],
                             lengths=[needed[i] - have[i] for i in todo], release=[])
             if k == 0:
@@ -470,45 +509,50 @@ class RouterActor:
                 env = reps[k - 1].handle.replay.remote(header, links)
             await rep.handle.forward.remote(env, [reqs[i].seq.params for i in todo])
             log.warning("rebuilt %d positions of %d sequences on %s", sum(header.lengths), len(todo), rep.label)
-        out = await self._step(lane, route, reqs, kind="rebuild")
-        self.recoveries.append(time.monotonic() - t0)
-        return out
 
-    async def _answers(self, rep: Replica, timeout_s: float = 1.0) -> bool:
+    def _all_gone_message(self, stage: int) -> str:
+        names = ", ".join(r.label for r in self.table.by_stage[stage])
+        return (f"stage {stage} of deployment {self.deployment!r} has no replica left ({names} are gone for "
+                "good: restarts used up or killed): redeploy, or deploy with more replicas or max_restarts")
+
+    async def _health(self, rep: Replica, timeout_s: float = 1.0) -> Health:
+        """UP if the actor answers within `timeout_s`, GONE if Ray says it is dead for good, else DOWN."""
+        if rep.gone:
+            return Health.GONE
         try:
             await asyncio.wait_for(rep.handle.__ray_ready__.remote(), timeout_s)
-            return True
+            return Health.UP
+        except self._ray.exceptions.ActorDiedError:
+            return Health.GONE
         except (self._ray.exceptions.RayActorError, asyncio.TimeoutError):
-            return False
+            return Health.DOWN
 
-    def _reroute(self, reqs: list[Request], down: list[Replica]) -> tuple[Route, list[Replica]]:
-        """Bans the replicas that are down (with backoff) and moves the sequences to a new route."""
+    def _ban(self, down: list[Replica]) -> None:
+        """Takes replicas out of the routes with backoff (2 s, doubling to 60 s); gone ones for good."""
         now = time.monotonic()
         for rep in down:
             rep.alive = False
             rep.ban_s = min(60.0, rep.ban_s * 2) if rep.ban_s else 2.0
             rep.banned_until = now + rep.ban_s
-            log.warning("%s is down: banned for %.0f s, its sequences move to other replicas", rep.label, rep.ban_s)
+            log.warning("%s is %s: its sequences move to other replicas", rep.label,
+                        "gone" if rep.gone else f"down, banned for {rep.ban_s:.0f} s")
         self.routes.invalidate()
-        old = reqs[0].route
-        new = self._plan()
-        for r in reqs:
-            self.table.move(old, new, r.rid)
-            r.route = new
-        log.warning("%d sequences moved to %s", len(reqs), " -> ".join(r.label for r in self.table.on_route(new)))
-        return new, self.table.on_route(new)
 
     async def _wait_alive(self, rep: Replica, deadline: float) -> None:
+        """Waits for a restarting actor; StageFailedError at `deadline` or when Ray gives it up."""
         while True:
             try:
                 await asyncio.wait_for(rep.handle.__ray_ready__.remote(), max(0.1, deadline - time.monotonic()))
+                return
+            except self._ray.exceptions.ActorDiedError:  # dead for good: the failover loop decides again
+                rep.gone = True
                 return
             except (self._ray.exceptions.RayActorError, asyncio.TimeoutError) as e:
                 if time.monotonic() >= deadline:
                     raise StageFailedError(
                         f"{rep.label} of deployment {self.deployment!r} did not come back within "
                         f"{self.rc.restart_timeout_s:g} s ({type(e).__name__}): its restarts may be used up "
-                        "(max_restarts)") from None
+                        "(max_restarts) or its node lost") from None
                 await asyncio.sleep(0.1)
 
     def resend(self, msg_id: int) -> Any:
@@ -552,11 +596,17 @@ class RouterActor:
         while not self._closed:
             await asyncio.sleep(self.rc.probe_interval_s)
             now = time.monotonic()
-            reps = [r for r in self.table if r.alive or now >= r.banned_until]  # banned ones after their backoff
+            reps = [r for r in self.table if not r.gone and (r.alive or now >= r.banned_until)]  # banned: after backoff
             sent = time.time()
             results = await asyncio.gather(*[asyncio.wait_for(r.handle.probe.remote(sent), 5.0) for r in reps],
                                            return_exceptions=True)
             for rep, ms in zip(reps, results):
+                if isinstance(ms, self._ray.exceptions.ActorDiedError):
+                    rep.gone, rep.alive = True, False
+                    self.routes.invalidate()
+                    log.warning("%s is gone for good (restarts used up or killed)", rep.label)
+                    self._schedule()  # requests waiting for this stage may have to fail now
+                    continue
                 if isinstance(ms, BaseException):
                     if not rep.alive:  # still down: back off further
                         rep.ban_s = min(60.0, rep.ban_s * 2)
@@ -567,8 +617,11 @@ class RouterActor:
                     rep.alive = True  # answers again (restarted): new sequences may use it
                     self.routes.invalidate()
                     log.warning("%s answers again: back in the routes", rep.label)
+                    self._schedule()
 
     def _stage_error(self, e: Exception) -> MeshpipeError:
+        if isinstance(e, StageFailedError):  # recovery's own verdict, already naming the stage
+            return e
         cause = getattr(e, "cause", None)
         if isinstance(cause, MeshpipeError):
             return StageFailedError(f"a stage rejected the step: {cause}")

@@ -31,7 +31,17 @@ from actors.codec import (
 )
 from actors.envelope import Envelope
 from actors.history import OutputHistory
-from models import Batch, CacheMissError, InvalidRequestError, ModelConfig, SamplingParams, StageSpec, load_stage, sample
+from models import (
+    Batch,
+    CacheMissError,
+    InvalidRequestError,
+    ModelConfig,
+    SamplingParams,
+    StageSpec,
+    build_stage,
+    load_stage,
+    sample,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +76,8 @@ def default_threads(num_stages: int, device: str) -> int:
 class StageActor:
     def __init__(self, deployment: str, source: str | Path, spec: StageSpec, config: dict,
                  dtype: str = "auto", threads: int | None = None, replica: int = 0,
-                 num_stages: int = 1, key: bytes | None = None, max_retransmits: int = 3) -> None:
+                 num_stages: int = 1, key: bytes | None = None, max_retransmits: int = 3,
+                 weights: Any = None) -> None:
         t0 = time.perf_counter()
         self.deployment, self.spec, self.replica = deployment, spec, replica
         self.name = f"meshpipe/{deployment}/stage-{spec.index}/replica-{replica}"
@@ -74,7 +85,13 @@ class StageActor:
         self.max_retransmits = max_retransmits
         self.device = pick_device()
         torch.set_num_threads(threads or default_threads(num_stages, str(self.device)))
-        self.model = load_stage(source, spec, dtype, self.device, ModelConfig.from_dict(config))
+        cfg = ModelConfig.from_dict(config)
+        if weights is not None:  # the deployment's weights actor keeps them in the object store
+            from actors.weights import fetch_stage_state
+
+            self.model = build_stage(cfg, spec, fetch_stage_state(weights, spec, dtype, str(self.device)), self.device)
+        else:
+            self.model = load_stage(source, spec, dtype, self.device, cfg)
         self.cache = self.model.new_cache()
         self.dtype = next(self.model.parameters()).dtype
         self.delay_s = 0.0  # test hook: extra seconds before each forward (a slow inbound hop)
@@ -104,6 +121,7 @@ class StageActor:
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "load_s": round(self.load_s, 3),
+            "restarted": ctx.was_current_actor_reconstructed,
         }
 
     def probe(self, sent_at: float) -> float:
@@ -278,6 +296,8 @@ class StageActor:
         self.delay_s = float(seconds)
 
     def stats(self) -> dict[str, Any]:
+        import ray
+
         return {
             "stage": self.spec.index,
             "replica": self.replica,
@@ -286,5 +306,7 @@ class StageActor:
             "step_ema_ms": self.step_ema_s * 1e3,
             "sequences": len(self.cache.slot_of),
             "tokens_cached": self.cache.tokens_held(),
+            "load_s": round(self.load_s, 3),
+            "restarted": ray.get_runtime_context().was_current_actor_reconstructed,
             **self.counters,
         }

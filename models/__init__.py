@@ -35,9 +35,17 @@ def load_stage(source: str | Path, spec: StageSpec | None = None, dtype: str | t
     dt = resolve_dtype(dtype, device)
     layers = list(spec.layers) if spec else list(range(cfg.n_layers))
     embed, head = (spec.embed, spec.head) if spec else (True, True)
+    return build_stage(cfg, spec, load_state_dict(path, cfg, layers, embed=embed, head=head, dtype=dt), device)
+
+
+def build_stage(cfg: ModelConfig, spec: StageSpec | None, state: dict[str, torch.Tensor],
+                device: str | torch.device = "cpu") -> Transformer:
+    """The stage's module around tensors already loaded (assigned, not copied, on the CPU)."""
+    layers = list(spec.layers) if spec else list(range(cfg.n_layers))
+    embed, head = (spec.embed, spec.head) if spec else (True, True)
     with torch.device("meta"):
         model = Transformer(cfg, layers, embed=embed, head=head)
-    model.load_weights(load_state_dict(path, cfg, layers, embed=embed, head=head, dtype=dt))
+    model.load_weights(state)
     return model.to(device).eval()
 
 
@@ -52,7 +60,7 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "auto", device: st
 
 
 __all__ = [
-    "Batch", "CacheMissError", "Completion", "ConfigError", "InvalidRequestError", "KVCache",
+    "Batch", "CacheMissError", "build_stage", "Completion", "ConfigError", "InvalidRequestError", "KVCache",
     "MeshpipeError", "ModelConfig", "ModelNotInstalledError", "SamplingParams", "SequenceState",
     "StageSpec", "TokenLogprob", "Transformer", "UnknownModelError", "encode_prompt", "is_batch",
     "load_model", "load_stage", "partition", "resolve_dtype", "sample",

@@ -107,3 +107,61 @@ def test_with_two_replicas_a_dead_one_is_routed_around_and_caches_rebuilt(tiny_c
         assert tokens(pipe.generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True)) == reference  # still serving
     finally:
         pipe.shutdown()
+
+
+def test_a_stage_killed_during_prefill_restarts_and_the_generation_is_identical(tiny_ckpt: Path,
+                                                                              reference: list) -> None:
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=3, dtype="float64", name="prefill-kill", micro_batches=1)
+    try:
+        pipe.set_hop_delay(1, 1.0)  # the prefill waits 1 s on stage 1: the kill lands inside it
+        handle = ray.get_actor("meshpipe/prefill-kill/stage-1/replica-0", namespace="meshpipe")
+        before = pipe.stats()["router"]["tokens_generated"]
+
+        def kill() -> None:
+            time.sleep(0.3)
+            assert pipe.stats()["router"]["tokens_generated"] == before  # still in the prefill
+            ray.kill(handle, no_restart=False)
+
+        outs = _generate_while(pipe, kill)
+        assert tokens(outs) == reference
+        assert pipe.stats()["router"]["recoveries_s"]
+    finally:
+        pipe.shutdown()
+
+
+def test_two_stages_killed_at_once_restart_and_the_generation_is_identical(tiny_ckpt: Path,
+                                                                          reference: list) -> None:
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=3, dtype="float64", name="two-kills", micro_batches=1)
+    try:
+        pipe.set_hop_delay(0, 0.05)
+        victims = [ray.get_actor(f"meshpipe/two-kills/stage-{k}/replica-0", namespace="meshpipe") for k in (0, 2)]
+
+        def kill() -> None:
+            time.sleep(0.5)
+            for h in victims:
+                ray.kill(h, no_restart=False)
+
+        outs = _generate_while(pipe, kill)
+        assert tokens(outs) == reference
+        assert pipe.stats()["router"]["recoveries_s"]
+        assert {s["stage"] for s in pipe.stats()["stages"] if s["restarted"]} == {0, 2}
+    finally:
+        pipe.shutdown()
+
+
+def test_every_replica_of_a_stage_gone_fails_requests_naming_the_stage_in_bounded_time(tiny_ckpt: Path) -> None:
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, replicas_per_stage=2, dtype="float64", name="all-gone",
+                           micro_batches=1, max_restarts=0)
+    try:
+        pipe.set_hop_delay(0, 0.05)
+        handles = [ray.get_actor(f"meshpipe/all-gone/stage-1/replica-{r}", namespace="meshpipe") for r in (0, 1)]
+        t0 = time.monotonic()
+        with pytest.raises(StageFailedError, match="stage 1 .* has no replica left"):
+            _generate_while(pipe, lambda: (time.sleep(0.5), [ray.kill(h) for h in handles]))
+        assert time.monotonic() - t0 < 20
+        t0 = time.monotonic()
+        with pytest.raises(StageFailedError, match="stage 1"):  # later requests too, at once: nothing hangs
+            pipe.generate([1, 2, 3], max_new_tokens=3, timeout_s=60)
+        assert time.monotonic() - t0 < 10
+    finally:
+        pipe.shutdown()
