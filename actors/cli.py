@@ -424,6 +424,44 @@ def bench_codecs_cmd(
         ray.shutdown()
 
 
+@app.command()
+@_handles_errors
+def chaos(
+    model: Annotated[str, typer.Option(help="Model name, .gguf or Hugging Face folder.")] = SMOLLM2_NAME,
+    requests: Annotated[int, typer.Option(min=1, help="Concurrent generations.")] = 50,
+    kills: Annotated[int, typer.Option(min=0, help="Stage actors to kill.")] = 10,
+    every: Annotated[int, typer.Option(min=1, help="Kill one every this many pipeline steps.")] = 2,
+    stages: Annotated[int, typer.Option(min=1)] = 3,
+    replicas: Annotated[int, typer.Option(min=1, help="Replicas per stage (2+: a spare takes over).")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    replicate_every: Annotated[int, typer.Option(
+        min=0, help="Copy KV caches to a standby replica every this many steps (0: rebuild by replay).")] = 0,
+    dtype: Annotated[str, typer.Option()] = "auto",
+    seed: Annotated[int, typer.Option()] = 0,
+    address: Annotated[str | None, typer.Option(help="A running Ray cluster (default: a local one).")] = None,
+) -> None:
+    """Generations under random stage kills: lost requests, mismatches vs a fault-free run, recovery times.
+
+    Prints one JSON line; exits 1 if a request was lost or differs from the fault-free run.
+    """
+    import ray
+
+    from actors.chaos import run_chaos
+
+    if model == SMOLLM2_NAME:
+        _ensure_model(model)
+    _init_ray(address, stages * replicas)
+    try:
+        result = run_chaos(model, requests=requests, kills=kills, kill_every=every, num_stages=stages,
+                           replicas=replicas, max_new_tokens=max_new_tokens, seed=seed, dtype=dtype,
+                           replicate_every=replicate_every)
+    finally:
+        ray.shutdown()
+    _emit([result.to_dict()])
+    if result.lost or result.mismatches:
+        raise typer.Exit(1)
+
+
 def _rounded(v: Any) -> Any:
     if isinstance(v, float):
         return round(v, 3)

@@ -56,6 +56,7 @@ class DeployConfig(BaseModel):
     int8_block: int = Field(64, ge=8)  # elements per int8 scale
     max_restarts: int = Field(3, ge=0)  # Ray restarts a dead stage actor this often; the router rebuilds its caches
     restart_timeout_s: float = Field(60.0, gt=0)  # a step waits this long for a stage to come back
+    replicate_every: int = Field(0, ge=0)  # copy KV caches to a standby replica every N steps (0: rebuild by replay)
     max_retransmits: int = Field(3, ge=0)  # resends a stage asks for a corrupted message before failing the step
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float64"
     autoscaling: dict | None = None  # arrives with the autoscaler issue
@@ -183,6 +184,7 @@ class Pipeline:
                     ray.remote(StageActor).options(
                         name=actor_name(dc.name, f"stage-{spec.index}/replica-{r}"), namespace=NAMESPACE,
                         lifetime="detached", max_restarts=dc.max_restarts, max_task_retries=0,
+                        allow_out_of_order_execution=True,  # a call waiting on a dead replica blocks no other
                         **{**spread, **resources, **(placement.options(spec.index, r) if placement else {})},
                     ).remote(dc.name, str(source), spec, cfg.to_dict(), dc.dtype, threads, r, len(specs), key,
                              dc.max_retransmits, weights)
@@ -200,7 +202,7 @@ class Pipeline:
                               max_kv_tokens=dc.max_kv_tokens, micro_batches=micro, hop_mode=dc.hop_mode,
                               codec=dc.codec, compress=dc.compress, encryption=dc.encryption,
                               int8_block=dc.int8_block, message_bytes=cfg.dim * 4,
-                              restart_timeout_s=dc.restart_timeout_s)
+                              restart_timeout_s=dc.restart_timeout_s, replicate_every=dc.replicate_every)
             router = ray.remote(RouterActor).options(
                 name=actor_name(dc.name, "router-0"), namespace=NAMESPACE, lifetime="detached",
                 num_cpus=0, max_concurrency=1000, **(placement.options(0, 0) if placement else {}),

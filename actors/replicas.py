@@ -31,11 +31,17 @@ class Replica:
     alive: bool = True  # False while banned (down); the planner skips it
     banned_until: float = 0.0  # time.monotonic() after which the probe loop tries it again
     ban_s: float = 0.0  # current backoff (doubles on each ban, up to 60 s)
+    restarts_seen: int = 0  # Ray restarts of it the router has taken back into the routes
     gone: bool = False  # dead for good (Ray will not restart it): never probed or routed again
 
     @property
     def label(self) -> str:
         return f"stage-{self.stage}/replica-{self.replica}"
+
+    def keep(self, seq_id: str) -> None:
+        """The sequence is (again) served or copied here: a pending free of it must not go out."""
+        if seq_id in self.release:
+            self.release.remove(seq_id)
 
     def observe(self, inbound_ms: float | None = None, compute_ms: float | None = None) -> None:
         if inbound_ms is not None:
@@ -103,6 +109,7 @@ class ReplicaTable:
                 left, joined = self.get(stage, a), self.get(stage, b)
                 left.sequences.discard(seq_id)
                 left.release.append(seq_id)
+                joined.keep(seq_id)
                 joined.sequences.add(seq_id)
                 joined.served += 1
 

@@ -47,6 +47,10 @@ from topology.planner import HostCosts, NoReplicaError, Route, RouteCache
 log = logging.getLogger(__name__)
 
 
+class RouteBrokenError(RuntimeError):
+    """(Internal.) A replica on a step's route died while the step was in flight; recovery follows."""
+
+
 @dataclass
 class RouterConfig:
     max_active_sequences: int = 64  # sequences decoding at once
@@ -65,6 +69,8 @@ class RouterConfig:
     encryption: str = "auto"  # auto (untrusted links) | always | never
     int8_block: int = 64  # elements per int8 scale
     restart_timeout_s: float = 60.0  # how long a step waits for a dead stage actor to restart
+    replicate_every: int = 0  # copy new KV positions to a standby replica every this many steps (0 = never)
+    watch_interval_s: float = 0.05  # how often replicas' states are read from Ray while steps run (0 = never)
 
 
 @dataclass
@@ -77,6 +83,7 @@ class Request:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     lane: Lane | None = None
     route: Route | None = None  # the replicas holding its KV cache, chosen when it starts
+    copies: dict[int, tuple[int, int]] = field(default_factory=dict)  # stage -> (standby replica, positions copied)
 
 
 @dataclass
@@ -118,8 +125,13 @@ class RouterActor:
         self._msg_ids = itertools.count(1)
         self.outbox: dict[int, Any] = {}  # msg id -> first message of a step in flight (for resends)
         self.retransmits = 0
-        self.recoveries: list[float] = []  # seconds each recovered step took
+        self.recoveries: list[tuple[float, float]] = []  # (time.time() at its end, seconds) per recovered step
         self._handle = ray.get_runtime_context().current_actor
+        self._jobs: set[asyncio.Task] = set()  # background jobs (cache copies)
+        self._copying: set[str] = set()  # sequences whose caches are being copied now
+        self.copied_positions = 0  # KV positions copied to standbys (replicate_every)
+        self.rebuilt_positions = 0  # KV positions recomputed by recoveries
+        self._down: dict[tuple[int, int], asyncio.Event] = {}  # set while the watcher sees a replica dead
         self.routes = RouteCache(threshold=self.rc.route_threshold, min_change_ms=0.0)
         self._actor_label = {r.handle._actor_id.hex(): r.label for r in self.table}
         self.requests: OrderedDict[str, Request] = OrderedDict()
@@ -241,7 +253,11 @@ class RouterActor:
             "kv_reserved": self.kv_reserved,
             "tokens_generated": self.tokens_generated,
             "retransmits": self.retransmits,
-            "recoveries_s": [round(x, 3) for x in self.recoveries],
+            "recoveries_s": [round(d, 3) for _, d in self.recoveries],
+            "recoveries": [(end, round(d, 3)) for end, d in self.recoveries],
+            "steps": sum(lane.step for lane in self.lanes),
+            "copied_positions": self.copied_positions,
+            "rebuilt_positions": self.rebuilt_positions,
             "lanes": [len(lane.seqs) for lane in self.lanes],
             "replicas": self.table.describe(),
         }
@@ -355,6 +371,8 @@ class RouterActor:
             self._tasks.append(loop.create_task(self._reap_timeouts()))
             if self.rc.probe_interval_s > 0:
                 self._tasks.append(loop.create_task(self._probe_loop()))
+            if self.rc.watch_interval_s > 0:
+                self._tasks.append(loop.create_task(self._watch_loop()))
             if self.measured and self.rc.topology_refresh_s > 0 and len(self._hosts()) > 1:
                 self._tasks.append(loop.create_task(self._topology_loop()))
 
@@ -391,6 +409,8 @@ class RouterActor:
                             self._end(r, err)
                     continue
                 self.table.observe_trace(out.trace)
+                if self.rc.replicate_every and lane.step % self.rc.replicate_every == 0:
+                    self._spawn(self._replicate(reqs, reqs[0].route))
                 for r, token, lp in zip(reqs, out.sampled, out.logprobs):
                     if r.future.done():  # cancelled or timed out while the step was in flight
                         continue
@@ -420,8 +440,76 @@ class RouterActor:
             del self.outbox[msg_id]
 
     async def _send(self, env: Envelope, params: list[SamplingParams], route: Route) -> Envelope:
-        """Runs one envelope down the route's replicas; returns the last stage's envelope."""
-        handles = [r.handle for r in self.table.on_route(route)]
+        """Runs one envelope down the route's replicas; returns the last stage's envelope.
+
+        Gives up as soon as the watcher sees a replica on the route die (RouteBrokenError), instead
+        of waiting for Ray to fail the call once the actor has restarted (~2 s).
+        """
+        reps = self.table.on_route(route)
+        step = asyncio.ensure_future(self._chain(env, params, [r.handle for r in reps]))
+        watchers = [asyncio.ensure_future(self._down_event(r).wait()) for r in reps]
+        try:
+            await asyncio.wait([step, *watchers], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in watchers:
+                w.cancel()
+        if step.done():
+            return step.result()
+        step.cancel()  # stops waiting only: the message dies at the dead replica; later stages' calls fail
+        # on their argument. Stages run calls out of order, so those do not hold up other routes' steps.
+        down = [r.label for r in reps if self._down_event(r).is_set()]
+        raise RouteBrokenError(f"{', '.join(down)} died during the step")
+
+    def _down_event(self, rep: Replica) -> asyncio.Event:
+        key = (rep.stage, rep.replica)
+        if key not in self._down:
+            self._down[key] = asyncio.Event()
+        return self._down[key]
+
+    def _actor_record(self, rep: Replica) -> tuple[str, int]:
+        """Ray's record of the actor: (ALIVE | RESTARTING | DEAD | ..., restarts so far).
+
+        Read from the GCS (~0.5 ms); ("UNKNOWN", 0) if unreadable.
+        """
+        from ray._private import state  # no public API reads one actor's state without the dashboard
+
+        try:
+            info = state.actors(actor_id=rep.handle._actor_id.hex())
+            return info["State"], int(info.get("NumRestarts", 0))
+        except Exception:  # noqa: BLE001 - an internal API: a failure must not stop the router
+            return "UNKNOWN", 0
+
+    def _actor_state(self, rep: Replica) -> str:
+        return self._actor_record(rep)[0]
+
+    async def _watch_loop(self) -> None:
+        """While steps are in flight, reads every replica's state from the GCS every `watch_interval_s`.
+
+        Ray marks a killed actor RESTARTING (or DEAD) within milliseconds, while a call to it fails
+        only once it is back (~2 s): watching lets a replica's death fail its steps at once.
+        """
+        while not self._closed:
+            await asyncio.sleep(self.rc.watch_interval_s)
+            if not any(lane.seqs for lane in self.lanes):
+                continue
+            for rep in self.table:
+                if rep.gone:
+                    continue
+                st, restarts = self._actor_record(rep)
+                event = self._down_event(rep)
+                if st in ("RESTARTING", "DEAD") and not event.is_set():
+                    log.warning("%s is %s", rep.label, st.lower())
+                    event.set()
+                elif st == "ALIVE":
+                    event.clear()
+                    if not rep.alive and rep.restarts_seen < restarts:
+                        rep.restarts_seen = restarts
+                        rep.alive = True  # Ray restarted it (empty caches): usable at once, no backoff
+                        self.routes.invalidate()
+                        log.warning("%s restarted: back in the routes", rep.label)
+                        self._schedule()
+
+    async def _chain(self, env: Envelope, params: list[SamplingParams], handles: list[Any]) -> Envelope:
         env.sent_at = time.time()
         if self.rc.hop_mode == "push":
             env.params = params
@@ -443,8 +531,8 @@ class RouterActor:
         """A dead or restarting stage actor, or one that came back without its cache."""
         from actors.codec import OutOfOrderError
 
-        return isinstance(e, self._ray.exceptions.RayActorError) or isinstance(getattr(e, "cause", None),
-                                                                             OutOfOrderError)
+        return isinstance(e, (self._ray.exceptions.RayActorError, RouteBrokenError)) or isinstance(
+            getattr(e, "cause", None), OutOfOrderError)
 
     async def _recover(self, lane: Lane, reqs: list[Request], err: BaseException) -> Envelope:
         """Fails over the route's dead replicas, rebuilds lost caches (batched), re-runs the failed step.
@@ -458,18 +546,42 @@ class RouterActor:
         """
         t0 = time.monotonic()
         deadline = t0 + self.rc.restart_timeout_s
-        route = reqs[0].route
         log.warning("step %d of %d sequences failed (%s): recovering route %s", lane.step, len(reqs),
-                    type(err).__name__, " -> ".join(r.label for r in self.table.on_route(route)))
+                    type(err).__name__, " -> ".join(r.label for r in self.table.on_route(reqs[0].route)))
+        while True:
+            route = await self._failover(reqs, deadline)
+            try:
+                await self._rebuild(lane.step, reqs, route)
+                out = await self._step(lane, route, reqs, kind="rebuild")
+                break
+            except Exception as e:  # noqa: BLE001 - another replica died meanwhile: fail over again
+                if not self._recoverable(e) or time.monotonic() >= deadline:
+                    raise
+                log.warning("recovery of step %d interrupted (%s): again", lane.step, type(e).__name__)
+        self.recoveries.append((time.time(), time.monotonic() - t0))
+        return out
+
+    def _standbys(self, reqs: list[Request]) -> dict[int, int]:
+        """Per stage, the standby replica holding copies for most of these sequences."""
+        out = {}
+        for k in range(self.table.num_stages):
+            votes = [r.copies[k][0] for r in reqs if k in r.copies]
+            if votes:
+                out[k] = max(set(votes), key=votes.count)
+        return out
+
+    async def _failover(self, reqs: list[Request], deadline: float) -> Route:
+        """Acts on `topology.failover` until every replica on the sequences' route answers; returns it."""
+        route = reqs[0].route
         while True:
             reps = self.table.on_route(route)
             health = await asyncio.gather(*[self._health(rep) for rep in reps])
             if all(h == Health.UP for h in health):
-                break
+                return route
             for rep, h in zip(reps, health):
                 rep.gone = rep.gone or h == Health.GONE
             decision = failover(route, health, self.table.states(), self.table.num_stages, self.costs,
-                                self.node_id)
+                                self.node_id, prefer=self._standbys(reqs))
             if decision.gone:
                 raise StageFailedError(self._all_gone_message(decision.gone[0]))
             if decision.moved:
@@ -477,16 +589,59 @@ class RouterActor:
                 for r in reqs:
                     self.table.move(route, decision.route, r.rid)
                     r.route = decision.route
+                    for k in decision.moved:  # the standby (if it was one) is now the primary
+                        if r.copies.get(k, (None,))[0] == decision.route.replicas[k]:
+                            del r.copies[k]
                 route = decision.route
                 log.warning("%d sequences moved to %s", len(reqs),
                             " -> ".join(r.label for r in self.table.on_route(route)))
                 continue  # check the new route's replicas too
             for k in decision.wait:
                 await self._wait_alive(reps[k], deadline)
-        await self._rebuild(lane.step, reqs, route)
-        out = await self._step(lane, route, reqs, kind="rebuild")
-        self.recoveries.append(time.monotonic() - t0)
-        return out
+
+    def _spawn(self, coro: Any) -> None:
+        """Runs a background job; its failure is logged, never raised into a step."""
+        task = asyncio.ensure_future(coro)
+        self._jobs.add(task)
+        task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task) -> None:
+        self._jobs.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background job failed: %s", task.exception())
+
+    async def _replicate(self, reqs: list[Request], route: Route) -> None:
+        """Copies the sequences' new KV positions on every stage of `route` to a standby replica there.
+
+        The standby is the least-loaded other live replica of the stage; a sequence's copy keeps
+        its standby, so each copy sends only the positions since the last one. On failover the
+        sequences move to their standby (`failover(prefer=...)`) and only the tail is rebuilt.
+        """
+        reqs = [r for r in reqs if r.rid not in self._copying and not r.future.done()]
+        if not reqs:
+            return
+        self._copying.update(r.rid for r in reqs)
+        try:
+            for k, rep in enumerate(self.table.on_route(route)):
+                others = [o for o in self.table.by_stage[k] if o is not rep and o.alive]
+                if not others:
+                    continue
+                chosen = {r.copies[k][0] for r in reqs if k in r.copies}
+                standby = next((o for o in others if o.replica in chosen), None) or \
+                    min(others, key=lambda o: (len(o.sequences), o.replica))
+                starts = [r.copies[k][1] if r.copies.get(k, (None,))[0] == standby.replica else 0 for r in reqs]
+                for r in reqs:
+                    standby.keep(r.rid)
+                refs, ends = await rep.handle.replicate.remote(standby.handle, [r.rid for r in reqs], starts)
+                await refs[0]
+                for r, end in zip(reqs, ends):
+                    old = r.copies.get(k)
+                    if old and old[0] != standby.replica:
+                        self.table.get(k, old[0]).release.append(r.rid)
+                    r.copies[k] = (standby.replica, end)
+                self.copied_positions += sum(e - s for e, s in zip(ends, starts))
+        finally:
+            self._copying.difference_update(r.rid for r in reqs)
 
     async def _rebuild(self, step: int, reqs: list[Request], route: Route) -> None:
         """Gives every replica on `route` the cached positions it lacks, stage by stage, batched."""
@@ -508,6 +663,7 @@ class RouterActor:
             else:
                 env = reps[k - 1].handle.replay.remote(header, links)
             await rep.handle.forward.remote(env, [reqs[i].seq.params for i in todo])
+            self.rebuilt_positions += sum(header.lengths)
             log.warning("rebuilt %d positions of %d sequences on %s", sum(header.lengths), len(todo), rep.label)
 
     def _all_gone_message(self, stage: int) -> str:
@@ -516,21 +672,29 @@ class RouterActor:
                 "good: restarts used up or killed): redeploy, or deploy with more replicas or max_restarts")
 
     async def _health(self, rep: Replica, timeout_s: float = 1.0) -> Health:
-        """UP if the actor answers within `timeout_s`, GONE if Ray says it is dead for good, else DOWN."""
+        """Ray's record of the actor (a busy replica is not a dead one); a ping only if that is unreadable."""
         if rep.gone:
             return Health.GONE
-        try:
-            await asyncio.wait_for(rep.handle.__ray_ready__.remote(), timeout_s)
+        st = self._actor_state(rep)
+        if st == "UNKNOWN":
+            try:
+                await asyncio.wait_for(rep.handle.__ray_ready__.remote(), timeout_s)
+                st = "ALIVE"
+            except self._ray.exceptions.ActorDiedError:
+                st = "DEAD"
+            except (self._ray.exceptions.RayActorError, asyncio.TimeoutError):
+                st = "RESTARTING"
+        if st == "ALIVE":
+            self._down_event(rep).clear()
             return Health.UP
-        except self._ray.exceptions.ActorDiedError:
-            return Health.GONE
-        except (self._ray.exceptions.RayActorError, asyncio.TimeoutError):
-            return Health.DOWN
+        return Health.GONE if st == "DEAD" else Health.DOWN
 
     def _ban(self, down: list[Replica]) -> None:
         """Takes replicas out of the routes with backoff (2 s, doubling to 60 s); gone ones for good."""
         now = time.monotonic()
         for rep in down:
+            if not rep.alive:  # banned already (another group's recovery of the same failure)
+                continue
             rep.alive = False
             rep.ban_s = min(60.0, rep.ban_s * 2) if rep.ban_s else 2.0
             rep.banned_until = now + rep.ban_s
@@ -539,21 +703,20 @@ class RouterActor:
         self.routes.invalidate()
 
     async def _wait_alive(self, rep: Replica, deadline: float) -> None:
-        """Waits for a restarting actor; StageFailedError at `deadline` or when Ray gives it up."""
+        """Waits for a restarting actor; StageFailedError at `deadline`; marks it gone if Ray gives it up."""
         while True:
-            try:
-                await asyncio.wait_for(rep.handle.__ray_ready__.remote(), max(0.1, deadline - time.monotonic()))
+            health = await self._health(rep)
+            if health == Health.UP:
                 return
-            except self._ray.exceptions.ActorDiedError:  # dead for good: the failover loop decides again
+            if health == Health.GONE:  # dead for good: the failover loop decides again
                 rep.gone = True
                 return
-            except (self._ray.exceptions.RayActorError, asyncio.TimeoutError) as e:
-                if time.monotonic() >= deadline:
-                    raise StageFailedError(
-                        f"{rep.label} of deployment {self.deployment!r} did not come back within "
-                        f"{self.rc.restart_timeout_s:g} s ({type(e).__name__}): its restarts may be used up "
-                        "(max_restarts) or its node lost") from None
-                await asyncio.sleep(0.1)
+            if time.monotonic() >= deadline:
+                raise StageFailedError(
+                    f"{rep.label} of deployment {self.deployment!r} did not come back within "
+                    f"{self.rc.restart_timeout_s:g} s: its node may be lost or the cluster has no room to "
+                    "restart it")
+            await asyncio.sleep(0.05)
 
     def resend(self, msg_id: int) -> Any:
         """A stage asks again for a step's first message that failed its checksum."""
@@ -639,6 +802,9 @@ class RouterActor:
             self.kv_reserved -= req.kv_tokens
             if req.route is not None:
                 self.table.finish(req.route, req.rid)
+            for stage, (replica, _) in req.copies.items():  # the standby's copies go too
+                self.table.get(stage, replica).release.append(req.rid)
+            req.copies.clear()
         req.lane = None
 
     def _end(self, req: Request, err: Exception) -> None:

@@ -73,6 +73,15 @@ def default_threads(num_stages: int, device: str) -> int:
     return max(1, (os.cpu_count() or 1) // num_stages)
 
 
+def _restarts() -> int:
+    """How often Ray has restarted this actor (its GCS record)."""
+    import ray
+    from ray._private import state  # runtime_context's own helper reads the same record (deprecated path)
+
+    info = state.actors(actor_id=ray.get_runtime_context().get_actor_id())
+    return int(info.get("NumRestarts", 0)) if info else 0
+
+
 class StageActor:
     def __init__(self, deployment: str, source: str | Path, spec: StageSpec, config: dict,
                  dtype: str = "auto", threads: int | None = None, replica: int = 0,
@@ -121,7 +130,7 @@ class StageActor:
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "load_s": round(self.load_s, 3),
-            "restarted": ctx.was_current_actor_reconstructed,
+            "restarts": _restarts(),
         }
 
     def probe(self, sent_at: float) -> float:
@@ -146,9 +155,10 @@ class StageActor:
         header, x, resends = self._receive(env)
         t0 = time.perf_counter()
         self._check_order(header)
-        if header.release:
-            self.cache.free(header.release)
-            self.history.free(header.release)
+        if header.release:  # never a sequence this very message carries
+            gone = [sid for sid in header.release if sid not in set(header.seq_ids)]
+            self.cache.free(gone)
+            self.history.free(gone)
         b = Batch.build(header.seq_ids, header.starts, header.lengths).to(self.device)
         x = x.to(self.device) if self.model.is_first else x.to(self.device, self.dtype)
         y = self.model(x, b, self.cache)
@@ -205,6 +215,32 @@ class StageActor:
         y = self.history.gather(header.seq_ids, header.starts, header.lengths)
         h = replace(header, kind="rebuild", sender=self.name)
         return Envelope.seal(h, y, self._link(links), self.key, links=links)
+
+    def replicate(self, standby: Any, seq_ids: list[str], starts: list[int]) -> tuple[list[Any], list[int]]:
+        """Copies positions starts[i].. of each sequence's KV cache (and output history) to `standby`.
+
+        Returns ([the standby's `absorb` call], the positions each copy reaches). The call is not
+        awaited here: two replicas copying to each other must not wait on one another.
+        """
+        payload = {}
+        ends = []
+        for sid, start in zip(seq_ids, starts):
+            end = self.cache.length_of.get(sid, 0)
+            ends.append(end)
+            if sid in self.cache and start < end:
+                hist = self.history.gather([sid], [start], [end - start]) if self.history.length(sid) >= end else None
+                payload[sid] = (start, self.cache.export(sid, start), hist)
+        return [standby.absorb.remote(payload)], ends
+
+    def absorb(self, payload: dict[str, tuple[int, dict, torch.Tensor | None]]) -> dict[str, int]:
+        """Takes another replica's copies (KV positions and output history) of sequences it serves."""
+        held = {}
+        for sid, (start, kv, hist) in payload.items():
+            have = self.cache.length_of.get(sid, 0)
+            held[sid] = self.cache.load(sid, start, kv)
+            if hist is not None and self.history.length(sid) == have and start <= have < start + hist.shape[0]:
+                self.history.record([sid], [have], [start + hist.shape[0] - have], hist[have - start:])
+        return held
 
     def inject_fault(self, kind: str, count: int = 1) -> None:
         """Test hook: corrupt (flip one byte) or drop the next `count` messages this stage sends."""
@@ -296,8 +332,6 @@ class StageActor:
         self.delay_s = float(seconds)
 
     def stats(self) -> dict[str, Any]:
-        import ray
-
         return {
             "stage": self.spec.index,
             "replica": self.replica,
@@ -307,6 +341,6 @@ class StageActor:
             "sequences": len(self.cache.slot_of),
             "tokens_cached": self.cache.tokens_held(),
             "load_s": round(self.load_s, 3),
-            "restarted": ray.get_runtime_context().was_current_actor_reconstructed,
+            "restarts": _restarts(),
             **self.counters,
         }

@@ -39,6 +39,13 @@ class KVCache:
                     new[: old.shape[0], :, : old.shape[2]] = old
                 store[i] = new
 
+    def _new_slot(self, seq_id: str) -> None:
+        if not self._free_slots:
+            grow = max(4, self._slots)
+            self._free_slots = list(range(self._slots + grow - 1, self._slots - 1, -1))
+            self._alloc(self._slots + grow, self._len)
+        self.slot_of[seq_id] = self._free_slots.pop()
+
     def prepare(self, b: Batch) -> None:
         """Give each sequence a slot, check its step follows its cache, grow storage; sets b.slots."""
         slots = []
@@ -50,11 +57,7 @@ class KVCache:
                     f"{have or 0} tokens; rebuild its cache from the sequence history"
                 )
             if have is None:
-                if not self._free_slots:
-                    grow = max(4, self._slots)
-                    self._free_slots = list(range(self._slots + grow - 1, self._slots - 1, -1))
-                    self._alloc(self._slots + grow, self._len)
-                self.slot_of[sid] = self._free_slots.pop()
+                self._new_slot(sid)
             # start < have rewinds: the step is re-applied over the same positions (idempotent)
             self.length_of[sid] = start + n
             slots.append(self.slot_of[sid])
@@ -72,6 +75,31 @@ class KVCache:
     def read(self, layer: int, b: Batch, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, KV, length, hd) keys and values of the batch's sequences."""
         return self.k[layer][b.slots, :, :length], self.v[layer][b.slots, :, :length]
+
+    def export(self, seq_id: str, start: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of positions start.. of one sequence, per layer: (KV, n, hd) each (a copy)."""
+        slot, end = self.slot_of[seq_id], self.length_of[seq_id]
+        return {i: (self.k[i][slot, :, start:end].clone(), self.v[i][slot, :, start:end].clone())
+                for i in self.layer_ids}
+
+    def load(self, seq_id: str, start: int, kv: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Adds exported positions start.. of a sequence; positions already held are kept. Returns its length."""
+        have = self.length_of.get(seq_id, 0)
+        n = next(iter(kv.values()))[0].shape[1] if kv else 0
+        if start > have:
+            raise CacheMissError(f"sequence {seq_id!r}: a copy starts at position {start} but only {have} are held")
+        if start + n <= have:
+            return have
+        if seq_id not in self.slot_of:
+            self._new_slot(seq_id)
+        if start + n > self._len:
+            self._alloc(self._slots, max(start + n, 2 * self._len))
+        slot, skip = self.slot_of[seq_id], have - start
+        for i, (k, v) in kv.items():
+            self.k[i][slot, :, have:start + n] = k[:, skip:].to(self.device, self.dtype)
+            self.v[i][slot, :, have:start + n] = v[:, skip:].to(self.device, self.dtype)
+        self.length_of[seq_id] = start + n
+        return start + n
 
     def free(self, seq_ids: Iterable[str]) -> None:
         for sid in seq_ids:

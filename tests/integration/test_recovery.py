@@ -144,7 +144,7 @@ def test_two_stages_killed_at_once_restart_and_the_generation_is_identical(tiny_
         outs = _generate_while(pipe, kill)
         assert tokens(outs) == reference
         assert pipe.stats()["router"]["recoveries_s"]
-        assert {s["stage"] for s in pipe.stats()["stages"] if s["restarted"]} == {0, 2}
+        assert {s["stage"] for s in pipe.stats()["stages"] if s["restarts"]} == {0, 2}
     finally:
         pipe.shutdown()
 
@@ -163,5 +163,35 @@ def test_every_replica_of_a_stage_gone_fails_requests_naming_the_stage_in_bounde
         with pytest.raises(StageFailedError, match="stage 1"):  # later requests too, at once: nothing hangs
             pipe.generate([1, 2, 3], max_new_tokens=3, timeout_s=60)
         assert time.monotonic() - t0 < 10
+    finally:
+        pipe.shutdown()
+
+
+@pytest.mark.parametrize("replicate_every", [0, 2])
+def test_copies_on_a_standby_leave_only_the_tail_to_rebuild(tiny_ckpt: Path, reference: list,
+                                                           replicate_every: int) -> None:
+    name = f"standby-{replicate_every}"
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, replicas_per_stage=[1, 2], dtype="float64", name=name,
+                           micro_batches=1, max_restarts=0, replicate_every=replicate_every)
+    try:
+        pipe.set_hop_delay(0, 0.05)
+
+        moved: list[int] = []
+
+        def kill_the_busy_stage1_replica() -> None:
+            time.sleep(0.8)  # ~15 steps in: every sequence holds 15+ positions
+            reps = pipe.stats()["router"]["replicas"][1]
+            busy = [r for r, rep in enumerate(reps) if rep["sequences"]]
+            moved.append(reps[busy[0]]["sequences"])
+            ray.kill(ray.get_actor(f"meshpipe/{name}/stage-1/replica-{busy[0]}", namespace="meshpipe"))
+
+        outs = _generate_while(pipe, kill_the_busy_stage1_replica)
+        assert tokens(outs) == reference
+        stats = pipe.stats()["router"]
+        if replicate_every:  # the standby had all but the last few positions
+            assert stats["copied_positions"] >= 10 * len(PROMPTS)
+            assert 0 < stats["rebuilt_positions"] <= 2 * replicate_every * moved[0]
+        else:  # replay: every position of every moved sequence
+            assert stats["copied_positions"] == 0 and stats["rebuilt_positions"] >= 15 * moved[0]
     finally:
         pipe.shutdown()
