@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from actors.codec import load_key
 from actors.errors import DeploymentError, InsufficientResourcesError
+from actors.gcs import actor_record
 from actors.router import RouterActor, RouterConfig
 from actors.stage import StageActor
 from actors.weights import WeightsActor
@@ -32,6 +33,7 @@ from topology.placement import place_replicas
 log = logging.getLogger(__name__)
 
 NAMESPACE = "meshpipe"
+ROUTER_RESTART_S = 60.0  # how long a caller keeps asking a restarting router
 _warned_cpu = False
 
 
@@ -205,7 +207,8 @@ class Pipeline:
                               restart_timeout_s=dc.restart_timeout_s, replicate_every=dc.replicate_every)
             router = ray.remote(RouterActor).options(
                 name=actor_name(dc.name, "router-0"), namespace=NAMESPACE, lifetime="detached",
-                num_cpus=0, max_concurrency=1000, **(placement.options(0, 0) if placement else {}),
+                num_cpus=0, max_concurrency=1000, max_restarts=-1,  # a restarted router resumes from its journal
+                **(placement.options(0, 0) if placement else {}),
             ).remote(dc.name, str(source), cfg.to_dict(), stages, nested, vars(rc),
                      placement.router_topology() if placement else None, key)
             ray.get(router.describe.remote())
@@ -253,28 +256,53 @@ class Pipeline:
 
     def generate(self, prompts: Any, max_new_tokens: int = 16, timeout_s: float | None = None,
                  **sampling: Any) -> list[Completion]:
-        """Greedy by default. One prompt (str or list of ids) or a list of prompts; one Completion each."""
+        """Greedy by default. One prompt (str or list of ids) or a list of prompts; one Completion each.
+
+        The requests survive a router restart: their ids are asked for again until it answers.
+        """
         params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
         plist = list(prompts) if is_batch(prompts) else [prompts]
-        return _call(self.router.generate.remote(plist, params, timeout_s))
+        rids = self._router("submit_many", plist, params, timeout_s, retry=False)
+        try:
+            return [self.result(rid) for rid in rids]
+        except BaseException:  # one failed (or the caller went away): the rest are not wanted
+            for rid in rids:
+                try:
+                    self.cancel(rid)
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
+            raise
 
     def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 64, timeout_s: float | None = None,
              **sampling: Any) -> Completion:
         """Applies the model's chat template, then generates the assistant's answer."""
         params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
-        return _call(self.router.chat.remote(messages, params, timeout_s))
+        return self.result(self._router("submit_chat", messages, params, timeout_s, retry=False))
 
     def submit(self, prompt: Any, max_new_tokens: int = 16, timeout_s: float | None = None,
                **sampling: Any) -> str:
         """Admits one request without waiting; returns its id for `result`, `cancel` or streaming."""
         params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
-        return _call(self.router.submit.remote(prompt, params, timeout_s))
+        return self._router("submit", prompt, params, timeout_s, retry=False)
 
     def result(self, request_id: str, timeout: float | None = None) -> Completion:
-        return _call(self.router.result.remote(request_id), timeout)
+        return self._router("result", request_id, timeout=timeout)
 
     def cancel(self, request_id: str) -> bool:
-        return _call(self.router.cancel.remote(request_id))
+        return self._router("cancel", request_id)
+
+    def _router(self, method: str, *args: Any, timeout: float | None = None, retry: bool = True) -> Any:
+        """Calls the router; while Ray restarts it, idempotent calls (`retry`) are asked again."""
+        end = time.monotonic() + ROUTER_RESTART_S
+        while True:
+            try:
+                return _call(getattr(self.router, method).remote(*args), timeout)
+            except ray.exceptions.RayActorError as e:
+                dead = isinstance(e, ray.exceptions.ActorDiedError) and actor_record(self.router)[0] == "DEAD"
+                if dead or not retry or time.monotonic() > end:
+                    raise DeploymentError(f"the router of deployment {self.name!r} is unavailable "
+                                          f"({type(e).__name__}){'' if retry else ': submit again'}") from e
+                time.sleep(0.2)
 
     def stream(self, prompt: Any, max_new_tokens: int = 16, timeout_s: float | None = None,
                **sampling: Any) -> Iterator[StreamChunk]:
@@ -286,7 +314,7 @@ class Pipeline:
         cursor, text, done = 0, "", False
         try:
             while not done:
-                step = _call(self.router.stream_next.remote(rid, cursor))
+                step = self._router("stream_next", rid, cursor)
                 done = step["done"]
                 cursor += len(step["token_ids"])
                 if done:

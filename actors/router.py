@@ -29,6 +29,8 @@ import torch
 
 from actors.codec import Header, LinkCodec
 from actors.envelope import Envelope
+from actors.gcs import actor_record, own_restarts
+from actors.journal import RequestJournal, RequestRecord
 from actors.links import LinkInfo, choose_link
 from actors.replicas import Replica, ReplicaTable
 from actors.errors import (
@@ -70,6 +72,7 @@ class RouterConfig:
     int8_block: int = 64  # elements per int8 scale
     restart_timeout_s: float = 60.0  # how long a step waits for a dead stage actor to restart
     replicate_every: int = 0  # copy new KV positions to a standby replica every this many steps (0 = never)
+    checkpoint_interval_s: float = 1.0  # journal generated tokens this often (a restarted router resumes there)
     watch_interval_s: float = 0.05  # how often replicas' states are read from Ray while steps run (0 = never)
 
 
@@ -83,6 +86,7 @@ class Request:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     lane: Lane | None = None
     route: Route | None = None  # the replicas holding its KV cache, chosen when it starts
+    journaled: int = 0  # generated tokens in its journal record
     copies: dict[int, tuple[int, int]] = field(default_factory=dict)  # stage -> (standby replica, positions copied)
 
 
@@ -140,6 +144,12 @@ class RouterActor:
         self.kv_reserved = 0
         self.tokens_generated = 0
         self._ids = itertools.count()
+        self.journal = RequestJournal(deployment)
+        self.incarnation = own_restarts()  # > 0: Ray restarted this router; accepted requests are in the journal
+        if self.incarnation == 0:
+            self.journal.clear()  # a fresh deployment: records of an old one with this name are void
+        self._resumed = self.incarnation == 0
+        self.resumed = 0
         self._tasks: list[asyncio.Task] = []
         self._closed = False
         self._ray = ray
@@ -179,6 +189,7 @@ class RouterActor:
 
     async def submit(self, prompt: Any, params: SamplingParams, timeout_s: float | None = None) -> str:
         """Admits one request; returns its id. Raises InvalidRequestError or BackPressureError."""
+        await self._resume()
         req = self._new_request(prompt, params, timeout_s)
         self._admit([req])
         return req.rid
@@ -186,6 +197,7 @@ class RouterActor:
     async def generate(self, prompts: list[Any], params: SamplingParams,
                        timeout_s: float | None = None) -> list[Completion]:
         """Admits all prompts at once (all or none) and returns their completions in order."""
+        await self._resume()
         reqs = [self._new_request(p, params, timeout_s) for p in prompts]
         self._admit(reqs)
         try:
@@ -196,18 +208,34 @@ class RouterActor:
                     self._end(r, RequestCancelledError(f"request {r.rid} was cancelled with its batch"))
             raise
 
+    async def submit_many(self, prompts: list[Any], params: SamplingParams,
+                          timeout_s: float | None = None) -> list[str]:
+        """Admits all prompts at once (all or none); returns their ids (for `result`, which survives a restart)."""
+        await self._resume()
+        reqs = [self._new_request(p, params, timeout_s) for p in prompts]
+        self._admit(reqs)
+        return [r.rid for r in reqs]
+
+    async def submit_chat(self, messages: list[dict], params: SamplingParams, timeout_s: float | None = None) -> str:
+        """Applies the chat template and admits the request; returns its id."""
+        return (await self.submit_many([self._chat_prompt(messages)], params, timeout_s))[0]
+
     async def chat(self, messages: list[dict], params: SamplingParams,
                    timeout_s: float | None = None) -> Completion:
+        return (await self.generate([self._chat_prompt(messages)], params, timeout_s))[0]
+
+    def _chat_prompt(self, messages: list[dict]) -> str:
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer, so it cannot chat: pass token ids to generate")
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return (await self.generate([prompt], params, timeout_s))[0]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     async def result(self, rid: str) -> Completion:
+        await self._resume()
         return await self._await(self._get(rid))
 
     async def stream_next(self, rid: str, cursor: int, wait_s: float = 10.0) -> dict[str, Any]:
         """Tokens past `cursor` (waits up to `wait_s` for some); `done` with the completion at the end."""
+        await self._resume()
         req = self._get(rid)
         if len(req.seq.generated) <= cursor and not req.future.done():
             req.changed.clear()
@@ -223,6 +251,7 @@ class RouterActor:
 
     async def cancel(self, rid: str) -> bool:
         """Cancels a request (its caches are freed on every stage); False if it had finished."""
+        await self._resume()
         req = self.requests.get(rid)
         if req is None or req.future.done():
             return False
@@ -256,6 +285,8 @@ class RouterActor:
             "recoveries_s": [round(d, 3) for _, d in self.recoveries],
             "recoveries": [(end, round(d, 3)) for end, d in self.recoveries],
             "steps": sum(lane.step for lane in self.lanes),
+            "incarnation": self.incarnation,  # router restarts so far
+            "resumed": self.resumed,  # requests re-admitted from the journal after a restart
             "copied_positions": self.copied_positions,
             "rebuilt_positions": self.rebuilt_positions,
             "lanes": [len(lane.seqs) for lane in self.lanes],
@@ -291,6 +322,7 @@ class RouterActor:
 
     async def shutdown(self) -> None:
         self._closed = True
+        self.journal.clear()
         for req in list(self.requests.values()):
             if not req.future.done():
                 self._end(req, DeploymentError(f"deployment {self.deployment!r} was shut down"))
@@ -315,10 +347,56 @@ class RouterActor:
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs {kv} KV "
                 f"tokens, more than the deployment's max_kv_tokens={self.rc.max_kv_tokens}"
             )
-        rid = f"{self.deployment}-{next(self._ids)}"
+        rid = f"{self.deployment}-{next(self._ids)}" if not self.incarnation else \
+            f"{self.deployment}-r{self.incarnation}-{next(self._ids)}"
         seq = SequenceState(rid, ids, params, frozenset(self.cfg.eos_ids), self.cfg.max_seq_len)
         deadline = time.monotonic() + timeout_s if timeout_s else None
         return Request(rid, seq, kv, deadline, asyncio.get_running_loop().create_future())
+
+    # ---------- the journal: surviving a router restart ----------
+
+    def _record(self, req: Request, completion: Completion | None = None) -> RequestRecord:
+        deadline = None if req.deadline is None else time.time() + (req.deadline - time.monotonic())
+        return RequestRecord(req.rid, req.seq.prompt, req.seq.params, deadline, list(req.seq.generated),
+                             list(req.seq.logprobs), completion)
+
+    async def _resume(self) -> None:
+        """After a restart: frees every stage's orphaned caches and re-admits the journal's requests."""
+        if self._resumed:
+            return
+        self._resumed = True
+        records = self.journal.load()
+        freed = await asyncio.gather(*[r.handle.reset.remote() for r in self.table], return_exceptions=True)
+        log.warning("router restarted (incarnation %d): %d requests from the journal; freed %d orphaned "
+                    "caches on the stages", self.incarnation, len(records),
+                    sum(x for x in freed if isinstance(x, int)))
+        loop = asyncio.get_running_loop()
+        resumed = []
+        for rec in records:
+            seq = SequenceState(rec.rid, rec.prompt, rec.params, frozenset(self.cfg.eos_ids), self.cfg.max_seq_len,
+                                generated=list(rec.generated), logprobs=list(rec.logprobs))
+            kv = min(len(rec.prompt) + rec.params.max_new_tokens, self.cfg.max_seq_len)
+            deadline = None if rec.deadline_unix is None else time.monotonic() + (rec.deadline_unix - time.time())
+            req = Request(rec.rid, seq, kv, deadline, loop.create_future(), journaled=len(rec.generated))
+            self.requests[rec.rid] = req
+            if rec.completion is not None:
+                req.future.set_result(rec.completion)
+            else:
+                resumed.append(req)
+        self._ensure_started()
+        self.resumed = len(resumed)
+        self.waiting.extend(sorted(resumed, key=lambda r: r.rid))
+        self._schedule()
+
+    async def _checkpoint_loop(self) -> None:
+        """Every second, journals the tokens of requests that generated some since the last time."""
+        while not self._closed:
+            await asyncio.sleep(self.rc.checkpoint_interval_s)
+            for lane in self.lanes:
+                for req in lane.seqs:
+                    if len(req.seq.generated) != req.journaled and not req.future.done():
+                        self.journal.put(self._record(req))
+                        req.journaled = len(req.seq.generated)
 
     def _admit(self, reqs: list[Request]) -> None:
         self._ensure_started()
@@ -332,6 +410,7 @@ class RouterActor:
                 "retry later"
             )
         for req in reqs:
+            self.journal.put(self._record(req))
             self.requests[req.rid] = req
             self.waiting.append(req)
         self._forget_finished()
@@ -371,6 +450,8 @@ class RouterActor:
             self._tasks.append(loop.create_task(self._reap_timeouts()))
             if self.rc.probe_interval_s > 0:
                 self._tasks.append(loop.create_task(self._probe_loop()))
+            if self.rc.checkpoint_interval_s > 0:
+                self._tasks.append(loop.create_task(self._checkpoint_loop()))
             if self.rc.watch_interval_s > 0:
                 self._tasks.append(loop.create_task(self._watch_loop()))
             if self.measured and self.rc.topology_refresh_s > 0 and len(self._hosts()) > 1:
@@ -421,6 +502,7 @@ class RouterActor:
                         completion = r.seq.completion(self.tokenizer)
                         completion.route = [rep.name for rep in self.table.on_route(r.route)]
                         self._release(r)
+                        self.journal.put(self._record(r, completion))  # a late `result` after a restart finds it
                         r.future.set_result(completion)
             self._schedule()
 
@@ -466,21 +548,8 @@ class RouterActor:
             self._down[key] = asyncio.Event()
         return self._down[key]
 
-    def _actor_record(self, rep: Replica) -> tuple[str, int]:
-        """Ray's record of the actor: (ALIVE | RESTARTING | DEAD | ..., restarts so far).
-
-        Read from the GCS (~0.5 ms); ("UNKNOWN", 0) if unreadable.
-        """
-        from ray._private import state  # no public API reads one actor's state without the dashboard
-
-        try:
-            info = state.actors(actor_id=rep.handle._actor_id.hex())
-            return info["State"], int(info.get("NumRestarts", 0))
-        except Exception:  # noqa: BLE001 - an internal API: a failure must not stop the router
-            return "UNKNOWN", 0
-
     def _actor_state(self, rep: Replica) -> str:
-        return self._actor_record(rep)[0]
+        return actor_record(rep.handle)[0]
 
     async def _watch_loop(self) -> None:
         """While steps are in flight, reads every replica's state from the GCS every `watch_interval_s`.
@@ -495,7 +564,7 @@ class RouterActor:
             for rep in self.table:
                 if rep.gone:
                     continue
-                st, restarts = self._actor_record(rep)
+                st, restarts = actor_record(rep.handle)
                 event = self._down_event(rep)
                 if st in ("RESTARTING", "DEAD") and not event.is_set():
                     log.warning("%s is %s", rep.label, st.lower())
@@ -812,6 +881,7 @@ class RouterActor:
             self.waiting.remove(req)
         self._release(req)
         if not req.future.done():
+            self.journal.drop(req.rid)
             req.future.set_exception(err)
             req.future.exception()  # mark retrieved: a caller may never ask
         req.changed.set()
@@ -839,3 +909,4 @@ class RouterActor:
         done = [rid for rid, r in self.requests.items() if r.future.done()]
         for rid in done[: max(0, len(done) - self.rc.finished_kept)]:
             del self.requests[rid]
+            self.journal.drop(rid)

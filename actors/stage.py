@@ -30,6 +30,7 @@ from actors.codec import (
     unpack,
 )
 from actors.envelope import Envelope
+from actors.gcs import own_restarts
 from actors.history import OutputHistory
 from models import (
     Batch,
@@ -71,15 +72,6 @@ def default_threads(num_stages: int, device: str) -> int:
     if not device.startswith("cpu"):
         return 1
     return max(1, (os.cpu_count() or 1) // num_stages)
-
-
-def _restarts() -> int:
-    """How often Ray has restarted this actor (its GCS record)."""
-    import ray
-    from ray._private import state  # runtime_context's own helper reads the same record (deprecated path)
-
-    info = state.actors(actor_id=ray.get_runtime_context().get_actor_id())
-    return int(info.get("NumRestarts", 0)) if info else 0
 
 
 class StageActor:
@@ -130,7 +122,7 @@ class StageActor:
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "load_s": round(self.load_s, 3),
-            "restarts": _restarts(),
+            "restarts": own_restarts(),
         }
 
     def probe(self, sent_at: float) -> float:
@@ -327,6 +319,13 @@ class StageActor:
         self.history.free(seq_ids)
         return self.cache.tokens_held()
 
+    def reset(self) -> int:
+        """Drops every sequence's cache and history (a restarted router's orphans); returns how many."""
+        ids = list(self.cache.slot_of)
+        self.free(ids)
+        self.sent.clear()
+        return len(ids)
+
     def set_delay(self, seconds: float) -> None:
         """Test hook: delay every forward by `seconds` (emulates a slow link into this stage)."""
         self.delay_s = float(seconds)
@@ -341,6 +340,6 @@ class StageActor:
             "sequences": len(self.cache.slot_of),
             "tokens_cached": self.cache.tokens_held(),
             "load_s": round(self.load_s, 3),
-            "restarts": _restarts(),
+            "restarts": own_restarts(),
             **self.counters,
         }
