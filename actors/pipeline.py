@@ -23,7 +23,7 @@ from actors.codec import load_key
 from actors.errors import DeploymentError, InsufficientResourcesError
 from actors.gcs import actor_record
 from actors.router import RouterActor, RouterConfig
-from actors.stage import StageActor
+from actors.stage import StageLauncher
 from actors.weights import WeightsActor
 from models import Completion, ConfigError, MeshpipeError, SamplingParams, is_batch, partition
 from models.config import resolve_dtype
@@ -173,25 +173,18 @@ class Pipeline:
                               "(python -c 'from actors.codec import new_key; print(new_key())')")
         resources = stage_resources(sum(counts), dc.stage_resources)
         threads = dc.threads_per_stage  # None: each stage chooses by its device (default_threads)
-        spread = {"scheduling_strategy": "SPREAD"} if max(counts) > 1 else {}  # replicas on different nodes
         t0 = time.perf_counter()
         stages: list[list[Any]] = []
         weights = ray.remote(WeightsActor).options(  # owns the tensors in the object store; outlives stages
             name=actor_name(dc.name, "weights"), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
             max_restarts=-1, max_concurrency=8, **(placement.options(0, 0) if placement else {}),
         ).remote(dc.name, str(source), cfg.to_dict())
+        launcher = StageLauncher(dc.name, str(source), cfg.to_dict(), dc.dtype, threads, len(specs), key,
+                                 dc.max_retransmits, weights, resources, dc.max_restarts, spread=max(counts) > 1)
         try:
             for spec, count in zip(specs, counts):
-                stages.append([
-                    ray.remote(StageActor).options(
-                        name=actor_name(dc.name, f"stage-{spec.index}/replica-{r}"), namespace=NAMESPACE,
-                        lifetime="detached", max_restarts=dc.max_restarts, max_task_retries=0,
-                        allow_out_of_order_execution=True,  # a call waiting on a dead replica blocks no other
-                        **{**spread, **resources, **(placement.options(spec.index, r) if placement else {})},
-                    ).remote(dc.name, str(source), spec, cfg.to_dict(), dc.dtype, threads, r, len(specs), key,
-                             dc.max_retransmits, weights)
-                    for r in range(count)
-                ])
+                stages.append([launcher.launch(spec, r, placement.options(spec.index, r) if placement else None)
+                               for r in range(count)])
             flat = [h for hs in stages for h in hs]
             info = _wait_ready(flat, [spec for spec, c in zip(specs, counts) for _ in range(c)],
                                dc.ready_timeout_s)
@@ -210,7 +203,7 @@ class Pipeline:
                 num_cpus=0, max_concurrency=1000, max_restarts=-1,  # a restarted router resumes from its journal
                 **(placement.options(0, 0) if placement else {}),
             ).remote(dc.name, str(source), cfg.to_dict(), stages, nested, vars(rc),
-                     placement.router_topology() if placement else None, key)
+                     placement.router_topology() if placement else None, key, launcher, specs)
             ray.get(router.describe.remote())
         except Exception:
             flat = [h for hs in stages for h in hs] + [weights]

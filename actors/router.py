@@ -43,7 +43,7 @@ from actors.errors import (
 from models import Completion, InvalidRequestError, MeshpipeError, ModelConfig, SamplingParams, SequenceState
 from models.generation import encode_prompt
 from topology.graph import Topology
-from topology.failover import Health, failover
+from topology.failover import Health, choose_node, failover
 from topology.planner import HostCosts, NoReplicaError, Route, RouteCache
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,8 @@ class Lane:
 class RouterActor:
     def __init__(self, deployment: str, source: str | Path, config: dict, replicas: list[list[Any]],
                  replica_info: list[list[dict]], router_config: dict | None = None,
-                 topology: dict | None = None, key: bytes | None = None) -> None:
+                 topology: dict | None = None, key: bytes | None = None, launcher: Any = None,
+                 specs: list[Any] | None = None) -> None:
         import ray
 
         from models.loading import resolve_source
@@ -112,6 +113,9 @@ class RouterActor:
         self.cfg = ModelConfig.from_dict(config)
         self.tokenizer = load_tokenizer(resolve_source(source))
         self.replica_info = replica_info
+        self.launcher = launcher  # StageLauncher: places a replica anew after its node is lost
+        self.specs = specs or []
+        self.replacements = 0
         self.rc = RouterConfig(**(router_config or {}))
         self.table = ReplicaTable([
             [Replica(stage=k, replica=info["replica"], handle=h, host=info["node_id"],
@@ -285,7 +289,8 @@ class RouterActor:
             "recoveries_s": [round(d, 3) for _, d in self.recoveries],
             "recoveries": [(end, round(d, 3)) for end, d in self.recoveries],
             "steps": sum(lane.step for lane in self.lanes),
-            "incarnation": self.incarnation,  # router restarts so far
+            "incarnation": self.incarnation,
+            "replacements": self.replacements,  # replicas placed anew after a node loss  # router restarts so far
             "resumed": self.resumed,  # requests re-admitted from the journal after a restart
             "copied_positions": self.copied_positions,
             "rebuilt_positions": self.rebuilt_positions,
@@ -600,7 +605,8 @@ class RouterActor:
         """A dead or restarting stage actor, or one that came back without its cache."""
         from actors.codec import OutOfOrderError
 
-        return isinstance(e, (self._ray.exceptions.RayActorError, RouteBrokenError)) or isinstance(
+        exc = self._ray.exceptions
+        return isinstance(e, (exc.RayActorError, exc.ActorUnschedulableError, RouteBrokenError)) or isinstance(
             getattr(e, "cause", None), OutOfOrderError)
 
     async def _recover(self, lane: Lane, reqs: list[Request], err: BaseException) -> Envelope:
@@ -651,6 +657,12 @@ class RouterActor:
                 rep.gone = rep.gone or h == Health.GONE
             decision = failover(route, health, self.table.states(), self.table.num_stages, self.costs,
                                 self.node_id, prefer=self._standbys(reqs))
+            lost = [k for k in decision.gone + decision.wait
+                    if self.launcher is not None and not self._node_alive(reps[k].host)]
+            if lost:  # its node is gone: start it anew on a node with room
+                for k in lost:
+                    await self._replace(reps[k], [r.host for r in reps if r is not reps[k]], deadline)
+                continue
             if decision.gone:
                 raise StageFailedError(self._all_gone_message(decision.gone[0]))
             if decision.moved:
@@ -667,6 +679,53 @@ class RouterActor:
                 continue  # check the new route's replicas too
             for k in decision.wait:
                 await self._wait_alive(reps[k], deadline)
+
+    def _node_alive(self, node_id: str) -> bool:
+        return any(n["NodeID"] == node_id and n.get("Alive") for n in self._ray.nodes())
+
+    async def _replace(self, rep: Replica, near: list[str], deadline: float) -> None:
+        """Places a lost replica anew (`topology.failover.choose_node`) with hard node affinity; its caches
+        are rebuilt by the recovery that follows."""
+        from ray._private.state import state
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        alive = {n["NodeID"] for n in self._ray.nodes() if n.get("Alive")}
+        free = {n: res for n, res in state.available_resources_per_node().items() if n in alive}
+        need = {"GPU": float(self.launcher.resources.get("num_gpus", 0) or 0),
+                "CPU": float(self.launcher.resources.get("num_cpus", 0) or 0)}
+        node = choose_node(free, {k: v for k, v in need.items() if v}, exclude={rep.host}, near=near)
+        if node is None:
+            raise StageFailedError(f"{rep.label} of deployment {self.deployment!r} lost its node and no other node "
+                                   f"has {need} free: add a node (or let the cluster autoscaler add one)")
+        log.warning("%s lost its node %s: placing it anew on %s", rep.label, rep.host[:8], node[:8])
+        try:
+            self._ray.kill(rep.handle, no_restart=True)  # frees its name if Ray still holds it
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+        spec = self.specs[rep.stage]
+        while True:
+            try:
+                handle = self.launcher.launch(spec, rep.replica, {
+                    "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)})
+                break
+            except ValueError:  # the old actor's name is released a moment after it is dead
+                if time.monotonic() > deadline:
+                    raise StageFailedError(f"{rep.label}: its name stayed taken; cannot place it anew") from None
+                await asyncio.sleep(0.1)
+        info = await asyncio.wait_for(handle.ready.remote(), max(1.0, deadline - time.monotonic()))
+        self._actor_label.pop(rep.handle._actor_id.hex(), None)
+        rep.handle, rep.host, rep.gone, rep.alive = handle, info["node_id"], False, True
+        rep.restarts_seen, rep.compute_ms = 0, None
+        self._actor_label[handle._actor_id.hex()] = rep.label
+        self._down.pop((rep.stage, rep.replica), None)
+        self.replica_info[rep.stage] = [info if i["replica"] == rep.replica else i for i in self.replica_info[rep.stage]]
+        try:
+            self.costs = self._host_costs(self.topology)
+        except MeshpipeError:  # the new node is not in the measured topology yet: uniform until re-measured
+            self.costs = HostCosts.uniform(self._hosts(), 0.0)
+        self.routes.invalidate()
+        self._links.clear()
+        self.replacements += 1
 
     def _spawn(self, coro: Any) -> None:
         """Runs a background job; its failure is logged, never raised into a step."""
@@ -779,6 +838,8 @@ class RouterActor:
                 return
             if health == Health.GONE:  # dead for good: the failover loop decides again
                 rep.gone = True
+                return
+            if self.launcher is not None and not self._node_alive(rep.host):  # the failover loop re-places it
                 return
             if time.monotonic() >= deadline:
                 raise StageFailedError(

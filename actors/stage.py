@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,37 @@ def default_threads(num_stages: int, device: str) -> int:
     if not device.startswith("cpu"):
         return 1
     return max(1, (os.cpu_count() or 1) // num_stages)
+
+
+@dataclass
+class StageLauncher:
+    """How to start a stage replica actor: at deploy, and again on another node after a node loss."""
+
+    deployment: str
+    source: str
+    config: dict
+    dtype: str
+    threads: int | None  # torch threads per stage (None: chosen by device)
+    num_stages: int
+    key: bytes | None
+    max_retransmits: int
+    weights: Any  # the deployment's WeightsActor handle
+    resources: dict[str, Any]  # num_gpus / num_cpus / ... per replica
+    max_restarts: int
+    spread: bool = False  # replicas of a stage on different nodes (SPREAD) when no placement pins them
+
+    def launch(self, spec: StageSpec, replica: int, options: dict[str, Any] | None = None) -> Any:
+        """Starts the replica's actor (named meshpipe/<deployment>/stage-k/replica-r); returns its handle."""
+        import ray
+
+        spread = {"scheduling_strategy": "SPREAD"} if self.spread else {}
+        return ray.remote(StageActor).options(
+            name=f"meshpipe/{self.deployment}/stage-{spec.index}/replica-{replica}", namespace="meshpipe",
+            lifetime="detached", max_restarts=self.max_restarts, max_task_retries=0,
+            allow_out_of_order_execution=True,  # a call waiting on a dead replica's output blocks no other
+            **{**spread, **self.resources, **(options or {})},
+        ).remote(self.deployment, self.source, spec, self.config, self.dtype, self.threads, replica, self.num_stages,
+                 self.key, self.max_retransmits, self.weights)
 
 
 class StageActor:

@@ -74,3 +74,17 @@ def failover(route: Route, health: Sequence[Health], replicas: Sequence[ReplicaS
     except NoReplicaError:  # e.g. no finite-cost link to the alternatives: wait for the old replicas instead
         return Failover(route, wait=failed)
     return Failover(new, moved=[k for k in movable if new.replicas[k] != route.replicas[k]], wait=wait)
+
+
+def choose_node(free: Mapping[str, Mapping[str, float]], need: Mapping[str, float], exclude: set[str],
+                near: Sequence[str] = ()) -> str | None:
+    """Where to place a replica anew: an alive node (not in `exclude`) with `need` free.
+
+    `free` is each alive node's free resources. Prefers nodes hosting the route's other stages
+    (`near`: cheaper links), then the one with the most free GPUs, then the node id (deterministic).
+    None if no node fits: the caller fails the step with a typed error (or waits for the autoscaler).
+    """
+    fits = [n for n, res in free.items() if n not in exclude and all(res.get(k, 0.0) >= v for k, v in need.items())]
+    if not fits:
+        return None
+    return min(fits, key=lambda n: (n not in near, -free[n].get("GPU", 0.0), n))

@@ -2,7 +2,8 @@
 
 `python -m tests.integration.multinode CHECKPOINT` deploys 2 stages × 2 replicas over two GPU
 nodes, checks tokens against the single-process model, waits for the probes' measured topology,
-makes one replica's inbound link slow (the hop-delay hook) and checks new requests avoid it.
+makes one replica's inbound link slow (the hop-delay hook) and checks new requests avoid it,
+then removes the node of a stage pinned by `topology=` mid-generation and checks it is placed anew.
 Prints one JSON line of what it saw; exits non-zero on any failed check.
 """
 
@@ -31,8 +32,8 @@ def wait_for(cond, timeout: float, what: str) -> None:  # noqa: ANN001
 
 
 def main(ckpt: str) -> dict:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
-                                                            "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False,
+                                                            "_system_config": HEALTH_CHECKS})
     try:
         workers = [cluster.add_node(num_cpus=1, num_gpus=2, resources={host: 1}) for host in ("gpu-a", "gpu-b")]
         ray.init(address=cluster.address, log_to_driver=False)
@@ -73,12 +74,46 @@ def main(ckpt: str) -> dict:
         finally:
             pipe.shutdown()
         placed = placed_by_topology(ckpt, ref, {w.node_id: host for w, host in zip(workers, ("gpu-a", "gpu-b"))})
-        return {"nodes": len(ray.nodes()), "stage_nodes": [[n[:8] for n in ns] for ns in nodes],
+        lost = node_loss(ckpt, cluster, workers)
+        return {"node_loss": lost, "nodes": len(ray.nodes()), "stage_nodes": [[n[:8] for n in ns] for ns in nodes],
                 "replicas_used_before": spread, "replicas_used_after_slow_link": routes2,
                 "measured_links": links, "identical": True, "placed": placed}
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+# Node death is noticed after period x threshold: ~1 s here instead of Ray's default ~15 s (DESIGN.md §5).
+HEALTH_CHECKS = {"health_check_period_ms": 200, "health_check_failure_threshold": 5}
+
+
+def node_loss(ckpt: str, cluster: Cluster, workers: list) -> dict:
+    """The node of a stage placed by `topology=` (hard affinity) dies mid-generation: the router places
+    the stage anew on a node with a free GPU, rebuilds its caches, and every request ends identical."""
+    spare = cluster.add_node(num_cpus=1, num_gpus=1, resources={"gpu-c": 1})
+    cluster.wait_for_nodes()
+    ref = load_model(ckpt, dtype="float64").generate(PROMPTS, max_new_tokens=20, ignore_eos=True)
+    pipe = Pipeline.deploy(ckpt, num_stages=2, topology=TOPOLOGY, dtype="float64", name="nodeloss", micro_batches=1)
+    try:
+        before = {s["stage"]: s["node_id"] for s in pipe.describe()["stages"]}
+        victim = next(w for w in workers if w.node_id == before[1])
+        assert before[0] != before[1], before
+        pipe.set_hop_delay(0, 0.05)  # 20 steps take > 1 s
+        rids = [pipe.submit(p, max_new_tokens=20, ignore_eos=True) for p in PROMPTS]
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        cluster.remove_node(victim, allow_graceful=False)
+        outs = [pipe.result(r, timeout=120) for r in rids]
+        took = time.monotonic() - t0
+        assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+        after = {s["stage"]: s["node_id"] for s in pipe.describe()["stages"]}
+        stats = pipe.stats()["router"]
+        # a node with a free GPU; the one hosting stage 0 first (gpu-b has two GPUs): its link is free
+        assert after[1] != before[1] and after[1] in (before[0], spare.node_id), (before, after)
+        assert stats["replacements"] == 1, stats
+        return {"moved_to_spare": True, "next_to_stage_0": after[1] == before[0], "seconds_to_finish": round(took, 2), "recoveries_s": stats["recoveries_s"]}
+    finally:
+        pipe.shutdown()
 
 
 TOPOLOGY = {

@@ -108,3 +108,14 @@ def test_random_cases_never_keep_a_failed_replica_when_an_alternative_lives(seed
             pinned = [ReplicaState(**{**vars(x), "alive": x.replica == combo[x.stage]}) for x in reps]
             costs_of.append(plan(pinned, len(counts), COSTS, "n0").cost_ms)
         assert d.route.cost_ms == pytest.approx(min(costs_of))
+
+
+def test_choose_node_needs_free_resources_skips_the_dead_and_prefers_neighbours() -> None:
+    from topology.failover import choose_node
+
+    free = {"a": {"GPU": 0.0}, "b": {"GPU": 1.0}, "c": {"GPU": 2.0}, "d": {"GPU": 1.0}}
+    assert choose_node(free, {"GPU": 1}, exclude=set()) == "c"  # most free GPUs
+    assert choose_node(free, {"GPU": 1}, exclude={"c"}) == "b"  # ties by id
+    assert choose_node(free, {"GPU": 1}, exclude=set(), near=["d"]) == "d"  # next to the route's stages
+    assert choose_node(free, {"GPU": 3}, exclude=set()) is None
+    assert choose_node(free, {}, exclude={"a", "b", "c", "d"}) is None
