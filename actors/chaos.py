@@ -34,6 +34,8 @@ class ChaosResult:
     recoveries: int  # failed steps the router recovered
     recovery_p50_s: float | None  # failed step -> step redone (wait or failover, cache rebuild, re-run)
     recovery_p99_s: float | None
+    wait_p50_s: float | None  # the part of a recovery spent failing over or waiting for Ray's restart
+    wait_p99_s: float | None
     kill_to_resume_p50_s: float | None  # kill -> end of the first recovery after it
     kill_to_resume_p99_s: float | None
     tokens: int  # tokens generated in the chaos run
@@ -113,11 +115,12 @@ def run_chaos(model: str, requests: int = 50, kills: int = 10, kill_every: int =
         chaos_s = time.perf_counter() - t0
         done.set()
         thread.join(timeout=30)
-        rec = pipe.stats()["router"]["recoveries"][before:]  # [end wall time, seconds]
-        durations = [d for _, d in rec]
+        rec = pipe.stats()["router"]["recoveries"][before:]  # [end wall time, seconds, of which failover/wait]
+        durations = [d for _, d, _ in rec]
+        waits = [w for _, _, w in rec]
         resume = []
         for k in kill_times:
-            after = [end for end, _ in rec if end >= k]
+            after = [end for end, _, _ in rec if end >= k]
             if after:
                 resume.append(min(after) - k)
         errors = [f"{type(o).__name__}: {o}" for o in outs if isinstance(o, BaseException)]
@@ -126,6 +129,7 @@ def run_chaos(model: str, requests: int = 50, kills: int = 10, kill_every: int =
         return ChaosResult(
             requests=requests, kills=len(kill_times), lost=len(errors), mismatches=mismatches,
             recoveries=len(rec), recovery_p50_s=_pct(durations, 50), recovery_p99_s=_pct(durations, 99),
+            wait_p50_s=_pct(waits, 50), wait_p99_s=_pct(waits, 99),
             kill_to_resume_p50_s=_pct(resume, 50), kill_to_resume_p99_s=_pct(resume, 99),
             tokens=sum(len(o.token_ids) for o in outs if not isinstance(o, BaseException)),
             chaos_s=round(chaos_s, 3), clean_s=round(clean_s, 3),

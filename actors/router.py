@@ -133,7 +133,9 @@ class RouterActor:
         self._msg_ids = itertools.count(1)
         self.outbox: dict[int, Any] = {}  # msg id -> first message of a step in flight (for resends)
         self.retransmits = 0
-        self.recoveries: list[tuple[float, float]] = []  # (time.time() at its end, seconds) per recovered step
+        # per recovered step: (time.time() at its end, seconds in all, seconds of them failing over or
+        # waiting for a restart; the rest rebuilt caches and re-ran the step)
+        self.recoveries: list[tuple[float, float, float]] = []
         self._handle = ray.get_runtime_context().current_actor
         self._jobs: set[asyncio.Task] = set()  # background jobs (cache copies)
         self._copying: set[str] = set()  # sequences whose caches are being copied now
@@ -286,8 +288,8 @@ class RouterActor:
             "kv_reserved": self.kv_reserved,
             "tokens_generated": self.tokens_generated,
             "retransmits": self.retransmits,
-            "recoveries_s": [round(d, 3) for _, d in self.recoveries],
-            "recoveries": [(end, round(d, 3)) for end, d in self.recoveries],
+            "recoveries_s": [round(d, 3) for _, d, _ in self.recoveries],
+            "recoveries": [(end, round(d, 3), round(w, 3)) for end, d, w in self.recoveries],
             "steps": sum(lane.step for lane in self.lanes),
             "incarnation": self.incarnation,
             "replacements": self.replacements,  # replicas placed anew after a node loss  # router restarts so far
@@ -623,8 +625,11 @@ class RouterActor:
         deadline = t0 + self.rc.restart_timeout_s
         log.warning("step %d of %d sequences failed (%s): recovering route %s", lane.step, len(reqs),
                     type(err).__name__, " -> ".join(r.label for r in self.table.on_route(reqs[0].route)))
+        waited = 0.0
         while True:
+            t1 = time.monotonic()
             route = await self._failover(reqs, deadline)
+            waited += time.monotonic() - t1
             try:
                 await self._rebuild(lane.step, reqs, route)
                 out = await self._step(lane, route, reqs, kind="rebuild")
@@ -633,7 +638,7 @@ class RouterActor:
                 if not self._recoverable(e) or time.monotonic() >= deadline:
                     raise
                 log.warning("recovery of step %d interrupted (%s): again", lane.step, type(e).__name__)
-        self.recoveries.append((time.time(), time.monotonic() - t0))
+        self.recoveries.append((time.time(), time.monotonic() - t0, waited))
         return out
 
     def _standbys(self, reqs: list[Request]) -> dict[int, int]:
