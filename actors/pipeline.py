@@ -23,11 +23,13 @@ from actors.codec import load_key
 from actors.errors import DeploymentError, InsufficientResourcesError
 from actors.gcs import actor_record
 from actors.router import RouterActor, RouterConfig
+from actors.autoscaler import AutoscalerActor
 from actors.stage import StageLauncher
 from actors.weights import WeightsActor
 from models import Completion, ConfigError, MeshpipeError, SamplingParams, is_batch, partition
 from models.config import resolve_dtype
 from topology import Gpu, StagePlacement, Topology, gpus_from_topology, place
+from topology.autoscaling import AutoscalingConfig
 from topology.placement import place_replicas
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ class DeployConfig(BaseModel):
     replicate_every: int = Field(0, ge=0)  # copy KV caches to a standby replica every N steps (0: rebuild by replay)
     max_retransmits: int = Field(3, ge=0)  # resends a stage asks for a corrupted message before failing the step
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float64"
-    autoscaling: dict | None = None  # arrives with the autoscaler issue
+    autoscaling: dict | None = None  # AutoscalingConfig fields (topology/autoscaling.py); None: fixed replicas
     stage_resources: dict[str, Any] | None = None  # e.g. {"num_gpus": 1, "num_cpus": 0.5}
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
     threads_per_stage: int | None = Field(None, ge=1)  # torch threads in each stage (None = chosen)
@@ -101,7 +103,10 @@ class DeployConfig(BaseModel):
             raise ValueError(f"replicas_per_stage has {len(counts)} counts but num_stages={self.num_stages}: "
                              "give one count per stage")
         if self.autoscaling is not None:
-            raise ValueError("autoscaling= is not supported in this release; leave it None")
+            AutoscalingConfig(**self.autoscaling)  # names the bad field
+            if self.topology is not None:
+                raise ValueError("autoscaling= adds replicas where Ray finds GPUs; with topology= placement "
+                                 "give fixed replicas_per_stage instead")
         if self.topology is not None and self.layers_per_stage is not None:
             raise ValueError(f"topology= places layers by GPU speed and memory: give num_stages "
                              f"(or nothing), not layers_per_stage ({self.layers_per_stage})")
@@ -167,6 +172,9 @@ class Pipeline:
             else:
                 specs = partition(cfg, num_stages=dc.num_stages or 1)
             counts = replica_counts(dc.replicas_per_stage, len(specs))
+            if dc.autoscaling is not None:  # start inside the bounds
+                bounds = AutoscalingConfig(**dc.autoscaling)
+                counts = [min(bounds.max_replicas, max(bounds.min_replicas, c)) for c in counts]
         key = load_key(dc.encryption_key.get_secret_value() if dc.encryption_key else None)
         if dc.encryption == "always" and key is None:
             raise ConfigError("encryption='always' needs a key: pass encryption_key= or set MESHPIPE_KEY "
@@ -205,6 +213,12 @@ class Pipeline:
             ).remote(dc.name, str(source), cfg.to_dict(), stages, nested, vars(rc),
                      placement.router_topology() if placement else None, key, launcher, specs)
             ray.get(router.describe.remote())
+            if dc.autoscaling is not None:
+                scaler = ray.remote(AutoscalerActor).options(
+                    name=actor_name(dc.name, "autoscaler"), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+                    max_restarts=-1,
+                ).remote(dc.name, router, dc.autoscaling, float(resources.get("num_gpus", 0) or 0))
+                ray.get(scaler.start.remote())
         except Exception:
             flat = [h for hs in stages for h in hs] + [weights]
             for s in flat:
@@ -337,6 +351,19 @@ class Pipeline:
     def inject_fault(self, stage: int, kind: str, count: int = 1, replica: int | None = None) -> None:
         """Test hook: `stage` corrupts ("corrupt": one byte flipped) or drops ("drop") its next `count` messages."""
         _call(self.router.inject_fault.remote(stage, kind, count, replica))
+
+    def set_step_time(self, stage: int, seconds: float, per_token: float = 0.0) -> None:
+        """Test hook: every replica of `stage` (and any added later) takes `seconds` + `per_token` x the step's
+        tokens more per step, sleeping, as an accelerator's compute would (fake nodes share this machine's CPUs)."""
+        _call(self.router.set_step_time.remote(stage, seconds, per_token))
+
+    def autoscaler_decisions(self) -> list[dict[str, Any]]:
+        """The decisions the deployment's autoscaler applied (empty without autoscaling=)."""
+        try:
+            scaler = ray.get_actor(actor_name(self.name, "autoscaler"), namespace=NAMESPACE)
+        except ValueError:
+            return []
+        return _call(scaler.decisions.remote())
 
     def routes_mermaid(self) -> str:
         """Mermaid flowchart of the stage replicas, the route a new request takes now drawn thick."""

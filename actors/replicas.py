@@ -32,6 +32,8 @@ class Replica:
     banned_until: float = 0.0  # time.monotonic() after which the probe loop tries it again
     ban_s: float = 0.0  # current backoff (doubles on each ban, up to 60 s)
     restarts_seen: int = 0  # Ray restarts of it the router has taken back into the routes
+    draining: bool = False  # being removed: no new sequences; its own finish (or move) first
+    inflight: int = 0  # messages sent to it and not answered yet (its queue, as the router sees it)
     gone: bool = False  # dead for good (Ray will not restart it): never probed or routed again
 
     @property
@@ -67,6 +69,14 @@ class ReplicaTable:
 
     def get(self, stage: int, replica: int) -> Replica:
         return self._index[(stage, replica)]
+
+    def add(self, rep: Replica) -> None:
+        self.by_stage[rep.stage].append(rep)
+        self._index[(rep.stage, rep.replica)] = rep
+
+    def remove(self, rep: Replica) -> None:
+        self.by_stage[rep.stage].remove(rep)
+        self._index.pop((rep.stage, rep.replica), None)
 
     def on_route(self, route: Route) -> list[Replica]:
         return [self._index[(s, r)] for s, r in enumerate(route.replicas)]
@@ -129,6 +139,6 @@ class ReplicaTable:
                 rep.observe(inbound_ms, compute_ms)
 
     def describe(self) -> list[list[dict[str, Any]]]:
-        return [[{"name": r.name, "host": r.host, "alive": r.alive, "gone": r.gone, "sequences": len(r.sequences),
+        return [[{"name": r.name, "host": r.host, "alive": r.alive, "gone": r.gone, "draining": r.draining, "inflight": r.inflight, "sequences": len(r.sequences),
                   "served": r.served, "compute_ms": r.compute_ms, "inbound_ms": round(r.inbound_ms, 3)}
                  for r in stage] for stage in self.by_stage]

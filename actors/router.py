@@ -116,6 +116,8 @@ class RouterActor:
         self.launcher = launcher  # StageLauncher: places a replica anew after its node is lost
         self.specs = specs or []
         self.replacements = 0
+        self.step_time: dict[int, tuple[float, float]] = {}  # stage -> emulated (s per step, s per token)
+        self._busy_seen: dict[str, tuple[float, float]] = {}  # replica -> (when, its busy_s then)
         self.rc = RouterConfig(**(router_config or {}))
         self.table = ReplicaTable([
             [Replica(stage=k, replica=info["replica"], handle=h, host=info["node_id"],
@@ -319,6 +321,88 @@ class RouterActor:
         if not targets:
             raise InvalidRequestError(f"stage {stage} has no replica {replica}")
         await asyncio.gather(*[r.handle.inject_fault.remote(kind, count) for r in targets])
+
+    # ---------- replicas added and removed at run time (the autoscaler) ----------
+
+    async def set_step_time(self, stage: int, seconds: float, per_token: float = 0.0) -> None:
+        """Test hook: every replica of `stage`, and any added later, takes `seconds` + `per_token` x tokens
+        more per step."""
+        self.step_time[stage] = (seconds, per_token)
+        await asyncio.gather(*[r.handle.set_step_time.remote(seconds, per_token) for r in self.table.by_stage[stage]])
+
+    async def stage_loads(self) -> list[dict[str, Any]]:
+        """Per stage: live replicas, busy fraction since the last call, queue per replica, step ms."""
+        now = time.monotonic()
+        out = []
+        for k, reps in enumerate(self.table.by_stage):
+            live = [r for r in reps if r.alive and not r.draining and not r.gone]
+            got = await asyncio.gather(*[asyncio.wait_for(r.handle.stats.remote(), 5) for r in live],
+                                       return_exceptions=True)
+            busy = []
+            for r, st in zip(live, got):
+                if isinstance(st, BaseException):
+                    continue
+                last_t, last_busy = self._busy_seen.get(r.name, (now, st["busy_s"]))
+                busy.append((st["busy_s"] - last_busy) / (now - last_t) if now > last_t else 0.0)
+                self._busy_seen[r.name] = (now, st["busy_s"])
+            out.append({"stage": k, "replicas": len(live), "busy": sum(busy) / len(busy) if busy else 0.0,
+                        "queue": sum(max(0, r.inflight - 1) for r in live) / max(1, len(live)),
+                        "step_ms": sum(r.compute_ms or 0.0 for r in live) / max(1, len(live))})
+        return out
+
+    async def add_replica(self, stage: int) -> str:
+        """Starts one more replica of `stage` (Ray finds it a GPU, or its autoscaler a node); routes use it
+        once it is ready. Returns its name."""
+        if self.launcher is None:
+            raise DeploymentError("this deployment cannot start replicas (no launcher)")
+        replica = 1 + max((r.replica for r in self.table.by_stage[stage]), default=-1)
+        handle = self.launcher.launch(self.specs[stage], replica)
+        info = await handle.ready.remote()
+        if stage in self.step_time:
+            await handle.set_step_time.remote(*self.step_time[stage])
+        rep = Replica(stage=stage, replica=replica, handle=handle, host=info["node_id"],
+                      name=f"meshpipe/{self.deployment}/stage-{stage}/replica-{replica}")
+        self.table.add(rep)
+        self.replica_info[stage].append(info)
+        self._actor_label[handle._actor_id.hex()] = rep.label
+        self._refresh_costs()
+        log.warning("%s added (node %s)", rep.label, rep.host[:8])
+        return rep.name
+
+    async def drain_replica(self, stage: int, timeout_s: float = 60.0) -> str | None:
+        """Removes the least-loaded replica of `stage` (never its last live one): no new sequences go
+        to it, its own finish (or, after `timeout_s`, move with their caches rebuilt), then it is
+        killed. Returns its name, or None if the stage has a single live replica."""
+        live = [r for r in self.table.by_stage[stage] if r.alive and not r.draining and not r.gone]
+        if len(live) < 2:
+            return None
+        rep = min(live, key=lambda r: (len(r.sequences), -r.replica))
+        rep.draining, rep.alive = True, False
+        self.routes.invalidate()
+        end = time.monotonic() + timeout_s
+        while rep.sequences and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        if rep.sequences:  # move the rest: their next step fails over, caches rebuilt elsewhere
+            self._down_event(rep).set()
+            while rep.sequences:
+                await asyncio.sleep(0.05)
+        while rep.inflight:
+            await asyncio.sleep(0.05)
+        self.table.remove(rep)
+        self.replica_info[stage] = [i for i in self.replica_info[stage] if i["replica"] != rep.replica]
+        self._ray.kill(rep.handle, no_restart=True)
+        self._refresh_costs()
+        log.warning("%s drained and removed", rep.label)
+        return rep.name
+
+    def _refresh_costs(self) -> None:
+        """Hosts changed (a replica added, removed or placed anew): transfer costs and routes follow."""
+        try:
+            self.costs = self._host_costs(self.topology)
+        except MeshpipeError:  # a host not in the measured topology yet: uniform until re-measured
+            self.costs = HostCosts.uniform(self._hosts(), 0.0)
+        self.routes.invalidate()
+        self._links.clear()
 
     async def stage_stats(self) -> list[dict]:
         reps = list(self.table)
@@ -535,7 +619,10 @@ class RouterActor:
         of waiting for Ray to fail the call once the actor has restarted (~2 s).
         """
         reps = self.table.on_route(route)
+        for r in reps:
+            r.inflight += 1
         step = asyncio.ensure_future(self._chain(env, params, [r.handle for r in reps]))
+        step.add_done_callback(lambda _: self._landed(reps))
         watchers = [asyncio.ensure_future(self._down_event(r).wait()) for r in reps]
         try:
             await asyncio.wait([step, *watchers], return_when=asyncio.FIRST_COMPLETED)
@@ -548,6 +635,11 @@ class RouterActor:
         # on their argument. Stages run calls out of order, so those do not hold up other routes' steps.
         down = [r.label for r in reps if self._down_event(r).is_set()]
         raise RouteBrokenError(f"{', '.join(down)} died during the step")
+
+    @staticmethod
+    def _landed(reps: list[Replica]) -> None:
+        for r in reps:
+            r.inflight -= 1
 
     def _down_event(self, rep: Replica) -> asyncio.Event:
         key = (rep.stage, rep.replica)
@@ -578,7 +670,7 @@ class RouterActor:
                     event.set()
                 elif st == "ALIVE":
                     event.clear()
-                    if not rep.alive and rep.restarts_seen < restarts:
+                    if not rep.alive and not rep.draining and rep.restarts_seen < restarts:
                         rep.restarts_seen = restarts
                         rep.alive = True  # Ray restarted it (empty caches): usable at once, no backoff
                         self.routes.invalidate()
@@ -724,12 +816,7 @@ class RouterActor:
         self._actor_label[handle._actor_id.hex()] = rep.label
         self._down.pop((rep.stage, rep.replica), None)
         self.replica_info[rep.stage] = [info if i["replica"] == rep.replica else i for i in self.replica_info[rep.stage]]
-        try:
-            self.costs = self._host_costs(self.topology)
-        except MeshpipeError:  # the new node is not in the measured topology yet: uniform until re-measured
-            self.costs = HostCosts.uniform(self._hosts(), 0.0)
-        self.routes.invalidate()
-        self._links.clear()
+        self._refresh_costs()
         self.replacements += 1
 
     def _spawn(self, coro: Any) -> None:
@@ -894,7 +981,8 @@ class RouterActor:
         while not self._closed:
             await asyncio.sleep(self.rc.probe_interval_s)
             now = time.monotonic()
-            reps = [r for r in self.table if not r.gone and (r.alive or now >= r.banned_until)]  # banned: after backoff
+            reps = [r for r in self.table if not r.gone and not r.draining
+                    and (r.alive or now >= r.banned_until)]  # banned ones after their backoff
             sent = time.time()
             results = await asyncio.gather(*[asyncio.wait_for(r.handle.probe.remote(sent), 5.0) for r in reps],
                                            return_exceptions=True)

@@ -127,6 +127,8 @@ class StageActor:
         self.cache = self.model.new_cache()
         self.dtype = next(self.model.parameters()).dtype
         self.delay_s = 0.0  # test hook: extra seconds before each forward (a slow inbound hop)
+        self.step_time_s = 0.0  # test hook: seconds each step sleeps as if computing (an accelerator's time)
+        self.token_time_s = 0.0  # test hook: plus this per token of the step (compute-bound work)
         self.history = OutputHistory()  # what this stage sent on, per sequence (resends, cache rebuilds)
         self.sent: OrderedDict[int, tuple[Header, LinkCodec]] = OrderedDict()  # msg id -> what it sent
         self._handle: Any = None
@@ -185,6 +187,8 @@ class StageActor:
         b = Batch.build(header.seq_ids, header.starts, header.lengths).to(self.device)
         x = x.to(self.device) if self.model.is_first else x.to(self.device, self.dtype)
         y = self.model(x, b, self.cache)
+        if self.step_time_s or self.token_time_s:  # test hook: emulated accelerator time, counted as compute
+            time.sleep(self.step_time_s + self.token_time_s * sum(header.lengths))
         control = {"params": env.params, "hops": env.hops[1:], "links": env.links,
                    "retransmits": env.retransmits + resends}
         if self.model.is_last:
@@ -356,6 +360,11 @@ class StageActor:
         self.free(ids)
         self.sent.clear()
         return len(ids)
+
+    def set_step_time(self, seconds: float, per_token: float = 0.0) -> None:
+        """Test hook: every step also takes `seconds` + `per_token` x its tokens of emulated compute
+        (sleeping: fake nodes share this machine's CPUs)."""
+        self.step_time_s, self.token_time_s = float(seconds), float(per_token)
 
     def set_delay(self, seconds: float) -> None:
         """Test hook: delay every forward by `seconds` (emulates a slow link into this stage)."""

@@ -1,0 +1,79 @@
+"""The autoscaler actor: applies `topology.autoscaling.decide` to a deployment's stages.
+
+Every `period_s` it reads the stages' load from the router, asks the pure policy, and acts:
+an upscale asks Ray's cluster autoscaler ahead for the GPUs all stages will want
+(`ray.autoscaler.sdk.request_resources`), then has the router start a replica (which asks Ray for
+a GPU; with none free, the cluster autoscaler launches a node); a downscale has the router drain
+a replica (no new sequences; its own finish or move; then it is killed). Decisions are logged
+and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from topology.autoscaling import AutoscalingConfig, Decision, PolicyState, StageLoad, decide
+
+log = logging.getLogger(__name__)
+
+
+class AutoscalerActor:
+    def __init__(self, deployment: str, router: Any, config: dict, gpus_per_replica: float) -> None:
+        self.deployment = deployment
+        self.router = router
+        self.cfg = AutoscalingConfig(**config)
+        self.gpus_per_replica = gpus_per_replica
+        self.state = PolicyState()
+        self.history: list[dict[str, Any]] = []  # every decision applied: time, stage, delta, reason, seconds
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return list(self.history)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.period_s)
+            try:
+                loads = [StageLoad(**x) for x in await self.router.stage_loads.remote()]
+                for d in decide(loads, self.cfg, self.state, time.monotonic()):
+                    await self._apply(d, loads)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a failed round must not end the loop
+                log.warning("autoscaler of %r: round failed (%s: %s)", self.deployment, type(e).__name__, e)
+
+    async def _apply(self, d: Decision, loads: list[StageLoad]) -> None:
+        t0 = time.monotonic()
+        log.warning("autoscaler of %r: %s a replica of stage %d (%s)", self.deployment,
+                    "adding" if d.delta > 0 else "removing", d.stage, d.reason)
+        if d.delta > 0:
+            self._request_ahead(loads, d.stage)
+            name = await self.router.add_replica.remote(d.stage)
+        else:
+            name = await self.router.drain_replica.remote(d.stage)
+        self.history.append({"at": time.time(), "stage": d.stage, "delta": d.delta, "reason": d.reason,
+                             "replica": name, "seconds": round(time.monotonic() - t0, 3)})
+
+    def _request_ahead(self, loads: list[StageLoad], stage: int) -> None:
+        """Tells Ray's cluster autoscaler how many GPU bundles the deployment will want (a standing ask)."""
+        if not self.gpus_per_replica:
+            return
+        from ray.autoscaler.sdk import request_resources
+
+        total = sum(ld.replicas for ld in loads) + 1
+        try:
+            request_resources(bundles=[{"GPU": self.gpus_per_replica}] * total)
+        except Exception as e:  # noqa: BLE001 - no autoscaler on this cluster: Ray places what it can
+            log.info("request_resources: %s", e)
