@@ -58,22 +58,28 @@ class AutoscalerActor:
         t0 = time.monotonic()
         log.warning("autoscaler of %r: %s a replica of stage %d (%s)", self.deployment,
                     "adding" if d.delta > 0 else "removing", d.stage, d.reason)
+        total = sum(ld.replicas for ld in loads)
         if d.delta > 0:
-            self._request_ahead(loads, d.stage)
+            request_gpus(total + 1, self.gpus_per_replica)  # ask Ray's cluster autoscaler ahead
             name = await self.router.add_replica.remote(d.stage)
         else:
             name = await self.router.drain_replica.remote(d.stage)
+            request_gpus(total - 1, self.gpus_per_replica)  # a lower floor lets idle nodes go
         self.history.append({"at": time.time(), "stage": d.stage, "delta": d.delta, "reason": d.reason,
                              "replica": name, "seconds": round(time.monotonic() - t0, 3)})
 
-    def _request_ahead(self, loads: list[StageLoad], stage: int) -> None:
-        """Tells Ray's cluster autoscaler how many GPU bundles the deployment will want (a standing ask)."""
-        if not self.gpus_per_replica:
-            return
-        from ray.autoscaler.sdk import request_resources
 
-        total = sum(ld.replicas for ld in loads) + 1
-        try:
-            request_resources(bundles=[{"GPU": self.gpus_per_replica}] * total)
-        except Exception as e:  # noqa: BLE001 - no autoscaler on this cluster: Ray places what it can
-            log.info("request_resources: %s", e)
+def request_gpus(replicas: int, gpus_per_replica: float) -> None:
+    """Sets the deployment's standing ask to Ray's cluster autoscaler: one GPU bundle per replica.
+
+    `request_resources` is a floor the autoscaler keeps (nodes are launched for it, and not taken
+    away below it), so it follows the replica count both ways. No-op without GPUs or an autoscaler.
+    """
+    if not gpus_per_replica or replicas < 0:
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        request_resources(bundles=[{"GPU": gpus_per_replica}] * replicas)
+    except Exception as e:  # noqa: BLE001 - a cluster without an autoscaler: Ray places what it can
+        log.info("request_resources: %s", e)

@@ -179,7 +179,7 @@ class Pipeline:
         if dc.encryption == "always" and key is None:
             raise ConfigError("encryption='always' needs a key: pass encryption_key= or set MESHPIPE_KEY "
                               "(python -c 'from actors.codec import new_key; print(new_key())')")
-        resources = stage_resources(sum(counts), dc.stage_resources)
+        resources = stage_resources(sum(counts), dc.stage_resources, autoscaling=dc.autoscaling is not None)
         threads = dc.threads_per_stage  # None: each stage chooses by its device (default_threads)
         t0 = time.perf_counter()
         stages: list[list[Any]] = []
@@ -464,7 +464,7 @@ def replica_counts(replicas_per_stage: int | list[int], num_stages: int) -> list
     return list(replicas_per_stage)
 
 
-def stage_resources(num_actors: int, override: dict[str, Any] | None) -> dict[str, Any]:
+def stage_resources(num_actors: int, override: dict[str, Any] | None, autoscaling: bool = False) -> dict[str, Any]:
     """Reads the cluster's GPUs and applies `choose_stage_resources`, warning once on CPU fallback."""
     global _warned_cpu
     total = ray.cluster_resources().get("GPU", 0)
@@ -472,7 +472,12 @@ def stage_resources(num_actors: int, override: dict[str, Any] | None) -> dict[st
     while override is None and total >= num_actors > ray.available_resources().get("GPU", 0) \
             and time.monotonic() < end:
         time.sleep(0.2)
-    resources = choose_stage_resources(num_actors, total, ray.available_resources().get("GPU", 0), override)
+    resources = choose_stage_resources(num_actors, total, ray.available_resources().get("GPU", 0), override,
+                                       autoscaling)
+    if autoscaling and resources.get("num_gpus", 0) > 0:  # ask Ray's autoscaler ahead for the first replicas
+        from actors.autoscaler import request_gpus
+
+        request_gpus(num_actors, resources["num_gpus"])
     if resources.get("num_gpus") == 0 and override is None and not _warned_cpu:
         log.warning("the Ray cluster has no GPU: stages run on CPUs (pass stage_resources= to choose)")
         _warned_cpu = True
@@ -480,13 +485,17 @@ def stage_resources(num_actors: int, override: dict[str, Any] | None) -> dict[st
 
 
 def choose_stage_resources(num_actors: int, total_gpus: float, free_gpus: float,
-                           override: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Pure policy: one GPU per stage; CPUs when the cluster has none; fail fast on a shortfall."""
+                           override: dict[str, Any] | None = None, autoscaling: bool = False) -> dict[str, Any]:
+    """Pure policy: one GPU per stage; CPUs when the cluster has none; fail fast on a shortfall.
+
+    With `autoscaling`, explicit GPU resources are kept even on a cluster with no GPU yet: Ray's
+    cluster autoscaler launches GPU nodes for them (workers may start at zero).
+    """
     if override is not None:
-        if override.get("num_gpus", 0) > 0 and total_gpus == 0:
+        if override.get("num_gpus", 0) > 0 and total_gpus == 0 and not autoscaling:
             raise InsufficientResourcesError(
                 f"stage_resources={override} asks for GPUs but the cluster has none: "
-                "drop num_gpus to run stages on CPUs"
+                "drop num_gpus to run stages on CPUs (or deploy with autoscaling= on an autoscaling cluster)"
             )
         return dict(override)
     if total_gpus == 0:

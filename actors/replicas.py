@@ -24,6 +24,7 @@ class Replica:
     host: str  # the Ray node id it runs on
     name: str  # its actor name, meshpipe/<deployment>/stage-k/replica-r
     compute_ms: float | None = None  # moving average of its step time (None: not measured yet)
+    token_ms: float | None = None  # moving average of step time per token (compute-bound work grows with batch)
     inbound_ms: float = 0.0  # moving average of the wait between a message's send and its start
     sequences: set[str] = field(default_factory=set)  # active sequences routed through it
     served: int = 0  # sequences ever routed through it
@@ -85,7 +86,10 @@ class ReplicaTable:
         """The planner's input: measured costs, with load as queue wait.
 
         An unmeasured replica is assumed as fast as its stage's measured mean (1 ms if none is), so a
-        new replica is neither shunned nor flooded. Queue wait = step time × sequences / load_knee.
+        new replica is neither shunned nor flooded. Once steps are measured per token, the step time
+        is predicted for its batch plus one sequence: compute-bound work grows with the batch (and a
+        step whose time does not is predicted flat, as its time per token falls). Queue wait = step
+        time × sequences / load_knee.
         """
         out = []
         for stage in self.by_stage:
@@ -93,6 +97,8 @@ class ReplicaTable:
             fallback = sum(measured) / len(measured) if measured else 1.0
             for r in stage:
                 step = r.compute_ms if r.compute_ms is not None else fallback
+                if r.token_ms is not None:  # its next step with one more sequence (work grows with the batch)
+                    step = r.token_ms * (len(r.sequences) + 1)
                 out.append(ReplicaState(
                     stage=r.stage, replica=r.replica, host=r.host, compute_ms=step,
                     queue_ms=max(step, 1.0) * len(r.sequences) / self.load_knee,
@@ -131,12 +137,15 @@ class ReplicaTable:
             r.release = []
         return sorted(set(ids))
 
-    def observe_trace(self, trace: list[tuple[int, int, float, float]]) -> None:
-        """A step's per-hop measurements: (stage, replica, inbound_ms, compute_ms)."""
+    def observe_trace(self, trace: list[tuple[int, int, float, float]], tokens: int | None = None) -> None:
+        """A step's per-hop measurements: (stage, replica, inbound_ms, compute_ms); `tokens` in that step."""
         for stage, replica, inbound_ms, compute_ms in trace:
             rep = self._index.get((stage, replica))
             if rep is not None:
                 rep.observe(inbound_ms, compute_ms)
+                if tokens:
+                    per = compute_ms / tokens
+                    rep.token_ms = per if rep.token_ms is None else (1 - EMA) * rep.token_ms + EMA * per
 
     def describe(self) -> list[list[dict[str, Any]]]:
         return [[{"name": r.name, "host": r.host, "alive": r.alive, "gone": r.gone, "draining": r.draining, "inflight": r.inflight, "sequences": len(r.sequences),

@@ -566,9 +566,10 @@ class RouterActor:
             groups: dict[tuple[int, ...], list[Request]] = {}  # by replicas: a route's cost moves with load
             for r in batch:
                 groups.setdefault(r.route.replicas, []).append(r)
+            tokens = [sum(len(r.seq.next_input()) for r in reqs) for reqs in groups.values()]
             outs = await asyncio.gather(*[self._step(lane, reqs[0].route, reqs) for reqs in groups.values()],
                                         return_exceptions=True)
-            for reqs, out in zip(groups.values(), outs):
+            for reqs, out, n_tokens in zip(groups.values(), outs, tokens):
                 if isinstance(out, BaseException) and self._recoverable(out):
                     try:
                         out = await self._recover(lane, reqs, out)
@@ -580,7 +581,7 @@ class RouterActor:
                         if not r.future.done():
                             self._end(r, err)
                     continue
-                self.table.observe_trace(out.trace)
+                self.table.observe_trace(out.trace, n_tokens)
                 if self.rc.replicate_every and lane.step % self.rc.replicate_every == 0:
                     self._spawn(self._replicate(reqs, reqs[0].route))
                 for r, token, lp in zip(reqs, out.sampled, out.logprobs):
