@@ -15,6 +15,7 @@ import logging
 import time
 from typing import Any
 
+from actors.metrics import AutoscalerMetrics
 from topology.autoscaling import AutoscalingConfig, Decision, PolicyState, StageLoad, decide
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class AutoscalerActor:
         self.cfg = AutoscalingConfig(**config)
         self.gpus_per_replica = gpus_per_replica
         self.state = PolicyState()
+        self.metrics = AutoscalerMetrics(deployment)
         self.history: list[dict[str, Any]] = []  # every decision applied: time, stage, delta, reason, seconds
         self._task: asyncio.Task | None = None
 
@@ -65,6 +67,7 @@ class AutoscalerActor:
         else:
             name = await self.router.drain_replica.remote(d.stage)
             request_gpus(total - 1, self.gpus_per_replica)  # a lower floor lets idle nodes go
+        self.metrics.decided(d.stage, d.delta)
         self.history.append({"at": time.time(), "stage": d.stage, "delta": d.delta, "reason": d.reason,
                              "replica": name, "seconds": round(time.monotonic() - t0, 3)})
 

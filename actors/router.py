@@ -31,6 +31,7 @@ from actors.codec import Header, LinkCodec
 from actors.envelope import Envelope
 from actors.gcs import actor_record, own_restarts
 from actors.journal import RequestJournal, RequestRecord
+from actors.metrics import RouterMetrics
 from actors.links import LinkInfo, choose_link
 from actors.replicas import Replica, ReplicaTable
 from actors.errors import (
@@ -116,6 +117,9 @@ class RouterActor:
         self.launcher = launcher  # StageLauncher: places a replica anew after its node is lost
         self.specs = specs or []
         self.replacements = 0
+        self.metrics = RouterMetrics(deployment)
+        self._busy_ms: dict[tuple[int, int], float] = {}  # compute ms per replica since the last export
+        self._busy_since = time.monotonic()
         self.step_time: dict[int, tuple[float, float]] = {}  # stage -> emulated (s per step, s per token)
         self._busy_seen: dict[str, tuple[float, float]] = {}  # replica -> (when, its busy_s then)
         self.rc = RouterConfig(**(router_config or {}))
@@ -582,6 +586,10 @@ class RouterActor:
                             self._end(r, err)
                     continue
                 self.table.observe_trace(out.trace, n_tokens)
+                for stage, replica, _, compute_ms in out.trace:
+                    self._busy_ms[(stage, replica)] = self._busy_ms.get((stage, replica), 0.0) + compute_ms
+                self.metrics.step(len(reqs), sum(len(ln.seqs) for ln in self.lanes), len(self.waiting), out.trace,
+                                  out.retransmits)
                 if self.rc.replicate_every and lane.step % self.rc.replicate_every == 0:
                     self._spawn(self._replicate(reqs, reqs[0].route))
                 for r, token, lp in zip(reqs, out.sampled, out.logprobs):
@@ -596,6 +604,7 @@ class RouterActor:
                         self._release(r)
                         self.journal.put(self._record(r, completion))  # a late `result` after a restart finds it
                         r.future.set_result(completion)
+                        self.metrics.finished(completion.finish_reason)
             self._schedule()
 
     async def _step(self, lane: Lane, route: Route, reqs: list[Request], kind: str = "step") -> Envelope:
@@ -732,6 +741,7 @@ class RouterActor:
                     raise
                 log.warning("recovery of step %d interrupted (%s): again", lane.step, type(e).__name__)
         self.recoveries.append((time.time(), time.monotonic() - t0, waited))
+        self.metrics.recovered(time.monotonic() - t0)
         return out
 
     def _standbys(self, reqs: list[Request]) -> dict[int, int]:
@@ -764,6 +774,7 @@ class RouterActor:
             if decision.gone:
                 raise StageFailedError(self._all_gone_message(decision.gone[0]))
             if decision.moved:
+                self.metrics.rerouted(len(reqs))
                 self._ban([reps[k] for k in decision.moved])
                 for r in reqs:
                     self.table.move(route, decision.route, r.rid)
@@ -982,6 +993,7 @@ class RouterActor:
         while not self._closed:
             await asyncio.sleep(self.rc.probe_interval_s)
             now = time.monotonic()
+            self._export_loads(now)
             reps = [r for r in self.table if not r.gone and not r.draining
                     and (r.alive or now >= r.banned_until)]  # banned ones after their backoff
             sent = time.time()
@@ -1005,6 +1017,18 @@ class RouterActor:
                     self.routes.invalidate()
                     log.warning("%s answers again: back in the routes", rep.label)
                     self._schedule()
+
+    def _export_loads(self, now: float) -> None:
+        """Queue length per replica and pipeline efficiency (mean busy fraction from the traces) as metrics."""
+        live = [r for r in self.table if r.alive and not r.gone]
+        self.metrics.load(sum(len(ln.seqs) for ln in self.lanes), len(self.waiting))
+        self.metrics.queues({(r.stage, r.replica): max(0, r.inflight - 1) for r in live})
+        period_ms = (now - self._busy_since) * 1e3
+        if period_ms > 0 and live:
+            busy = [min(1.0, self._busy_ms.get((r.stage, r.replica), 0.0) / period_ms) for r in live]
+            self.metrics.efficiency.set(sum(busy) / len(busy), self.metrics.tags)
+        self._busy_ms.clear()
+        self._busy_since = now
 
     def _stage_error(self, e: Exception) -> MeshpipeError:
         if isinstance(e, StageFailedError):  # recovery's own verdict, already naming the stage
@@ -1037,6 +1061,7 @@ class RouterActor:
         self._release(req)
         if not req.future.done():
             self.journal.drop(req.rid)
+            self.metrics.finished(type(err).__name__)
             req.future.set_exception(err)
             req.future.exception()  # mark retrieved: a caller may never ask
         req.changed.set()

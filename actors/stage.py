@@ -32,6 +32,7 @@ from actors.codec import (
 from actors.envelope import Envelope
 from actors.gcs import own_restarts
 from actors.history import OutputHistory
+from actors.metrics import StageMetrics
 from models import (
     Batch,
     CacheMissError,
@@ -138,6 +139,9 @@ class StageActor:
         self.busy_s = 0.0
         self.step_ema_s = 0.0
         self.load_s = time.perf_counter() - t0
+        self.metrics = StageMetrics(deployment, spec.index, replica)
+        self.metrics.restart_count = own_restarts()
+        self.metrics.refresh(0)
         log.info("%s replica %d ready on %s (%d threads) in %.1f s", spec.label, replica, self.device,
                  torch.get_num_threads(), self.load_s)
 
@@ -163,6 +167,7 @@ class StageActor:
 
         Includes the test hook's delay and any queue behind running steps, as a real message would.
         """
+        self.metrics.refresh(len(self.cache.slot_of))  # the router probes every second: gauges stay current
         return self._arrive(sent_at)
 
     def forward(self, env: Envelope, params: list[SamplingParams] | None = None) -> Envelope | Any:
@@ -215,6 +220,8 @@ class StageActor:
         self.steps += 1
         self.busy_s += dt
         self.step_ema_s = dt if self.steps == 1 else 0.9 * self.step_ema_s + 0.1 * dt
+        self.metrics.step(dt * 1e3, None if self.model.is_last else out.wire, y.numel() * y.element_size(),
+                          len(self.cache.slot_of))
         out.trace = [*env.trace, (self.spec.index, self.replica, inbound_ms, dt * 1e3)]
         out.sent_at = time.time()
         if env.hops and not self.model.is_last:

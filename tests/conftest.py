@@ -22,6 +22,7 @@ def ray_cluster() -> Iterator[dict]:
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach the export in ~1 s
     info = ray.init(address="local", num_cpus=2, num_gpus=LOGICAL_GPUS, include_dashboard=False,
                     log_to_driver=False)
     yield {"gcs_address": info.address_info["gcs_address"]}

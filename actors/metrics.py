@@ -1,0 +1,110 @@
+"""meshpipe's metrics, through `ray.util.metrics`: Ray exports them as `ray_meshpipe_*` to Prometheus
+and the dashboard's metrics view. All are tagged by deployment; stage ones also by stage and replica.
+
+One object per actor kind creates its metrics once (Ray registers them per process); the actors
+call the small `record_*` helpers, never the Ray classes directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_STEP_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000]
+_SECONDS = [0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60]
+
+
+class RouterMetrics:
+    def __init__(self, deployment: str) -> None:
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        self.tags = {"deployment": deployment}
+        keys = ("deployment",)
+        replica_keys = ("deployment", "stage", "replica")
+        self.tokens = Counter("meshpipe_tokens_generated", "tokens generated", tag_keys=keys)
+        self.requests = Counter("meshpipe_requests", "requests finished, by outcome",
+                                tag_keys=("deployment", "outcome"))
+        self.active = Gauge("meshpipe_active_sequences", "sequences decoding now", tag_keys=keys)
+        self.queued = Gauge("meshpipe_queued_requests", "admitted requests waiting for a slot", tag_keys=keys)
+        self.retransmits = Counter("meshpipe_retransmits", "messages resent after a checksum failure or loss",
+                                   tag_keys=keys)
+        self.reroutes = Counter("meshpipe_reroutes", "sequences moved to another replica after a failure",
+                                tag_keys=keys)
+        self.recovery = Histogram("meshpipe_recovery_seconds", "failed step to step redone",
+                                  boundaries=_SECONDS, tag_keys=keys)
+        self.queue = Gauge("meshpipe_stage_queue_length", "messages sent to a replica and not answered",
+                           tag_keys=replica_keys)
+        self.hop_ms = Histogram("meshpipe_hop_latency_ms", "a message's wait between its send and its start",
+                                boundaries=_STEP_MS, tag_keys=replica_keys)
+        self.efficiency = Gauge("meshpipe_pipeline_efficiency",
+                                "mean busy fraction of the stages' replicas (1 = no bubbles)", tag_keys=keys)
+
+    def step(self, tokens: int, active: int, queued: int, trace: list[tuple[int, int, float, float]],
+             retransmits: int) -> None:
+        self.tokens.inc(tokens, self.tags)
+        self.active.set(active, self.tags)
+        self.queued.set(queued, self.tags)
+        if retransmits:
+            self.retransmits.inc(retransmits, self.tags)
+        for stage, replica, inbound_ms, _ in trace:
+            self.hop_ms.observe(inbound_ms, {**self.tags, "stage": str(stage), "replica": str(replica)})
+
+    def load(self, active: int, queued: int) -> None:
+        self.active.set(active, self.tags)
+        self.queued.set(queued, self.tags)
+
+    def queues(self, lengths: dict[tuple[int, int], int]) -> None:
+        for (stage, replica), n in lengths.items():
+            self.queue.set(n, {**self.tags, "stage": str(stage), "replica": str(replica)})
+
+    def finished(self, outcome: str) -> None:
+        self.requests.inc(1, {**self.tags, "outcome": outcome})
+
+    def recovered(self, seconds: float) -> None:
+        self.recovery.observe(seconds, self.tags)
+
+    def rerouted(self, sequences: int) -> None:
+        self.reroutes.inc(sequences, self.tags)
+
+
+class StageMetrics:
+    def __init__(self, deployment: str, stage: int, replica: int) -> None:
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        self.tags = {"deployment": deployment, "stage": str(stage), "replica": str(replica)}
+        keys = tuple(self.tags)
+        self.step_ms = Histogram("meshpipe_stage_step_latency_ms", "a stage step's compute time",
+                                 boundaries=_STEP_MS, tag_keys=keys)
+        self.bytes = Counter("meshpipe_hop_bytes", "bytes a stage sent on (encoded messages)", tag_keys=keys)
+        self.ratio = Gauge("meshpipe_codec_ratio", "raw / encoded size of the last message sent", tag_keys=keys)
+        self.restarts = Gauge("meshpipe_stage_restarts", "Ray restarts of this replica", tag_keys=keys)
+        self.sequences = Gauge("meshpipe_stage_sequences", "sequences whose KV cache this replica holds",
+                               tag_keys=keys)
+
+        self.last_ratio: float | None = None
+        self.restart_count = 0
+
+    def step(self, ms: float, sent: Any, raw_bytes: int, sequences: int) -> None:
+        self.step_ms.observe(ms, self.tags)
+        if sent is not None and len(sent):
+            self.bytes.inc(len(sent), self.tags)
+            self.last_ratio = raw_bytes / len(sent)
+        self.refresh(sequences)
+
+    def refresh(self, sequences: int) -> None:
+        """Sets the gauges again: Ray exports a gauge's value for the period it was set in."""
+        self.sequences.set(sequences, self.tags)
+        self.restarts.set(self.restart_count, self.tags)
+        if self.last_ratio is not None:
+            self.ratio.set(self.last_ratio, self.tags)
+
+
+class AutoscalerMetrics:
+    def __init__(self, deployment: str) -> None:
+        from ray.util.metrics import Counter
+
+        self.tags = {"deployment": deployment}
+        self.decisions = Counter("meshpipe_autoscaler_decisions", "replicas added (up) or removed (down)",
+                                 tag_keys=("deployment", "stage", "direction"))
+
+    def decided(self, stage: int, delta: int) -> None:
+        self.decisions.inc(1, {**self.tags, "stage": str(stage), "direction": "up" if delta > 0 else "down"})
