@@ -66,7 +66,8 @@ def test_a_load_step_adds_bottleneck_replicas_and_they_drain_after(tiny_ckpt: Pa
         while time.monotonic() < deadline and [len(s) for s in pipe.stats()["router"]["replicas"]] != [1, 1]:
             time.sleep(0.5)
         assert [len(s) for s in pipe.stats()["router"]["replicas"]] == [1, 1]  # drained back to min
-        assert [d["delta"] for d in pipe.autoscaler_decisions()].count(-1) == len(ups)
+        deltas = [d["delta"] for d in pipe.autoscaler_decisions()]
+        assert deltas.count(-1) == deltas.count(+1), deltas  # every replica added went again
         assert pipe.generate(PROMPTS[0], max_new_tokens=NEW, ignore_eos=True)[0].token_ids == reference[0]
     finally:
         pipe.shutdown()
