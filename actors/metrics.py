@@ -38,11 +38,9 @@ class RouterMetrics:
         self.efficiency = Gauge("meshpipe_pipeline_efficiency",
                                 "mean busy fraction of the stages' replicas (1 = no bubbles)", tag_keys=keys)
 
-    def step(self, tokens: int, active: int, queued: int, trace: list[tuple[int, int, float, float]],
-             retransmits: int) -> None:
+    def step(self, tokens: int, trace: list[tuple[int, int, float, float]], retransmits: int) -> None:
+        """Per step: tokens out, retransmits, each hop's wait (gauges are set once a second by `load`)."""
         self.tokens.inc(tokens, self.tags)
-        self.active.set(active, self.tags)
-        self.queued.set(queued, self.tags)
         if retransmits:
             self.retransmits.inc(retransmits, self.tags)
         for stage, replica, inbound_ms, _ in trace:

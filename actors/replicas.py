@@ -35,6 +35,7 @@ class Replica:
     restarts_seen: int = 0  # Ray restarts of it the router has taken back into the routes
     draining: bool = False  # being removed: no new sequences; its own finish (or move) first
     inflight: int = 0  # messages sent to it and not answered yet (its queue, as the router sees it)
+    busy_ms: float = 0.0  # compute ms of its steps since the router last exported metrics
     gone: bool = False  # dead for good (Ray will not restart it): never probed or routed again
 
     @property
@@ -143,6 +144,7 @@ class ReplicaTable:
             rep = self._index.get((stage, replica))
             if rep is not None:
                 rep.observe(inbound_ms, compute_ms)
+                rep.busy_ms += compute_ms
                 if tokens:
                     per = compute_ms / tokens
                     rep.token_ms = per if rep.token_ms is None else (1 - EMA) * rep.token_ms + EMA * per

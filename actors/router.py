@@ -118,8 +118,7 @@ class RouterActor:
         self.specs = specs or []
         self.replacements = 0
         self.metrics = RouterMetrics(deployment)
-        self._busy_ms: dict[tuple[int, int], float] = {}  # compute ms per replica since the last export
-        self._busy_since = time.monotonic()
+        self._busy_since = time.monotonic()  # replicas' busy_ms count from here
         self.step_time: dict[int, tuple[float, float]] = {}  # stage -> emulated (s per step, s per token)
         self._busy_seen: dict[str, tuple[float, float]] = {}  # replica -> (when, its busy_s then)
         self.rc = RouterConfig(**(router_config or {}))
@@ -586,10 +585,7 @@ class RouterActor:
                             self._end(r, err)
                     continue
                 self.table.observe_trace(out.trace, n_tokens)
-                for stage, replica, _, compute_ms in out.trace:
-                    self._busy_ms[(stage, replica)] = self._busy_ms.get((stage, replica), 0.0) + compute_ms
-                self.metrics.step(len(reqs), sum(len(ln.seqs) for ln in self.lanes), len(self.waiting), out.trace,
-                                  out.retransmits)
+                self.metrics.step(len(reqs), out.trace, out.retransmits)
                 if self.rc.replicate_every and lane.step % self.rc.replicate_every == 0:
                     self._spawn(self._replicate(reqs, reqs[0].route))
                 for r, token, lp in zip(reqs, out.sampled, out.logprobs):
@@ -1025,9 +1021,10 @@ class RouterActor:
         self.metrics.queues({(r.stage, r.replica): max(0, r.inflight - 1) for r in live})
         period_ms = (now - self._busy_since) * 1e3
         if period_ms > 0 and live:
-            busy = [min(1.0, self._busy_ms.get((r.stage, r.replica), 0.0) / period_ms) for r in live]
+            busy = [min(1.0, r.busy_ms / period_ms) for r in live]
             self.metrics.efficiency.set(sum(busy) / len(busy), self.metrics.tags)
-        self._busy_ms.clear()
+        for r in self.table:
+            r.busy_ms = 0.0
         self._busy_since = now
 
     def _stage_error(self, e: Exception) -> MeshpipeError:

@@ -140,7 +140,8 @@ class StageActor:
         self.step_ema_s = 0.0
         self.load_s = time.perf_counter() - t0
         self.metrics = StageMetrics(deployment, spec.index, replica)
-        self.metrics.restart_count = own_restarts()
+        self.restarts = own_restarts()  # fixed for this process: a restart is a new process
+        self.metrics.restart_count = self.restarts
         self.metrics.refresh(0)
         log.info("%s replica %d ready on %s (%d threads) in %.1f s", spec.label, replica, self.device,
                  torch.get_num_threads(), self.load_s)
@@ -159,7 +160,7 @@ class StageActor:
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "load_s": round(self.load_s, 3),
-            "restarts": own_restarts(),
+            "restarts": self.restarts,
         }
 
     def probe(self, sent_at: float) -> float:
@@ -387,6 +388,6 @@ class StageActor:
             "sequences": len(self.cache.slot_of),
             "tokens_cached": self.cache.tokens_held(),
             "load_s": round(self.load_s, 3),
-            "restarts": own_restarts(),
+            "restarts": self.restarts,
             **self.counters,
         }

@@ -18,3 +18,43 @@ def min_margin(completions: list[Completion]) -> float:
 
 def tokens(completions: list[Completion]) -> list[list[int]]:
     return [c.token_ids for c in completions]
+
+
+def load_step(pipe, prompts: list, new_tokens: int, clients: int = 8,  # noqa: ANN001 - a Pipeline
+              on_sample=None) -> tuple[dict[int, list[int]], list[tuple[float, int]], float]:  # noqa: ANN001
+    """Keeps `clients` greedy requests in flight over `prompts`, sampling the router's token count every
+    0.25 s (and calling `on_sample()` then). Returns (tokens by prompt index, [(time.time(), tokens)], start)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    samples: list[tuple[float, int]] = []
+    outs: dict[int, list[int]] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append((time.time(), pipe.stats()["router"]["tokens_generated"]))
+            if on_sample is not None:
+                on_sample()
+            time.sleep(0.25)
+
+    def client(i: int) -> None:
+        outs[i] = pipe.generate(prompts[i], max_new_tokens=new_tokens, ignore_eos=True)[0].token_ids
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    start = time.time()
+    try:
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(client, range(len(prompts))))
+    finally:
+        done.set()
+        sampler.join()
+    return outs, samples, start
+
+
+def token_rate(samples: list[tuple[float, int]], a: float, b: float) -> float:
+    """Tokens per second between times `a` and `b` from `load_step`'s samples."""
+    window = [(t, n) for t, n in samples if a <= t <= b]
+    return (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])

@@ -18,13 +18,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
 import yaml
+
+from tests.support import load_step, token_rate
 
 PROMPTS = [[(7 * i + j) % 250 + 1 for j in range(3 + i % 5)] for i in range(80)]
 NEW = 30
@@ -121,40 +121,17 @@ def main(ckpt: str, port: int) -> dict:
             reference = [pipe.generate(p, max_new_tokens=NEW, ignore_eos=True)[0].token_ids for p in PROMPTS[:4]]
             nodes_before = gpu_nodes()
             pipe.set_step_time(1, 0.0, per_token=0.01)  # stage 1: compute-bound, the bottleneck
-            samples: list[tuple[float, int]] = []
             peak = [nodes_before]
-            done = threading.Event()
-
-            def sample() -> None:
-                while not done.is_set():
-                    samples.append((time.time(), pipe.stats()["router"]["tokens_generated"]))
-                    peak[0] = max(peak[0], gpu_nodes())
-                    time.sleep(0.25)
-
-            outs: dict[int, list[int]] = {}
-
-            def client(i: int) -> None:
-                outs[i] = pipe.generate(PROMPTS[i], max_new_tokens=NEW, ignore_eos=True)[0].token_ids
-
-            sampler = threading.Thread(target=sample)
-            sampler.start()
-            load_step = time.time()
-            with ThreadPoolExecutor(8) as pool:
-                list(pool.map(client, range(len(PROMPTS))))
-            done.set()
-            sampler.join()
+            outs, samples, load_step_at = load_step(pipe, PROMPTS, NEW,
+                                                    on_sample=lambda: peak.__setitem__(0, max(peak[0], gpu_nodes())))
             assert len(outs) == len(PROMPTS), "requests lost"
             assert [outs[i] for i in range(4)] == reference, "tokens changed under load"
             ups = [d for d in pipe.autoscaler_decisions() if d["delta"] > 0]
             assert ups and ups[0]["stage"] == 1, pipe.autoscaler_decisions()
             serving = ups[0]["at"]
 
-            def rate(a: float, b: float) -> float:
-                window = [(t, n) for t, n in samples if a <= t <= b]
-                return (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
-
-            before = rate(load_step + 0.5, serving - ups[0]["seconds"])  # the load step until the decision
-            after = rate(serving + 0.5, samples[-1][0] - 1.0)  # the new replica serving until the load ends
+            before = token_rate(samples, load_step_at + 0.5, serving - ups[0]["seconds"])  # until the decision
+            after = token_rate(samples, serving + 0.5, samples[-1][0] - 1.0)  # the new replica serving until the load ends
             end = time.monotonic() + 90
             while time.monotonic() < end and (gpu_nodes() > nodes_before
                                               or [len(s) for s in pipe.stats()["router"]["replicas"]] != [1, 1]):
@@ -163,8 +140,8 @@ def main(ckpt: str, port: int) -> dict:
                 "deploy_s": round(deploy_s, 2), "gpu_nodes_at_start": nodes_at_start, "gpu_nodes_before": nodes_before,
                 "gpu_nodes_peak": peak[0], "gpu_nodes_after": gpu_nodes(),
                 "replicas_after": [len(s) for s in pipe.stats()["router"]["replicas"]],
-                "load_step_to_serving_s": round(serving - load_step, 2),
-                "load_step_to_decision_s": round(serving - ups[0]["seconds"] - load_step, 2),
+                "load_step_to_serving_s": round(serving - load_step_at, 2),
+                "load_step_to_decision_s": round(serving - ups[0]["seconds"] - load_step_at, 2),
                 "add_replica_s": ups[0]["seconds"],
                 "tokens_per_s_before": round(before, 1), "tokens_per_s_after": round(after, 1),
                 "decisions": [(d["stage"], d["delta"]) for d in pipe.autoscaler_decisions()],

@@ -7,14 +7,13 @@ time), so an added replica raises throughput even though the actors share this m
 
 from __future__ import annotations
 
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from actors import Pipeline
+from tests.support import load_step, token_rate
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -29,37 +28,15 @@ def test_a_load_step_adds_bottleneck_replicas_and_they_drain_after(tiny_ckpt: Pa
     try:
         reference = [pipe.generate(p, max_new_tokens=NEW, ignore_eos=True)[0].token_ids for p in PROMPTS[:4]]
         pipe.set_step_time(1, 0.0, per_token=0.006)  # stage 1 is the bottleneck, compute-bound
-        samples: list[tuple[float, int]] = []  # (time.time(), tokens generated so far)
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                samples.append((time.time(), pipe.stats()["router"]["tokens_generated"]))
-                time.sleep(0.25)
-
-        outs: dict[int, list[int]] = {}
-
-        def client(i: int) -> None:
-            outs[i] = pipe.generate(PROMPTS[i], max_new_tokens=NEW, ignore_eos=True)[0].token_ids
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        with ThreadPoolExecutor(8) as pool:  # 8 requests in flight at all times: a sustained load step
-            list(pool.map(client, range(len(PROMPTS))))
-        done.set()
-        sampler.join()
+        outs, samples, _ = load_step(pipe, PROMPTS, NEW)  # 8 requests in flight at all times
         assert len(outs) == len(PROMPTS)  # nothing lost
         assert [outs[i] for i in range(4)] == reference  # identical to the unloaded run
         ups = [d for d in pipe.autoscaler_decisions() if d["delta"] > 0]
         assert ups and all(d["stage"] == 1 for d in ups), ups
         serving = ups[0]["at"]  # the first new replica is ready (add_replica returned)
 
-        def rate(a: float, b: float) -> float:
-            window = [(t, n) for t, n in samples if a <= t <= b]
-            return (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
-
-        before = rate(samples[0][0], serving - ups[0]["seconds"])
-        after = rate(serving + 0.5, serving + 3.0)
+        before = token_rate(samples, samples[0][0], serving - ups[0]["seconds"])
+        after = token_rate(samples, serving + 0.5, serving + 3.0)
         assert after > 1.3 * before, (before, after)
 
         deadline = time.monotonic() + 30
