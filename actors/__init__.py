@@ -9,8 +9,9 @@ from actors.errors import (
     StageFailedError,
 )
 from actors.pipeline import DeployConfig, Pipeline, StreamChunk
+from actors.progress import DeployProgress, TqdmProgress
 
 __all__ = [
-    "BackPressureError", "DeployConfig", "DeploymentError", "InsufficientResourcesError", "Pipeline",
-    "RequestCancelledError", "RequestTimeoutError", "StageFailedError", "StreamChunk",
+    "BackPressureError", "DeployConfig", "DeployProgress", "DeploymentError", "InsufficientResourcesError", "Pipeline",
+    "RequestCancelledError", "RequestTimeoutError", "StageFailedError", "StreamChunk", "TqdmProgress",
 ]

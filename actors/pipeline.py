@@ -7,10 +7,11 @@ an HTTP server attaches with `Pipeline.connect(name)`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from actors.codec import load_key
 from actors.errors import DeploymentError, InsufficientResourcesError
 from actors.gcs import actor_record
+from actors.progress import DeployProgress, ProgressFn
 from actors.router import RouterActor, RouterConfig
 from actors.autoscaler import AutoscalerActor
 from actors.stage import StageLauncher
 from actors.weights import WeightsActor
-from models import Completion, ConfigError, MeshpipeError, SamplingParams, is_batch, partition
+from models import Completion, ConfigError, MeshpipeError, SamplingParams, TokenLogprob, is_batch, partition
 from models.config import resolve_dtype
 from topology import Gpu, StagePlacement, Topology, gpus_from_topology, place
 from topology.autoscaling import AutoscalingConfig
@@ -118,6 +120,22 @@ class StreamChunk:
     text: str  # new text since the previous chunk
     token_ids: list[int]  # new tokens since the previous chunk
     finish_reason: str | None = None  # set on the last chunk
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when asked for
+    usage: dict[str, int] | None = None  # set on the last chunk
+
+
+def _next_chunk(step: dict[str, Any], cursor: int, text: str) -> tuple[StreamChunk | None, int, str, bool]:
+    """One `stream_next` answer as (chunk to yield or None, new cursor, text shown so far, done)."""
+    new = len(step["token_ids"])
+    if step["done"]:
+        c = step["completion"]
+        lps = None if c.logprobs is None else c.logprobs[cursor:]
+        return StreamChunk(c.text[len(text):], step["token_ids"], c.finish_reason, lps, c.usage), cursor + new, \
+            c.text, True
+    if not new:
+        return None, cursor, text, False
+    return StreamChunk(step["text"][len(text):], step["token_ids"], logprobs=step.get("logprobs")), cursor + new, \
+        step["text"], False
 
 
 def _unwrap(e: Exception) -> Exception:
@@ -144,9 +162,13 @@ class Pipeline:
 
     @classmethod
     def deploy(cls, model: str | Path = "smollm2-135m", **options: Any) -> Pipeline:
-        """Starts the stage actors and the router; returns when every stage has its weights."""
+        """Starts the stage actors and the router; returns when every stage has its weights.
+
+        `options` are `DeployConfig`'s fields, plus `progress=`: a callable given a `DeployProgress` as
+        weights are read and stages come up (`actors.TqdmProgress()` draws bars)."""
         from models.loading import read_config, resolve_source
 
+        progress: ProgressFn | None = options.pop("progress", None)
         try:
             dc = DeployConfig(model=str(model), **options)
         except ValueError as e:  # pydantic's ValidationError is a ValueError
@@ -185,7 +207,7 @@ class Pipeline:
         stages: list[list[Any]] = []
         weights = ray.remote(WeightsActor).options(  # owns the tensors in the object store; outlives stages
             name=actor_name(dc.name, "weights"), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-            max_restarts=-1, max_concurrency=8, **(placement.options(0, 0) if placement else {}),
+            max_restarts=-1, max_concurrency=max(8, len(specs) + 2), **(placement.options(0, 0) if placement else {}),
         ).remote(dc.name, str(source), cfg.to_dict())
         launcher = StageLauncher(dc.name, str(source), cfg.to_dict(), dc.dtype, threads, len(specs), key,
                                  dc.max_retransmits, weights, resources, dc.max_restarts, spread=max(counts) > 1)
@@ -195,7 +217,7 @@ class Pipeline:
                                for r in range(count)])
             flat = [h for hs in stages for h in hs]
             info = _wait_ready(flat, [spec for spec, c in zip(specs, counts) for _ in range(c)],
-                               dc.ready_timeout_s)
+                               dc.ready_timeout_s, progress, weights)
             nested, i = [], 0
             for c in counts:
                 nested.append(info[i:i + c])
@@ -305,11 +327,33 @@ class Pipeline:
             try:
                 return _call(getattr(self.router, method).remote(*args), timeout)
             except ray.exceptions.RayActorError as e:
-                dead = isinstance(e, ray.exceptions.ActorDiedError) and actor_record(self.router)[0] == "DEAD"
-                if dead or not retry or time.monotonic() > end:
-                    raise DeploymentError(f"the router of deployment {self.name!r} is unavailable "
-                                          f"({type(e).__name__}){'' if retry else ': submit again'}") from e
+                self._router_lost(e, retry, end)
                 time.sleep(0.2)
+
+    async def acall(self, method: str, *args: Any, retry: bool = True) -> Any:
+        """The router's method `method` from async code (an HTTP server): awaits it, raising meshpipe's
+        typed errors; while Ray restarts the router, idempotent calls (`retry`) are asked again."""
+        end = time.monotonic() + ROUTER_RESTART_S
+        while True:
+            try:
+                return await getattr(self.router, method).remote(*args)
+            except ray.exceptions.RayTaskError as e:
+                raise _unwrap(e) from None
+            except ray.exceptions.RayActorError as e:
+                self._router_lost(e, retry, end)
+                await asyncio.sleep(0.2)
+
+    def _router_lost(self, e: ray.exceptions.RayActorError, retry: bool, end: float) -> None:
+        """Returns when the router is restarting and the call may be asked again; raises otherwise."""
+        dead = isinstance(e, ray.exceptions.ActorDiedError) and actor_record(self.router)[0] == "DEAD"
+        if dead or not retry or time.monotonic() > end:
+            raise DeploymentError(f"the router of deployment {self.name!r} is unavailable "
+                                  f"({type(e).__name__}){'' if retry else ': submit again'}") from e
+
+    async def asubmit_many(self, prompts: list[Any], params: SamplingParams | list[SamplingParams],
+                           timeout_s: float | None = None) -> list[str]:
+        """Admits every prompt at once, or none (BackPressureError); `params` for all, or one each. Async."""
+        return await self.acall("submit_many", list(prompts), params, timeout_s, retry=False)
 
     def stream(self, prompt: Any, max_new_tokens: int = 16, timeout_s: float | None = None,
                **sampling: Any) -> Iterator[StreamChunk]:
@@ -322,18 +366,26 @@ class Pipeline:
         try:
             while not done:
                 step = self._router("stream_next", rid, cursor)
-                done = step["done"]
-                cursor += len(step["token_ids"])
-                if done:
-                    full = step["completion"].text
-                    yield StreamChunk(full[len(text):], step["token_ids"], step["completion"].finish_reason)
-                    return
-                if step["token_ids"]:
-                    yield StreamChunk(step["text"][len(text):], step["token_ids"])
-                    text = step["text"]
+                chunk, cursor, text, done = _next_chunk(step, cursor, text)
+                if chunk is not None:
+                    yield chunk
         finally:
             if not done:
                 self.cancel(rid)
+
+    async def afollow(self, rid: str) -> AsyncIterator[StreamChunk]:
+        """Async: yields an admitted request's text as it is generated; closing it early (or the task being
+        cancelled, as when an HTTP client goes away) cancels the request and frees its KV caches."""
+        cursor, text, done = 0, "", False
+        try:
+            while not done:
+                step = await self.acall("stream_next", rid, cursor)
+                chunk, cursor, text, done = _next_chunk(step, cursor, text)
+                if chunk is not None:
+                    yield chunk
+        finally:
+            if not done:
+                self.router.cancel.remote(rid)  # sent at once; nothing to await in a cancelled task
 
     # ---------- introspection and test hooks ----------
 
@@ -370,10 +422,27 @@ class Pipeline:
         return _call(self.router.routes_mermaid.remote())
 
 
-def _wait_ready(stages: list[Any], specs: list[Any], timeout_s: float) -> list[dict]:
-    """Every stage's `ready` info, or a DeploymentError naming the stages that never came up."""
+def _wait_ready(stages: list[Any], specs: list[Any], timeout_s: float, progress: ProgressFn | None = None,
+                weights: Any = None) -> list[dict]:
+    """Every stage's `ready` info, or a DeploymentError naming the stages that never came up.
+
+    With `progress`, reports the stages whose weights are read and the replicas ready as they change."""
     refs = [s.ready.remote() for s in stages]
-    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    end = time.monotonic() + timeout_s
+    pending, shown = refs, (-1, -1)
+    n_specs = len({s.index for s in specs})
+    while pending and time.monotonic() < end:
+        _, pending = ray.wait(pending, num_returns=len(pending),
+                              timeout=min(0.25, end - time.monotonic()) if progress else end - time.monotonic())
+        if progress is not None:
+            read = min(n_specs, ray.get(weights.stats.remote())["stages_kept"]) if weights is not None else n_specs
+            now = (read, len(refs) - len(pending))
+            if now != shown:
+                if now[0] != shown[0]:
+                    progress(DeployProgress("weights", now[0], n_specs))
+                if now[1] != shown[1]:
+                    progress(DeployProgress("stages", now[1], len(refs)))
+                shown = now
     if pending:
         late = [specs[refs.index(r)].label for r in pending]
         raise DeploymentError(

@@ -42,7 +42,7 @@ from actors.errors import (
     StageFailedError,
 )
 from models import Completion, InvalidRequestError, MeshpipeError, ModelConfig, SamplingParams, SequenceState
-from models.generation import encode_prompt
+from models.generation import encode_prompt, stream_safe
 from topology.graph import Topology
 from topology.failover import Health, choose_node, failover
 from topology.planner import HostCosts, NoReplicaError, Route, RouteCache
@@ -219,23 +219,29 @@ class RouterActor:
                     self._end(r, RequestCancelledError(f"request {r.rid} was cancelled with its batch"))
             raise
 
-    async def submit_many(self, prompts: list[Any], params: SamplingParams,
+    async def submit_many(self, prompts: list[Any], params: SamplingParams | list[SamplingParams],
                           timeout_s: float | None = None) -> list[str]:
-        """Admits all prompts at once (all or none); returns their ids (for `result`, which survives a restart)."""
+        """Admits all prompts at once (all or none); returns their ids (for `result`, which survives a restart).
+
+        `params` applies to every prompt, or is one SamplingParams per prompt."""
         await self._resume()
-        reqs = [self._new_request(p, params, timeout_s) for p in prompts]
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InvalidRequestError(f"{len(plist)} sampling params for {len(prompts)} prompts: give one or one each")
+        reqs = [self._new_request(p, sp, timeout_s) for p, sp in zip(prompts, plist)]
         self._admit(reqs)
         return [r.rid for r in reqs]
 
     async def submit_chat(self, messages: list[dict], params: SamplingParams, timeout_s: float | None = None) -> str:
         """Applies the chat template and admits the request; returns its id."""
-        return (await self.submit_many([self._chat_prompt(messages)], params, timeout_s))[0]
+        return (await self.submit_many([self.chat_prompt(messages)], params, timeout_s))[0]
 
     async def chat(self, messages: list[dict], params: SamplingParams,
                    timeout_s: float | None = None) -> Completion:
-        return (await self.generate([self._chat_prompt(messages)], params, timeout_s))[0]
+        return (await self.generate([self.chat_prompt(messages)], params, timeout_s))[0]
 
-    def _chat_prompt(self, messages: list[dict]) -> str:
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The prompt the chat template makes of `messages` (ending where the assistant's answer begins)."""
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer, so it cannot chat: pass token ids to generate")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -257,8 +263,16 @@ class RouterActor:
         if req.future.done():
             completion = await self._await(req)  # raises the request's error, if any
             return {"token_ids": completion.token_ids[cursor:], "done": True, "completion": completion}
-        text = self.tokenizer.decode(req.seq.generated) if self.tokenizer else ""
-        return {"token_ids": req.seq.generated[cursor:], "text": text, "done": False, "completion": None}
+        text = stream_safe(self.tokenizer.decode(req.seq.generated), req.seq.params.stop) if self.tokenizer else ""
+        lps = req.seq.logprobs[cursor:] if req.seq.params.logprobs is not None else None
+        return {"token_ids": req.seq.generated[cursor:], "text": text, "logprobs": lps, "done": False,
+                "completion": None}
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (for logprobs): a token that is part of a multi-byte character reads "\ufffd"."""
+        if self.tokenizer is None:
+            return [str(i) for i in ids]
+        return [self.tokenizer.decode([i]) for i in ids]
 
     async def cancel(self, rid: str) -> bool:
         """Cancels a request (its caches are freed on every stage); False if it had finished."""

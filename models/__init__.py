@@ -17,6 +17,7 @@ from models.errors import (
     InvalidRequestError,
     MeshpipeError,
     ModelNotInstalledError,
+    PromptTooLongError,
     UnknownModelError,
 )
 from models.generation import Completion, SequenceState, encode_prompt, is_batch
@@ -61,7 +62,7 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "auto", device: st
 
 __all__ = [
     "Batch", "CacheMissError", "build_stage", "Completion", "ConfigError", "InvalidRequestError", "KVCache",
-    "MeshpipeError", "ModelConfig", "ModelNotInstalledError", "SamplingParams", "SequenceState",
+    "MeshpipeError", "ModelConfig", "ModelNotInstalledError", "PromptTooLongError", "SamplingParams", "SequenceState",
     "StageSpec", "TokenLogprob", "Transformer", "UnknownModelError", "encode_prompt", "is_batch",
     "load_model", "load_stage", "partition", "resolve_dtype", "sample",
 ]

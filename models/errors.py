@@ -23,6 +23,10 @@ class InvalidRequestError(MeshpipeError, ValueError):
     """A request is malformed: empty prompt, bad token ids, too long, bad sampling options."""
 
 
+class PromptTooLongError(InvalidRequestError):
+    """A prompt does not fit the model's context (HTTP 400, code `context_length_exceeded`)."""
+
+
 class CacheMissError(MeshpipeError, LookupError):
     """A stage was asked to extend a sequence whose KV cache it does not hold (or holds shorter).
 

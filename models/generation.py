@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.config import ModelConfig
-from models.errors import InvalidRequestError
+from models.errors import InvalidRequestError, PromptTooLongError
 from models.sampling import SamplingParams, TokenLogprob, sample
 
 if TYPE_CHECKING:
@@ -64,11 +64,25 @@ def encode_prompt(prompt: Prompt, cfg: ModelConfig, tokenizer: Tokenizer | None)
     if not ids:
         raise InvalidRequestError("prompt is empty: give at least one character or token id")
     if len(ids) >= cfg.max_seq_len:
-        raise InvalidRequestError(
+        raise PromptTooLongError(
             f"prompt has {len(ids)} tokens but the context is {cfg.max_seq_len}: "
             f"shorten it to at most {cfg.max_seq_len - 1} tokens"
         )
     return ids
+
+
+def stream_safe(text: str, stop: Sequence[str] = ()) -> str:
+    """The part of a generation's text so far that a stream can show now and never take back.
+
+    Holds back a trailing "\ufffd" (a multi-byte character whose last bytes are still to come) and
+    a tail that may be the start of a stop string (the stop string itself is never shown).
+    """
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    head = text[:end]
+    hold = max((k for s in stop for k in range(min(len(s) - 1, end), 0, -1) if head.endswith(s[:k])), default=0)
+    return head[:end - hold]
 
 
 @dataclass

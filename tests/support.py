@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+import socket
+import time
+from collections.abc import Callable
+
 from models import Completion
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "the condition") -> None:
+    """Polls `cond` every 50 ms until it is true; fails naming `what` after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def min_margin(completions: list[Completion]) -> float:

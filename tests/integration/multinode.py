@@ -19,16 +19,9 @@ from ray.cluster_utils import Cluster
 
 from actors import Pipeline
 from models import load_model
+from tests.support import wait_for
 
 PROMPTS = [[5, 17, 42, 99, 3], [11, 12], list(range(30, 51)), [200], [9] * 13, [1, 2, 3]]
-
-
-def wait_for(cond, timeout: float, what: str) -> None:  # noqa: ANN001
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def main(ckpt: str) -> dict:

@@ -15,6 +15,7 @@ import ray
 
 from actors import (
     BackPressureError,
+    DeployProgress,
     DeploymentError,
     InsufficientResourcesError,
     Pipeline,
@@ -23,18 +24,11 @@ from actors import (
 from actors.pipeline import choose_stage_resources
 from models import ConfigError, InvalidRequestError, UnknownModelError, load_model
 from tests.checkpoints import make_tiny_llama
-from tests.support import min_margin, tokens
+from tests.support import min_margin, tokens, wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(30, 71)), [200], [9] * 13]
-
-
-def _wait_for(cond, timeout: float = 10.0) -> None:  # noqa: ANN001
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +37,18 @@ def pipe(tiny_ckpt: Path):  # noqa: ANN201
                         max_active_sequences=4, max_queued=2, micro_batches=2)
     yield p
     p.shutdown()
+
+
+def test_deploy_reports_weights_read_and_stages_up(tiny_ckpt: Path) -> None:
+    events: list[DeployProgress] = []
+    p = Pipeline.deploy(str(tiny_ckpt), num_stages=2, replicas_per_stage=[1, 2], name="progress",
+                        progress=events.append)
+    p.shutdown()
+    for phase, total in (("weights", 2), ("stages", 3)):  # 2 stages' tensors; 3 replicas
+        seen = [e for e in events if e.phase == phase]
+        assert seen[-1] == DeployProgress(phase, total, total)
+        assert [e.done for e in seen] == sorted({e.done for e in seen})  # rising, each once
+        assert all(e.total == total for e in seen)
 
 
 @pytest.mark.parametrize("layout", [{"num_stages": 1}, {"num_stages": 2}, {"num_stages": 4},
@@ -145,9 +151,9 @@ def test_stream_yields_tokens_and_a_dropped_stream_frees_every_cache(pipe: Pipel
     try:
         it = pipe.stream([4, 5, 6], max_new_tokens=200, ignore_eos=True)
         next(it)
-        _wait_for(lambda: any(s["sequences"] for s in pipe.stats()["stages"]))
+        wait_for(lambda: any(s["sequences"] for s in pipe.stats()["stages"]))
         it.close()  # the client goes away mid-stream
-        _wait_for(lambda: all(s["sequences"] == 0 for s in pipe.stats()["stages"]))
+        wait_for(lambda: all(s["sequences"] == 0 for s in pipe.stats()["stages"]))
         assert pipe.stats()["router"]["active"] == 0
     finally:
         pipe.set_hop_delay(1, 0.0)
@@ -161,7 +167,7 @@ def test_timeout_and_cancel_free_their_caches(pipe: Pipeline) -> None:
         rid = pipe.submit([1, 2, 3], max_new_tokens=200, ignore_eos=True)
         time.sleep(0.3)
         assert pipe.cancel(rid)
-        _wait_for(lambda: all(s["sequences"] == 0 for s in pipe.stats()["stages"]))
+        wait_for(lambda: all(s["sequences"] == 0 for s in pipe.stats()["stages"]))
     finally:
         pipe.set_hop_delay(0, 0.0)
     assert len(pipe.generate([1, 2, 3], max_new_tokens=2, ignore_eos=True)[0].token_ids) == 2

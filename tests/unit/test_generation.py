@@ -18,6 +18,7 @@ from models import (
     partition,
     sample,
 )
+from models.generation import stream_safe
 from models.partition import head_cost
 
 SMOL = ModelConfig()  # the defaults are SmolLM2-135M's shape
@@ -156,3 +157,18 @@ def test_partition_respects_memory() -> None:
     specs = partition(SMOL, num_stages=4, stage_memory_bytes=cap)
     assert len(specs[0].layers) <= 9
     assert replace(specs[0], index=0) == specs[0]
+
+
+@pytest.mark.parametrize(("text", "stop", "shown"), [
+    ("Hello Par", ["Paris"], "Hello "),  # may be the start of the stop string: held back
+    ("Hello Pax", ["Paris"], "Hello Pax"),
+    ("ab\ufffd", [], "ab"),  # a multi-byte character whose last bytes are still to come
+    ("ab\ufffd\ufffd", ["zz"], "ab"),
+    ("x", ["xy", "x!"], ""),
+    ("abc", [], "abc"),
+    ("say EN", ["END", "N"], "say "),  # the longest tail that may start a stop string
+    ("", ["x"], ""),
+])
+def test_stream_safe_never_shows_what_it_may_take_back(text: str, stop: list[str], shown: str) -> None:
+    assert stream_safe(text, stop) == shown
+    assert text.startswith(stream_safe(text, stop))
