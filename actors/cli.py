@@ -1,4 +1,4 @@
-"""The `meshpipe` command line: demo, generate, pull, route, bench.
+"""The `meshpipe` command line: demo, generate, serve, pull, route, bench, chaos.
 
 The only place in meshpipe that prints. Errors meshpipe raises on purpose (`MeshpipeError`) end
 the command with one `error: ...` line on stderr and exit status 2, no traceback.
@@ -144,17 +144,14 @@ def demo(
     """Local Ray, SmolLM2 in 4 stages: answers a prompt, prints the route and tokens/s."""
     import ray
 
-    from actors.pipeline import Pipeline
-
     _ensure_model(SMOLLM2_NAME)
     with err.status("starting Ray ..."):
         _init_ray(address, max(4, stages))
     pipe = None
     try:
-        with err.status(f"deploying {SMOLLM2_NAME} in {stages} stages ..."):
-            t0 = time.perf_counter()
-            pipe = Pipeline.deploy(SMOLLM2_NAME, num_stages=stages, name=name)
-            deploy_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pipe = _deploy(SMOLLM2_NAME, stages, name)
+        deploy_s = time.perf_counter() - t0
         info = pipe.describe()
         out.print(f"[bold]deployed[/] {SMOLLM2_NAME} as {name!r} in {deploy_s:.1f} s")
         _print_route(info)
@@ -175,6 +172,18 @@ def demo(
             with err.status("shutting down ..."):
                 pipe.shutdown()
         ray.shutdown()
+
+
+def _deploy(model: str, stages: int, name: str) -> Any:
+    """Pipeline.deploy with progress bars (weights read, stages up) on stderr."""
+    from actors import Pipeline, TqdmProgress
+
+    err.print(f"deploying {model} in {stages} stages as {name!r} ...")
+    bars = TqdmProgress(file=sys.stderr)
+    try:
+        return Pipeline.deploy(model, num_stages=stages, name=name, progress=bars)
+    finally:
+        bars.close()
 
 
 def _print_route(info: dict) -> None:
@@ -231,8 +240,7 @@ def generate(
         with err.status("starting Ray ..." if not address else f"connecting to {address} ..."):
             local = _init_ray(address, max(4, stages))
         if local:
-            with err.status(f"deploying {model} in {stages} stages ..."):
-                pipe = Pipeline.deploy(model, num_stages=stages, name=f"cli-{os.getpid()}")
+            pipe = _deploy(model, stages, f"cli-{os.getpid()}")
         else:
             pipe = Pipeline.connect(name)
         with err.status("generating ..."):
@@ -248,6 +256,74 @@ def generate(
             with err.status("shutting down ..."):
                 pipe.shutdown()
         if ray.is_initialized():
+            ray.shutdown()
+
+
+# --------------------------------------------------------------------------- serve
+
+
+@app.command()
+@_handles_errors
+def serve(
+    model: Annotated[str | None, typer.Option(
+        help=f"Deploy this model locally and serve it (default {SMOLLM2_NAME}; not with --address).")] = None,
+    stages: Annotated[int, typer.Option(min=1, help="Stages of the local deployment.")] = 2,
+    address: Annotated[str | None, typer.Option(
+        help="Serve running deployments of this Ray cluster (e.g. auto) instead of deploying.")] = None,
+    name: Annotated[list[str] | None, typer.Option(
+        help="Deployment(s) to serve, each a `model` of the API (repeat the option); default: default.")] = None,
+    host: Annotated[str, typer.Option(help="Address the HTTP server listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    replicas: Annotated[int, typer.Option(min=1, help="HTTP server replicas (Ray Serve).")] = 1,
+    detach: Annotated[bool, typer.Option(help="With --address: leave the server running in the cluster and return.")]
+    = False,
+) -> None:
+    """OpenAI-compatible HTTP endpoint (/v1/completions, /v1/chat/completions, /v1/models) on Ray Serve."""
+    import signal
+    import threading
+
+    import ray
+
+    from actors import serve as http
+
+    if address and model:
+        raise typer.BadParameter("give --model (deploy locally) or --address (serve running deployments), not both")
+    if detach and not address:
+        raise typer.BadParameter("--detach needs --address: a local Ray ends with this command")
+    names = name or ["default"]
+    pipe = None
+    try:
+        if address:
+            _init_ray(address, 0)
+        else:
+            if len(names) != 1:
+                raise typer.BadParameter("a local deployment has one --name")
+            model = model or SMOLLM2_NAME
+            if model == SMOLLM2_NAME:
+                _ensure_model(model)
+            with err.status("starting Ray ..."):
+                _init_ray(None, max(4, stages))
+            pipe = _deploy(model, stages, names[0])
+        with err.status("starting the HTTP server (Ray Serve) ..."):
+            url = http.start(names, host=host, port=port, replicas=replicas)
+        out.print(f"serving {', '.join(names)} at [bold]{url}[/] (OpenAI-compatible: /completions, "
+                  "/chat/completions, /models)" + ("" if detach else "; Ctrl-C stops"))
+        sys.stdout.flush()
+        if detach:
+            return
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        err.print("stopping ...")
+        http.stop()
+    finally:
+        if pipe is not None:
+            pipe.shutdown()
+        if ray.is_initialized() and not detach:
             ray.shutdown()
 
 

@@ -97,11 +97,12 @@ def make_tiny_gguf(
     tokenizer_model: str = "gpt2",
     architecture: str = "llama",
     float16: bool = False,
+    chat_template: str | None = None,
 ) -> Path:
     """Convert a tiny HF folder (from make_tiny_llama) to a GGUF the way llama.cpp does.
 
     q/k rows are permuted like llama.cpp; the tokenizer is a byte-level BPE whose tokens are the
-    256 byte symbols (no merges), so it needs ``vocab=256``.
+    256 byte symbols (no merges), so it needs ``vocab=256``. ``chat_template`` goes in the metadata.
     """
     import json
 
@@ -133,6 +134,8 @@ def make_tiny_gguf(
     w.add_token_merges([])
     w.add_bos_token_id(cfg["bos_token_id"])
     w.add_eos_token_id(cfg["eos_token_id"])
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     for name, t in sorted(tensors.items()):
         arr = t.float().numpy()
         if name.startswith("model.layers."):
@@ -152,6 +155,12 @@ def make_tiny_gguf(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+TINY_CHAT_TEMPLATE = (  # ChatML, as SmolLM2's, spelled in the tiny byte-level vocabulary
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def smollm2_gguf_path() -> Path:
