@@ -266,19 +266,23 @@ def generate(
 @_handles_errors
 def serve(
     model: Annotated[str | None, typer.Option(
-        help=f"Deploy this model locally and serve it (default {SMOLLM2_NAME}; not with --address).")] = None,
-    stages: Annotated[int, typer.Option(min=1, help="Stages of the local deployment.")] = 2,
+        help=f"Deploy this model and serve it (default without --address: {SMOLLM2_NAME}).")] = None,
+    stages: Annotated[int, typer.Option(min=1, help="Stages of the deployment it makes.")] = 2,
     address: Annotated[str | None, typer.Option(
-        help="Serve running deployments of this Ray cluster (e.g. auto) instead of deploying.")] = None,
+        help="A running Ray cluster (e.g. auto): serve its deployments, or deploy --model there.")] = None,
     name: Annotated[list[str] | None, typer.Option(
         help="Deployment(s) to serve, each a `model` of the API (repeat the option); default: default.")] = None,
     host: Annotated[str, typer.Option(help="Address the HTTP server listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     replicas: Annotated[int, typer.Option(min=1, help="HTTP server replicas (Ray Serve).")] = 1,
-    detach: Annotated[bool, typer.Option(help="With --address: leave the server running in the cluster and return.")]
+    detach: Annotated[bool, typer.Option(
+        help="With --address: leave the server (and a deployment it made) running in the cluster and return.")]
     = False,
 ) -> None:
-    """OpenAI-compatible HTTP endpoint (/v1/completions, /v1/chat/completions, /v1/models) on Ray Serve."""
+    """OpenAI-compatible HTTP endpoint (/v1/completions, /v1/chat/completions, /v1/models) on Ray Serve.
+
+    Without --address: a local Ray, the model deployed there, served until Ctrl-C. With --address:
+    the cluster's running deployments (--name), or --model deployed there first."""
     import signal
     import threading
 
@@ -286,26 +290,24 @@ def serve(
 
     from actors import serve as http
 
-    if address and model:
-        raise typer.BadParameter("give --model (deploy locally) or --address (serve running deployments), not both")
     if detach and not address:
         raise typer.BadParameter("--detach needs --address: a local Ray ends with this command")
     names = name or ["default"]
-    pipe = None
+    if not address:
+        model = model or SMOLLM2_NAME
+    if model and len(names) != 1:
+        raise typer.BadParameter("--model makes one deployment: give one --name")
+    pipe, served = None, False
     try:
-        if address:
-            _init_ray(address, 0)
-        else:
-            if len(names) != 1:
-                raise typer.BadParameter("a local deployment has one --name")
-            model = model or SMOLLM2_NAME
-            if model == SMOLLM2_NAME:
-                _ensure_model(model)
-            with err.status("starting Ray ..."):
-                _init_ray(None, max(4, stages))
+        if model == SMOLLM2_NAME:
+            _ensure_model(model)
+        with err.status("starting Ray ..." if not address else f"connecting to {address} ..."):
+            _init_ray(address, max(4, stages))
+        if model:
             pipe = _deploy(model, stages, names[0])
         with err.status("starting the HTTP server (Ray Serve) ..."):
             url = http.start(names, host=host, port=port, replicas=replicas)
+        served = True
         out.print(f"serving {', '.join(names)} at [bold]{url}[/] (OpenAI-compatible: /completions, "
                   "/chat/completions, /models)" + ("" if detach else "; Ctrl-C stops"))
         sys.stdout.flush()
@@ -321,9 +323,10 @@ def serve(
         err.print("stopping ...")
         http.stop()
     finally:
-        if pipe is not None:
+        keep = detach and served  # what a detached server serves stays in the cluster
+        if pipe is not None and not keep:
             pipe.shutdown()
-        if ray.is_initialized() and not detach:
+        if ray.is_initialized() and not keep:
             ray.shutdown()
 
 
@@ -496,6 +499,32 @@ def bench_codecs_cmd(
     try:
         _emit(bench_codec_pipeline(SMOLLM2_NAME, stages, _parse_ints(batches, "--batches") or [1, 16], new_tokens,
                                    repeats, chosen))
+    finally:
+        ray.shutdown()
+
+
+@bench_app.command("http")
+@_handles_errors
+def bench_http_cmd(
+    model: Annotated[str, typer.Option()] = SMOLLM2_NAME,
+    stages: Annotated[int, typer.Option(min=1)] = 2,
+    clients: Annotated[str, typer.Option(help="Concurrent clients, comma-separated.")] = "1,8",
+    requests: Annotated[int, typer.Option(min=1, help="Requests per round.")] = 16,
+    new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8011,
+) -> None:
+    """The OpenAI-compatible HTTP front against Pipeline calls: tokens/s and time to first token."""
+    import ray
+
+    from actors.serve_bench import bench_http
+
+    if model == SMOLLM2_NAME:
+        _ensure_model(model)
+    ray.init(address="local", num_gpus=stages, log_to_driver=False, include_dashboard=False)
+    try:
+        _emit(bench_http(model, stages, tuple(_parse_ints(clients, "--clients") or [1]), requests, new_tokens,
+                         repeats, port))
     finally:
         ray.shutdown()
 

@@ -226,10 +226,15 @@ def start(deployments: list[str], host: str = "127.0.0.1", port: int = 8000, rep
     for name in deployments:
         Pipeline.connect(name)  # fails fast, naming the missing deployment
     serve.start(http_options={"host": host, "port": port})
+    http = serve.context._get_global_client().http_config  # Serve already running keeps its own options
+    if (http.host, http.port) != (host, port):
+        log.warning("Ray Serve was already running on %s:%d in this cluster: serving there, not on %s:%d",
+                    http.host, http.port, host, port)
     serve.run(OpenAIServer.options(num_replicas=replicas).bind(list(deployments)), name=APP_NAME,
               route_prefix="/", blocking=False)
-    log.info("serving %s at http://%s:%d/v1", deployments, host, port)
-    return f"http://{host}:{port}/v1"
+    url = f"http://{http.host}:{http.port}/v1"
+    log.info("serving %s at %s", deployments, url)
+    return url
 
 
 def stop() -> None:

