@@ -59,3 +59,15 @@ def test_prompt_and_prompt_ids_are_exclusive() -> None:
     r = meshpipe("generate", "--prompt", "hi", "--prompt-ids", "1,2")
     assert r.returncode == 2
     assert "exactly one of --prompt and --prompt-ids" in r.stderr
+
+
+@pytest.mark.smollm2
+def test_demo_answers_with_paris_and_prints_the_route_and_speed() -> None:
+    smollm2_gguf_path()
+    r = meshpipe("demo", "--max-new-tokens", "8")  # README's main command (with a shorter answer)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Paris" in r.stdout
+    assert "route: router -> stage-0/replica-0 -> stage-1/replica-0 -> stage-2/replica-0 -> stage-3/replica-0" \
+        in r.stdout
+    assert "tokens/s" in r.stdout
+    assert "reading weights" in r.stderr and "starting stages" in r.stderr  # the progress bars
