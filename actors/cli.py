@@ -301,6 +301,10 @@ def serve(
     try:
         if model == SMOLLM2_NAME:
             _ensure_model(model)
+        elif model:
+            from models.loading import resolve_source
+
+            resolve_source(model)  # fail fast, before starting Ray
         with err.status("starting Ray ..." if not address else f"connecting to {address} ..."):
             _init_ray(address, max(4, stages))
         if model:

@@ -55,6 +55,14 @@ def test_unknown_model_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
     assert r.stdout == ""
 
 
+def test_serve_with_an_unknown_model_is_one_error_line_before_any_ray(tmp_path: Path) -> None:
+    r = meshpipe("serve", "--model", str(tmp_path / "no-such-model"), timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "no-such-model" in r.stderr
+    assert "Started a local Ray" not in r.stderr
+    r = meshpipe("serve", "--detach", timeout=60)
+    assert r.returncode == 2 and "--detach needs --address" in r.stderr
+
+
 def test_prompt_and_prompt_ids_are_exclusive() -> None:
     r = meshpipe("generate", "--prompt", "hi", "--prompt-ids", "1,2")
     assert r.returncode == 2
