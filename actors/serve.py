@@ -7,6 +7,7 @@ router's: a full pipeline answers 429 with `Retry-After`. A client that goes awa
 """
 
 import asyncio
+import json
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -63,8 +64,6 @@ async def _on_http(_: Any, e: StarletteHTTPException) -> JSONResponse:  # unknow
 
 
 def _sse(obj: Any) -> str:
-    import json
-
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 

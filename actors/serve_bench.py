@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from actors.bench import RAW_PROMPT, machine
+from actors.bench import RAW_PROMPT, _timed, machine
 
 
 def _rounds(fn: Callable[[], float], repeats: int) -> tuple[float, float]:
-    """(best, median) of `repeats` timings of `fn` (which returns seconds)."""
+    """(best, median) of `repeats` timings that `fn` takes itself (time to first token, not to the close)."""
     times = [fn() for _ in range(repeats)]
     return min(times), statistics.median(times)
 
@@ -49,14 +49,12 @@ def bench_http(model: str, stages: int = 2, clients: tuple[int, ...] = (1, 8), r
         yield {"bench": "machine", **machine(), "model": model, "stages": stages}
         for n in clients:
             for path, call in (("python", python_call), ("http", http_call)):
-                def round_() -> float:
-                    t0 = time.perf_counter()
+                def round_() -> None:
                     with ThreadPoolExecutor(n) as pool:
                         made = sum(pool.map(lambda _: call(), range(requests)))
                     assert made == requests * new_tokens, made
-                    return time.perf_counter() - t0
 
-                best, median = _rounds(round_, repeats)
+                best, median = _timed(round_, repeats)
                 yield {"bench": "http_throughput", "path": path, "clients": n, "requests": requests,
                        "new_tokens": new_tokens, "tokens_per_s": requests * new_tokens / best,
                        "median_tokens_per_s": requests * new_tokens / median,
