@@ -8,7 +8,8 @@ from actors.errors import (
     RequestTimeoutError,
     StageFailedError,
 )
-from actors.pipeline import DeployConfig, Pipeline, StreamChunk
+from actors.config import DeployConfig
+from actors.pipeline import Pipeline, StreamChunk
 from actors.progress import DeployProgress, TqdmProgress
 
 __all__ = [

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import logging
 import pickle
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from actors.naming import NAMESPACE, journal_prefix
+
+if TYPE_CHECKING:
+    from actors.request import Request
 
 log = logging.getLogger(__name__)
-
-NAMESPACE = "meshpipe"
 
 
 @dataclass
@@ -31,29 +35,47 @@ class RequestRecord:
     completion: Any = None  # the Completion once finished (kept until the router forgets it)
 
 
-class RequestJournal:
-    """put / drop / load of RequestRecords for one deployment (pickled: written and read by meshpipe only)."""
+class GcsKV:
+    """The GCS key-value store in meshpipe's namespace (what a restarted router reads back)."""
 
-    def __init__(self, deployment: str) -> None:
-        self.prefix = f"meshpipe/{deployment}/requests/"
+    def put(self, key: str, value: bytes) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(key, value, overwrite=True, namespace=NAMESPACE)
+
+    def get(self, key: str) -> bytes | None:
+        from ray.experimental import internal_kv
+
+        return internal_kv._internal_kv_get(key, namespace=NAMESPACE)
+
+    def delete(self, key: str, by_prefix: bool = False) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_del(key, del_by_prefix=by_prefix, namespace=NAMESPACE)
+
+    def keys(self, prefix: str) -> list[str]:
+        from ray.experimental import internal_kv
+
+        return [k.decode() if isinstance(k, bytes) else k for k in internal_kv._internal_kv_list(prefix, namespace=NAMESPACE)]
+
+
+class RequestJournal:
+    """put / drop / load of one deployment's RequestRecords (pickled: written and read by meshpipe only)."""
+
+    def __init__(self, deployment: str, kv: Any = None) -> None:
+        self.prefix = journal_prefix(deployment)
+        self.kv = kv if kv is not None else GcsKV()  # anything with put/get/delete/keys (tests: a dict-backed one)
 
     def put(self, record: RequestRecord) -> None:
-        from ray.experimental import internal_kv
-
-        internal_kv._internal_kv_put(self.prefix + record.rid, pickle.dumps(record), overwrite=True,
-                                     namespace=NAMESPACE)
+        self.kv.put(self.prefix + record.rid, pickle.dumps(record))
 
     def drop(self, rid: str) -> None:
-        from ray.experimental import internal_kv
-
-        internal_kv._internal_kv_del(self.prefix + rid, namespace=NAMESPACE)
+        self.kv.delete(self.prefix + rid)
 
     def load(self) -> list[RequestRecord]:
-        from ray.experimental import internal_kv
-
         out = []
-        for key in internal_kv._internal_kv_list(self.prefix, namespace=NAMESPACE):
-            raw = internal_kv._internal_kv_get(key, namespace=NAMESPACE)
+        for key in self.kv.keys(self.prefix):
+            raw = self.kv.get(key)
             if raw is None:
                 continue
             try:
@@ -63,6 +85,29 @@ class RequestJournal:
         return out
 
     def clear(self) -> None:
-        from ray.experimental import internal_kv
+        self.kv.delete(self.prefix, by_prefix=True)
 
-        internal_kv._internal_kv_del(self.prefix, del_by_prefix=True, namespace=NAMESPACE)
+    def admit(self, req: Request) -> None:
+        """An accepted request: a restarted router re-admits it from here."""
+        self.put(record_of(req))
+
+    def finish(self, req: Request, completion: Any) -> None:
+        """A finished request: a late `result` after a restart finds its completion."""
+        self.put(record_of(req, completion))
+
+    def checkpoint(self, reqs: list[Request]) -> int:
+        """Journals the tokens of the requests that generated some since their last record; returns how many."""
+        n = 0
+        for req in reqs:
+            if len(req.seq.generated) != req.journaled and not req.future.done():
+                self.put(record_of(req))
+                req.journaled = len(req.seq.generated)
+                n += 1
+        return n
+
+
+def record_of(req: Request, completion: Any = None) -> RequestRecord:
+    """The journal's record of a request now (its deadline as wall-clock time)."""
+    deadline = None if req.deadline is None else time.time() + (req.deadline - time.monotonic())
+    return RequestRecord(req.rid, req.seq.prompt, req.seq.params, deadline, list(req.seq.generated),
+                         list(req.seq.logprobs), completion)

@@ -18,101 +18,27 @@ from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from actors.codec import load_key
+from actors.config import DeployConfig
 from actors.errors import DeploymentError, InsufficientResourcesError
 from actors.gcs import actor_record
 from actors.progress import DeployProgress, ProgressFn
-from actors.router import RouterActor, RouterConfig
+from actors.naming import NAMESPACE, actor_name, autoscaler_name, router_name, weights_name
+from actors.router import RouterActor
+from actors.specs import RouterSpec, StageSetup
+from actors.wire import load_key
 from actors.autoscaler import AutoscalerActor
 from actors.stage import StageLauncher
 from actors.weights import WeightsActor
 from models import Completion, ConfigError, MeshpipeError, SamplingParams, TokenLogprob, is_batch, partition
-from models.config import resolve_dtype
 from topology import Gpu, StagePlacement, Topology, gpus_from_topology, place
 from topology.autoscaling import AutoscalingConfig
 from topology.placement import place_replicas
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "meshpipe"
 ROUTER_RESTART_S = 60.0  # how long a caller keeps asking a restarting router
 _warned_cpu = False
-
-
-def actor_name(deployment: str, role: str) -> str:
-    return f"meshpipe/{deployment}/{role}"
-
-
-class DeployConfig(BaseModel):
-    """User-facing deployment options, validated at the edge (cross-field rules name both values)."""
-
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
-
-    model: str = "smollm2-135m"  # a known name, a .gguf path or a Hugging Face folder
-    num_stages: int | None = Field(None, ge=1)  # stages; or layers_per_stage
-    layers_per_stage: int | None = Field(None, ge=1)  # 1 = one actor per layer
-    replicas_per_stage: int | list[int] = 1  # replicas of every stage, or one count per stage
-    topology: Any = None  # a Topology, a YAML path or a dict: place stages on its GPUs (DP); None: measured
-    codec: str = Field("auto", pattern="^(auto|none|fp16|bf16|int8)$")  # message codec; auto: per link (lossless)
-    compress: str | None = Field(None, pattern="^(zstd|lz4)$")  # lossless compression on top (None: auto decides)
-    encryption: str = Field("auto", pattern="^(auto|always|never)$")  # AES-GCM: untrusted links | all | none
-    encryption_key: SecretStr | None = None  # 32 bytes as hex/base64; default: $MESHPIPE_KEY (never logged)
-    int8_block: int = Field(64, ge=8)  # elements per int8 scale
-    max_restarts: int = Field(3, ge=0)  # Ray restarts a dead stage actor this often; the router rebuilds its caches
-    restart_timeout_s: float = Field(60.0, gt=0)  # a step waits this long for a stage to come back
-    replicate_every: int = Field(0, ge=0)  # copy KV caches to a standby replica every N steps (0: rebuild by replay)
-    max_retransmits: int = Field(3, ge=0)  # resends a stage asks for a corrupted message before failing the step
-    dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float64"
-    autoscaling: dict | None = None  # AutoscalingConfig fields (topology/autoscaling.py); None: fixed replicas
-    stage_resources: dict[str, Any] | None = None  # e.g. {"num_gpus": 1, "num_cpus": 0.5}
-    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
-    threads_per_stage: int | None = Field(None, ge=1)  # torch threads in each stage (None = chosen)
-    micro_batches: int | None = Field(None, ge=1)  # lanes in flight (None = chosen)
-    hop_mode: str = Field("router", pattern="^(router|push)$")  # who calls the next stage (measured)
-    max_active_sequences: int = Field(64, ge=1)
-    max_queued: int = Field(256, ge=0)
-    max_kv_tokens: int = Field(262144, ge=1)
-    ready_timeout_s: float = Field(600.0, gt=0)  # stages not loaded by then: DeploymentError
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        resolve_dtype(v)  # raises ConfigError naming the accepted values
-        return v
-
-    @field_validator("stage_resources")
-    @classmethod
-    def _resources(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        allowed = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type", "label_selector"}
-        bad = sorted(set(v or {}) - allowed)
-        if bad:
-            raise ValueError(f"stage_resources keys {bad} are not Ray actor resources; use {sorted(allowed)} "
-                             "(custom resources go in 'resources': {{name: amount}})")
-        return v
-
-    @model_validator(mode="after")
-    def _cross(self) -> DeployConfig:
-        if self.num_stages is not None and self.layers_per_stage is not None:
-            raise ValueError(f"give num_stages ({self.num_stages}) or layers_per_stage "
-                             f"({self.layers_per_stage}), not both")
-        counts = self.replicas_per_stage if isinstance(self.replicas_per_stage, list) else [self.replicas_per_stage]
-        if not counts or any(c < 1 for c in counts):
-            raise ValueError(f"replicas_per_stage={self.replicas_per_stage!r}: every count must be at least 1")
-        if isinstance(self.replicas_per_stage, list) and self.num_stages is not None \
-                and len(counts) != self.num_stages:
-            raise ValueError(f"replicas_per_stage has {len(counts)} counts but num_stages={self.num_stages}: "
-                             "give one count per stage")
-        if self.autoscaling is not None:
-            AutoscalingConfig(**self.autoscaling)  # names the bad field
-            if self.topology is not None:
-                raise ValueError("autoscaling= adds replicas where Ray finds GPUs; with topology= placement "
-                                 "give fixed replicas_per_stage instead")
-        if self.topology is not None and self.layers_per_stage is not None:
-            raise ValueError(f"topology= places layers by GPU speed and memory: give num_stages "
-                             f"(or nothing), not layers_per_stage ({self.layers_per_stage})")
-        return self
 
 
 @dataclass
@@ -169,14 +95,11 @@ class Pipeline:
         from models.loading import read_config, resolve_source
 
         progress: ProgressFn | None = options.pop("progress", None)
-        try:
-            dc = DeployConfig(model=str(model), **options)
-        except ValueError as e:  # pydantic's ValidationError is a ValueError
-            raise ConfigError(str(e)) from None
+        dc = DeployConfig.of(str(model), **options)
         if not ray.is_initialized():
             ray.init()
         try:
-            ray.get_actor(actor_name(dc.name, "router-0"), namespace=NAMESPACE)
+            ray.get_actor(router_name(dc.name), namespace=NAMESPACE)
             raise DeploymentError(f"a deployment named {dc.name!r} is running: Pipeline.connect({dc.name!r}) "
                                   "to use it, or shut it down first")
         except ValueError:
@@ -197,20 +120,20 @@ class Pipeline:
             if dc.autoscaling is not None:  # start inside the bounds
                 bounds = AutoscalingConfig(**dc.autoscaling)
                 counts = [min(bounds.max_replicas, max(bounds.min_replicas, c)) for c in counts]
-        key = load_key(dc.encryption_key.get_secret_value() if dc.encryption_key else None)
-        if dc.encryption == "always" and key is None:
+        wire = dc.wire
+        key = load_key(wire.encryption_key.get_secret_value() if wire.encryption_key else None)
+        if wire.encryption == "always" and key is None:
             raise ConfigError("encryption='always' needs a key: pass encryption_key= or set MESHPIPE_KEY "
-                              "(python -c 'from actors.codec import new_key; print(new_key())')")
-        resources = stage_resources(sum(counts), dc.stage_resources, autoscaling=dc.autoscaling is not None)
-        threads = dc.threads_per_stage  # None: each stage chooses by its device (default_threads)
+                              "(python -c 'from actors.wire import new_key; print(new_key())')")
+        resources = stage_resources(sum(counts), dc.stage.stage_resources, autoscaling=dc.autoscaling is not None)
         t0 = time.perf_counter()
         stages: list[list[Any]] = []
         weights = ray.remote(WeightsActor).options(  # owns the tensors in the object store; outlives stages
-            name=actor_name(dc.name, "weights"), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+            name=weights_name(dc.name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
             max_restarts=-1, max_concurrency=max(8, len(specs) + 2), **(placement.options(0, 0) if placement else {}),
         ).remote(dc.name, str(source), cfg.to_dict())
-        launcher = StageLauncher(dc.name, str(source), cfg.to_dict(), dc.dtype, threads, len(specs), key,
-                                 dc.max_retransmits, weights, resources, dc.max_restarts, spread=max(counts) > 1)
+        setup = StageSetup(dc.name, str(source), cfg.to_dict(), len(specs), dc.stage, wire, weights, key)
+        launcher = StageLauncher(setup, resources, spread=max(counts) > 1)
         try:
             for spec, count in zip(specs, counts):
                 stages.append([launcher.launch(spec, r, placement.options(spec.index, r) if placement else None)
@@ -222,22 +145,20 @@ class Pipeline:
             for c in counts:
                 nested.append(info[i:i + c])
                 i += c
-            micro = dc.micro_batches or default_micro_batches([x["device"] for x in info[:len(specs)]])
-            rc = RouterConfig(max_active_sequences=dc.max_active_sequences, max_queued=dc.max_queued,
-                              max_kv_tokens=dc.max_kv_tokens, micro_batches=micro, hop_mode=dc.hop_mode,
-                              codec=dc.codec, compress=dc.compress, encryption=dc.encryption,
-                              int8_block=dc.int8_block, message_bytes=cfg.dim * 4,
-                              restart_timeout_s=dc.restart_timeout_s, replicate_every=dc.replicate_every)
+            options = dc.router.model_copy(update={
+                "micro_batches": dc.router.micro_batches or default_micro_batches([x["device"] for x in info[:len(specs)]]),
+                "message_bytes": dc.router.message_bytes or cfg.dim * 4})
+            spec = RouterSpec(dc.name, str(source), cfg.to_dict(), options, wire,
+                              placement.router_topology() if placement else None, key)
             router = ray.remote(RouterActor).options(
-                name=actor_name(dc.name, "router-0"), namespace=NAMESPACE, lifetime="detached",
+                name=router_name(dc.name), namespace=NAMESPACE, lifetime="detached",
                 num_cpus=0, max_concurrency=1000, max_restarts=-1,  # a restarted router resumes from its journal
                 **(placement.options(0, 0) if placement else {}),
-            ).remote(dc.name, str(source), cfg.to_dict(), stages, nested, vars(rc),
-                     placement.router_topology() if placement else None, key, launcher, specs)
+            ).remote(spec, stages, nested, launcher, specs)
             ray.get(router.describe.remote())
             if dc.autoscaling is not None:
                 scaler = ray.remote(AutoscalerActor).options(
-                    name=actor_name(dc.name, "autoscaler"), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+                    name=autoscaler_name(dc.name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
                     max_restarts=-1,
                 ).remote(dc.name, router, dc.autoscaling, float(resources.get("num_gpus", 0) or 0))
                 ray.get(scaler.start.remote())
@@ -257,7 +178,7 @@ class Pipeline:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
         try:
-            router = ray.get_actor(actor_name(name, "router-0"), namespace=NAMESPACE)
+            router = ray.get_actor(router_name(name), namespace=NAMESPACE)
         except ValueError:
             raise DeploymentError(f"no deployment named {name!r} in this Ray cluster: "
                                   "deploy it first (Pipeline.deploy(..., name=...))") from None
@@ -412,7 +333,7 @@ class Pipeline:
     def autoscaler_decisions(self) -> list[dict[str, Any]]:
         """The decisions the deployment's autoscaler applied (empty without autoscaling=)."""
         try:
-            scaler = ray.get_actor(actor_name(self.name, "autoscaler"), namespace=NAMESPACE)
+            scaler = ray.get_actor(autoscaler_name(self.name), namespace=NAMESPACE)
         except ValueError:
             return []
         return _call(scaler.decisions.remote())
@@ -496,7 +417,7 @@ def plan_placement(cfg: Any, dc: DeployConfig) -> Placement:
     gpus = gpus_from_topology(topo)
     if not gpus:
         raise ConfigError("the topology has no GPUs (nodes' `gpus`): nothing to place the stages on")
-    bytes_per_param = 2 if dc.dtype == "bfloat16" else 8 if dc.dtype == "float64" else 4
+    bytes_per_param = 2 if dc.stage.dtype == "bfloat16" else 8 if dc.stage.dtype == "float64" else 4
     stages = place(cfg, gpus, num_stages=dc.num_stages, bytes_per_param=bytes_per_param)
     counts = replica_counts(dc.replicas_per_stage, len(stages))
     chosen = place_replicas(stages, gpus, counts)

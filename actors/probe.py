@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.naming import NAMESPACE, probe_name
 from topology.graph import Topology
 
 log = logging.getLogger(__name__)
@@ -59,18 +60,16 @@ class ProbeActor:
         return best * 1e3
 
 
-def start_probes(node_ids: list[str], name_prefix: str | None = None) -> dict[str, Any]:
-    """One probe actor per node, pinned there (named `<prefix>/probe-<node id>` when a prefix is given)."""
+def start_probes(node_ids: list[str], deployment: str | None = None) -> dict[str, Any]:
+    """One probe actor per node, pinned there (named `meshpipe/<deployment>/probe-<node id>` for a deployment)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from actors.pipeline import NAMESPACE
 
     probes = {}
     for node in node_ids:
         opts: dict[str, Any] = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
-        if name_prefix:
-            opts.update(name=f"{name_prefix}/probe-{node}", namespace=NAMESPACE, lifetime="detached",
+        if deployment:
+            opts.update(name=probe_name(deployment, node), namespace=NAMESPACE, lifetime="detached",
                         get_if_exists=True)
         probes[node] = ray.remote(ProbeActor).options(**opts).remote()
     return probes
@@ -97,3 +96,62 @@ def measure_topology(probes: dict[str, Any], nbytes: int = 4 << 20) -> Topology:
                               where="measured topology")
     log.info("measured %d links between %d nodes in %.2f s", len(links), len(probes), time.perf_counter() - t0)
     return topo
+
+
+class LinkProber:
+    """Keeps the pool's measurements fresh between steps: replicas' inbound waits (every
+    `probe_interval_s`, idle replicas too) and, for a measured topology, the links between nodes."""
+
+    def __init__(self, deployment: str, pool: Any, reschedule: Any) -> None:
+        self.deployment = deployment
+        self.pool = pool  # the ReplicaPool whose replicas and topology this measures
+        self.reschedule = reschedule  # called when a replica answers again or is gone (waiting requests move)
+        self.probes: dict[str, Any] = {}  # node id -> its ProbeActor
+
+    def names(self) -> list[str]:
+        return [probe_name(self.deployment, n) for n in self.probes]
+
+    async def probe_replicas(self) -> None:
+        """One round: every live (or due) replica's inbound wait; banned ones come back when they answer."""
+        import asyncio
+
+        import ray
+
+        now = time.monotonic()
+        reps = [r for r in self.pool.table if not r.gone and not r.draining
+                and (r.alive or now >= r.banned_until)]  # banned ones after their backoff
+        sent = time.time()
+        results = await asyncio.gather(*[asyncio.wait_for(r.handle.probe.remote(sent), 5.0) for r in reps],
+                                       return_exceptions=True)
+        for rep, ms in zip(reps, results):
+            self.observe(rep, ms, now, isinstance(ms, ray.exceptions.ActorDiedError))
+
+    def observe(self, rep: Any, ms: Any, now: float, died: bool = False) -> None:
+        """Acts on one probe's answer: a round trip in ms, or the exception it raised (`died`: gone for good)."""
+        if died:
+            rep.gone, rep.alive = True, False
+            self.pool.routes.invalidate()
+            log.warning("%s is gone for good (restarts used up or killed)", rep.label)
+            self.reschedule()  # requests waiting for this stage may have to fail now
+        elif isinstance(ms, BaseException):
+            if not rep.alive:  # still down: back off further
+                rep.ban_s = min(60.0, rep.ban_s * 2)
+                rep.banned_until = now + rep.ban_s
+        else:
+            rep.observe(inbound_ms=ms)
+            if not rep.alive:
+                rep.alive = True  # answers again (restarted): new sequences may use it
+                self.pool.routes.invalidate()
+                log.warning("%s answers again: back in the routes", rep.label)
+                self.reschedule()
+
+    async def measure_links(self) -> None:
+        """Measures the links between the nodes hosting the router and the stages (keeps the last on failure)."""
+        import asyncio
+
+        try:
+            if not self.probes:
+                self.probes = start_probes(self.pool.hosts(), self.deployment)
+            self.pool.set_topology(await asyncio.to_thread(measure_topology, self.probes))
+        except Exception as e:  # noqa: BLE001 - keep the last costs; try again later
+            log.warning("measuring the topology failed (keeping the last costs): %s", e)

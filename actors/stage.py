@@ -12,7 +12,6 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,8 @@ from actors.codec import (
 from actors.envelope import Envelope
 from actors.gcs import own_restarts
 from actors.history import OutputHistory
+from actors.naming import NAMESPACE, stage_name
+from actors.specs import StageSetup
 from actors.metrics import StageMetrics
 from models import (
     Batch,
@@ -79,17 +80,8 @@ def default_threads(num_stages: int, device: str) -> int:
 class StageLauncher:
     """How to start a stage replica actor: at deploy, and again on another node after a node loss."""
 
-    deployment: str
-    source: str
-    config: dict
-    dtype: str
-    threads: int | None  # torch threads per stage (None: chosen by device)
-    num_stages: int
-    key: bytes | None
-    max_retransmits: int
-    weights: Any  # the deployment's WeightsActor handle
+    setup: StageSetup  # what every replica of the deployment shares
     resources: dict[str, Any]  # num_gpus / num_cpus / ... per replica
-    max_restarts: int
     spread: bool = False  # replicas of a stage on different nodes (SPREAD) when no placement pins them
 
     def launch(self, spec: StageSpec, replica: int, options: dict[str, Any] | None = None) -> Any:
@@ -98,33 +90,30 @@ class StageLauncher:
 
         spread = {"scheduling_strategy": "SPREAD"} if self.spread else {}
         return ray.remote(StageActor).options(
-            name=f"meshpipe/{self.deployment}/stage-{spec.index}/replica-{replica}", namespace="meshpipe",
-            lifetime="detached", max_restarts=self.max_restarts, max_task_retries=0,
+            name=stage_name(self.setup.deployment, spec.index, replica), namespace=NAMESPACE,
+            lifetime="detached", max_restarts=self.setup.stage.max_restarts, max_task_retries=0,
             allow_out_of_order_execution=True,  # a call waiting on a dead replica's output blocks no other
             **{**spread, **self.resources, **(options or {})},
-        ).remote(self.deployment, self.source, spec, self.config, self.dtype, self.threads, replica, self.num_stages,
-                 self.key, self.max_retransmits, self.weights)
+        ).remote(self.setup, spec, replica)
 
 
 class StageActor:
-    def __init__(self, deployment: str, source: str | Path, spec: StageSpec, config: dict,
-                 dtype: str = "auto", threads: int | None = None, replica: int = 0,
-                 num_stages: int = 1, key: bytes | None = None, max_retransmits: int = 3,
-                 weights: Any = None) -> None:
+    def __init__(self, setup: StageSetup, spec: StageSpec, replica: int = 0) -> None:
         t0 = time.perf_counter()
+        deployment, dtype, weights = setup.deployment, setup.stage.dtype, setup.weights
         self.deployment, self.spec, self.replica = deployment, spec, replica
-        self.name = f"meshpipe/{deployment}/stage-{spec.index}/replica-{replica}"
-        self.key = key if key is not None else load_key()  # from the deployment, else MESHPIPE_KEY here
-        self.max_retransmits = max_retransmits
+        self.name = stage_name(deployment, spec.index, replica)
+        self.key = setup.key if setup.key is not None else load_key()  # from the deployment, else MESHPIPE_KEY here
+        self.max_retransmits = setup.wire.max_retransmits
         self.device = pick_device()
-        torch.set_num_threads(threads or default_threads(num_stages, str(self.device)))
-        cfg = ModelConfig.from_dict(config)
+        torch.set_num_threads(setup.stage.threads_per_stage or default_threads(setup.num_stages, str(self.device)))
+        cfg = ModelConfig.from_dict(setup.model)
         if weights is not None:  # the deployment's weights actor keeps them in the object store
             from actors.weights import fetch_stage_state
 
             self.model = build_stage(cfg, spec, fetch_stage_state(weights, spec, dtype, str(self.device)), self.device)
         else:
-            self.model = load_stage(source, spec, dtype, self.device, cfg)
+            self.model = load_stage(setup.source, spec, dtype, self.device, cfg)
         self.cache = self.model.new_cache()
         self.dtype = next(self.model.parameters()).dtype
         self.delay_s = 0.0  # test hook: extra seconds before each forward (a slow inbound hop)

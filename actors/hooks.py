@@ -1,0 +1,40 @@
+"""Test hooks of the router: slow links, corrupted messages, emulated accelerator time.
+
+A mixin, so the router's own file stays about serving; every hook acts through the replica pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from models import InvalidRequestError
+
+if TYPE_CHECKING:
+    from actors.pool import ReplicaPool
+    from actors.replicas import Replica
+
+
+class FaultHooks:
+    """`set_hop_delay`, `inject_fault` and `set_step_time`, reached through the router's handle."""
+
+    pool: ReplicaPool
+
+    def _targets(self, stage: int, replica: int | None) -> list[Replica]:
+        targets = [r for r in self.pool.table.by_stage[stage] if replica is None or r.replica == replica]
+        if not targets:
+            raise InvalidRequestError(f"stage {stage} has no replica {replica}")
+        return targets
+
+    async def set_hop_delay(self, stage: int, seconds: float, replica: int | None = None) -> None:
+        """Delays every message into `stage` (one replica, or all) by `seconds`."""
+        await asyncio.gather(*[r.handle.set_delay.remote(seconds) for r in self._targets(stage, replica)])
+
+    async def inject_fault(self, stage: int, kind: str, count: int = 1, replica: int | None = None) -> None:
+        """Corrupts or drops the next `count` messages that `stage` (one replica, or all) sends."""
+        await asyncio.gather(*[r.handle.inject_fault.remote(kind, count) for r in self._targets(stage, replica)])
+
+    async def set_step_time(self, stage: int, seconds: float, per_token: float = 0.0) -> None:
+        """Every replica of `stage`, and any added later, takes `seconds` + `per_token` x tokens more per step."""
+        self.pool.step_time[stage] = (seconds, per_token)
+        await asyncio.gather(*[r.handle.set_step_time.remote(seconds, per_token) for r in self._targets(stage, None)])

@@ -1,0 +1,291 @@
+"""The router's composed parts without Ray: replica pool, recovery's watcher and failover, journal,
+link prober, and the one place deploy options are declared."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any
+
+import pytest
+
+from actors.config import DeployConfig, RouterOptions, WireOptions, flat_options
+from actors.journal import RequestJournal
+from actors.pool import ReplicaPool
+from actors.probe import LinkProber
+from actors.recovery import Recovery
+from actors.request import Lane, Request
+from actors.specs import RouterSpec, StageSetup
+from models import ConfigError, SamplingParams, SequenceState
+from topology.failover import Health
+
+_ids = itertools.count()
+
+
+class _Method:
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def remote(self, *args: Any) -> Any:
+        async def call() -> Any:
+            return self.fn(*args)
+        return call()
+
+
+class FakeHandle:
+    """Stands in for a stage actor's handle: `h.method.remote(...)` is awaitable, calls are recorded."""
+
+    def __init__(self, **answers: Any) -> None:
+        self._actor_id = type("Id", (), {"hex": staticmethod(lambda n=next(_ids): f"actor{n}")})()
+        self.calls: list[tuple[str, tuple]] = []
+        self.answers = answers
+
+    def __getattr__(self, name: str) -> _Method:
+        if name.startswith("__") and name != "__ray_ready__":
+            raise AttributeError(name)
+
+        def fn(*args: Any) -> Any:
+            self.calls.append((name, args))
+            answer = self.answers.get(name)
+            return answer(*args) if callable(answer) else answer
+        return _Method(fn)
+
+
+def make_pool(counts: list[int], hosts: list[list[str]] | None = None, **opts: Any) -> ReplicaPool:
+    handles = [[FakeHandle(stats={"busy_s": 0.0}) for _ in range(c)] for c in counts]
+    hosts = hosts or [["n0"] * c for c in counts]
+    info = [[{"replica": r, "node_id": hosts[k][r]} for r in range(c)] for k, c in enumerate(counts)]
+    return ReplicaPool("d", "n0", handles, info, RouterOptions(**opts), WireOptions())
+
+
+def make_request(rid: str, prompt: list[int], generated: int = 0) -> Request:
+    seq = SequenceState(rid, prompt, SamplingParams(max_new_tokens=8, seed=1), frozenset({0}), 64)
+    for t in range(generated):
+        seq.add(5 + t, None, None)
+    loop = asyncio.new_event_loop()
+    req = Request(rid, seq, len(prompt) + 8, None, loop.create_future())
+    loop.close()
+    return req
+
+
+def test_pool_plans_and_spreads_sequences_over_replicas() -> None:
+    pool = make_pool([2, 2])
+    first = pool.plan()
+    pool.table.assign(first, "a")
+    for rep in pool.table:
+        rep.compute_ms = 5.0
+    pool.routes.invalidate()
+    second = pool.plan()
+    assert first.replicas != second.replicas  # the loaded route costs its queue wait
+    assert pool.links_for(first)[0].codec in {"none", "auto"} or pool.links_for(first)
+
+
+def test_pool_ban_backs_off_and_down_events_are_per_replica() -> None:
+    pool = make_pool([2])
+    rep = pool.table.get(0, 1)
+    pool.ban([rep], now=100.0)
+    assert not rep.alive and rep.ban_s == 2.0 and rep.banned_until == 102.0
+    pool.ban([rep], now=100.0)  # banned already: unchanged
+    assert rep.ban_s == 2.0
+    assert pool.plan().replicas == (0,)
+    pool.down_event(rep).set()
+    assert pool.down_event(rep).is_set() and not pool.down_event(pool.table.get(0, 0)).is_set()
+
+
+def test_pool_replaced_updates_host_labels_and_info() -> None:
+    pool = make_pool([1, 1], hosts=[["n0"], ["n1"]])
+    rep = pool.table.get(1, 0)
+    old_id = rep.handle._actor_id.hex()
+    new = FakeHandle()
+    pool.down_event(rep).set()
+    pool.replaced(rep, new, {"replica": 0, "node_id": "n2"})
+    assert rep.host == "n2" and rep.alive and pool.replica_info[1][0]["node_id"] == "n2"
+    assert pool.label_of(new._actor_id.hex()) == "stage-1/replica-0"
+    assert pool.label_of(old_id) == "a stage"
+    assert not pool.down_event(rep).is_set()
+    assert "n2" in pool.hosts()
+
+
+def test_pool_drain_waits_for_sequences_then_removes() -> None:
+    pool = make_pool([2])
+
+    async def run() -> Any:
+        rep = pool.table.get(0, 1)
+        rep.sequences.add("s")
+        pool.table.get(0, 0).sequences.add("t")  # as loaded: the highest replica goes
+        task = asyncio.ensure_future(pool.drain(0, timeout_s=5))
+        await asyncio.sleep(0.1)
+        assert not task.done() and rep.draining
+        rep.sequences.clear()
+        return await task
+
+    removed = asyncio.run(run())
+    assert removed.replica == 1 and [r.replica for r in pool.table] == [0]
+    assert asyncio.run(pool.drain(0)) is None  # never the last live replica
+
+
+def test_pool_export_reports_busy_fraction() -> None:
+    pool = make_pool([1])
+    seen: dict[str, Any] = {}
+
+    class M:
+        tags = {"deployment": "d"}
+        efficiency = type("G", (), {"set": staticmethod(lambda v, tags: seen.setdefault("eff", v))})()
+
+        def load(self, a: int, q: int) -> None:
+            seen["load"] = (a, q)
+
+        def queues(self, q: dict) -> None:
+            seen["queues"] = q
+
+    t = time.monotonic()
+    pool._busy_since = t - 1.0
+    pool.table.get(0, 0).busy_ms = 500.0
+    pool.export(M(), 3, 1, t)
+    assert seen["load"] == (3, 1) and abs(seen["eff"] - 0.5) < 1e-9 and pool.table.get(0, 0).busy_ms == 0
+
+
+def make_recovery(pool: ReplicaPool, states: dict[str, tuple[str, int]]) -> tuple[Recovery, list[int]]:
+    scheduled: list[int] = []
+    metrics = type("M", (), {"rerouted": lambda self, n: None, "recovered": lambda self, s: None})()
+    rec = Recovery("d", pool, sender=None, metrics=metrics, restart_timeout_s=5.0, key=None,  # type: ignore[arg-type]
+                   reschedule=lambda: scheduled.append(1),
+                   actor_state=lambda h: states.get(h._actor_id.hex(), ("ALIVE", 0)))
+    return rec, scheduled
+
+
+def test_watcher_marks_dead_replicas_and_takes_restarted_ones_back() -> None:
+    pool = make_pool([2])
+    rep = pool.table.get(0, 1)
+    states: dict[str, tuple[str, int]] = {rep.handle._actor_id.hex(): ("RESTARTING", 0)}
+    rec, scheduled = make_recovery(pool, states)
+    rec.watch_once()
+    assert pool.down_event(rep).is_set()
+    rep.alive = False
+    states[rep.handle._actor_id.hex()] = ("ALIVE", 1)
+    rec.watch_once()
+    assert not pool.down_event(rep).is_set() and rep.alive and rep.restarts_seen == 1 and scheduled
+
+
+def test_failover_moves_only_the_dead_stage_to_its_standby() -> None:
+    pool = make_pool([2, 2])
+    route = pool.plan()
+    dead = pool.table.get(1, route.replicas[1])
+    other = 1 - route.replicas[1]
+    rec, _ = make_recovery(pool, {dead.handle._actor_id.hex(): ("RESTARTING", 0)})
+    reqs = [make_request(f"r{i}", [1, 2, 3]) for i in range(2)]
+    for r in reqs:
+        r.route = route
+        pool.table.assign(route, r.rid)
+        r.copies[1] = (other, 3)
+    assert rec.standbys(reqs) == {1: other}
+    new = asyncio.run(rec.failover(reqs, time.monotonic() + 5))
+    assert new.replicas == (route.replicas[0], other)
+    assert all(r.route == new and 1 not in r.copies for r in reqs)
+    assert not dead.alive and "r0" in dead.release
+    assert asyncio.run(rec.health(dead)) == Health.DOWN
+
+
+def test_all_gone_fails_fast_naming_the_stage() -> None:
+    from actors.errors import StageFailedError
+
+    pool = make_pool([1, 1])
+    route = pool.plan()
+    dead = pool.table.get(1, 0)
+    rec, _ = make_recovery(pool, {dead.handle._actor_id.hex(): ("DEAD", 3)})
+    req = make_request("r", [1, 2])
+    req.route = route
+    with pytest.raises(StageFailedError, match="stage 1 of deployment 'd' has no replica left"):
+        asyncio.run(rec.failover([req], time.monotonic() + 5))
+
+
+class DictKV:
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.writes = 0
+
+    def put(self, key: str, value: bytes) -> None:
+        self.data[key] = value
+        self.writes += 1
+
+    def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    def delete(self, key: str, by_prefix: bool = False) -> None:
+        for k in [k for k in self.data if (k.startswith(key) if by_prefix else k == key)]:
+            del self.data[k]
+
+    def keys(self, prefix: str) -> list[str]:
+        return [k for k in self.data if k.startswith(prefix)]
+
+
+def test_journal_checkpoints_only_requests_with_new_tokens() -> None:
+    kv = DictKV()
+    journal = RequestJournal("d", kv)
+    a, b = make_request("a", [1, 2]), make_request("b", [3])
+    journal.admit(a)
+    journal.admit(b)
+    assert kv.writes == 2
+    a.seq.add(7, None, None)
+    assert journal.checkpoint([a, b]) == 1 and a.journaled == 1
+    assert journal.checkpoint([a, b]) == 0
+    got = {r.rid: r for r in journal.load()}
+    assert got["a"].generated == [7] and got["b"].generated == [] and got["a"].prompt == [1, 2]
+    journal.drop("b")
+    assert [r.rid for r in journal.load()] == ["a"]
+    RequestJournal("other", kv).clear()
+    assert len(journal.load()) == 1
+    journal.clear()
+    assert journal.load() == []
+
+
+def test_prober_bans_longer_while_down_and_readmits_on_answer() -> None:
+    pool = make_pool([2])
+    calls: list[int] = []
+    prober = LinkProber("d", pool, lambda: calls.append(1))
+    rep = pool.table.get(0, 1)
+    prober.observe(rep, 3.0, now=0.0)
+    assert rep.inbound_ms > 0 and rep.alive
+    rep.alive, rep.ban_s = False, 2.0
+    prober.observe(rep, TimeoutError(), now=10.0)
+    assert rep.ban_s == 4.0 and rep.banned_until == 14.0
+    prober.observe(rep, 1.0, now=20.0)
+    assert rep.alive and calls == [1]
+    prober.observe(rep, RuntimeError(), now=30.0, died=True)
+    assert rep.gone and not rep.alive and calls == [1, 1]
+    assert prober.names() == []
+
+
+def test_deploy_options_are_declared_once_and_sorted_into_sections() -> None:
+    dc = DeployConfig.of("m", codec="int8", max_queued=3, dtype="float64", load_knee=4.0, probe_interval_s=0.5,
+                         route_threshold=0.2, max_restarts=1)
+    assert (dc.router.max_queued, dc.router.load_knee, dc.router.probe_interval_s, dc.router.route_threshold) == \
+        (3, 4.0, 0.5, 0.2)
+    assert dc.wire.codec == "int8" and dc.stage.dtype == "float64" and dc.stage.max_restarts == 1
+    names = flat_options()
+    assert len(names) == len(set(names))  # no option declared twice
+    assert {"load_knee", "route_threshold", "probe_interval_s"} <= set(names)
+    with pytest.raises(ConfigError, match="unknown deploy option 'bogus'"):
+        DeployConfig.of("m", bogus=1)
+    with pytest.raises(ConfigError, match="max_queued"):
+        DeployConfig.of("m", max_queued=-1)
+
+
+def test_keys_stay_out_of_errors_and_reprs() -> None:
+    key = bytes(range(200, 232))
+    with pytest.raises(ConfigError) as e:
+        DeployConfig.of("m", encryption_key=key)
+    assert "\\xc8" not in str(e.value) and "200" not in str(e.value)
+    setup = StageSetup("d", "s", {}, 1, DeployConfig.of("m").stage, WireOptions(), key=key)
+    spec = RouterSpec("d", "s", {}, RouterOptions(), WireOptions(), key=key)
+    for obj in (setup, spec):
+        assert ", key=" not in repr(obj) and repr(key) not in repr(obj)
+    secret = DeployConfig.of("m", encryption_key="ab" * 32)
+    assert "ab" * 32 not in repr(secret)
+
+
+def test_lane_and_request_defaults() -> None:
+    lane = Lane(0)
+    req = make_request("x", [1])
+    assert lane.seqs == [] and lane.step == 0 and req.route is None and req.copies == {}
