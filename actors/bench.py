@@ -265,8 +265,7 @@ def _next_envelope(env: Any) -> Any:
     """Verify and decode the message, then encode the same tensor into a new one (codec none)."""
     from dataclasses import replace
 
-    from actors.codec import LinkCodec
-    from actors.envelope import Envelope
+    from actors.wire import Envelope, LinkCodec
 
     header, x = env.open(None)
     return Envelope.seal(replace(header, sender="echo"), x, LinkCodec(), None, params=env.params)
@@ -298,8 +297,7 @@ def bench_hops(n_actors: int = 4, iters_small: int = 50, iters_large: int = 8) -
     """
     import ray
 
-    from actors.codec import Header, LinkCodec
-    from actors.envelope import Envelope
+    from actors.wire import Envelope, Header, LinkCodec
     from models.sampling import SamplingParams
 
     opts = dict(num_cpus=0, num_gpus=0)
@@ -462,7 +460,7 @@ def bench_codec_pipeline(model: str = "smollm2-135m", stages: int = 2, batches: 
                          new_tokens: int = 32, repeats: int = 2,
                          setups: Sequence[dict[str, Any]] = tuple(CODEC_SETUPS)) -> Iterator[dict]:
     """End-to-end tokens/s of one deployment per codec setup; `vs_none` against codec none in this run."""
-    from actors.codec import new_key
+    from actors.wire import new_key
     from models.loading import resolve_source
     from models.tokenizer import load_tokenizer
 

@@ -20,7 +20,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from actors.codec import load_key
+from actors.wire import check_codec, load_key
 from actors.errors import DeploymentError, InsufficientResourcesError
 from actors.gcs import actor_record
 from actors.progress import DeployProgress, ProgressFn
@@ -55,7 +55,7 @@ class DeployConfig(BaseModel):
     layers_per_stage: int | None = Field(None, ge=1)  # 1 = one actor per layer
     replicas_per_stage: int | list[int] = 1  # replicas of every stage, or one count per stage
     topology: Any = None  # a Topology, a YAML path or a dict: place stages on its GPUs (DP); None: measured
-    codec: str = Field("auto", pattern="^(auto|none|fp16|bf16|int8)$")  # message codec; auto: per link (lossless)
+    codec: str = "auto"  # message codec: auto (per link, lossless) or a registered one (actors.wire.codec_names)
     compress: str | None = Field(None, pattern="^(zstd|lz4)$")  # lossless compression on top (None: auto decides)
     encryption: str = Field("auto", pattern="^(auto|always|never)$")  # AES-GCM: untrusted links | all | none
     encryption_key: SecretStr | None = None  # 32 bytes as hex/base64; default: $MESHPIPE_KEY (never logged)
@@ -81,6 +81,11 @@ class DeployConfig(BaseModel):
     def _dtype(cls, v: str) -> str:
         resolve_dtype(v)  # raises ConfigError naming the accepted values
         return v
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        return check_codec(v, "codec", auto=True)  # names the registered codecs
 
     @field_validator("stage_resources")
     @classmethod
@@ -200,7 +205,7 @@ class Pipeline:
         key = load_key(dc.encryption_key.get_secret_value() if dc.encryption_key else None)
         if dc.encryption == "always" and key is None:
             raise ConfigError("encryption='always' needs a key: pass encryption_key= or set MESHPIPE_KEY "
-                              "(python -c 'from actors.codec import new_key; print(new_key())')")
+                              "(python -c 'from actors.wire import new_key; print(new_key())')")
         resources = stage_resources(sum(counts), dc.stage_resources, autoscaling=dc.autoscaling is not None)
         threads = dc.threads_per_stage  # None: each stage chooses by its device (default_threads)
         t0 = time.perf_counter()

@@ -27,12 +27,10 @@ from typing import Any
 
 import torch
 
-from actors.codec import Header, LinkCodec
-from actors.envelope import Envelope
 from actors.gcs import actor_record, own_restarts
 from actors.journal import RequestJournal, RequestRecord
 from actors.metrics import RouterMetrics
-from actors.links import LinkInfo, choose_link
+from actors.wire import Envelope, Header, LinkCodec, LinkInfo, choose_link
 from actors.replicas import Replica, ReplicaTable
 from actors.errors import (
     BackPressureError,
@@ -67,7 +65,7 @@ class RouterConfig:
     probe_interval_s: float = 1.0  # how often idle replicas' inbound waits are probed (0 = never)
     message_bytes: int = 4096  # typical activation message, for the topology's transfer costs
     topology_refresh_s: float = 30.0  # re-measure links between the stages' nodes (0 = never)
-    codec: str = "auto"  # message codec: auto | none | fp16 | bf16 | int8 (actors/links.py)
+    codec: str = "auto"  # message codec: auto | none | fp16 | bf16 | int8 (actors/wire/links.py)
     compress: str | None = None  # lossless zstd | lz4 on top (None: auto decides per link)
     encryption: str = "auto"  # auto (untrusted links) | always | never
     int8_block: int = 64  # elements per int8 scale
@@ -717,7 +715,7 @@ class RouterActor:
 
     def _recoverable(self, e: BaseException) -> bool:
         """A dead or restarting stage actor, or one that came back without its cache."""
-        from actors.codec import OutOfOrderError
+        from actors.wire import OutOfOrderError
 
         exc = self._ray.exceptions
         return isinstance(e, (exc.RayActorError, exc.ActorUnschedulableError, RouteBrokenError)) or isinstance(
