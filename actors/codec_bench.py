@@ -86,7 +86,8 @@ def bench_codecs(shapes: Sequence[tuple[int, ...]] = SHAPES, repeats: int = 5) -
                             "threads": torch.get_num_threads(),
                         })
                         if bounded:
-                            row["within_bound"] = bool((err.double() <= quantiser.error_bound(t, link.block)).all())
+                            bound = quantiser.error_bound(t, link.block)
+                            row["within_bound"] = bool((err.double() <= bound).all())
                         log.debug("codec bench %s %s: %s", shape, link, row)
                         yield row
     finally:

@@ -35,7 +35,8 @@ def _zstd_d() -> zstandard.ZstdDecompressor:
 # name -> (compress, content size the frame declares, decompress)
 COMPRESSORS: dict[str, tuple[Callable[[np.ndarray], bytes], Callable[[np.ndarray], int | None],
                              Callable[[np.ndarray], bytes]]] = {
-    "zstd": (lambda d: _zstd_c().compress(d), zstandard.frame_content_size, lambda d: _zstd_d().decompress(d)),
+    "zstd": (lambda d: _zstd_c().compress(d), zstandard.frame_content_size,
+             lambda d: _zstd_d().decompress(d)),
     "lz4": (lambda d: lz4.frame.compress(d, store_size=True),
             lambda d: lz4.frame.get_frame_info(d)["content_size"], lz4.frame.decompress),
 }

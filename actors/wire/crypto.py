@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from actors.wire.errors import DecryptionError, KeyConfigError, MessageError
 
-__all__ = ["KEY_SIZE", "NONCE_SIZE", "OVERHEAD", "TAG_SIZE", "key_bytes", "load_key", "new_key", "open_payload",
-           "seal_into"]
+__all__ = ["KEY_SIZE", "NONCE_SIZE", "OVERHEAD", "TAG_SIZE", "key_bytes", "load_key", "new_key",
+           "open_payload", "seal_into"]
 
 NONCE_SIZE = 12
 TAG_SIZE = 16
@@ -105,5 +105,6 @@ def open_payload(key: Any, data: np.ndarray, aad: np.ndarray, what: str) -> np.n
     except InvalidTag:
         raise DecryptionError(
             f"{what} failed AES-GCM authentication although its checksum holds: the sender uses a different "
-            "key, or the message was tampered with; check MESHPIPE_KEY on both nodes; do not retry blindly") from None
+            "key, or the message was tampered with; check MESHPIPE_KEY on both nodes; do not retry blindly"
+        ) from None
     return plain

@@ -35,7 +35,8 @@ class Envelope:
     params: list[SamplingParams] | None = None  # (B,) sampling options, read by the last stage
     hops: list[Any] = field(default_factory=list)  # push mode: actor handles of the stages still to visit
     sent_at: float = 0.0  # time.time() when the producer sent it (inbound wait = start - sent_at)
-    trace: list[tuple[int, int, float, float]] = field(default_factory=list)  # (stage, replica, inbound_ms, compute_ms) per hop so far
+    # (stage, replica, inbound_ms, compute_ms) per hop so far
+    trace: list[tuple[int, int, float, float]] = field(default_factory=list)
     retransmits: int = 0  # resends this step needed so far, summed over hops
     sampled: list[int] | None = None  # (B,) next tokens: out of the last stage
     logprobs: list[TokenLogprob | None] | None = None  # (B,) when asked for
@@ -46,7 +47,8 @@ class Envelope:
         return bool(self.hops)
 
     @classmethod
-    def seal(cls, header: Header, tensor: torch.Tensor, link: LinkCodec, key: bytes | None, **control: Any) -> Envelope:
+    def seal(cls, header: Header, tensor: torch.Tensor, link: LinkCodec, key: bytes | None,
+             **control: Any) -> Envelope:
         """Encodes `tensor` under `header` for one link."""
         return cls(pack(header, tensor, link, key), header.msg_id, **control)
 

@@ -260,5 +260,6 @@ def unpack(wire: np.ndarray | bytes | memoryview, key: bytes | None = None) -> t
                                  "no key: set MESHPIPE_KEY (the same on every node)")
         data = crypto.open_payload(key, data, buf[:off], f"message {h.msg_id} from {h.sender!r}")
     if h.compress:
-        data = compression.decompress(data, h.compress, encoded_size(numel(h.shape), h.dtype, h.codec, h.block))
+        size = encoded_size(numel(h.shape), h.dtype, h.codec, h.block)
+        data = compression.decompress(data, h.compress, size)
     return h, decode_tensor(data, h.shape, h.dtype, h.codec, h.block)

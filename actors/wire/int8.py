@@ -56,7 +56,7 @@ def _pos_dtype(block: int) -> tuple[type, torch.dtype]:
 
 
 def size(n: int, dtype: str, block: int) -> int:
-    """Payload bytes of n elements: per block a float32 scale, a bfloat16 top and its position; q per element."""
+    """Payload bytes of n elements: per block a float32 scale, a bfloat16 top, its position; q per element."""
     return _nblocks(n, block) * (6 + np.dtype(_pos_dtype(block)[0]).itemsize) + n
 
 

@@ -39,7 +39,7 @@ def check_compress(name: object, what: str = "compress") -> str | None:
 class LinkCodec:
     """How one link encodes its messages: chosen per hop by the router."""
 
-    codec: str = "none"  # a registered codec (none | fp16 | bf16 | int8 ...): applied to floating tensors only
+    codec: str = "none"  # a registered codec (none | fp16 | bf16 | int8 ...): floating tensors only
     compress: str | None = None  # None | zstd | lz4: lossless, on top of the codec
     encrypt: bool = False  # AES-256-GCM with the deployment key
     block: int = 64  # int8 block size: elements per absmax scale, 8..32768

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 from actors.wire import int8
-from actors.wire.buffers import DTYPES, as_u8, dtype_name, from_numpy, is_int, itemsize, numel, torch_view, typed
+from actors.wire.buffers import (
+    DTYPES, as_u8, dtype_name, from_numpy, is_int, itemsize, numel, torch_view, typed,
+)
 from actors.wire.errors import MessageError
 
 __all__ = [
@@ -61,7 +63,8 @@ QUANTISERS: dict[str, Quantiser] = {}
 def register(q: Quantiser, replace: bool = False) -> Quantiser:
     """Adds `q` to the registry (ValueError if its name is taken and not `replace`); returns it."""
     if not isinstance(q.name, str) or not q.name or q.name == "auto" or "+" in q.name or "/" in q.name:
-        raise ValueError(f"codec name must be a non-empty str other than 'auto', without '+' or '/', got {q.name!r}")
+        raise ValueError(f"codec name must be a non-empty str other than 'auto', without '+' or '/', "
+                         f"got {q.name!r}")
     if q.name in QUANTISERS and not replace:
         raise ValueError(f"codec {q.name!r} is already registered")
     QUANTISERS[q.name] = q

@@ -42,7 +42,8 @@ def f32() -> Iterator[str]:
 
 
 def _header(n: int) -> Header:
-    return Header(kind="step", step=1, msg_id=5, attempt=0, sender="test", seq_ids=["a"], starts=[0], lengths=[n])
+    return Header(kind="step", step=1, msg_id=5, attempt=0, sender="test", seq_ids=["a"], starts=[0],
+                  lengths=[n])
 
 
 @pytest.mark.parametrize("compress", [None, "zstd", "lz4"])
@@ -55,7 +56,8 @@ def test_a_registered_codec_works_through_choose_link_seal_and_open(f32: str, co
     assert (link.codec, link.compress, link.encrypt) == (f32, compress, encrypt)
     t = torch.randn(3, 16, dtype=torch.float64)
     header, back = Envelope.seal(_header(3), t, link, KEY).open(KEY)
-    assert (header.codec, header.compress, header.encrypted, header.dtype) == (f32, compress, encrypt, "float64")
+    got = (header.codec, header.compress, header.encrypted, header.dtype)
+    assert got == (f32, compress, encrypt, "float64")
     assert back.dtype == torch.float64 and torch.equal(back, t.float().double())
     ids = torch.arange(7)  # integer tensors ignore the codec
     header, back = Envelope.seal(_header(7), ids, link, KEY).open(KEY)
