@@ -10,6 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from actors.bench import codec_setups
 from actors.codec_bench import bench_codecs
 from actors.pipeline import DeployConfig
 from actors.wire import (
@@ -69,6 +70,7 @@ def test_a_registered_codec_is_accepted_by_deploy_config_and_benched(f32: str) -
     rows = [r for r in bench_codecs(shapes=((1, 8),), repeats=1) if r["codec"] == f32]
     assert [(r["compress"], r["encrypt"]) for r in rows] == [(None, False), ("zstd", False), ("lz4", False)]
     assert all(r["ratio"] > 0 and r["max_abs_err"] == 0.0 for r in rows)
+    assert {"codec": f32} in codec_setups()  # `meshpipe bench codecs` deploys it end to end too
 
 
 def test_an_unregistered_codec_is_gone_everywhere(f32: str) -> None:
