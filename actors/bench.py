@@ -265,8 +265,7 @@ def _next_envelope(env: Any) -> Any:
     """Verify and decode the message, then encode the same tensor into a new one (codec none)."""
     from dataclasses import replace
 
-    from actors.codec import LinkCodec
-    from actors.envelope import Envelope
+    from actors.wire import Envelope, LinkCodec
 
     header, x = env.open(None)
     return Envelope.seal(replace(header, sender="echo"), x, LinkCodec(), None, params=env.params)
@@ -298,8 +297,7 @@ def bench_hops(n_actors: int = 4, iters_small: int = 50, iters_large: int = 8) -
     """
     import ray
 
-    from actors.codec import Header, LinkCodec
-    from actors.envelope import Envelope
+    from actors.wire import Envelope, Header, LinkCodec
     from models.sampling import SamplingParams
 
     opts = dict(num_cpus=0, num_gpus=0)
@@ -445,11 +443,17 @@ def bench_pipeline(
 
 # --------------------------------------------------------------------------- codecs end to end
 
-CODEC_SETUPS: list[dict[str, Any]] = [
-    {"codec": "none"}, {"codec": "fp16"}, {"codec": "bf16"}, {"codec": "int8"},
+COMBINED_SETUPS: list[dict[str, Any]] = [  # after one setup per registered codec
     {"codec": "none", "compress": "lz4"}, {"codec": "none", "compress": "zstd"},
     {"codec": "int8", "compress": "zstd"}, {"codec": "none", "encryption": "always"},
 ]
+
+
+def codec_setups() -> list[dict[str, Any]]:
+    """The end-to-end setups: each registered codec alone, then COMBINED_SETUPS."""
+    from actors.wire import codec_names
+
+    return [{"codec": c} for c in codec_names()] + [dict(s) for s in COMBINED_SETUPS]
 
 
 def setup_label(setup: dict[str, Any]) -> str:
@@ -460,16 +464,17 @@ def setup_label(setup: dict[str, Any]) -> str:
 
 def bench_codec_pipeline(model: str = "smollm2-135m", stages: int = 2, batches: Sequence[int] = (1, 16),
                          new_tokens: int = 32, repeats: int = 2,
-                         setups: Sequence[dict[str, Any]] = tuple(CODEC_SETUPS)) -> Iterator[dict]:
-    """End-to-end tokens/s of one deployment per codec setup; `vs_none` against codec none in this run."""
-    from actors.codec import new_key
+                         setups: Sequence[dict[str, Any]] | None = None) -> Iterator[dict]:
+    """End-to-end tokens/s of one deployment per codec setup (default: `codec_setups()`); `vs_none`
+    against codec none in this run."""
+    from actors.wire import new_key
     from models.loading import resolve_source
     from models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(resolve_source(model))
     prompt = tok.encode(RAW_PROMPT) if tok is not None else list(range(1, 9))
     ref: dict[int, float] = {}
-    for setup in setups:
+    for setup in codec_setups() if setups is None else setups:
         extra = dict(setup)
         if extra.get("encryption") == "always":
             extra["encryption_key"] = new_key()

@@ -482,13 +482,13 @@ def bench_codecs_cmd(
     """Codec encode/decode GB/s on one core and size ratios; then tokens/s per codec end to end."""
     import ray
 
-    from actors.bench import CODEC_SETUPS, bench_codec_pipeline, setup_label
+    from actors.bench import bench_codec_pipeline, codec_setups, setup_label
     from actors.codec_bench import bench_codecs, int8_targets
 
-    chosen = list(CODEC_SETUPS)
+    chosen = codec_setups()
     if setups:
         wanted = [s.strip() for s in setups.split(",") if s.strip()]
-        known = {setup_label(s): s for s in CODEC_SETUPS}
+        known = {setup_label(s): s for s in chosen}
         bad = [w for w in wanted if w not in known]
         if bad:
             raise typer.BadParameter(f"unknown setups {bad}: choose from {sorted(known)}", param_hint="--setups")

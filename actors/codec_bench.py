@@ -1,7 +1,8 @@
 """Benchmark of the message codecs (DESIGN §3: int8 >= 3.5x smaller than fp32 on messages >= 64 KB,
 encode+decode >= 1 GB/s on one core). No Ray: `pack`/`unpack` in this process, one torch thread.
 
-`meshpipe bench codecs` prints one JSON line per (shape, codec, compress, encrypt), then a
+`meshpipe bench codecs` prints one JSON line per (shape, codec, compress, encrypt) over every registered
+codec and compressor (`actors.wire.QUANTISERS`, `COMPRESSORS`), then a
 ``codec_targets`` line (`int8_targets`) saying whether int8 meets the targets. Throughputs count fp32 bytes of the
 tensor (``bytes_in``) over the best of ``repeats`` timings (each timing averages enough calls to last
 a few milliseconds).
@@ -16,9 +17,7 @@ from typing import Any
 
 import torch
 
-from actors.codec import (
-    CODECS, COMPRESSORS, Header, LinkCodec, int8_error_bound, load_key, new_key, pack, unpack,
-)
+from actors.wire import QUANTISERS, Header, LinkCodec, compressor_names, load_key, new_key, pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,9 @@ def _header(rows: int) -> Header:
 
 
 def bench_codecs(shapes: Sequence[tuple[int, ...]] = SHAPES, repeats: int = 5) -> Iterator[dict[str, Any]]:
-    """One dict per (shape, codec, compress, encrypt); encrypt in {False, True} for codecs none and int8."""
+    """One dict per (shape, codec, compress, encrypt) over the registries; encrypt in {False, True} for the
+    lossless codecs and those with an error bound (the largest and the most compact payloads), and
+    ``within_bound`` for codecs with an error bound."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     key = load_key(new_key())
@@ -61,9 +62,10 @@ def bench_codecs(shapes: Sequence[tuple[int, ...]] = SHAPES, repeats: int = 5) -
             t = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(0))
             header = _header(shape[0] if shape else 1)
             bytes_in = t.numel() * 4
-            for codec in CODECS:
-                for compress in (None, *COMPRESSORS):
-                    for encrypt in ((False, True) if codec in ("none", "int8") else (False,)):
+            for codec, quantiser in list(QUANTISERS.items()):
+                bounded = quantiser.error_bound is not None
+                for compress in (None, *compressor_names()):
+                    for encrypt in ((False, True) if quantiser.lossless or bounded else (False,)):
                         link = LinkCodec(codec, compress, encrypt)
                         wire = pack(header, t, link, key)
                         _, back = unpack(wire, key)
@@ -83,8 +85,9 @@ def bench_codecs(shapes: Sequence[tuple[int, ...]] = SHAPES, repeats: int = 5) -
                             "max_abs_err": float(err.max()) if err.numel() else 0.0,
                             "threads": torch.get_num_threads(),
                         })
-                        if codec == "int8":
-                            row["within_bound"] = bool((err.double() <= int8_error_bound(t)).all())
+                        if bounded:
+                            bound = quantiser.error_bound(t, link.block)
+                            row["within_bound"] = bool((err.double() <= bound).all())
                         log.debug("codec bench %s %s: %s", shape, link, row)
                         yield row
     finally:

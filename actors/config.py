@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from actors.wire import check_codec, check_compress
 from models import ConfigError
 from models.config import resolve_dtype
 from topology.autoscaling import AutoscalingConfig
@@ -44,8 +45,8 @@ class RouterOptions(_Section):
 class WireOptions(_Section):
     """How messages between actors are encoded (per link: actors.wire.choose_link)."""
 
-    codec: str = "auto"  # auto (per link, lossless) or a name in actors.wire's codec registry
-    compress: str | None = Field(None, pattern="^(zstd|lz4)$")  # lossless compression on top (None: auto decides)
+    codec: str = "auto"  # auto (per link, lossless) or a registered codec (actors.wire.codec_names())
+    compress: str | None = None  # lossless compression on top: a registered compressor (None: auto decides)
     encryption: str = Field("auto", pattern="^(auto|always|never)$")  # AES-GCM: untrusted links | all | none
     encryption_key: SecretStr | None = None  # 32 bytes as hex/base64; default: $MESHPIPE_KEY (never logged)
     int8_block: int = Field(64, ge=8)  # elements per int8 scale
@@ -54,11 +55,12 @@ class WireOptions(_Section):
     @field_validator("codec")
     @classmethod
     def _codec(cls, v: str) -> str:
-        from actors.wire import CODECS
+        return check_codec(v, "codec", auto=True)  # names the registered codecs
 
-        if v != "auto" and v not in CODECS:
-            raise ValueError(f"codec={v!r} is not one of auto, {', '.join(CODECS)}")
-        return v
+    @field_validator("compress")
+    @classmethod
+    def _compress(cls, v: str | None) -> str | None:
+        return check_compress(v, "compress")
 
 
 class StageOptions(_Section):

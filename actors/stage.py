@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.codec import (
+from actors.wire import (
     ChecksumError,
+    Envelope,
     Header,
     LinkCodec,
     MessageError,
@@ -26,9 +27,7 @@ from actors.codec import (
     ReplayError,
     load_key,
     pack,
-    unpack,
 )
-from actors.envelope import Envelope
 from actors.gcs import own_restarts
 from actors.history import OutputHistory
 from actors.naming import NAMESPACE, stage_name
@@ -274,10 +273,10 @@ class StageActor:
 
     def _receive(self, env: Envelope) -> tuple[Header, torch.Tensor, int]:
         """Opens the message; on a checksum failure asks the sender again, up to max_retransmits."""
-        wire, asked = env.wire, 0
+        asked = 0
         while True:
             try:
-                header, x = unpack(wire if wire is not None else b"", self.key)
+                header, x = env.open(self.key)
                 return header, x, asked
             except ChecksumError as e:
                 self.counters["checksum_failures"] += 1
@@ -292,7 +291,7 @@ class StageActor:
                             e, asked)
                 if env.reply_to is None:
                     raise
-                wire = ray.get(env.reply_to.resend.remote(env.msg_id))
+                env = replace(env, wire=ray.get(env.reply_to.resend.remote(env.msg_id)))
             except MessageError:
                 self.counters["rejected"] += 1
                 raise

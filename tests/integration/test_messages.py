@@ -9,8 +9,9 @@ import ray
 import torch
 
 from actors import Pipeline, StageFailedError
-from actors.codec import (
+from actors.wire import (
     DecryptionError,
+    Envelope,
     Header,
     LinkCodec,
     OutOfOrderError,
@@ -18,7 +19,6 @@ from actors.codec import (
     TruncatedMessageError,
     new_key,
 )
-from actors.envelope import Envelope
 from models import load_model
 from tests.support import min_margin, tokens
 
@@ -74,7 +74,7 @@ def test_a_link_that_keeps_corrupting_fails_the_step_with_a_typed_error(sealed: 
 
 
 def _message(key: str | None, seq: str, start: int, n: int, encrypt: bool = True) -> Envelope:
-    from actors.codec import load_key
+    from actors.wire import load_key
 
     header = Header(kind="step", step=1, msg_id=10**9, attempt=0, sender="test", seq_ids=[seq], starts=[start],
                     lengths=[n], release=[])

@@ -1,4 +1,4 @@
-"""The message layer (no Ray): codecs, compression, checksum, encryption, header validation, keys."""
+"""The message layer, actors.wire (no Ray): codecs, compression, checksum, encryption, header validation, keys."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ import pytest
 import torch
 import xxhash
 
-from actors import codec
-from actors.codec import (
-    ALIGN, CODECS, COMPRESSORS, PREFIX_SIZE, ChecksumError, DecryptionError, Header, KeyConfigError,
+from actors.wire import int8
+from actors.wire import (
+    ALIGN, COMPRESSORS, PREFIX_SIZE, ChecksumError, DecryptionError, Header, KeyConfigError,
     LinkCodec, MessageError, TruncatedMessageError, decode_tensor, encode_tensor, int8_error_bound, load_key,
-    new_key, pack, peek_header, unpack,
+    codec_names, new_key, pack, peek_header, unpack,
 )
 from models.errors import MeshpipeError
 
 KEY = bytes(range(32))
+CODECS = codec_names()
 FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = {  # name -> a tensor factory from a float64 source
     "empty": lambda g: _rand((0, 8), g),
@@ -130,8 +131,8 @@ def test_compression_shrinks_redundant_payloads() -> None:
 @pytest.mark.parametrize("n", [1, 7, 64, 1000, 4099, 600_001])
 def test_int8_within_per_block_bound_and_zero_blocks_exact(block: int, n: int, path: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(codec, "INT8_NUMPY_MAX", 10**9 if path == "numpy" else 0)
-    monkeypatch.setattr(codec, "INT8_NUMPY_DECODE_MAX", 10**9 if path == "numpy" else 0)
+    monkeypatch.setattr(int8, "INT8_NUMPY_MAX", 10**9 if path == "numpy" else 0)
+    monkeypatch.setattr(int8, "INT8_NUMPY_DECODE_MAX", 10**9 if path == "numpy" else 0)
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=g) * torch.logspace(-30, 30, n)  # absmax differs by block, 1e-30 .. 1e30
     x[: min(n, 2 * block)] = 0.0  # whole zero blocks
@@ -151,12 +152,12 @@ def test_int8_numpy_and_torch_paths_give_the_same_bytes(block: int, monkeypatch:
     x[:block] = 0.0
     x[block + 3] = 1e30
     ref = encode_tensor(x, "int8", block)  # numpy (small tensor), one chunk
-    for numpy_max, chunk in ((0, codec.INT8_CHUNK), (0, 4096), (10**9, 4096)):  # torch, chunked torch/numpy
-        monkeypatch.setattr(codec, "INT8_NUMPY_MAX", numpy_max)
-        monkeypatch.setattr(codec, "INT8_CHUNK", chunk)
+    for numpy_max, chunk in ((0, int8.INT8_CHUNK), (0, 4096), (10**9, 4096)):  # torch, chunked torch/numpy
+        monkeypatch.setattr(int8, "INT8_NUMPY_MAX", numpy_max)
+        monkeypatch.setattr(int8, "INT8_CHUNK", chunk)
         assert np.array_equal(encode_tensor(x, "int8", block), ref)
     for decode_max in (0, 10**9):
-        monkeypatch.setattr(codec, "INT8_NUMPY_DECODE_MAX", decode_max)
+        monkeypatch.setattr(int8, "INT8_NUMPY_DECODE_MAX", decode_max)
         back = decode_tensor(ref, x.shape, "float32", "int8", block)
         assert bool(((back.double() - x.double()).abs() <= int8_error_bound(x, block)).all())
 
@@ -215,7 +216,7 @@ def test_int8_is_at_least_3_5x_smaller_than_fp32() -> None:
 
 @pytest.mark.parametrize("path", ["numpy", "torch"])
 def test_int8_rejects_non_finite(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(codec, "INT8_NUMPY_MAX", 10**9 if path == "numpy" else 0)
+    monkeypatch.setattr(int8, "INT8_NUMPY_MAX", 10**9 if path == "numpy" else 0)
     rows = 300
     for bad in (float("inf"), -float("inf"), float("nan"), -float("nan")):
         t = torch.randn(rows, 64)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.codec import Header, LinkCodec, pack, unpack
+from actors.wire import Header, LinkCodec, pack, unpack
 from models import Batch, Transformer, load_stage, partition
 from models.loading import read_config, resolve_source
 

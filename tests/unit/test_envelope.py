@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.codec import Header, LinkCodec
-from actors.envelope import Envelope
+from actors.wire import Envelope, Header, LinkCodec
 
 
 def header(n: int) -> Header:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actors.links import LinkInfo, choose_link
+from actors.wire import LinkInfo, choose_link
 
 
 def test_auto_is_lossless_and_compresses_only_slow_remote_links() -> None:
