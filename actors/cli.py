@@ -401,7 +401,7 @@ def bench_pipeline_cmd(
     """Pipeline efficiency vs the single-process model, and hop costs (bare, envelope, push)."""
     import ray
 
-    from actors.bench import bench_pipeline
+    from actors.bench.pipeline import bench_pipeline
 
     stage_list = _parse_ints(stages, "--stages") or [1, 2, 4]
     batch_list = _parse_ints(batches, "--batches") or [1, 16]
@@ -482,7 +482,7 @@ def bench_codecs_cmd(
     """Codec encode/decode GB/s on one core and size ratios; then tokens/s per codec end to end."""
     import ray
 
-    from actors.bench import CODEC_SETUPS, bench_codec_pipeline, setup_label
+    from actors.bench.pipeline import CODEC_SETUPS, bench_codec_pipeline, setup_label
     from actors.codec_bench import bench_codecs, int8_targets
 
     chosen = list(CODEC_SETUPS)
