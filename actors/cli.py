@@ -466,6 +466,15 @@ def bench_simulate_cmd(
     _emit(bench_simulator(gpus, regions, stages, requests, rate, seed, chosen))
 
 
+@bench_app.command("calibrate")
+@_handles_errors
+def bench_calibrate_cmd() -> None:
+    """A real 3-node run (2 stages x 2 replicas, a slow link) and its simulator replay, fitted on one mix."""
+    from actors.bench.calibrate import bench_calibrate
+
+    _emit(bench_calibrate())
+
+
 @bench_app.command("codecs")
 @_handles_errors
 def bench_codecs_cmd(
