@@ -50,7 +50,7 @@ class Mix:
                                 gen_tokens=self.gen_tokens)
 
 
-MIXES = (Mix("fit", 24, 6.0, (4, 24), (8, 24), seed=1), Mix("check", 24, 9.0, (16, 48), (4, 16), seed=2))
+MIXES = (Mix("fit", 40, 6.0, (4, 24), (8, 24), seed=1), Mix("check", 40, 9.0, (16, 48), (4, 16), seed=2))
 
 
 @dataclass(frozen=True)
