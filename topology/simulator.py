@@ -40,8 +40,9 @@ Policies (chosen once per request, at admission):
 - "shortest": the planner (`topology.planner.plan`, method "dp") over the router's own cost model
   (topology/costs.py): each replica's `step_ms` and `queue_ms` follow its active sequences and the
   moving averages of its simulated steps (step ms, ms a token), as the router measures them; its
-  step average starts at its batch-1 step (a warm-up), and `inbound_ms` is known. Load-aware; the
-  routers share the load counts.
+  step average starts at its batch-1 step (a warm-up), and `inbound_ms` is known. The router's
+  `load_knee` defaults to the model's (`ModelShape.load_knee`: where a step's time doubles, ~68).
+  Load-aware; the routers share the load counts.
 - "shortest_static": the planner without the load term (every request of a region takes the same route).
 - "random": a uniformly random replica per stage. "round_robin": one counter per stage.
 
@@ -104,6 +105,12 @@ class ModelShape:
     layer_ms: float = 2.0  # one decode step of one layer at batch 1 on a speed-1.0 GPU
     alpha: float = 0.015  # each extra token in a step adds alpha x the batch-1 step time
     max_batch: int = 64  # sequences in one step (continuous batching)
+
+    @property
+    def load_knee(self) -> float:
+        """The router's load_knee for this model: sequences at which a step takes twice a batch-1 step,
+        1 + alpha x (k - 1) = 2, so k = 1 + 1 / alpha."""
+        return 1 + 1 / self.alpha
 
 
 @dataclass
@@ -483,12 +490,13 @@ class SimResult:
 
 
 def simulate(cluster: SimCluster, workload: Sequence[Request], policy: str = "shortest",
-             seed: int = 0, load_knee: float = LOAD_KNEE) -> SimResult:
+             seed: int = 0, load_knee: float | None = None) -> SimResult:
     """Run `workload` through `cluster` under `policy`; deterministic for (cluster, workload, seed).
 
-    `load_knee`: the router's (RouterConfig.load_knee) for the "shortest" policy's queue wait.
+    `load_knee`: the router's (RouterConfig.load_knee) for the "shortest" policy's queue wait;
+    None: the model's (`ModelShape.load_knee`).
     """
-    chooser = _chooser(cluster, policy, seed, load_knee)
+    chooser = _chooser(cluster, policy, seed, cluster.model.load_knee if load_knee is None else load_knee)
     for i, w in enumerate(workload):
         if not 0 <= w.router < len(cluster.routers):
             raise ValueError(f"workload[{i}].router={w.router}: there are {len(cluster.routers)} routers")
