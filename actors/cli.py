@@ -401,7 +401,7 @@ def bench_pipeline_cmd(
     """Pipeline efficiency vs the single-process model, and hop costs (bare, envelope, push)."""
     import ray
 
-    from actors.bench import bench_pipeline
+    from actors.bench.pipeline import bench_pipeline
 
     stage_list = _parse_ints(stages, "--stages") or [1, 2, 4]
     batch_list = _parse_ints(batches, "--batches") or [1, 16]
@@ -466,6 +466,15 @@ def bench_simulate_cmd(
     _emit(bench_simulator(gpus, regions, stages, requests, rate, seed, chosen))
 
 
+@bench_app.command("calibrate")
+@_handles_errors
+def bench_calibrate_cmd() -> None:
+    """A real 3-node run (2 stages x 2 replicas, a slow link) and its simulator replay, fitted on one mix."""
+    from actors.bench.calibrate import bench_calibrate
+
+    _emit(bench_calibrate())
+
+
 @bench_app.command("codecs")
 @_handles_errors
 def bench_codecs_cmd(
@@ -482,7 +491,7 @@ def bench_codecs_cmd(
     """Codec encode/decode GB/s on one core and size ratios; then tokens/s per codec end to end."""
     import ray
 
-    from actors.bench import bench_codec_pipeline, codec_setups, setup_label
+    from actors.bench.pipeline import bench_codec_pipeline, codec_setups, setup_label
     from actors.codec_bench import bench_codecs, int8_targets
 
     chosen = codec_setups()

@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from topology.costs import LOAD_KNEE, ema, queue_ms, step_ms
 from topology.planner import ReplicaState, Route
-
-EMA = 0.3  # weight of a new measurement in the moving averages
 
 
 @dataclass
@@ -49,15 +48,15 @@ class Replica:
 
     def observe(self, inbound_ms: float | None = None, compute_ms: float | None = None) -> None:
         if inbound_ms is not None:
-            self.inbound_ms = max(0.0, (1 - EMA) * self.inbound_ms + EMA * inbound_ms)
+            self.inbound_ms = max(0.0, ema(self.inbound_ms, inbound_ms))
         if compute_ms is not None:
-            self.compute_ms = compute_ms if self.compute_ms is None else (1 - EMA) * self.compute_ms + EMA * compute_ms
+            self.compute_ms = ema(self.compute_ms, compute_ms)
 
 
 class ReplicaTable:
     """All replicas of a deployment, by stage."""
 
-    def __init__(self, replicas: list[list[Replica]], load_knee: float = 8.0) -> None:
+    def __init__(self, replicas: list[list[Replica]], load_knee: float = LOAD_KNEE) -> None:
         self.by_stage = replicas  # [stage][i]
         self.load_knee = load_knee  # sequences at which a replica's queue wait equals its step time
         self._index = {(r.stage, r.replica): r for rs in replicas for r in rs}
@@ -84,27 +83,22 @@ class ReplicaTable:
         return [self._index[(s, r)] for s, r in enumerate(route.replicas)]
 
     def states(self) -> list[ReplicaState]:
-        """The planner's input: measured costs, with load as queue wait.
+        """The planner's input: measured costs, with load as queue wait (topology/costs.py).
 
-        An unmeasured replica is assumed as fast as its stage's measured mean (1 ms if none is), so a
-        new replica is neither shunned nor flooded. Once steps are measured per token, the step time
-        is predicted for its batch plus one sequence: compute-bound work grows with the batch (and a
-        step whose time does not is predicted flat, as its time per token falls). Queue wait = step
-        time × sequences / load_knee.
+        compute_ms = `step_ms` (its step with one more sequence), queue_ms = `queue_ms` (step time x
+        sequences / load_knee). An unmeasured replica is assumed as fast as its stage's measured mean
+        (1 ms if none is), so a new replica is neither shunned nor flooded.
         """
         out = []
         for stage in self.by_stage:
             measured = [r.compute_ms for r in stage if r.compute_ms is not None and r.alive]
             fallback = sum(measured) / len(measured) if measured else 1.0
             for r in stage:
-                step = r.compute_ms if r.compute_ms is not None else fallback
-                if r.token_ms is not None:  # its next step with one more sequence (work grows with the batch)
-                    step = r.token_ms * (len(r.sequences) + 1)
-                out.append(ReplicaState(
-                    stage=r.stage, replica=r.replica, host=r.host, compute_ms=step,
-                    queue_ms=max(step, 1.0) * len(r.sequences) / self.load_knee,
-                    inbound_ms=r.inbound_ms, alive=r.alive,
-                ))
+                n = len(r.sequences)
+                step = step_ms(r.compute_ms, r.token_ms, n, fallback)
+                out.append(ReplicaState(stage=r.stage, replica=r.replica, host=r.host, compute_ms=step,
+                                        queue_ms=queue_ms(step, n, self.load_knee), inbound_ms=r.inbound_ms,
+                                        alive=r.alive))
         return out
 
     def assign(self, route: Route, seq_id: str) -> None:
@@ -146,8 +140,7 @@ class ReplicaTable:
                 rep.observe(inbound_ms, compute_ms)
                 rep.busy_ms += compute_ms
                 if tokens:
-                    per = compute_ms / tokens
-                    rep.token_ms = per if rep.token_ms is None else (1 - EMA) * rep.token_ms + EMA * per
+                    rep.token_ms = ema(rep.token_ms, compute_ms / tokens)
 
     def describe(self) -> list[list[dict[str, Any]]]:
         return [[{"name": r.name, "host": r.host, "alive": r.alive, "gone": r.gone, "draining": r.draining, "inflight": r.inflight, "sequences": len(r.sequences),

@@ -7,7 +7,7 @@ A route is a shortest path through a layered DAG (Petals-style `start`/`end` sen
 Edge `start -> (r, 0)`:        ms[source, host(r)] + node_cost(r)
 Edge `(p, s-1) -> (r, s)`:     ms[host(p), host(r)] + node_cost(r)
 Edge `(r, S-1) -> end`:        ms[host(r), sink]        (the small sampled-token message)
-node_cost(r) = inbound_ms + compute_ms + queue_ms; a route's cost is the sum of its edges.
+node_cost(r) = inbound_ms + compute_ms + queue_ms (topology/costs.py); a route's cost is the sum of its edges.
 
 `ms` is a `HostCosts` matrix of host-to-host transfer times (networkx shortest paths over the
 `Topology`, DESIGN.md §2). The default method, "dp", is an exact dynamic program over the DAG with
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
+from topology.costs import node_cost
 from topology.graph import NoRouteError, Topology, TopologyError
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,8 @@ class ReplicaState:
 
     @property
     def node_cost(self) -> float:
-        """inbound_ms + compute_ms + queue_ms: what passing through this replica costs."""
-        return self.inbound_ms + self.compute_ms + self.queue_ms
+        """What passing through this replica costs: `topology.costs.node_cost`."""
+        return node_cost(self)
 
     @property
     def name(self) -> str:
@@ -188,7 +189,7 @@ def _prepare(replicas: Sequence[ReplicaState], num_stages: int, costs: HostCosts
                                 f"(hosts are {sorted(costs.hosts)}): add it to the topology or move the replica")
         ids[s].append(r.replica)
         rows[s].append(h)
-        node[s].append(a + b + c)
+        node[s].append(node_cost(r))
     stages = []
     for s in range(num_stages):
         every = np.sort(np.array(ids[s] + dead[s], dtype=np.int64))

@@ -37,10 +37,12 @@ a model over many GPUs is what one does when it does not fit one GPU; a 7B model
   that cross the WAN most (random, round-robin).
 
 Policies (chosen once per request, at admission):
-- "shortest": the planner (`topology.planner.plan`, method "dp") over the replicas with
-  `queue_ms` = the extra step time the request would see given each replica's active sequences
-  (`compute_ms * alpha * n`, plus whole extra steps beyond `max_batch`): load-aware; the routers
-  share the load counts.
+- "shortest": the planner (`topology.planner.plan`, method "dp") over the router's own cost model
+  (topology/costs.py): each replica's `step_ms` and `queue_ms` follow its active sequences and the
+  moving averages of its simulated steps (step ms, ms a token), as the router measures them; its
+  step average starts at its batch-1 step (a warm-up), and `inbound_ms` is known. The router's
+  `load_knee` defaults to the model's (`ModelShape.load_knee`: where a step's time doubles, ~68).
+  Load-aware; the routers share the load counts.
 - "shortest_static": the planner without the load term (every request of a region takes the same route).
 - "random": a uniformly random replica per stage. "round_robin": one counter per stage.
 
@@ -73,6 +75,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from topology.costs import LOAD_KNEE, ema, queue_ms, step_ms
 from topology.graph import Topology
 from topology.planner import HostCosts, ReplicaState, plan
 
@@ -103,6 +106,12 @@ class ModelShape:
     alpha: float = 0.015  # each extra token in a step adds alpha x the batch-1 step time
     max_batch: int = 64  # sequences in one step (continuous batching)
 
+    @property
+    def load_knee(self) -> float:
+        """The router's load_knee for this model: sequences at which a step takes twice a batch-1 step,
+        1 + alpha x (k - 1) = 2, so k = 1 + 1 / alpha."""
+        return 1 + 1 / self.alpha
+
 
 @dataclass
 class SimCluster:
@@ -122,6 +131,7 @@ class SimCluster:
     gpu: list[str]  # (R,) a name per replica's GPU ("host/gpuK"): the planner's hosts
     speed: np.ndarray  # (R,) relative GPU speed
     compute_ms: np.ndarray  # (R,) batch-1 step time
+    inbound_ms: np.ndarray | None = None  # (R,) extra delay of every message into each replica (None: 0)
     _planner_costs: HostCosts | None = field(default=None, repr=False)  # cached, see planner_costs
 
     @property
@@ -326,7 +336,8 @@ def poisson_workload(requests: int, rate_per_s: float, num_routers: int, seed: i
 
 
 class _Chooser:
-    """Base policy: `choose(router)` -> replica indices; `admit`/`release` track active sequences."""
+    """Base policy: `choose(router)` -> replica indices; `admit`/`release` track active sequences,
+    `observe` each step run."""
 
     def __init__(self, cluster: SimCluster, seed: int) -> None:
         self.cluster = cluster
@@ -344,6 +355,9 @@ class _Chooser:
 
     def release(self, route: list[int]) -> None:
         """A request on `route` finished."""
+
+    def observe(self, i: int, ms: float, tokens: int) -> None:
+        """Replica i ran a step of `tokens` tokens in `ms`."""
 
 
 class _Random(_Chooser):
@@ -375,49 +389,56 @@ class _RoundRobin(_Chooser):
 
 
 class _Shortest(_Chooser):
-    """The planner; with `load`, each replica's queue_ms reflects its active sequences."""
+    """The planner over `topology.costs`; with `load`, each replica's costs follow its sequences and steps."""
 
-    def __init__(self, cluster: SimCluster, seed: int, load: bool) -> None:
+    def __init__(self, cluster: SimCluster, seed: int, load: bool, load_knee: float = LOAD_KNEE) -> None:
         super().__init__(cluster, seed)
-        self.load = load
+        self.load, self.load_knee = load, load_knee
         self.costs = cluster.planner_costs()
-        self.states = [ReplicaState(stage=int(s), replica=int(r), host=g, compute_ms=float(c))
-                       for s, r, g, c in zip(cluster.stage, cluster.replica, cluster.gpu, cluster.compute_ms)]
+        inbound = np.zeros(cluster.num_replicas) if cluster.inbound_ms is None else cluster.inbound_ms
+        self.states = [ReplicaState(stage=int(s), replica=int(r), host=g, compute_ms=float(c), inbound_ms=float(b))
+                       for s, r, g, c, b in zip(cluster.stage, cluster.replica, cluster.gpu, cluster.compute_ms,
+                                                inbound)]
         self.gid = {(int(s), int(r)): i for i, (s, r) in enumerate(zip(cluster.stage, cluster.replica))}
         self.active = [0] * cluster.num_replicas
+        self.step_avg: list[float] = cluster.compute_ms.tolist()  # moving average of each replica's step ms
+        self.token_avg: list[float | None] = [None] * cluster.num_replicas  # ... of its ms a token
         self.router_names = [cluster.nodes[r] for r in cluster.routers]
-        m = cluster.model
-        self.alpha, self.batch = m.alpha, m.max_batch
 
     def choose(self, router: int) -> list[int]:
         name = self.router_names[router]
         route = plan(self.states, self.cluster.num_stages, self.costs, name, name, method="dp")
         return [self.gid[(s, r)] for s, r in enumerate(route.replicas)]
 
-    def _queue_ms(self, i: int) -> float:
-        """Extra time a newcomer's step takes at replica i, given its active sequences."""
-        c, k = self.states[i].compute_ms, self.active[i] + 1
-        full, rest = divmod(k, self.batch)
-        steps = full * (1 + self.alpha * (self.batch - 1)) + (1 + self.alpha * (rest - 1) if rest else 0.0)
-        return c * steps - c
+    def _update(self, i: int) -> None:
+        """Replica i's planner state from its averages and load, as `ReplicaTable.states` computes it."""
+        st, n = self.states[i], self.active[i]
+        st.compute_ms = step_ms(self.step_avg[i], self.token_avg[i], n)
+        st.queue_ms = queue_ms(st.compute_ms, n, self.load_knee)
 
     def admit(self, route: list[int]) -> None:
         if self.load:
             for i in route:
                 self.active[i] += 1
-                self.states[i].queue_ms = self._queue_ms(i)
+                self._update(i)
 
     def release(self, route: list[int]) -> None:
         if self.load:
             for i in route:
                 self.active[i] -= 1
-                self.states[i].queue_ms = self._queue_ms(i)
+                self._update(i)
+
+    def observe(self, i: int, ms: float, tokens: int) -> None:
+        if self.load:
+            self.step_avg[i] = ema(self.step_avg[i], ms)
+            self.token_avg[i] = ema(self.token_avg[i], ms / tokens)
+            self._update(i)
 
 
-def _chooser(cluster: SimCluster, policy: str, seed: int) -> _Chooser:
+def _chooser(cluster: SimCluster, policy: str, seed: int, load_knee: float = LOAD_KNEE) -> _Chooser:
     """The policy object for `policy` (ValueError naming it when unknown)."""
     if policy == "shortest":
-        return _Shortest(cluster, seed, load=True)
+        return _Shortest(cluster, seed, load=True, load_knee=load_knee)
     if policy == "shortest_static":
         return _Shortest(cluster, seed, load=False)
     if policy == "random":
@@ -469,9 +490,13 @@ class SimResult:
 
 
 def simulate(cluster: SimCluster, workload: Sequence[Request], policy: str = "shortest",
-             seed: int = 0) -> SimResult:
-    """Run `workload` through `cluster` under `policy`; deterministic for (cluster, workload, seed)."""
-    chooser = _chooser(cluster, policy, seed)
+             seed: int = 0, load_knee: float | None = None) -> SimResult:
+    """Run `workload` through `cluster` under `policy`; deterministic for (cluster, workload, seed).
+
+    `load_knee`: the router's (RouterConfig.load_knee) for the "shortest" policy's queue wait;
+    None: the model's (`ModelShape.load_knee`).
+    """
+    chooser = _chooser(cluster, policy, seed, cluster.model.load_knee if load_knee is None else load_knee)
     for i, w in enumerate(workload):
         if not 0 <= w.router < len(cluster.routers):
             raise ValueError(f"workload[{i}].router={w.router}: there are {len(cluster.routers)} routers")
@@ -483,6 +508,8 @@ def simulate(cluster: SimCluster, workload: Sequence[Request], policy: str = "sh
     lat, mpb, region = cluster.latency_ms, cluster.ms_per_byte, cluster.region
     compute = cluster.compute_ms.tolist()
     host = cluster.host.tolist()
+    inbound = [0.0] * cluster.num_replicas if cluster.inbound_ms is None else cluster.inbound_ms.tolist()
+    observe = chooser.observe
     act, tok, reply = m.hidden * m.act_bytes, m.token_bytes, m.reply_bytes
     n, num_rep = len(workload), cluster.num_replicas
 
@@ -510,6 +537,7 @@ def simulate(cluster: SimCluster, workload: Sequence[Request], policy: str = "sh
         if kind == _AT:  # request b reaches replica a
             if running[a] is None:  # idle (so nothing waits): a step for b alone starts now
                 dur = compute[a] * (1 + alpha * (work[b] - 1))
+                observe(a, dur, work[b])
                 busy[a] += dur
                 steps += 1
                 batched += 1
@@ -547,7 +575,9 @@ def simulate(cluster: SimCluster, workload: Sequence[Request], policy: str = "sh
                 q.clear()
             else:
                 batch = [q.popleft() for _ in range(max_batch)]
-            dur = compute[a] * (1 + alpha * (sum(map(work_of, batch)) - 1))
+            n_tok = sum(map(work_of, batch))
+            dur = compute[a] * (1 + alpha * (n_tok - 1))
+            observe(a, dur, n_tok)
             busy[a] += dur
             steps += 1
             batched += len(batch)
@@ -562,8 +592,9 @@ def simulate(cluster: SimCluster, workload: Sequence[Request], policy: str = "sh
             nodes = [cluster.routers[w.router]] + [host[r] for r in rt] + [cluster.routers[w.router]]
             pre_bytes = [w.prompt_len * tok] + [w.prompt_len * act] * last
             dec_bytes = [tok] + [act] * last
-            hop_pre[a] = [float(lat[u, v] + nb * mpb[u, v]) for u, v, nb in zip(nodes, nodes[1:], pre_bytes)]
-            hop_dec[a] = [float(lat[u, v] + nb * mpb[u, v]) for u, v, nb in zip(nodes, nodes[1:], dec_bytes)]
+            extra = [inbound[r] for r in rt]  # a slow link into a replica
+            hop_pre[a] = [float(lat[u, v] + nb * mpb[u, v]) + x for u, v, nb, x in zip(nodes, nodes[1:], pre_bytes, extra)]
+            hop_dec[a] = [float(lat[u, v] + nb * mpb[u, v]) + x for u, v, nb, x in zip(nodes, nodes[1:], dec_bytes, extra)]
             u, v = nodes[-2], nodes[-1]
             back_pre[a] = back_dec[a] = float(lat[u, v] + reply * mpb[u, v])  # the same small message
             crossings = sum(region[u] != region[v] for u, v in zip(nodes, nodes[1:]))

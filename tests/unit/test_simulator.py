@@ -130,7 +130,9 @@ def test_shortest_beats_random_and_round_robin_under_load() -> None:
             assert got["shortest"]["latency_p50_s"] < got[other]["latency_p50_s"], (seed, got)
             assert got["shortest"]["latency_p99_s"] < got[other]["latency_p99_s"], (seed, got)
             assert got["shortest"]["tokens_per_s"] > got[other]["tokens_per_s"], (seed, got)
-        assert got["shortest"]["cross_region_hops"] == 0 < got["random"]["cross_region_hops"]
+        # the router's cost model (topology/costs.py) prices measured step averages and a queue wait of
+        # step x sequences / load_knee: a loaded or just-prefilled replica may be worth a WAN detour
+        assert got["shortest"]["cross_region_hops"] < 0.5 * got["random"]["cross_region_hops"], (seed, got)
         # without the load term every request of a region takes the same route, and queues on it
         assert got["shortest"]["latency_p50_s"] < got["shortest_static"]["latency_p50_s"], (seed, got)
 

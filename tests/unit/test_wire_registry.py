@@ -10,7 +10,7 @@ import pytest
 import torch
 from models import ConfigError
 
-from actors.bench import codec_setups
+from actors.bench.pipeline import codec_setups
 from actors.codec_bench import bench_codecs
 from actors.config import DeployConfig
 from actors.wire import (
