@@ -11,7 +11,7 @@ import pytest
 import torch
 import xxhash
 
-from actors import codec
+from actors import codec, int8
 from actors.codec import (
     ALIGN, CODECS, COMPRESSORS, PREFIX_SIZE, ChecksumError, DecryptionError, Header, KeyConfigError,
     LinkCodec, MessageError, TruncatedMessageError, decode_tensor, encode_tensor, int8_error_bound, load_key,
@@ -151,9 +151,9 @@ def test_int8_numpy_and_torch_paths_give_the_same_bytes(block: int, monkeypatch:
     x[:block] = 0.0
     x[block + 3] = 1e30
     ref = encode_tensor(x, "int8", block)  # numpy (small tensor), one chunk
-    for numpy_max, chunk in ((0, codec.INT8_CHUNK), (0, 4096), (10**9, 4096)):  # torch, chunked torch/numpy
+    for numpy_max, chunk in ((0, int8.INT8_CHUNK), (0, 4096), (10**9, 4096)):  # torch, chunked torch/numpy
         monkeypatch.setattr(codec, "INT8_NUMPY_MAX", numpy_max)
-        monkeypatch.setattr(codec, "INT8_CHUNK", chunk)
+        monkeypatch.setattr(int8, "INT8_CHUNK", chunk)
         assert np.array_equal(encode_tensor(x, "int8", block), ref)
     for decode_max in (0, 10**9):
         monkeypatch.setattr(codec, "INT8_NUMPY_DECODE_MAX", decode_max)
