@@ -43,6 +43,7 @@ from actors.errors import (
 )
 from models import Completion, InvalidRequestError, MeshpipeError, ModelConfig, SamplingParams, SequenceState
 from models.generation import encode_prompt, stream_safe
+from topology.errors import TopologyError
 from topology.graph import Topology
 from topology.failover import Health, choose_node, failover
 from topology.planner import HostCosts, NoReplicaError, Route, RouteCache
@@ -416,7 +417,7 @@ class RouterActor:
         """Hosts changed (a replica added, removed or placed anew): transfer costs and routes follow."""
         try:
             self.costs = self._host_costs(self.topology)
-        except MeshpipeError:  # a host not in the measured topology yet: uniform until re-measured
+        except (MeshpipeError, TopologyError):  # a host not yet in the measured topology: uniform for now
             self.costs = HostCosts.uniform(self._hosts(), 0.0)
         self.routes.invalidate()
         self._links.clear()
@@ -984,7 +985,7 @@ class RouterActor:
             return LinkInfo(same_host=a == b, bandwidth_gbps=None)
         try:
             path, _ = self.topology.route(a, b, self.rc.message_bytes)
-        except MeshpipeError:
+        except TopologyError:
             return LinkInfo(same_host=False, bandwidth_gbps=None)
         edges = [self.topology.graph.edges[u, v] for u, v in zip(path, path[1:])]
         bws = [e["bandwidth_gbps"] for e in edges if e["bandwidth_gbps"]]

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
-from topology.graph import NoRouteError, Topology, TopologyError
+from topology.errors import NoRouteError, TopologyError
+from topology.graph import Topology
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from actors.bench import RAW_PROMPT, _timed, machine
+from actors.bench.pipeline import RAW_PROMPT, _timed, machine
 
 
 def _rounds(fn: Callable[[], float], repeats: int) -> tuple[float, float]:
