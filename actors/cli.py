@@ -369,10 +369,12 @@ def route(
     mermaid: Annotated[bool, typer.Option("--mermaid", help="Also print the topology as Mermaid.")] = False,
 ) -> None:
     """The cheapest path between two nodes of a topology and its cost (no Ray needed)."""
+    from actors.errors import topology_errors
     from topology import Topology
 
-    topo = Topology.from_yaml(topology)
-    path, cost = topo.route(src, dst, nbytes)
+    with topology_errors():
+        topo = Topology.from_yaml(topology)
+        path, cost = topo.route(src, dst, nbytes)
     if as_json:
         typer.echo(json.dumps({"path": path, "cost_ms": cost}))
     else:
@@ -433,16 +435,19 @@ def bench_planner_cmd(
     nx_max: Annotated[int, typer.Option(help="Largest size to run networkx over every replica pair.")] = 3000,
 ) -> None:
     """Route planning time vs size: the host-grouped DP against greedy, A* and networkx (no Ray)."""
-    from topology.bench import bench_planner
+    from actors.bench.planner import bench_planner
+    from actors.errors import topology_errors
 
-    _emit(bench_planner(_parse_ints(sizes, "--sizes") or [32], num_stages=stages, repeats=repeats, nx_max=nx_max))
+    with topology_errors():
+        _emit(bench_planner(_parse_ints(sizes, "--sizes") or [32], num_stages=stages, repeats=repeats,
+                            nx_max=nx_max))
 
 
 @bench_app.command("placement")
 @_handles_errors
 def bench_placement_cmd(seed: Annotated[int, typer.Option()] = 0) -> None:
     """Layer placement DP over heterogeneous GPUs against brute force, and realistic clusters (no Ray)."""
-    from topology.placement_bench import bench_placement
+    from actors.bench.placement import bench_placement
 
     _emit(bench_placement(seed))
 
@@ -460,10 +465,12 @@ def bench_simulate_cmd(
                                                "round_robin.")] = "shortest,random,round_robin",
 ) -> None:
     """Discrete-event simulation: shortest-path routing vs random vs round-robin (no Ray)."""
+    from actors.errors import topology_errors
     from topology.simulator import bench_simulator
 
     chosen = [p.strip() for p in policies.split(",") if p.strip()]
-    _emit(bench_simulator(gpus, regions, stages, requests, rate, seed, chosen))
+    with topology_errors():
+        _emit(bench_simulator(gpus, regions, stages, requests, rate, seed, chosen))
 
 
 @bench_app.command("calibrate")
@@ -530,7 +537,7 @@ def bench_http_cmd(
     """The OpenAI-compatible HTTP front against Pipeline calls: tokens/s and time to first token."""
     import ray
 
-    from actors.serve_bench import bench_http
+    from actors.bench.serve import bench_http
 
     if model == SMOLLM2_NAME:
         _ensure_model(model)
@@ -564,7 +571,7 @@ def chaos(
     """
     import ray
 
-    from actors.chaos import run_chaos
+    from actors.bench.chaos import run_chaos
 
     if model == SMOLLM2_NAME:
         _ensure_model(model)

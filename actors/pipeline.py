@@ -20,8 +20,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.config import DeployConfig
-from actors.errors import DeploymentError, InsufficientResourcesError
+from actors.errors import DeploymentError, InsufficientResourcesError, config_error, topology_errors
 from actors.gcs import actor_record
+from actors.layout import partition, place
 from actors.progress import DeployProgress, ProgressFn
 from actors.naming import NAMESPACE, actor_name, autoscaler_name, router_name, weights_name
 from actors.router import RouterActor
@@ -30,8 +31,8 @@ from actors.wire import load_key
 from actors.autoscaler import AutoscalerActor
 from actors.stage import StageLauncher
 from actors.weights import WeightsActor
-from models import Completion, ConfigError, MeshpipeError, SamplingParams, TokenLogprob, is_batch, partition
-from topology import Gpu, StagePlacement, Topology, gpus_from_topology, place
+from models import Completion, ConfigError, MeshpipeError, SamplingParams, TokenLogprob, is_batch
+from topology import Gpu, StagePlacement, Topology, TopologyError, gpus_from_topology
 from topology.autoscaling import AutoscalingConfig
 from topology.placement import place_replicas
 
@@ -67,6 +68,8 @@ def _next_chunk(step: dict[str, Any], cursor: int, text: str) -> tuple[StreamChu
 def _unwrap(e: Exception) -> Exception:
     """Ray wraps an actor's exception; hand the caller meshpipe's own typed error."""
     cause = getattr(e, "cause", None)
+    if isinstance(cause, TopologyError):
+        return config_error(cause)
     return cause if isinstance(cause, MeshpipeError) else e
 
 
@@ -108,7 +111,8 @@ class Pipeline:
         cfg = read_config(source)
         placement = None
         if dc.topology is not None:
-            placement = plan_placement(cfg, dc)
+            with topology_errors():
+                placement = plan_placement(cfg, dc)
             specs = [p.stage for p in placement.stages]
             counts = [len(g) for g in placement.gpus]
         else:

@@ -19,6 +19,7 @@ from actors.naming import stage_name
 from actors.replicas import Replica, ReplicaTable
 from actors.wire import LinkCodec, LinkInfo, choose_link
 from models import MeshpipeError
+from topology.errors import TopologyError
 from topology.graph import Topology
 from topology.planner import HostCosts, Route, RouteCache
 
@@ -78,7 +79,7 @@ class ReplicaPool:
         """Hosts changed (a replica added, removed or placed anew): transfer costs and routes follow."""
         try:
             self.costs = self.host_costs(self.topology)
-        except MeshpipeError:  # a host not in the measured topology yet: uniform until re-measured
+        except (MeshpipeError, TopologyError):  # a host not in the measured topology yet: uniform until re-measured
             self.costs = HostCosts.uniform(self.hosts(), 0.0)
         self.routes.invalidate()
         self._links.clear()
@@ -104,7 +105,7 @@ class ReplicaPool:
             return LinkInfo(same_host=a == b, bandwidth_gbps=None)
         try:
             path, _ = self.topology.route(a, b, self.options.message_bytes or 4096)
-        except MeshpipeError:
+        except TopologyError:
             return LinkInfo(same_host=False, bandwidth_gbps=None)
         edges = [self.topology.graph.edges[u, v] for u, v in zip(path, path[1:])]
         bws = [e["bandwidth_gbps"] for e in edges if e["bandwidth_gbps"]]

@@ -39,11 +39,11 @@ from models import (
     InvalidRequestError,
     ModelConfig,
     SamplingParams,
-    StageSpec,
     build_stage,
     load_stage,
     sample,
 )
+from topology.split import StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,11 @@ class StageActor:
         if weights is not None:  # the deployment's weights actor keeps them in the object store
             from actors.weights import fetch_stage_state
 
-            self.model = build_stage(cfg, spec, fetch_stage_state(weights, spec, dtype, str(self.device)), self.device)
+            state = fetch_stage_state(weights, spec, dtype, str(self.device))
+            self.model = build_stage(cfg, spec.layers, state, self.device, embed=spec.embed, head=spec.head)
         else:
-            self.model = load_stage(setup.source, spec, dtype, self.device, cfg)
+            self.model = load_stage(setup.source, spec.layers, dtype, self.device, cfg,
+                                    embed=spec.embed, head=spec.head)
         self.cache = self.model.new_cache()
         self.dtype = next(self.model.parameters()).dtype
         self.delay_s = 0.0  # test hook: extra seconds before each forward (a slow inbound hop)

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models import ModelConfig, StageSpec
+from models import ModelConfig
 from models.config import resolve_dtype
+from topology.split import StageSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """The model layer: a Llama-family decoder, its KV cache, sampling, tokenizer and weight loading.
 
-No Ray here. `load_model(source)` is the single-process reference that the pipeline must match.
+No Ray, no topology/ here. `load_model(source)` and `generate_local` are the single-process reference
+that the pipeline must match; `load_stage` builds one stage from its layers.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from models.batch import Batch
 from models.cache import KVCache
 from models.config import ModelConfig, resolve_dtype
 from models.errors import (
@@ -20,34 +22,10 @@ from models.errors import (
     PromptTooLongError,
     UnknownModelError,
 )
-from models.generation import Completion, SequenceState, encode_prompt, is_batch
-from models.model import Batch, Transformer
-from models.partition import StageSpec, partition
+from models.generation import Completion, SequenceState, encode_prompt, generate_local, is_batch
+from models.loading import build_stage, load_stage
+from models.model import Transformer
 from models.sampling import SamplingParams, TokenLogprob, sample
-
-
-def load_stage(source: str | Path, spec: StageSpec | None = None, dtype: str | torch.dtype = "auto",
-               device: str | torch.device = "cpu", config: ModelConfig | None = None) -> Transformer:
-    """Builds the module for one stage (the whole model when `spec` is None), reading only its tensors."""
-    from models.loading import load_state_dict, read_config, resolve_source
-
-    path = resolve_source(source)
-    cfg = config or read_config(path)
-    dt = resolve_dtype(dtype, device)
-    layers = list(spec.layers) if spec else list(range(cfg.n_layers))
-    embed, head = (spec.embed, spec.head) if spec else (True, True)
-    return build_stage(cfg, spec, load_state_dict(path, cfg, layers, embed=embed, head=head, dtype=dt), device)
-
-
-def build_stage(cfg: ModelConfig, spec: StageSpec | None, state: dict[str, torch.Tensor],
-                device: str | torch.device = "cpu") -> Transformer:
-    """The stage's module around tensors already loaded (assigned, not copied, on the CPU)."""
-    layers = list(spec.layers) if spec else list(range(cfg.n_layers))
-    embed, head = (spec.embed, spec.head) if spec else (True, True)
-    with torch.device("meta"):
-        model = Transformer(cfg, layers, embed=embed, head=head)
-    model.load_weights(state)
-    return model.to(device).eval()
 
 
 def load_model(source: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> Transformer:
@@ -55,7 +33,7 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "auto", device: st
     from models.loading import resolve_source
     from models.tokenizer import load_tokenizer
 
-    model = load_stage(source, None, dtype, device)
+    model = load_stage(source, dtype=dtype, device=device)
     model.tokenizer = load_tokenizer(resolve_source(source))
     return model
 
@@ -63,6 +41,6 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "auto", device: st
 __all__ = [
     "Batch", "CacheMissError", "build_stage", "Completion", "ConfigError", "InvalidRequestError", "KVCache",
     "MeshpipeError", "ModelConfig", "ModelNotInstalledError", "PromptTooLongError", "SamplingParams", "SequenceState",
-    "StageSpec", "TokenLogprob", "Transformer", "UnknownModelError", "encode_prompt", "is_batch",
-    "load_model", "load_stage", "partition", "resolve_dtype", "sample",
+    "TokenLogprob", "Transformer", "UnknownModelError", "encode_prompt", "generate_local", "is_batch",
+    "load_model", "load_stage", "resolve_dtype", "sample",
 ]

@@ -14,7 +14,7 @@ import torch
 from models.errors import CacheMissError
 
 if TYPE_CHECKING:
-    from models.model import Batch
+    from models.batch import Batch
 
 
 class KVCache:

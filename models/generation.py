@@ -1,5 +1,5 @@
 """What a generation is, independent of where it runs: prompt checks, per-sequence state, stop
-rules, the finished `Completion`; and the single-process reference `generate`.
+rules, the finished `Completion`; and the single-process reference `generate_local`.
 
 The router (actors/) and `Transformer.generate` share all of this, so "identical" compares
 the network alone.
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from models.batch import Batch
 from models.config import ModelConfig
 from models.errors import InvalidRequestError, PromptTooLongError
 from models.sampling import SamplingParams, TokenLogprob, sample
@@ -145,11 +146,15 @@ _ids = itertools.count()
 
 
 @torch.inference_mode()
-def generate_local(model: Transformer, prompts: Prompt | Sequence[Prompt], params: SamplingParams,
-                   tokenizer: Tokenizer | None = None) -> list[Completion]:
-    """The single-process reference: every prompt in one continuous batch on one module."""
-    from models.model import Batch
+def generate_local(model: Transformer, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 16,
+                   **sampling: Any) -> list[Completion]:
+    """The single-process reference: every prompt in one continuous batch on one whole-model module.
 
+    Takes `Pipeline.generate`'s keywords (`SamplingParams`' fields: temperature, top_k, top_p, seed,
+    stop, logprobs, ignore_eos); str prompts need `model.tokenizer` (`models.load_model` sets it).
+    """
+    params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+    tokenizer = getattr(model, "tokenizer", None)
     plist = list(prompts) if is_batch(prompts) else [prompts]
     cfg = model.cfg
     states = []

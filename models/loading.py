@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.config import ModelConfig
+from models.config import ModelConfig, resolve_dtype
 from models.errors import ConfigError, ModelNotInstalledError, UnknownModelError
+from models.model import Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -411,3 +412,24 @@ def load_state_dict(
             arr = unpermute_qk(arr, config.n_kv_heads)
         out[key] = torch.from_numpy(np.ascontiguousarray(arr)).to(dtype=dtype).contiguous()
     return out
+
+
+def load_stage(source: str | Path, layers: Sequence[int] | None = None, dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "cpu", config: ModelConfig | None = None, *, embed: bool = True,
+               head: bool = True) -> Transformer:
+    """The module of one stage owning decoder `layers` (None: all) and, when asked, the embedding and
+    the LM head (the whole model by default), reading only its tensors."""
+    path = resolve_source(source)
+    cfg = config or read_config(path)
+    ids = list(range(cfg.n_layers)) if layers is None else list(layers)
+    state = load_state_dict(path, cfg, ids, embed=embed, head=head, dtype=resolve_dtype(dtype, device))
+    return build_stage(cfg, ids, state, device, embed=embed, head=head)
+
+
+def build_stage(cfg: ModelConfig, layers: Sequence[int] | None, state: dict[str, torch.Tensor],
+                device: str | torch.device = "cpu", *, embed: bool = True, head: bool = True) -> Transformer:
+    """The stage's module around tensors already loaded (assigned, not copied, on the CPU)."""
+    with torch.device("meta"):
+        model = Transformer(cfg, None if layers is None else list(layers), embed=embed, head=head)
+    model.load_weights(state)
+    return model.to(device).eval()

@@ -12,53 +12,19 @@ without padding the projections and MLPs (continuous batching). Only attention p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.batch import Batch
 from models.cache import KVCache
 from models.config import ModelConfig
+from models.generation import Completion, Prompt, generate_local
 
-
-@dataclass
-class Batch:
-    """Where each packed token belongs: built once per step and shared by every layer."""
-
-    seq_ids: list[str]  # B sequence ids
-    starts: torch.Tensor  # (B,) cache length of each sequence before this step
-    lengths: torch.Tensor  # (B,) new tokens per sequence this step (>= 1)
-    token_seq: torch.Tensor  # (N,) which sequence each packed token belongs to
-    token_t: torch.Tensor  # (N,) index of each token within its sequence's new tokens
-    positions: torch.Tensor  # (N,) absolute position of each token
-    last_token: torch.Tensor  # (B,) packed index of each sequence's last new token
-    slots: torch.Tensor | None = None  # (B,) cache slot of each sequence, set by KVCache.prepare
-
-    @classmethod
-    def build(cls, seq_ids: Sequence[str], starts: Sequence[int], lengths: Sequence[int]) -> Batch:
-        starts_t = torch.as_tensor(list(starts), dtype=torch.long)
-        lengths_t = torch.as_tensor(list(lengths), dtype=torch.long)
-        token_seq = torch.repeat_interleave(torch.arange(len(lengths_t)), lengths_t)  # (N,)
-        offsets = torch.cumsum(lengths_t, 0) - lengths_t  # (B,) first packed index per sequence
-        token_t = torch.arange(int(lengths_t.sum())) - offsets[token_seq]  # (N,)
-        return cls(
-            seq_ids=list(seq_ids),
-            starts=starts_t,
-            lengths=lengths_t,
-            token_seq=token_seq,
-            token_t=token_t,
-            positions=starts_t[token_seq] + token_t,
-            last_token=offsets + lengths_t - 1,
-        )
-
-    def to(self, device: torch.device) -> Batch:
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
-        return Batch(**moved)
-
-    @property
-    def decode_only(self) -> bool:
-        return bool((self.lengths == 1).all())
+if TYPE_CHECKING:
+    from models.tokenizer import Tokenizer
 
 
 class RMSNorm(nn.Module):
@@ -166,6 +132,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if head else None
         if head and embed and cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.tokenizer: Tokenizer | None = None  # set by `load_model`; turns str prompts into ids
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -217,6 +184,11 @@ class Transformer(nn.Module):
         logits = self.output(x)  # (B, vocab)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
+    def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 16,
+                 **sampling: Any) -> list[Completion]:
+        """Single-process reference generation (`models.generate_local`, `Pipeline.generate`'s semantics)."""
+        return generate_local(self, prompts, max_new_tokens, **sampling)
+
 
 def attention_mask(b: Batch) -> torch.Tensor:
     """(B, 1, T, L) bool: query t of sequence i sees key j iff j <= starts[i] + t."""
@@ -226,15 +198,3 @@ def attention_mask(b: Batch) -> torch.Tensor:
     j = torch.arange(L, device=b.starts.device)
     limit = b.starts[:, None] + t[None, :]  # (B, T)
     return (j[None, None, :] <= limit[:, :, None])[:, None]  # padded rows still see key 0: no NaN
-
-
-def _generate(self: Transformer, prompts, max_new_tokens: int = 16, **sampling):  # noqa: ANN001, ANN202
-    """Single-process reference generation (the same semantics as `Pipeline.generate`)."""
-    from models.generation import generate_local
-    from models.sampling import SamplingParams
-
-    params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
-    return generate_local(self, prompts, params, getattr(self, "tokenizer", None))
-
-
-Transformer.generate = _generate

@@ -13,7 +13,8 @@ from typing import Any
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+from tokenizers import models as tok_models
 from tokenizers import Tokenizer as Backend
 
 from models.errors import ConfigError, InvalidRequestError
@@ -168,7 +169,7 @@ def _gguf_tokenizer(path: Path) -> Tokenizer:
         if not sep:
             raise ConfigError(f"{path}: malformed merge {merge!r} (expected 'left right')")
         pairs.append((left, right))
-    backend = Backend(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    backend = Backend(tok_models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
 
     pre = f.get("tokenizer.ggml.pre")
     if pre == "smollm":  # llama.cpp: \p{N} split first, then GPT-2's regex

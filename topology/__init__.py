@@ -1,6 +1,7 @@
 """The cluster as a graph and the routes through it (no actors here)."""
 
-from topology.graph import NoRouteError, Topology, TopologyError, transfer_ms
+from topology.errors import NoRouteError, SplitError, TopologyError
+from topology.graph import Topology, transfer_ms
 from topology.placement import Gpu, StagePlacement, gpus_from_topology, place
 from topology.planner import (
     HostCosts,
@@ -13,6 +14,7 @@ from topology.planner import (
     route_cost,
     route_to_mermaid,
 )
+from topology.split import StageCostModel, StageSpec, min_max_cuts, split
 
 __all__ = [
     "Gpu",
@@ -23,13 +25,18 @@ __all__ = [
     "ReplicaState",
     "Route",
     "RouteCache",
+    "SplitError",
+    "StageCostModel",
     "StagePlacement",
+    "StageSpec",
     "Topology",
     "TopologyError",
     "gpus_from_topology",
+    "min_max_cuts",
     "place",
     "plan",
     "route_cost",
     "route_to_mermaid",
+    "split",
     "transfer_ms",
 ]

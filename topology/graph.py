@@ -15,15 +15,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from models.errors import MeshpipeError
-
-
-class TopologyError(MeshpipeError, ValueError):
-    """A topology file or route request is invalid (the message names the field)."""
-
-
-class NoRouteError(TopologyError):
-    """No path joins the two nodes."""
+from topology.errors import NoRouteError, TopologyError
 
 
 class NodeSpec(BaseModel):

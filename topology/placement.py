@@ -1,8 +1,9 @@
 """Layer placement over heterogeneous GPUs: contiguous layer ranges, one stage per GPU.
 
-`place(cfg, gpus)` assigns each pipeline stage a contiguous range of decoder layers and one GPU so
+`place(model, gpus)` assigns each pipeline stage a contiguous range of decoder layers and one GPU so
 that the slowest stage is as fast as possible, every stage fitting in its GPU's memory. It uses
-`models.partition`'s cost model (`StageCostModel`): one unit of compute a decoder layer, `head_cost`
+`topology.split`'s cost model (`StageCostModel`, plain per-layer numbers): one unit of compute a
+decoder layer, `head_cost`
 for the LM head on the last stage, the embedding lookup free in compute but its table held by the
 first stage. A stage's time is its compute divided by its GPU's speed.
 
@@ -22,7 +23,7 @@ type). With T types of counts C_t there are prod(C_t + 1) count vectors: few for
   the states (count vector, layers placed), pruned by a backward bound (the earliest layer from
   which the GPUs still unused can finish the model within M*).
 - A single GPU type (the total is then the same for every placement) reduces to
-  `models.partition.min_max_cuts`, the same cuts as `partition`, for the fewest stages reaching M*.
+  `topology.split.min_max_cuts`, the same cuts as `split`, for the fewest stages reaching M*.
 Middle stages (neither first nor last) take the same time and memory wherever they sit, so they are
 reordered to group stages of the same GPU type: fewer type changes, fewer host changes.
 
@@ -42,10 +43,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from models.config import ModelConfig
-from models.errors import ConfigError
-from models.partition import StageCostModel, StageSpec, min_max_cuts
+from topology.errors import SplitError
 from topology.graph import Topology
+from topology.split import StageCostModel, StageSpec, min_max_cuts
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,11 @@ class Gpu:
     def __post_init__(self) -> None:
         where = f"of GPU {self.host}:{self.index}"
         if not isinstance(self.index, int) or self.index < 0:
-            raise ConfigError(f"index={self.index!r} {where} must be a non-negative integer")
+            raise SplitError(f"index={self.index!r} {where} must be a non-negative integer")
         if not self.memory_bytes >= 0:  # also rejects NaN
-            raise ConfigError(f"memory_bytes={self.memory_bytes!r} {where} must be >= 0 (inf: unlimited)")
+            raise SplitError(f"memory_bytes={self.memory_bytes!r} {where} must be >= 0 (inf: unlimited)")
         if not (self.speed > 0 and math.isfinite(self.speed)):
-            raise ConfigError(f"speed={self.speed!r} {where} must be positive and finite")
+            raise SplitError(f"speed={self.speed!r} {where} must be positive and finite")
 
     @property
     def label(self) -> str:
@@ -91,7 +91,7 @@ def gpus_from_topology(topo: Topology, reserve_fraction: float = 0.1) -> list[Gp
     context); 0 or missing means unlimited (inf). Speed is `tflops`; 0 or missing means 1.0.
     """
     if not 0 <= reserve_fraction < 1:
-        raise ConfigError(f"reserve_fraction={reserve_fraction!r} must be in [0, 1)")
+        raise SplitError(f"reserve_fraction={reserve_fraction!r} must be in [0, 1)")
     gpus: list[Gpu] = []
     for host, attrs in topo.graph.nodes(data=True):
         gb = attrs.get("gpu_memory_gb") or 0.0
@@ -103,45 +103,43 @@ def gpus_from_topology(topo: Topology, reserve_fraction: float = 0.1) -> list[Gp
     return gpus
 
 
-def place(cfg: ModelConfig, gpus: Sequence[Gpu], num_stages: int | None = None, bytes_per_param: int = 4,
+def place(weights: StageCostModel, gpus: Sequence[Gpu], num_stages: int | None = None,
           kv_bytes_per_layer: float = 0.0, *, max_states: int = 200_000) -> list[StagePlacement]:
     """Contiguous layer ranges on distinct GPUs minimising the slowest stage, within memory.
 
     `num_stages`: None uses any number of the GPUs (1 to min(len(gpus), layers)); an int uses exactly
     that many. `kv_bytes_per_layer` is KV-cache headroom each owned layer needs beside its weights.
     `max_states` bounds the search (count vectors of GPU types, prod(count_t + 1)).
-    Raises ConfigError when the inputs are invalid or nothing fits (the message gives the numbers).
+    `weights` costs the layers (weights only). Raises SplitError when the inputs are invalid or
+    nothing fits (the message gives the numbers).
     """
-    n = cfg.n_layers
+    n = weights.n_layers
     gpus = list(gpus)
     if not gpus:
-        raise ConfigError("gpus is empty: give at least one GPU to place the model's layers on")
+        raise SplitError("gpus is empty: give at least one GPU to place the model's layers on")
     seen: dict[tuple[str, int], int] = {}
     for i, g in enumerate(gpus):
         if not isinstance(g, Gpu):
-            raise ConfigError(f"gpus[{i}]={g!r} is not a Gpu")
+            raise SplitError(f"gpus[{i}]={g!r} is not a Gpu")
         if (g.host, g.index) in seen:
-            raise ConfigError(f"gpus[{i}] ({g.label}) duplicates gpus[{seen[g.host, g.index]}]")
+            raise SplitError(f"gpus[{i}] ({g.label}) duplicates gpus[{seen[g.host, g.index]}]")
         seen[g.host, g.index] = i
     if num_stages is not None:
         if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
-            raise ConfigError(f"num_stages={num_stages!r} must be a positive integer or None")
+            raise SplitError(f"num_stages={num_stages!r} must be a positive integer or None")
         if num_stages > n:
-            raise ConfigError(f"num_stages={num_stages} is more stages than the model's {n} layers")
+            raise SplitError(f"num_stages={num_stages} is more stages than the model's {n} layers")
         if num_stages > len(gpus):
-            raise ConfigError(f"num_stages={num_stages} is more stages than the {len(gpus)} GPUs given")
-    if not bytes_per_param > 0:
-        raise ConfigError(f"bytes_per_param={bytes_per_param!r} must be positive")
+            raise SplitError(f"num_stages={num_stages} is more stages than the {len(gpus)} GPUs given")
     if not (kv_bytes_per_layer >= 0 and math.isfinite(kv_bytes_per_layer)):
-        raise ConfigError(f"kv_bytes_per_layer={kv_bytes_per_layer!r} must be >= 0 and finite")
+        raise SplitError(f"kv_bytes_per_layer={kv_bytes_per_layer!r} must be >= 0 and finite")
 
-    weights = StageCostModel.of(cfg, bytes_per_param)
-    model = StageCostModel.of(cfg, bytes_per_param, kv_bytes_per_layer)  # memory checks include headroom
+    model = weights.with_headroom(kv_bytes_per_layer)  # memory checks include headroom
     k_lo, k_hi = (num_stages, num_stages) if num_stages else (1, min(n, len(gpus)))
     search = _Search(model, gpus, k_lo, k_hi, max_states)
     best = search.min_slowest()
     if best is None:
-        raise _nothing_fits(model, gpus, num_stages, bytes_per_param, kv_bytes_per_layer)
+        raise _nothing_fits(model, gpus, num_stages, kv_bytes_per_layer)
     if len(search.types) == 1:
         stages = search.single_type(best)
         chosen = _assign_gpus([t for _, _, t in stages], search.types, gpus)
@@ -182,7 +180,7 @@ class _Search:
         self.model, self.gpus, self.n, self.k_lo, self.k_hi = model, gpus, model.n_layers, k_lo, k_hi
         self.num_states = math.prod(t.count + 1 for t in self.types)
         if self.num_states > max_states:
-            raise ConfigError(
+            raise SplitError(
                 f"{len(gpus)} GPUs fall into {len(self.types)} (memory, speed) types, {self.num_states} "
                 f"type count vectors > max_states={max_states}: round GPU memory and speed so that "
                 "fewer types remain")
@@ -407,8 +405,8 @@ def _host_changes(chosen: Sequence[Gpu]) -> int:
     return sum(a.host != b.host for a, b in zip(chosen, chosen[1:]))
 
 
-def _nothing_fits(model: StageCostModel, gpus: list[Gpu], num_stages: int | None, bytes_per_param: float,
-                  kv_bytes_per_layer: float) -> ConfigError:
+def _nothing_fits(model: StageCostModel, gpus: list[Gpu], num_stages: int | None,
+                  kv_bytes_per_layer: float) -> SplitError:
     n = model.n_layers
 
     def fmt(x: float) -> str:
@@ -423,10 +421,10 @@ def _nothing_fits(model: StageCostModel, gpus: list[Gpu], num_stages: int | None
                     f"= {fmt(first)}; a last stage: 1 layer + LM head = {fmt(last)}; each layer "
                     f"{fmt(model.layer_bytes)})")
     stages = f"in num_stages={num_stages} stages" if num_stages else f"on at most {min(n, len(gpus))} stages"
-    return ConfigError(
+    return SplitError(
         f"cannot place the model's {n} layers {stages} over {len(gpus)} GPUs: the biggest GPU holds "
         f"{fmt(biggest)}, {smallest}; the whole model needs {fmt(model.memory(0, n))} with "
-        f"bytes_per_param={bytes_per_param} and kv_bytes_per_layer={kv_bytes_per_layer:g}. Use more GPUs or "
+        f"bytes_per_param={model.bytes_per_param:g} and kv_bytes_per_layer={kv_bytes_per_layer:g}. Use more GPUs or "
         f"GPUs with more memory, a smaller bytes_per_param (2 for bf16), less KV headroom"
         + (", or another num_stages" if num_stages else ""))
 
@@ -436,10 +434,10 @@ def place_replicas(placements: Sequence[StagePlacement], gpus: Sequence[Gpu], co
 
     Stage boundaries are fixed by `place`; replica r of stage k takes the fastest free GPU with the
     memory for that stage, preferring the host of replica r of stage k-1 (its hops stay on the
-    host). Raises ConfigError naming the stage when no free GPU can hold another replica.
+    host). Raises SplitError naming the stage when no free GPU can hold another replica.
     """
     if len(counts) != len(placements):
-        raise ConfigError(f"{len(counts)} replica counts for {len(placements)} placed stages: give one per stage")
+        raise SplitError(f"{len(counts)} replica counts for {len(placements)} placed stages: give one per stage")
     used = {(p.gpu.host, p.gpu.index) for p in placements}
     result = [[p.gpu] for p in placements]
     for r in range(1, max(counts, default=1)):
@@ -450,7 +448,7 @@ def place_replicas(placements: Sequence[StagePlacement], gpus: Sequence[Gpu], co
                 continue
             free = [g for g in gpus if (g.host, g.index) not in used and g.memory_bytes >= p.memory_bytes]
             if not free:
-                raise ConfigError(
+                raise SplitError(
                     f"stage {k} ({p.stage.label}) needs {p.memory_bytes / GIB:.2f} GiB for replica {r}, and no free "
                     f"GPU of the topology has it: lower replicas_per_stage or add GPUs")
             best = max(free, key=lambda g: (g.speed, g.host == prev_host, -gpus.index(g)))

@@ -28,7 +28,8 @@ import networkx as nx
 import numpy as np
 
 from topology.costs import node_cost
-from topology.graph import NoRouteError, Topology, TopologyError
+from topology.errors import NoRouteError, TopologyError
+from topology.graph import Topology
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.chaos import run_chaos
+from actors.bench.chaos import run_chaos
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -1,4 +1,4 @@
-"""Sampling, stop rules, prompt checks and partitioning: pure code, no Ray."""
+"""Sampling, stop rules, prompt checks and partitioning: pure code, no Ray actors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from actors.layout import head_cost, partition
 from models import (
     ConfigError,
     InvalidRequestError,
@@ -15,11 +16,9 @@ from models import (
     SequenceState,
     encode_prompt,
     is_batch,
-    partition,
     sample,
 )
 from models.generation import stream_safe
-from models.partition import head_cost
 
 SMOL = ModelConfig()  # the defaults are SmolLM2-135M's shape
 TINY = ModelConfig(vocab_size=100, dim=16, n_layers=4, n_heads=2, n_kv_heads=1, hidden_dim=32,

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import Batch, CacheMissError, load_model, load_stage, partition
+from actors.layout import partition
+from models import Batch, CacheMissError, load_model, load_stage
 from models.loading import read_config
 
 
@@ -93,7 +94,8 @@ def test_cache_grows_past_its_first_allocation(tiny_ckpt: Path) -> None:
 def test_stages_chained_equal_the_whole_model(tiny_tied_ckpt: Path, num_stages: int) -> None:
     """A stage is the model with the pieces it does not own left out; chained they are the model."""
     cfg = read_config(tiny_tied_ckpt)
-    stages = [load_stage(tiny_tied_ckpt, spec, "float64") for spec in partition(cfg, num_stages=num_stages)]
+    stages = [load_stage(tiny_tied_ckpt, spec.layers, "float64", embed=spec.embed, head=spec.head)
+              for spec in partition(cfg, num_stages=num_stages)]
     assert stages[0].tok_embeddings is not None and stages[-1].output is not None
     assert all(s.tok_embeddings is None for s in stages[1:]) and all(s.output is None for s in stages[:-1])
     whole = load_model(tiny_tied_ckpt, dtype="float64")

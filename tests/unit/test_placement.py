@@ -9,11 +9,11 @@ import random
 
 import pytest
 
-from models import ConfigError, ModelConfig, partition
-from models.partition import StageCostModel, head_cost
-from topology import Topology
-from topology.placement import GIB, Gpu, StagePlacement, gpus_from_topology, place
-from topology.placement_bench import bench_placement
+from actors.bench.placement import bench_placement
+from actors.layout import cost_model, head_cost, partition, place
+from models import ConfigError, ModelConfig
+from topology import Topology, TopologyError
+from topology.placement import GIB, Gpu, StagePlacement, gpus_from_topology
 
 SMOL = ModelConfig()  # the defaults are SmolLM2-135M's shape
 INF = math.inf
@@ -26,7 +26,7 @@ def tiny(n: int, vocab: int = 64, hidden: int = 32, tie: bool = True) -> ModelCo
 
 def brute(cfg: ModelConfig, gpus: list[Gpu], k: int | None, kv: float) -> tuple[float, float] | None:
     """(slowest, total) of the best placement: every contiguous split x every ordered choice of GPUs."""
-    m = StageCostModel.of(cfg, 4, kv)
+    m = cost_model(cfg, 4, kv)
     n, best = cfg.n_layers, None
     for s in [k] if k else range(1, min(n, len(gpus)) + 1):
         for cuts in itertools.combinations(range(1, n), s - 1):
@@ -42,7 +42,7 @@ def brute(cfg: ModelConfig, gpus: list[Gpu], k: int | None, kv: float) -> tuple[
 
 def check_valid(cfg: ModelConfig, result: list[StagePlacement], kv: float = 0.0, bpp: int = 4) -> None:
     """Contiguous, covering, embed first, head last, distinct GPUs, within memory, times consistent."""
-    weights = StageCostModel.of(cfg, bpp)
+    weights = cost_model(cfg, bpp)
     assert [i for p in result for i in p.stage.layers] == list(range(cfg.n_layers))
     assert [p.stage.index for p in result] == list(range(len(result)))
     assert [p.stage.embed for p in result] == [True] + [False] * (len(result) - 1)
@@ -167,11 +167,11 @@ def test_invalid_inputs_name_the_field() -> None:
     with pytest.raises(ConfigError, match="gpus is empty"):
         place(SMOL, [])
     for speed in (0.0, -1.0, INF, math.nan):
-        with pytest.raises(ConfigError, match="speed"):
+        with pytest.raises(TopologyError, match="speed"):
             Gpu("a", 0, 1e9, speed)
-    with pytest.raises(ConfigError, match="memory_bytes"):
+    with pytest.raises(TopologyError, match="memory_bytes"):
         Gpu("a", 0, -1.0, 1.0)
-    with pytest.raises(ConfigError, match="index"):
+    with pytest.raises(TopologyError, match="index"):
         Gpu("a", -1, 1e9, 1.0)
     with pytest.raises(ConfigError, match="num_stages=3 is more stages than the 2 GPUs"):
         place(SMOL, gpus, num_stages=3)
@@ -216,7 +216,7 @@ def test_gpus_from_a_heterogeneous_topology() -> None:
     assert gpus == [Gpu("A", 0, 24 * GIB * 0.9, 80.0), Gpu("A", 1, 24 * GIB * 0.9, 80.0),
                     Gpu("B", 0, 80 * GIB * 0.9, 1.0), Gpu("D", 0, INF, 1.0)]
     assert gpus_from_topology(topo, reserve_fraction=0)[0].memory_bytes == 24 * GIB
-    with pytest.raises(ConfigError, match="reserve_fraction"):
+    with pytest.raises(TopologyError, match="reserve_fraction"):
         gpus_from_topology(topo, reserve_fraction=1.0)
     result = place(SMOL, gpus)
     check_valid(SMOL, result)
@@ -228,3 +228,20 @@ def test_bench_records_are_json_and_match_brute_force() -> None:
     for r in records:
         json.dumps(r)
         assert r["bench"] == "placement" and r["same_optimum"] is True and r["brute_ms"] is not None
+
+
+def test_topology_errors_reach_users_as_config_errors() -> None:
+    from actors.errors import config_error, topology_errors
+    from models import MeshpipeError
+    from topology import NoRouteError, SplitError, split
+
+    with pytest.raises(ConfigError, match="num_stages=0 must be a positive integer") as err:
+        partition(SMOL, num_stages=0)
+    assert isinstance(err.value, TopologyError) and isinstance(err.value, MeshpipeError)
+    with pytest.raises(SplitError) as err:  # topology alone raises its own errors, not ConfigError
+        split(cost_model(SMOL), num_stages=0)
+    assert not isinstance(err.value, ConfigError)
+    with pytest.raises(NoRouteError) as err, topology_errors():
+        raise NoRouteError("no path from 'A' to 'B'")
+    assert isinstance(err.value, ConfigError) and str(err.value) == "no path from 'A' to 'B'"
+    assert config_error(err.value) is err.value

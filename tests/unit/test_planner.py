@@ -24,7 +24,7 @@ from topology import (
     route_cost,
     route_to_mermaid,
 )
-from topology.bench import bench_planner, synthetic_cluster
+from actors.bench.planner import bench_planner, synthetic_cluster
 
 INF = math.inf
 OPTIMAL = ("dp", "brute", "dijkstra", "astar")

@@ -1,12 +1,15 @@
-"""Splitting N decoder layers into S contiguous stages, balanced by compute, within memory."""
+"""Splitting N decoder layers into S contiguous stages, balanced by compute, within memory.
+
+Works on plain numbers (`StageCostModel`): what one layer costs in compute and bytes, what the
+embedding table and the LM head cost. actors/ derives them from a model's config.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from models.config import ModelConfig
-from models.errors import ConfigError
+from topology.errors import SplitError
 
 
 @dataclass(frozen=True)
@@ -23,18 +26,14 @@ class StageSpec:
         return f"stage-{self.index} ({', '.join(parts)})"
 
 
-def head_cost(cfg: ModelConfig) -> float:
-    """The LM head's compute in units of one decoder layer (about 8 for SmolLM2)."""
-    return cfg.embedding_params() / cfg.layer_params()
-
-
 @dataclass(frozen=True)
 class StageCostModel:
-    """Compute and weight memory of a stage owning layers [start, stop) (shared with placement).
+    """Compute and weight memory of a stage owning layers [start, stop) (split and placement share it).
 
-    Compute: one unit a decoder layer, `head_cost` for the LM head (last stage); the embedding lookup
-    is free. Memory: the layers, the embedding table on the first stage, and the LM head on the last
-    (a tied head costs nothing extra when the first stage is also the last).
+    Every decoder layer is alike. Compute: one unit a decoder layer, `head_cost` for the LM head
+    (last stage); the embedding lookup is free. Memory: the layers, the embedding table on the first
+    stage, and the LM head on the last (a tied head costs nothing extra when the first stage is also
+    the last).
     """
 
     n_layers: int  # decoder layers of the model
@@ -42,15 +41,11 @@ class StageCostModel:
     layer_bytes: float  # bytes one decoder layer needs (weights + any per-layer headroom)
     embedding_bytes: float  # bytes of the embedding table (= an untied LM head's)
     tie_embeddings: bool  # the LM head reuses the embedding table
+    bytes_per_param: float = 4  # what the byte counts were computed with (named in error messages)
 
-    @classmethod
-    def of(cls, cfg: ModelConfig, bytes_per_param: float = 4,
-           extra_bytes_per_layer: float = 0.0) -> StageCostModel:
-        """The cost model of `cfg`; `extra_bytes_per_layer` adds headroom (e.g. KV cache) per layer."""
-        return cls(n_layers=cfg.n_layers, head_cost=head_cost(cfg),
-                   layer_bytes=cfg.layer_params() * bytes_per_param + extra_bytes_per_layer,
-                   embedding_bytes=cfg.embedding_params() * bytes_per_param,
-                   tie_embeddings=cfg.tie_embeddings)
+    def with_headroom(self, extra_bytes_per_layer: float) -> StageCostModel:
+        """The same model with `extra_bytes_per_layer` (e.g. KV cache) added to every layer's bytes."""
+        return replace(self, layer_bytes=self.layer_bytes + extra_bytes_per_layer)
 
     def cost(self, start: int, stop: int) -> float:
         """Compute of layers [start, stop), the head included when `stop` is the last layer's end."""
@@ -90,40 +85,39 @@ def min_max_cuts(model: StageCostModel, num_stages: int,
     return best(0, num_stages)
 
 
-def partition(cfg: ModelConfig, num_stages: int | None = None, layers_per_stage: int | None = None,
-              stage_memory_bytes: float | None = None, bytes_per_param: int = 4) -> list[StageSpec]:
-    """Contiguous layer ranges minimising the costliest stage.
+def split(model: StageCostModel, num_stages: int | None = None, layers_per_stage: int | None = None,
+          stage_memory_bytes: float | None = None) -> list[StageSpec]:
+    """Contiguous layer ranges minimising the costliest stage (exactly one of the two counts).
 
-    Cost: one unit a layer, `head_cost` for the LM head; the embedding lookup is free in compute
-    but its table counts in memory (`StageCostModel`). With `stage_memory_bytes`, no stage may hold
-    more weights.
+    With `stage_memory_bytes`, no stage may hold more weights. Raises SplitError naming the value.
     """
-    n = cfg.n_layers
+    n = model.n_layers
     if (num_stages is None) == (layers_per_stage is None):
-        raise ConfigError(
+        raise SplitError(
             f"give exactly one of num_stages ({num_stages}) and layers_per_stage ({layers_per_stage})"
         )
     if layers_per_stage is not None:
         if not isinstance(layers_per_stage, int) or not 1 <= layers_per_stage <= n:
-            raise ConfigError(f"layers_per_stage={layers_per_stage!r} must be between 1 and {n} (the model's layers)")
-        bounds = list(range(0, n, layers_per_stage)) + [n]
-        return _specs(bounds)
+            raise SplitError(
+                f"layers_per_stage={layers_per_stage!r} must be between 1 and {n} (the model's layers)")
+        return stage_specs(list(range(0, n, layers_per_stage)) + [n])
     if not isinstance(num_stages, int) or num_stages < 1:
-        raise ConfigError(f"num_stages={num_stages!r} must be a positive integer")
+        raise SplitError(f"num_stages={num_stages!r} must be a positive integer")
     if num_stages > n:
-        raise ConfigError(f"num_stages={num_stages} is more stages than the model's {n} layers")
+        raise SplitError(f"num_stages={num_stages} is more stages than the model's {n} layers")
 
     cap = float("inf") if stage_memory_bytes is None else stage_memory_bytes
-    worst, cuts = min_max_cuts(StageCostModel.of(cfg, bytes_per_param), num_stages, cap)
+    worst, cuts = min_max_cuts(model, num_stages, cap)
     if worst == float("inf"):
-        raise ConfigError(
-            f"{n} layers do not fit in {num_stages} stages of {stage_memory_bytes / 2**30:.2f} GiB each: "
+        raise SplitError(
+            f"{n} layers do not fit in {num_stages} stages of {cap / 2**30:.2f} GiB each: "
             "use more stages or GPUs with more memory"
         )
-    return _specs([0, *cuts])
+    return stage_specs([0, *cuts])
 
 
-def _specs(bounds: list[int]) -> list[StageSpec]:
+def stage_specs(bounds: list[int]) -> list[StageSpec]:
+    """The stages between consecutive `bounds` (layer indices, 0 first, n last)."""
     last = len(bounds) - 2
     return [
         StageSpec(index=s, layers=tuple(range(bounds[s], bounds[s + 1])), embed=s == 0, head=s == last)

@@ -1,4 +1,4 @@
-"""Benchmark of `topology.placement.place`: time of the DP, checked against brute force when small.
+"""Benchmark of `topology.placement.place` (through `actors.layout.place`): time of the DP, checked against brute force when small.
 
 `meshpipe bench placement [--seed N]` prints one JSON line per case.
 """
@@ -12,10 +12,10 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 
+from actors.layout import cost_model, place
 from models.config import ModelConfig
 from models.errors import ConfigError
-from models.partition import StageCostModel
-from topology.placement import GIB, Gpu, place
+from topology.placement import GIB, Gpu
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def brute_force(cfg: ModelConfig, gpus: Sequence[Gpu], num_stages: int | None = 
                 bytes_per_param: int = 4, kv_bytes_per_layer: float = 0.0) -> tuple[float, float] | None:
     """(slowest stage time, total time) of the best placement over every contiguous split and every
     ordered choice of distinct GPUs; None when nothing fits. Exponential: small cases only."""
-    model = StageCostModel.of(cfg, bytes_per_param, kv_bytes_per_layer)
+    model = cost_model(cfg, bytes_per_param, kv_bytes_per_layer)
     n = cfg.n_layers
     best: tuple[float, float] | None = None
     for k in [num_stages] if num_stages else range(1, min(n, len(gpus)) + 1):
