@@ -26,7 +26,7 @@ from models.loading import SMOLLM2_NAME
 
 app = typer.Typer(name="meshpipe", help="Serve a Llama-family LLM as a pipeline of Ray actors.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-bench_app = typer.Typer(help="Benchmarks (DESIGN §3); one JSON line per measurement on stdout.",
+bench_app = typer.Typer(help="Benchmarks (README: Performance); one JSON line per measurement on stdout.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -499,7 +499,7 @@ def bench_codecs_cmd(
     import ray
 
     from actors.bench.pipeline import bench_codec_pipeline, codec_setups, setup_label
-    from actors.codec_bench import bench_codecs, int8_targets
+    from actors.bench.codecs import bench_codecs, int8_targets
 
     chosen = codec_setups()
     if setups:

@@ -3,7 +3,7 @@
 Ray has no public API for one actor's state without the dashboard's state API (which the tests
 and many notebooks run without), so this reads the GCS table `ray.util.state` is built on. It
 takes ~0.5 ms; Ray marks a killed actor RESTARTING within milliseconds, long before a call to it
-fails (DESIGN.md §5).
+fails.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ One detached actor per deployment (`meshpipe/<name>/weights`) owns the objects, 
 the stage actors and the router. A stage actor that Ray restarts after a crash gets its tensors
 from here (a zero-copy view of shared memory on the same node, an object-store transfer from
 another) instead of parsing the GGUF or safetensors again: that is what keeps a restart within
-the recovery target (DESIGN.md §3).
+the recovery target (README: Fault tolerance).
 """
 
 from __future__ import annotations

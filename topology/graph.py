@@ -1,6 +1,6 @@
 """The cluster as a graph: hosts/GPUs as nodes, links weighted by latency and bandwidth.
 
-Loaded from YAML (DESIGN.md §2). Cost of sending N bytes over a link, in ms:
+Loaded from YAML (README: Topology YAML). Cost of sending N bytes over a link, in ms:
 `latency_ms + N * 8 / (bandwidth_gbps * 1e9) * 1000` (no bandwidth: latency only); a path's cost
 is the sum over its links. networkx does host-to-host shortest paths. Starts no actors.
 """
@@ -54,7 +54,7 @@ class TopologySpec(BaseModel):
 
 
 def transfer_ms(latency_ms: float, bandwidth_gbps: float | None, nbytes: float) -> float:
-    """DESIGN.md §2's link cost for a message of `nbytes`."""
+    """The link cost for a message of `nbytes`."""
     if bandwidth_gbps is None:
         return latency_ms
     return latency_ms + nbytes * 8 / (bandwidth_gbps * 1e9) * 1000

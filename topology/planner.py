@@ -10,7 +10,7 @@ Edge `(r, S-1) -> end`:        ms[host(r), sink]        (the small sampled-token
 node_cost(r) = inbound_ms + compute_ms + queue_ms (topology/costs.py); a route's cost is the sum of its edges.
 
 `ms` is a `HostCosts` matrix of host-to-host transfer times (networkx shortest paths over the
-`Topology`, DESIGN.md §2). The default method, "dp", is an exact dynamic program over the DAG with
+`Topology`). The default method, "dp", is an exact dynamic program over the DAG with
 the replicas of each stage grouped by host, one (H_prev, H_cur) numpy op a stage; "dijkstra" and
 "astar" (networkx over the explicit layered graph) and "brute" (every combination) cross-check it;
 "greedy" is the myopic baseline.

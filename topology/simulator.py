@@ -30,7 +30,7 @@ a model over many GPUs is what one does when it does not fit one GPU; a 7B model
 - A request keeps ONE route (a replica per stage) for its whole life: its KV cache lives there.
   It makes `gen_tokens` passes: the first is the prefill (prompt_len tokens), each pass yields one
   token at the router. A pass goes router -> stage 0 -> ... -> stage S-1 -> router; each hop costs
-  the topology's transfer time (DESIGN.md §2: latency + bytes * 8 / bandwidth, summed over the links
+  the topology's transfer time (README, Topology YAML: latency + bytes * 8 / bandwidth, summed over the links
   of the host-to-host shortest path) for its message: token ids (4 bytes a token) into stage 0,
   activations (hidden * 2 bytes a token) between stages, the sampled token (16 bytes) back.
   Links are not contended (bandwidth only adds serialisation time), which flatters the policies

@@ -1,4 +1,4 @@
-"""Benchmarks (DESIGN §3): pipeline efficiency against the single-process model, and hop costs.
+"""Benchmarks: pipeline efficiency against the single-process model, and hop costs.
 
 `bench_pipeline` yields one JSON-able dict per measurement, all taken in one process and one Ray
 session so that every figure has its baseline from the same run. Each dict has a ``"bench"`` key:

@@ -1,4 +1,4 @@
-"""Planner benchmark on a synthetic cluster (DESIGN.md §3: 10,000 replicas over 32 stages in <= 50 ms).
+"""Planner benchmark on a synthetic cluster (target: 10,000 replicas over 32 stages in <= 50 ms).
 
 `meshpipe bench planner [--sizes 32,100,1000] [--repeats 5]` prints one JSON object a line.
 Compared, in one run: the host-grouped DP ("dp"), greedy, networkx A* over the layered graph

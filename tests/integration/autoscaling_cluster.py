@@ -29,7 +29,7 @@ from tests.support import load_step, token_rate
 PROMPTS = [[(7 * i + j) % 250 + 1 for j in range(3 + i % 5)] for i in range(80)]
 NEW = 30
 
-# Ray's fake multinode provider: worker "nodes" are raylets on this machine (DESIGN.md §5).
+# Ray's fake multinode provider: worker "nodes" are raylets on this machine (Ray 2.60).
 FAKE_CLUSTER = {
     "cluster_name": "meshpipe-fake",
     "max_workers": 4,

@@ -11,7 +11,7 @@ import torch
 from models import ConfigError
 
 from actors.bench.pipeline import codec_setups
-from actors.codec_bench import bench_codecs
+from actors.bench.codecs import bench_codecs
 from actors.config import DeployConfig
 from actors.wire import (
     Envelope, Header, LinkCodec, LinkInfo, Quantiser, choose_link, codec_names, register, unregister,

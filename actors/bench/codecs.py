@@ -1,4 +1,4 @@
-"""Benchmark of the message codecs (DESIGN §3: int8 >= 3.5x smaller than fp32 on messages >= 64 KB,
+"""Benchmark of the message codecs (target: int8 >= 3.5x smaller than fp32 on messages >= 64 KB,
 encode+decode >= 1 GB/s on one core). No Ray: `pack`/`unpack` in this process, one torch thread.
 
 `meshpipe bench codecs` prints one JSON line per (shape, codec, compress, encrypt) over every registered
@@ -95,7 +95,7 @@ def bench_codecs(shapes: Sequence[tuple[int, ...]] = SHAPES, repeats: int = 5) -
 
 
 def int8_targets(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Whether int8 (unencrypted, uncompressed) meets DESIGN §3 on every measured message >= 64 KB."""
+    """Whether int8 (unencrypted, uncompressed) meets its target on every measured message >= 64 KB."""
     big = [r for r in rows if r["codec"] == "int8" and r["compress"] is None and not r["encrypt"]
            and r["bytes_in"] >= 64 * 1024]
     return {
