@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.gcs import actor_record
 from actors.naming import NAMESPACE, probe_name
 from topology.graph import Topology
 
@@ -123,8 +124,9 @@ class LinkProber:
         sent = time.time()
         results = await asyncio.gather(*[asyncio.wait_for(r.handle.probe.remote(sent), 5.0) for r in reps],
                                        return_exceptions=True)
-        for rep, ms in zip(reps, results):
-            self.observe(rep, ms, now, isinstance(ms, ray.exceptions.ActorDiedError))
+        for rep, ms in zip(reps, results):  # gone for good only when Ray's own record says DEAD too
+            died = isinstance(ms, ray.exceptions.ActorDiedError) and actor_record(rep.handle)[0] == "DEAD"
+            self.observe(rep, ms, now, died)
 
     def observe(self, rep: Any, ms: Any, now: float, died: bool = False) -> None:
         """Acts on one probe's answer: a round trip in ms, or the exception it raised (`died`: gone for good)."""
