@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from actors.wire import Header, LinkCodec, pack, unpack
-from models import Batch, Transformer, load_stage, partition
+from actors.layout import partition
+from models import Batch, Transformer, load_stage
 from models.loading import read_config, resolve_source
 
 pytestmark = pytest.mark.smollm2
@@ -26,7 +27,8 @@ def top1_agreement(smollm2: Transformer, codec: str) -> tuple[float, int]:
     src = resolve_source("smollm2-135m")
     cfg = read_config(src)
     s0_spec, s1_spec = partition(cfg, num_stages=2)
-    s0, s1 = load_stage(src, s0_spec, "float32", config=cfg), load_stage(src, s1_spec, "float32", config=cfg)
+    s0, s1 = (load_stage(src, s.layers, "float32", config=cfg, embed=s.embed, head=s.head)
+              for s in (s0_spec, s1_spec))
     refs = smollm2.generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True)
     same = total = 0
     with torch.inference_mode():
