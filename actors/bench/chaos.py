@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from actors.pipeline import NAMESPACE, Pipeline, actor_name
+from actors.naming import NAMESPACE, stage_name
+from actors.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def run_chaos(model: str, requests: int = 50, kills: int = 10, kill_every: int =
                     time.sleep(0.02)
                     continue
                 stage, replica = rng.choice(ready)
-                handle = ray.get_actor(actor_name(name, f"stage-{stage}/replica-{replica}"), namespace=NAMESPACE)
+                handle = ray.get_actor(stage_name(name, stage, replica), namespace=NAMESPACE)
                 kill_times.append(time.time())
                 log.warning("chaos: killing stage-%d/replica-%d", stage, replica)
                 ray.kill(handle, no_restart=False)
