@@ -48,6 +48,8 @@ ALIGN = 16  # the tensor's bytes start at a multiple of this in the body, so `vi
 NO_TENSOR = -1
 FOREVER_S = 365 * 24 * 3600.0  # gloo needs a finite wait; a dead peer still fails at once (TCP close)
 RAY_WINDOW = 8  # Ray deliveries in flight per channel before `send` waits for the oldest
+PING_S = 1.0  # a Ray-call channel idle this long in recv asks whether its peer still lives
+SETUP_CALL_S = 60.0  # Ray calls of a setup, on top of gloo's timeout (fresh actors may still be starting)
 
 
 class ChannelError(MeshpipeError, RuntimeError):
@@ -229,9 +231,13 @@ class GlooChannel(Channel):
 
 
 class Mailbox:
-    """Messages delivered by Ray calls, per sender, released in sequence order (blocking `get`)."""
+    """Messages delivered by Ray calls, per sender, released in sequence order (blocking `get`).
 
-    def __init__(self) -> None:
+    `epoch` names the setup the mailbox belongs to: deliveries of an earlier setup are dropped.
+    """
+
+    def __init__(self, epoch: str = "") -> None:
+        self.epoch = epoch
         self._cond = threading.Condition()
         self._pending: dict[str, dict[int, tuple[bytes, torch.Tensor | None]]] = {}
         self._next: dict[str, int] = {}
@@ -281,7 +287,8 @@ class RayCallChannel(Channel):
 
     def send(self, header: bytes, tensor: torch.Tensor | None = None, timeout_s: float | None = None) -> None:
         self._check()
-        self._inflight.append(self.handle.channel_deliver.remote(self.local, self._seq, header, tensor))
+        self._inflight.append(self.handle.channel_deliver.remote(self.local, self.mailbox.epoch, self._seq,
+                                                                  header, tensor))
         self._seq += 1
         while len(self._inflight) > self.window:
             self._settle(self._inflight.popleft(), timeout_s)
@@ -292,13 +299,25 @@ class RayCallChannel(Channel):
             self._settle(self._inflight.popleft(), timeout_s)
 
     def recv(self, timeout_s: float | None = None) -> tuple[bytes, torch.Tensor | None]:
+        """The peer's next message; every `PING_S` idle, a call to the peer checks it is alive."""
+        import ray
+
         self._check()
         limit = timeout_s if timeout_s is not None else self.timeout_s
         started = time.monotonic()
-        try:
-            return self.mailbox.get(self.peer, limit)
-        except ChannelTimeoutError as e:
-            raise self._fail("recv", e, started, limit or 0) from e
+        while True:
+            left = None if limit is None else limit - (time.monotonic() - started)
+            try:
+                return self.mailbox.get(self.peer, PING_S if left is None else max(0.0, min(PING_S, left)))
+            except ChannelTimeoutError as e:
+                if left is not None and left <= PING_S:
+                    raise self._fail("recv", e, started, limit or 0) from e
+            try:
+                ray.get(self.handle.channel_ping.remote(), timeout=PING_S)
+            except ray.exceptions.GetTimeoutError:
+                pass  # alive but busy: keep waiting
+            except ray.exceptions.RayError as e:
+                raise self._fail("recv", e, started, limit or 0) from e
 
 
 # --------------------------------------------------------------------------- endpoints and groups
@@ -345,17 +364,25 @@ class ChannelEndpoint:
         return name
 
     def channel_setup_ray(self, name: str, peers: dict[str, Any], timeout_s: float | None,
-                          prev_next: tuple[str | None, str | None]) -> str:
-        """Open a `RayCallChannel` to each peer name -> actor handle."""
+                          prev_next: tuple[str | None, str | None], epoch: str) -> str:
+        """Open a `RayCallChannel` to each peer name -> actor handle; `epoch` names this setup."""
         self._endpoint()
         self.channel_close()
         self.prev_peer, self.next_peer = prev_next
+        self.mailbox = Mailbox(epoch)
         self.channels = {p: RayCallChannel(name, p, h, self.mailbox, timeout_s) for p, h in peers.items()}
         return name
 
-    def channel_deliver(self, src: str, seq: int, header: bytes, tensor: torch.Tensor | None) -> None:
+    def channel_deliver(self, src: str, epoch: str, seq: int, header: bytes, tensor: torch.Tensor | None) -> None:
+        """A `RayCallChannel.send` arriving (dropped if it belongs to an earlier setup)."""
         self._endpoint()
-        self.mailbox.put(src, seq, header, tensor)
+        if epoch == self.mailbox.epoch:
+            self.mailbox.put(src, seq, header, tensor)
+        else:
+            log.debug("dropped a message from %s of setup %s (now %s)", src, epoch, self.mailbox.epoch)
+
+    def channel_ping(self) -> bool:
+        return True
 
     def channel_close(self) -> None:
         """Close the channels and leave the gloo group (if joined); never hangs on a dead peer."""
@@ -415,7 +442,7 @@ class ChannelGroup:
         import ray
 
         try:
-            port = ray.get(self.actors[0].channel_free_port.remote(addr), timeout=timeout_s)
+            port = ray.get(self.actors[0].channel_free_port.remote(addr), timeout=SETUP_CALL_S)
         except Exception as e:  # noqa: BLE001 - any failure means: no gloo
             return f"no free port on {addr}: {type(e).__name__}: {e}"
         refs = [a.channel_setup_gloo.remote(self.names[i], i, len(self.actors), addr, port,
@@ -425,20 +452,24 @@ class ChannelGroup:
         errors = []
         for i, ref in enumerate(refs):
             try:
-                ray.get(ref, timeout=timeout_s + 10)
+                ray.get(ref, timeout=timeout_s + SETUP_CALL_S)
             except Exception as e:  # noqa: BLE001
                 errors.append(f"{self.names[i]}: {type(e).__name__}: {str(e).splitlines()[-1][:300]}")
         if not errors:
             return None
-        ray.get([a.channel_close.remote() for a in self.actors], timeout=timeout_s)
+        ray.get([a.channel_close.remote() for a in self.actors], timeout=SETUP_CALL_S)
         return f"gloo at {addr}:{port}: " + "; ".join(errors)
 
     def _setup_ray(self, neighbours: list[list[int]], timeout_s: float) -> None:
+        import uuid
+
         import ray
 
+        epoch = uuid.uuid4().hex
+
         ray.get([a.channel_setup_ray.remote(self.names[i], {self.names[j]: self.actors[j] for j in neighbours[i]},
-                                            timeout_s, self.prev_next(i))
-                 for i, a in enumerate(self.actors)], timeout=timeout_s)
+                                            timeout_s, self.prev_next(i), epoch)
+                 for i, a in enumerate(self.actors)], timeout=SETUP_CALL_S)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Every live actor leaves its channels (dead ones are skipped)."""
