@@ -1,22 +1,16 @@
 """Point-to-point channels between pipeline actors: a bytes header plus an optional tensor per message.
 
 A `Channel` joins this process to one named peer; `send(header, tensor)` and `recv() -> (header, tensor)`
-block (no spinning). Two implementations, one interface:
+block (no spinning). `GlooChannel`: torch.distributed gloo isend/irecv over TCP, one process group per
+pipeline (a rank per actor); a message is a descriptor then one uint8 body (`actors.wire.channel_frame`),
+so any dtype travels; CUDA tensors are copied to the CPU. `RayCallChannel`: one Ray actor call per message (today's hop cost); a
+sequence number restores the order threaded actors lose.
 
-- `GlooChannel`: torch.distributed gloo `isend`/`irecv` over TCP, in one process group per pipeline
-  (one rank per actor). A message is a fixed-size int64 descriptor (`encode_descriptor`: header length,
-  dtype, shape), then one uint8 body: the header, padding to `ALIGN`, the tensor's bytes. Any dtype
-  travels as bytes, so gloo's dtype support does not matter; CUDA tensors are copied to the CPU.
-- `RayCallChannel`: one Ray actor call per message (`ChannelEndpoint.channel_deliver`), the path today's
-  hops pay; a sequence number restores order on the receiving side (threaded actors reorder calls).
-
-Failures surface as `ChannelError`: a peer process dying closes its TCP connections, so a pending gloo
-receive fails at once; a receive that waits past its timeout raises `ChannelTimeoutError`. A gloo timeout
-closes the pair for good (gloo cannot withdraw a posted receive), so a channel that failed once stays broken.
-
-`ChannelGroup.setup(actors, kind)` wires a chain or ring of actors that mix in `ChannelEndpoint` and falls
-back from "gloo" to "ray" (logging why) when the process group cannot be formed. Ray is imported only
-inside functions.
+Failures are `ChannelError`s: a dead peer closes its TCP connections (gloo fails at once; a Ray-call
+channel pings its peer while idle); waiting past a timeout is `ChannelTimeoutError`. A gloo timeout
+closes the pair for good (a posted receive cannot be withdrawn): a channel that failed stays broken.
+`ChannelGroup.setup(actors, kind)` wires a chain or ring of `ChannelEndpoint` actors, falling back from
+"gloo" to "ray" (logged) when the group cannot form. Ray is imported only inside functions.
 """
 
 from __future__ import annotations
@@ -28,123 +22,31 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from models.errors import MeshpipeError
+from actors.wire.channel_frame import (
+    DESCRIPTOR_LEN,
+    ChannelError,
+    ChannelTimeoutError,
+    decode_descriptor,
+    encode_descriptor,
+    pack_body,
+    unpack_body,
+)
 
 log = logging.getLogger(__name__)
 
-DTYPES: tuple[torch.dtype, ...] = (
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-    torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
-)
-DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
-MAX_DIMS = 8
-DESCRIPTOR_LEN = 3 + MAX_DIMS  # header length, dtype code (-1: no tensor), ndim, dims
-ALIGN = 16  # the tensor's bytes start at a multiple of this in the body, so `view(dtype)` is legal
-NO_TENSOR = -1
+__all__ = ["ChannelEndpoint", "ChannelError", "ChannelGroup", "ChannelTimeoutError", "Channel", "GlooChannel",
+           "Mailbox", "RayCallChannel"]
+
 FOREVER_S = 365 * 24 * 3600.0  # gloo needs a finite wait; a dead peer still fails at once (TCP close)
 RAY_WINDOW = 8  # Ray deliveries in flight per channel before `send` waits for the oldest
 PING_S = 1.0  # a Ray-call channel idle this long in recv asks whether its peer still lives
 SETUP_CALL_S = 60.0  # Ray calls of a setup, on top of gloo's timeout (fresh actors may still be starting)
-
-
-class ChannelError(MeshpipeError, RuntimeError):
-    """A channel failed: the peer died, the connection closed, or the message was malformed."""
-
-
-class ChannelTimeoutError(ChannelError, TimeoutError):
-    """No message (or no send completion) within the timeout; the channel is broken afterwards."""
-
-
-# --------------------------------------------------------------------------- descriptor
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    """What precedes a message body: header length, tensor dtype (None: no tensor) and shape."""
-
-    header_len: int
-    dtype: torch.dtype | None
-    shape: tuple[int, ...]
-
-    @property
-    def offset(self) -> int:
-        """Where the tensor's bytes start in the body (the header padded to `ALIGN`)."""
-        return -(-self.header_len // ALIGN) * ALIGN if self.dtype is not None else self.header_len
-
-    @property
-    def nbytes(self) -> int:
-        """The tensor's bytes (0 without a tensor)."""
-        if self.dtype is None:
-            return 0
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def body_len(self) -> int:
-        return self.offset + self.nbytes if self.dtype is not None else self.header_len
-
-
-def encode_descriptor(header_len: int, tensor: torch.Tensor | None) -> torch.Tensor:
-    """The int64 descriptor of a message (length `DESCRIPTOR_LEN`)."""
-    desc = torch.zeros(DESCRIPTOR_LEN, dtype=torch.int64)
-    desc[0] = header_len
-    if tensor is None:
-        desc[1] = NO_TENSOR
-        return desc
-    if tensor.dtype not in DTYPE_CODE:
-        raise ChannelError(f"dtype {tensor.dtype} cannot travel on a channel (known: {list(DTYPES)})")
-    if tensor.dim() > MAX_DIMS:
-        raise ChannelError(f"a {tensor.dim()}-d tensor: channels carry at most {MAX_DIMS} dims")
-    desc[1] = DTYPE_CODE[tensor.dtype]
-    desc[2] = tensor.dim()
-    desc[3:3 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-    return desc
-
-
-def decode_descriptor(desc: torch.Tensor) -> Descriptor:
-    """The `Descriptor` an `encode_descriptor` tensor carries; ChannelError if it is malformed."""
-    values = desc.tolist()
-    if len(values) != DESCRIPTOR_LEN:
-        raise ChannelError(f"descriptor of {len(values)} values, expected {DESCRIPTOR_LEN}")
-    header_len, code, ndim = values[:3]
-    if header_len < 0 or not (code == NO_TENSOR or 0 <= code < len(DTYPES)) or not 0 <= ndim <= MAX_DIMS:
-        raise ChannelError(f"malformed descriptor {values}")
-    if code == NO_TENSOR:
-        return Descriptor(header_len, None, ())
-    shape = tuple(values[3:3 + ndim])
-    if any(d < 0 for d in shape):
-        raise ChannelError(f"malformed descriptor {values}")
-    return Descriptor(header_len, DTYPES[code], shape)
-
-
-def pack_body(header: bytes, tensor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(descriptor, uint8 body) of a message."""
-    desc = encode_descriptor(len(header), tensor)
-    d = decode_descriptor(desc)
-    body = torch.empty(d.body_len, dtype=torch.uint8)
-    if header:
-        body[:len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
-    if tensor is not None and d.nbytes:
-        body[d.offset:] = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    return desc, body
-
-
-def unpack_body(d: Descriptor, body: torch.Tensor) -> tuple[bytes, torch.Tensor | None]:
-    """(header, tensor) from a body; the tensor is a view of the body (no copy)."""
-    header = body[:d.header_len].numpy().tobytes()
-    if d.dtype is None:
-        return header, None
-    return header, body[d.offset:d.offset + d.nbytes].view(d.dtype).reshape(d.shape)
-
-
-# --------------------------------------------------------------------------- channels
 
 
 class Channel:
@@ -156,14 +58,11 @@ class Channel:
         self.local, self.peer, self.timeout_s = local, peer, timeout_s
         self.broken: str | None = None
 
-    def send(self, header: bytes, tensor: torch.Tensor | None = None) -> None:
+    def send(self, header: bytes, tensor: torch.Tensor | None = None, timeout_s: float | None = None) -> None:
         raise NotImplementedError
 
     def recv(self, timeout_s: float | None = None) -> tuple[bytes, torch.Tensor | None]:
         raise NotImplementedError
-
-    def close(self) -> None:
-        """Release what the channel holds (the group's teardown is `ChannelEndpoint.channel_close`)."""
 
     def _check(self) -> None:
         if self.broken:
@@ -177,9 +76,6 @@ class Channel:
         return cls(f"{self.kind} channel {self.local}<->{self.peer}: {what} failed after {elapsed:.2f} s "
                    f"(timeout {timeout_s:g} s): {e}")
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.local!r} <-> {self.peer!r})"
-
 
 class GlooChannel(Channel):
     """gloo point-to-point to `peer_rank` of the default process group (`ChannelEndpoint.channel_setup_gloo`)."""
@@ -190,12 +86,13 @@ class GlooChannel(Channel):
         super().__init__(local, peer, timeout_s)
         self.peer_rank = peer_rank
 
-    def _wait(self, work: Any, what: str, timeout_s: float | None) -> None:
+    def _wait(self, start: Callable[[], Any], what: str, timeout_s: float | None) -> None:
+        """Start a gloo operation and wait for it; its errors as ChannelError."""
         limit = timeout_s if timeout_s is not None else self.timeout_s
         limit = FOREVER_S if limit is None else limit
         started = time.monotonic()
         try:
-            work.wait(timeout=datetime.timedelta(seconds=limit))
+            start().wait(timeout=datetime.timedelta(seconds=limit))
         except RuntimeError as e:  # DistBackendError is one
             raise self._fail(what, e, started, limit) from e
 
@@ -204,29 +101,19 @@ class GlooChannel(Channel):
 
         self._check()
         desc, body = pack_body(header, tensor)
-        try:
-            works = [dist.isend(desc, dst=self.peer_rank)]
-            if body.numel():
-                works.append(dist.isend(body, dst=self.peer_rank))
-        except RuntimeError as e:
-            raise self._fail("send", e, time.monotonic(), 0) from e
-        for w in works:
-            self._wait(w, "send", timeout_s)
+        for part in (desc, body) if body.numel() else (desc,):
+            self._wait(lambda t=part: dist.isend(t, dst=self.peer_rank), "send", timeout_s)
 
     def recv(self, timeout_s: float | None = None) -> tuple[bytes, torch.Tensor | None]:
         import torch.distributed as dist
 
         self._check()
         desc = torch.empty(DESCRIPTOR_LEN, dtype=torch.int64)
-        try:
-            work = dist.irecv(desc, src=self.peer_rank)
-        except RuntimeError as e:
-            raise self._fail("recv", e, time.monotonic(), 0) from e
-        self._wait(work, "recv", timeout_s)
+        self._wait(lambda: dist.irecv(desc, src=self.peer_rank), "recv", timeout_s)
         d = decode_descriptor(desc)
         body = torch.empty(d.body_len, dtype=torch.uint8)
         if d.body_len:
-            self._wait(dist.irecv(body, src=self.peer_rank), "recv", timeout_s)
+            self._wait(lambda: dist.irecv(body, src=self.peer_rank), "recv", timeout_s)
         return unpack_body(d, body)
 
 
@@ -275,28 +162,24 @@ class RayCallChannel(Channel):
         self._seq = 0
         self._inflight: deque[Any] = deque()
 
-    def _settle(self, ref: Any, timeout_s: float | None) -> None:
-        import ray
-
-        limit = timeout_s if timeout_s is not None else self.timeout_s
-        started = time.monotonic()
-        try:
-            ray.get(ref, timeout=limit)
-        except (ray.exceptions.RayError, TimeoutError) as e:
-            raise self._fail("send", e, started, limit or 0) from e
-
     def send(self, header: bytes, tensor: torch.Tensor | None = None, timeout_s: float | None = None) -> None:
         self._check()
         self._inflight.append(self.handle.channel_deliver.remote(self.local, self.mailbox.epoch, self._seq,
                                                                   header, tensor))
         self._seq += 1
-        while len(self._inflight) > self.window:
-            self._settle(self._inflight.popleft(), timeout_s)
+        self.flush(timeout_s, keep=self.window)
 
-    def flush(self, timeout_s: float | None = None) -> None:
-        """Wait until every sent message reached the peer's mailbox."""
-        while self._inflight:
-            self._settle(self._inflight.popleft(), timeout_s)
+    def flush(self, timeout_s: float | None = None, keep: int = 0) -> None:
+        """Wait until at most `keep` sent messages are not yet in the peer's mailbox."""
+        import ray
+
+        limit = timeout_s if timeout_s is not None else self.timeout_s
+        while len(self._inflight) > keep:
+            started = time.monotonic()
+            try:
+                ray.get(self._inflight.popleft(), timeout=limit)
+            except (ray.exceptions.RayError, TimeoutError) as e:
+                raise self._fail("send", e, started, limit or 0) from e
 
     def recv(self, timeout_s: float | None = None) -> tuple[bytes, torch.Tensor | None]:
         """The peer's next message; every `PING_S` idle, a call to the peer checks it is alive."""
@@ -320,16 +203,6 @@ class RayCallChannel(Channel):
                 raise self._fail("recv", e, started, limit or 0) from e
 
 
-# --------------------------------------------------------------------------- endpoints and groups
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class ChannelEndpoint:
     """Mix into an actor class: its channels by peer name, set up by `ChannelGroup.setup`.
 
@@ -345,7 +218,10 @@ class ChannelEndpoint:
             self.next_peer: str | None = None
 
     def channel_free_port(self, host: str) -> int:
-        return free_port(host)
+        """A TCP port free on `host` now (the OS picks it)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
 
     def channel_setup_gloo(self, name: str, rank: int, world: int, addr: str, port: int,
                            peers: dict[str, int], timeout_s: float, prev_next: tuple[str | None, str | None]) -> str:
@@ -387,8 +263,6 @@ class ChannelEndpoint:
     def channel_close(self) -> None:
         """Close the channels and leave the gloo group (if joined); never hangs on a dead peer."""
         self._endpoint()
-        for ch in self.channels.values():
-            ch.close()
         self.channels = {}
         if self.gloo_ready:
             import torch.distributed as dist
@@ -405,9 +279,8 @@ class ChannelGroup:
     actors: list[Any]
     names: list[str]
     kind: str
-    fallback_reason: str | None = None
-    links: list[tuple[str, str]] = field(default_factory=list)
     ring: bool = True
+    fallback_reason: str | None = None
 
     def prev_next(self, i: int) -> tuple[str | None, str | None]:
         """Actor i's (previous, next) neighbour names (None at a chain's ends)."""
@@ -415,29 +288,40 @@ class ChannelGroup:
         prev = self.names[(i - 1) % n] if self.ring or i > 0 else None
         return prev, (self.names[(i + 1) % n] if self.ring or i < n - 1 else None)
 
+    def peers(self, i: int) -> dict[str, int]:
+        """Actor i's neighbours: name -> index (rank)."""
+        return {p: self.names.index(p) for p in self.prev_next(i) if p is not None}
+
+    @property
+    def links(self) -> list[tuple[str, str]]:
+        """Every channel once, as (lower-ranked name, higher-ranked name)."""
+        return sorted({tuple(sorted((self.names[i], p), key=self.names.index))
+                       for i in range(len(self.actors)) for p in self.peers(i)})
+
     @classmethod
     def setup(cls, actors: list[Any], kind: str = "gloo", names: list[str] | None = None, ring: bool = True,
               addr: str = "127.0.0.1", timeout_s: float = 30.0) -> ChannelGroup:
         """Give actor i channels to i-1 and i+1 (wrapping round when `ring`); "gloo" falls back to "ray"."""
-        if kind not in ("gloo", "ray"):
-            raise ValueError(f"kind {kind!r}: choose gloo or ray")
-        if len(actors) < 2:
-            raise ValueError("a channel group needs at least 2 actors")
-        names = names or [f"peer-{i}" for i in range(len(actors))]
-        n = len(actors)
-        neighbours = [sorted({(i + d) % n for d in (-1, 1) if ring or 0 <= i + d < n} - {i}) for i in range(n)]
-        links = [(names[i], names[j]) for i in range(n) for j in neighbours[i] if i < j]
-        group = cls(list(actors), names, kind, None, links, ring)
+        if kind not in ("gloo", "ray") or len(actors) < 2:
+            raise ValueError(f"kind {kind!r} for {len(actors)} actors: choose gloo or ray, for 2 actors or more")
+        group = cls(list(actors), names or [f"peer-{i}" for i in range(len(actors))], kind, ring)
         if kind == "gloo":
-            reason = group._setup_gloo(neighbours, addr, timeout_s)
+            reason = group._setup_gloo(addr, timeout_s)
             if reason is None:
                 return group
             log.warning("gloo channels unavailable, falling back to Ray calls: %s", reason)
             group.kind, group.fallback_reason = "ray", reason
-        group._setup_ray(neighbours, timeout_s)
+        import uuid
+
+        import ray
+
+        epoch = uuid.uuid4().hex  # this setup's name: Ray deliveries of an earlier one are dropped
+        ray.get([a.channel_setup_ray.remote(group.names[i], {p: actors[j] for p, j in group.peers(i).items()},
+                                            timeout_s, group.prev_next(i), epoch)
+                 for i, a in enumerate(actors)], timeout=SETUP_CALL_S)
         return group
 
-    def _setup_gloo(self, neighbours: list[list[int]], addr: str, timeout_s: float) -> str | None:
+    def _setup_gloo(self, addr: str, timeout_s: float) -> str | None:
         """None when every actor joined the group, else why not (and every actor left it again)."""
         import ray
 
@@ -445,31 +329,18 @@ class ChannelGroup:
             port = ray.get(self.actors[0].channel_free_port.remote(addr), timeout=SETUP_CALL_S)
         except Exception as e:  # noqa: BLE001 - any failure means: no gloo
             return f"no free port on {addr}: {type(e).__name__}: {e}"
-        refs = [a.channel_setup_gloo.remote(self.names[i], i, len(self.actors), addr, port,
-                                            {self.names[j]: j for j in neighbours[i]}, timeout_s,
-                                            self.prev_next(i))
-                for i, a in enumerate(self.actors)]
+        refs = [a.channel_setup_gloo.remote(self.names[i], i, len(self.actors), addr, port, self.peers(i),
+                                            timeout_s, self.prev_next(i)) for i, a in enumerate(self.actors)]
         errors = []
-        for i, ref in enumerate(refs):
+        for name, ref in zip(self.names, refs):
             try:
                 ray.get(ref, timeout=timeout_s + SETUP_CALL_S)
             except Exception as e:  # noqa: BLE001
-                errors.append(f"{self.names[i]}: {type(e).__name__}: {str(e).splitlines()[-1][:300]}")
+                errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[-1][:300]}")
         if not errors:
             return None
         ray.get([a.channel_close.remote() for a in self.actors], timeout=SETUP_CALL_S)
         return f"gloo at {addr}:{port}: " + "; ".join(errors)
-
-    def _setup_ray(self, neighbours: list[list[int]], timeout_s: float) -> None:
-        import uuid
-
-        import ray
-
-        epoch = uuid.uuid4().hex
-
-        ray.get([a.channel_setup_ray.remote(self.names[i], {self.names[j]: self.actors[j] for j in neighbours[i]},
-                                            timeout_s, self.prev_next(i), epoch)
-                 for i, a in enumerate(self.actors)], timeout=SETUP_CALL_S)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Every live actor leaves its channels (dead ones are skipped)."""

@@ -7,12 +7,12 @@ import threading
 import pytest
 import torch
 
-from actors.channels import (
+from actors.channels import Mailbox
+from actors.wire.channel_frame import (
     ALIGN,
     DESCRIPTOR_LEN,
     ChannelError,
     ChannelTimeoutError,
-    Mailbox,
     decode_descriptor,
     encode_descriptor,
     pack_body,
@@ -57,7 +57,7 @@ def test_malformed_descriptors_are_channel_errors() -> None:
     with pytest.raises(ChannelError, match="dims"):
         encode_descriptor(0, torch.zeros([1] * 9))
     with pytest.raises(ChannelError, match="dtype"):
-        encode_descriptor(0, torch.zeros(2, dtype=torch.uint16))
+        encode_descriptor(0, torch.zeros(2, dtype=torch.complex64))
 
 
 def test_mailbox_releases_in_sequence_order_and_times_out() -> None:
