@@ -2,9 +2,10 @@
 
 A `Channel` joins this process to one named peer; `send(header, tensor)` and `recv() -> (header, tensor)`
 block (no spinning). `GlooChannel`: torch.distributed gloo isend/irecv over TCP, one process group per
-pipeline (a rank per actor); a message is a descriptor then one uint8 body (`actors.wire.channel_frame`),
-so any dtype travels; CUDA tensors are copied to the CPU. `RayCallChannel`: one Ray actor call per message (today's hop cost); a
-sequence number restores the order threaded actors lose.
+pipeline (a rank per actor); a message is a descriptor and a uint8 body (`actors.wire.channel_frame`: one
+send when it fits in 4 KiB, two otherwise), so any dtype travels; CUDA tensors are copied to the CPU.
+`RayCallChannel`: one Ray actor call per message (today's hop cost); a sequence number restores the
+order threaded actors lose.
 
 Failures are `ChannelError`s: a dead peer closes its TCP connections (gloo fails at once; a Ray-call
 channel pings its peer while idle); waiting past a timeout is `ChannelTimeoutError`. A gloo timeout
@@ -29,13 +30,13 @@ from typing import Any
 import torch
 
 from actors.wire.channel_frame import (
-    DESCRIPTOR_LEN,
+    BODY_AT,
+    FRAME_BYTES,
     ChannelError,
     ChannelTimeoutError,
-    decode_descriptor,
-    encode_descriptor,
-    pack_body,
-    unpack_body,
+    frame_descriptor,
+    pack_message,
+    unpack_message,
 )
 
 log = logging.getLogger(__name__)
@@ -100,21 +101,23 @@ class GlooChannel(Channel):
         import torch.distributed as dist
 
         self._check()
-        desc, body = pack_body(header, tensor)
-        for part in (desc, body) if body.numel() else (desc,):
+        buf, length = pack_message(header, tensor)
+        for part in (buf[:FRAME_BYTES], buf[FRAME_BYTES:length]) if length > FRAME_BYTES else (buf,):
             self._wait(lambda t=part: dist.isend(t, dst=self.peer_rank), "send", timeout_s)
 
     def recv(self, timeout_s: float | None = None) -> tuple[bytes, torch.Tensor | None]:
         import torch.distributed as dist
 
         self._check()
-        desc = torch.empty(DESCRIPTOR_LEN, dtype=torch.int64)
-        self._wait(lambda: dist.irecv(desc, src=self.peer_rank), "recv", timeout_s)
-        d = decode_descriptor(desc)
-        body = torch.empty(d.body_len, dtype=torch.uint8)
-        if d.body_len:
-            self._wait(lambda: dist.irecv(body, src=self.peer_rank), "recv", timeout_s)
-        return unpack_body(d, body)
+        frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
+        self._wait(lambda: dist.irecv(frame, src=self.peer_rank), "recv", timeout_s)
+        d = frame_descriptor(frame)
+        if BODY_AT + d.body_len > FRAME_BYTES:
+            buf = torch.empty(BODY_AT + d.body_len, dtype=torch.uint8)
+            buf[:FRAME_BYTES] = frame
+            self._wait(lambda: dist.irecv(buf[FRAME_BYTES:], src=self.peer_rank), "recv", timeout_s)
+            frame = buf
+        return unpack_message(d, frame)
 
 
 class Mailbox:

@@ -1,9 +1,11 @@
 """The message format of `actors.channels`: a bytes header plus an optional tensor of any shape and dtype.
 
-A message is a fixed-size int64 descriptor (`encode_descriptor`: header length, dtype code or
-`NO_TENSOR`, ndim, dims padded to `MAX_DIMS`), then one uint8 body (`pack_body`): the header,
-padding to `ALIGN`, the tensor's bytes. The tensor travels as bytes, so any dtype of `DTYPES` does,
-whatever the transport supports; `unpack_body` gives a view of the body (no copy). No Ray here.
+A message (`pack_message`) is one uint8 buffer: an int64 descriptor (`encode_descriptor`: header length,
+dtype code or `NO_TENSOR`, ndim, dims padded to `MAX_DIMS`), then at `BODY_AT` the body: the header,
+padding to `ALIGN`, the tensor's bytes. Its first `FRAME_BYTES` travel as one fixed-size send (small
+messages: one send per message, one wake-up for the receiver); a longer message's rest follows. The
+tensor travels as bytes, so any dtype of `DTYPES` does, whatever the transport supports;
+`unpack_message` gives views of the buffer (no copy). No Ray here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ MAX_DIMS = 8
 DESCRIPTOR_LEN = 3 + MAX_DIMS  # header length, dtype code (-1: no tensor), ndim, dims
 ALIGN = 16  # the tensor's bytes start at a multiple of this in the body, so `view(dtype)` is legal
 NO_TENSOR = -1
+BODY_AT = 96  # the body's offset in a message: after the 88-byte descriptor, 16-byte aligned
+FRAME_BYTES = 4096  # a message's first send, fixed-size; (1, 576) fp32 plus a header fits in one
 
 
 class ChannelError(MeshpipeError, RuntimeError):
@@ -80,16 +84,32 @@ def decode_descriptor(desc: torch.Tensor) -> Descriptor:
     return Descriptor(header_len, None if code == NO_TENSOR else DTYPES[code], shape)
 
 
-def pack_body(header: bytes, tensor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(descriptor, uint8 body) of a message."""
+def pack_message(header: bytes, tensor: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """(buffer, length) of a message: descriptor at 0, body at `BODY_AT`, at least `FRAME_BYTES` long.
+
+    The first `FRAME_BYTES` go as one fixed-size send (a message that fits needs no other); the rest,
+    `buffer[FRAME_BYTES:length]`, follows as a second send.
+    """
     desc = encode_descriptor(len(header), tensor)
     d = decode_descriptor(desc)
-    body = torch.empty(d.body_len, dtype=torch.uint8)
+    length = BODY_AT + d.body_len
+    buf = torch.empty(max(FRAME_BYTES, length), dtype=torch.uint8)
+    buf[:DESCRIPTOR_LEN * 8] = desc.view(torch.uint8)
     if header:
-        body[:len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+        buf[BODY_AT:BODY_AT + len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
     if tensor is not None and d.nbytes:
-        body[d.offset:] = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    return desc, body
+        buf[BODY_AT + d.offset:length] = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return buf, length
+
+
+def frame_descriptor(frame: torch.Tensor) -> Descriptor:
+    """The descriptor at the start of a received frame (uint8)."""
+    return decode_descriptor(frame[:DESCRIPTOR_LEN * 8].view(torch.int64))
+
+
+def unpack_message(d: Descriptor, buf: torch.Tensor) -> tuple[bytes, torch.Tensor | None]:
+    """(header, tensor) of a whole message buffer (`pack_message`'s layout)."""
+    return unpack_body(d, buf[BODY_AT:BODY_AT + d.body_len])
 
 
 def unpack_body(d: Descriptor, body: torch.Tensor) -> tuple[bytes, torch.Tensor | None]:

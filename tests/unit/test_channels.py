@@ -13,16 +13,19 @@ from actors.wire.channel_frame import (
     DESCRIPTOR_LEN,
     ChannelError,
     ChannelTimeoutError,
+    FRAME_BYTES,
     decode_descriptor,
     encode_descriptor,
-    pack_body,
-    unpack_body,
+    frame_descriptor,
+    pack_message,
+    unpack_message,
 )
 
 TENSORS = [
     torch.randn(1, 576), torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 5).to(torch.bfloat16),
     torch.arange(7, dtype=torch.int64), torch.tensor(3.5), torch.zeros(0, 4), torch.tensor([True, False]),
     torch.randn(4, 6).t(),  # not contiguous
+    torch.randn(64, 576),  # longer than one frame
 ]
 
 
@@ -34,8 +37,9 @@ def test_descriptor_and_body_round_trip(header: bytes, tensor: torch.Tensor) -> 
     d = decode_descriptor(desc)
     assert (d.header_len, d.dtype, d.shape) == (len(header), tensor.dtype, tuple(tensor.shape))
     assert d.offset % ALIGN == 0 and d.nbytes == tensor.numel() * tensor.element_size()
-    desc, body = pack_body(header, tensor)
-    got_header, got = unpack_body(decode_descriptor(desc), body)
+    buf, length = pack_message(header, tensor)
+    assert buf.numel() == max(FRAME_BYTES, length)
+    got_header, got = unpack_message(frame_descriptor(buf[:FRAME_BYTES]), buf)
     assert got_header == header
     assert got is not None and got.dtype == tensor.dtype and got.shape == tensor.shape
     assert torch.equal(got, tensor)
@@ -44,8 +48,9 @@ def test_descriptor_and_body_round_trip(header: bytes, tensor: torch.Tensor) -> 
 def test_no_tensor() -> None:
     d = decode_descriptor(encode_descriptor(5, None))
     assert (d.dtype, d.shape, d.nbytes, d.body_len) == (None, (), 0, 5)
-    assert unpack_body(d, pack_body(b"hello", None)[1]) == (b"hello", None)
-    assert pack_body(b"", None)[1].numel() == 0
+    buf, _ = pack_message(b"hello", None)
+    assert unpack_message(frame_descriptor(buf), buf) == (b"hello", None)
+    assert pack_message(b"", None)[0].numel() == FRAME_BYTES
 
 
 def test_malformed_descriptors_are_channel_errors() -> None:
