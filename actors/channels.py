@@ -79,7 +79,7 @@ class Channel:
 
 
 class GlooChannel(Channel):
-    """gloo point-to-point to `peer_rank` of the default process group (`ChannelEndpoint.channel_setup_gloo`)."""
+    """gloo point-to-point to `peer_rank` of the default process group (joined by `channel_setup_gloo`)."""
 
     kind = "gloo"
 
@@ -154,7 +154,7 @@ class Mailbox:
 
 
 class RayCallChannel(Channel):
-    """One Ray actor call per message to the peer's `channel_deliver`; receives from this actor's `Mailbox`."""
+    """One Ray actor call per message to the peer's `channel_deliver`; receives from this actor's Mailbox."""
 
     kind = "ray"
 
@@ -227,7 +227,8 @@ class ChannelEndpoint:
             return s.getsockname()[1]
 
     def channel_setup_gloo(self, name: str, rank: int, world: int, addr: str, port: int,
-                           peers: dict[str, int], timeout_s: float, prev_next: tuple[str | None, str | None]) -> str:
+                           peers: dict[str, int], timeout_s: float,
+                           prev_next: tuple[str | None, str | None]) -> str:
         """Join the pipeline's gloo group as `rank` and open a `GlooChannel` to each peer name -> rank."""
         import torch.distributed as dist
 
@@ -252,7 +253,8 @@ class ChannelEndpoint:
         self.channels = {p: RayCallChannel(name, p, h, self.mailbox, timeout_s) for p, h in peers.items()}
         return name
 
-    def channel_deliver(self, src: str, epoch: str, seq: int, header: bytes, tensor: torch.Tensor | None) -> None:
+    def channel_deliver(self, src: str, epoch: str, seq: int, header: bytes,
+                        tensor: torch.Tensor | None) -> None:
         """A `RayCallChannel.send` arriving (dropped if it belongs to an earlier setup)."""
         self._endpoint()
         if epoch == self.mailbox.epoch:
@@ -306,7 +308,7 @@ class ChannelGroup:
               addr: str = "127.0.0.1", timeout_s: float = 30.0) -> ChannelGroup:
         """Give actor i channels to i-1 and i+1 (wrapping round when `ring`); "gloo" falls back to "ray"."""
         if kind not in ("gloo", "ray") or len(actors) < 2:
-            raise ValueError(f"kind {kind!r} for {len(actors)} actors: choose gloo or ray, for 2 actors or more")
+            raise ValueError(f"kind {kind!r} for {len(actors)} actors: choose gloo or ray, 2 actors or more")
         group = cls(list(actors), names or [f"peer-{i}" for i in range(len(actors))], kind, ring)
         if kind == "gloo":
             reason = group._setup_gloo(addr, timeout_s)

@@ -57,7 +57,8 @@ class ChannelPeer(ChannelEndpoint):
         elapsed = time.perf_counter() - t0
         return [(h, None if t is None else t.clone()) for h, t in got], elapsed
 
-    def ring_origin_repeat(self, header: bytes, tensor: torch.Tensor, n: int, timeout_s: float | None = None) -> float:
+    def ring_origin_repeat(self, header: bytes, tensor: torch.Tensor, n: int,
+                           timeout_s: float | None = None) -> float:
         """`ring_origin` of one message `n` times, after one warm-up lap; seconds for the `n`."""
         src, dst = self.ring()
         dst.send(header, tensor)
@@ -140,12 +141,14 @@ def bench_channels(sizes: Sequence[tuple[int, ...]] = SIZES, actors: Sequence[in
             ray.get([a.pid.remote() for a in ring])
             for shape in sizes:
                 nbytes = 4 * int(torch.tensor(shape).prod())
-                base = {"bench": "channels", "shape": list(shape), "bytes": nbytes, "actors": n, "messages": messages}
+                base = {"bench": "channels", "shape": list(shape), "bytes": nbytes, "actors": n,
+                        "messages": messages}
                 for kind in ("gloo", "ray"):
                     got, ms = _ring_ms(ring, kind, shape, messages)
                     rows.append({**base, "path": got, "asked": kind, "ms_per_hop": ms})
                     log.info("%s", rows[-1])
-                rows.append({**base, "path": "ray_ref", "asked": "ray_ref", "ms_per_hop": _ray_ref_ms(ring, shape, messages)})
+                rows.append({**base, "path": "ray_ref", "asked": "ray_ref",
+                             "ms_per_hop": _ray_ref_ms(ring, shape, messages)})
             for a in ring:
                 ray.kill(a)
     finally:
