@@ -42,6 +42,6 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "auto", device: st
 __all__ = [
     "Batch", "CacheMissError", "build_stage", "Completion", "ConfigError", "InvalidRequestError", "KVCache",
     "MeshpipeError", "ModelConfig", "ModelNotInstalledError", "PromptTooLongError", "SamplingParams", "SequenceState",
-    "TokenLogprob", "Transformer", "UnknownModelError", "benchmark_speculative", "encode_prompt", "generate_local", "is_batch",
-    "load_model", "load_stage", "propose_drafts", "resolve_dtype", "sample",
+    "TokenLogprob", "Transformer", "UnknownModelError", "benchmark_speculative", "encode_prompt",
+    "generate_local", "is_batch", "load_model", "load_stage", "propose_drafts", "resolve_dtype", "sample",
 ]

@@ -106,7 +106,8 @@ class KVCache:
         a step starts before the cache's end, done now so `export` and `tokens_held` see only kept ones."""
         have = self.length_of.get(seq_id, 0)
         if not 0 <= length <= have:
-            raise CacheMissError(f"sequence {seq_id!r}: cannot rewind to {length}, only {have} positions are held")
+            raise CacheMissError(f"sequence {seq_id!r}: cannot rewind to {length}, "
+                                 f"only {have} positions are held")
         self.length_of[seq_id] = length
 
     def free(self, seq_ids: Iterable[str]) -> None:

@@ -133,6 +133,12 @@ class SequenceState:
         if len(self.generated) >= self.params.max_new_tokens or self.cached + 1 >= self.max_seq_len:
             self.finish_reason = "length"
 
+    def speculation(self) -> dict[str, int] | None:
+        """Verification passes, drafts sent and drafts emitted (speculative decoding only)."""
+        if not self.params.speculative:
+            return None
+        return {"passes": self.spec_passes, "drafted": self.spec_drafted, "accepted": self.spec_accepted}
+
     def completion(self, tokenizer: Tokenizer | None) -> Completion:
         text = tokenizer.decode(self.generated) if tokenizer is not None else ""
         if self.text_end is not None:
@@ -145,8 +151,7 @@ class SequenceState:
             usage={"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen},
             logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
             prompt_token_ids=list(self.prompt),
-            speculation=({"passes": self.spec_passes, "drafted": self.spec_drafted, "accepted": self.spec_accepted}
-                         if self.params.speculative else None),
+            speculation=self.speculation(),
         )
 
 

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 MAX_NGRAM = 3  # longest suffix the drafter looks up
 
 
-def propose_drafts(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = 1) -> list[int]:
+def propose_drafts(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM,
+                   min_ngram: int = 1) -> list[int]:
     """k tokens that followed the most recent earlier occurrence of the sequence's last n-gram.
 
     Tries n = max_ngram down to min_ngram; [] when nothing matches (or k <= 0). A copy that reaches

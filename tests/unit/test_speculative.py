@@ -64,7 +64,8 @@ def test_drafts_follow_the_most_recent_occurrence_of_the_longest_suffix() -> Non
     assert propose_drafts([1, 2, 5, 6, 7, 2], 3, min_ngram=2) == []
     assert propose_drafts([1, 2, 3, 4], 3) == []  # no earlier occurrence
     assert propose_drafts([1, 2, 3, 1, 2], 1) == [3]  # at most k
-    assert propose_drafts([1, 2, 1, 2], 0) == [] and propose_drafts([], 4) == [] and propose_drafts([3], 4) == []
+    assert propose_drafts([1, 2, 1, 2], 0) == []
+    assert propose_drafts([], 4) == [] and propose_drafts([3], 4) == []
 
 
 def test_a_copy_that_reaches_the_end_continues_itself() -> None:
@@ -90,7 +91,8 @@ def test_speculative_is_validated() -> None:
 # ---------- lossless: greedy ----------
 
 @pytest.mark.parametrize("k", [1, 4, 8])
-def test_greedy_is_identical_with_and_without_speculation(model: Transformer, loopy: Transformer, k: int) -> None:
+def test_greedy_is_identical_with_and_without_speculation(model: Transformer, loopy: Transformer,
+                                                          k: int) -> None:
     for m in (model, loopy):
         plain, spec = both(m, PROMPTS, 24, k, ignore_eos=True)
         same(plain, spec)
@@ -130,7 +132,8 @@ def test_eos_inside_an_accepted_run(loopy: Transformer) -> None:
             plain, spec = both(loopy, PROMPTS, 30, 4)
             same(plain, spec)
             for o, r in zip(spec, ref):
-                assert o.token_ids == (r.token_ids[:r.token_ids.index(eos)] if eos in r.token_ids else r.token_ids)
+                cut = r.token_ids.index(eos) if eos in r.token_ids else None
+                assert o.token_ids == r.token_ids[:cut]
     finally:
         loopy.cfg = cfg
 
@@ -158,7 +161,8 @@ def test_a_stop_on_a_confirmed_draft_ends_the_pass(loopy: Transformer) -> None:
                 loopy.cfg = replace(cfg, eos_ids=(eos,))
                 if stops_inside_a_run(loopy, prompt, params):
                     hits.add("eos")
-                    assert generate_local(loopy, prompt, 20, speculative=8)[0].token_ids == rest[:rest.index(eos)]
+                    out = generate_local(loopy, prompt, 20, speculative=8)[0]
+                    assert out.token_ids == rest[:rest.index(eos)]
             loopy.cfg = replace(cfg, eos_ids=())
             texts = [tok.decode(rest[i:i + 2]) for i in range(len(rest) - 1)]
             for stop in [t for t in dict.fromkeys(texts) if t in tok.decode(prompt)][:3]:
@@ -230,8 +234,8 @@ def test_sampled_tokens_follow_the_model_softmax(model: Transformer) -> None:
 
     def softmax_after(seqs: list[list[int]]) -> torch.Tensor:  # (len(seqs), V), equal lengths
         n = len(seqs[0])
-        logits = model(torch.tensor(sum(seqs, [])), Batch.build([str(i) for i in range(len(seqs))], [0] * len(seqs),
-                                                                [n] * len(seqs)), model.new_cache())
+        batch = Batch.build([str(i) for i in range(len(seqs))], [0] * len(seqs), [n] * len(seqs))
+        logits = model(torch.tensor(sum(seqs, [])), batch, model.new_cache())
         return torch.softmax(logits.double(), -1)
 
     # a prompt whose first draft c is as likely as can be: PHRASE c 60 61 PHRASE drafts [c, 60, 61, ...]
