@@ -26,6 +26,7 @@ from models.generation import Completion, SequenceState, encode_prompt, generate
 from models.loading import build_stage, load_stage
 from models.model import Transformer
 from models.sampling import SamplingParams, TokenLogprob, sample
+from models.speculative import benchmark_speculative, propose_drafts
 
 
 def load_model(source: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> Transformer:
@@ -41,6 +42,6 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "auto", device: st
 __all__ = [
     "Batch", "CacheMissError", "build_stage", "Completion", "ConfigError", "InvalidRequestError", "KVCache",
     "MeshpipeError", "ModelConfig", "ModelNotInstalledError", "PromptTooLongError", "SamplingParams", "SequenceState",
-    "TokenLogprob", "Transformer", "UnknownModelError", "encode_prompt", "generate_local", "is_batch",
-    "load_model", "load_stage", "resolve_dtype", "sample",
+    "TokenLogprob", "Transformer", "UnknownModelError", "benchmark_speculative", "encode_prompt",
+    "generate_local", "is_batch", "load_model", "load_stage", "propose_drafts", "resolve_dtype", "sample",
 ]

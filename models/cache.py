@@ -101,6 +101,15 @@ class KVCache:
         self.length_of[seq_id] = start + n
         return start + n
 
+    def rewind(self, seq_id: str, length: int) -> None:
+        """Forget positions length.. of a sequence (rejected draft tokens): what `prepare` does when
+        a step starts before the cache's end, done now so `export` and `tokens_held` see only kept ones."""
+        have = self.length_of.get(seq_id, 0)
+        if not 0 <= length <= have:
+            raise CacheMissError(f"sequence {seq_id!r}: cannot rewind to {length}, "
+                                 f"only {have} positions are held")
+        self.length_of[seq_id] = length
+
     def free(self, seq_ids: Iterable[str]) -> None:
         for sid in seq_ids:
             slot = self.slot_of.pop(sid, None)

@@ -18,8 +18,10 @@ from models.batch import Batch
 from models.config import ModelConfig
 from models.errors import InvalidRequestError, PromptTooLongError
 from models.sampling import SamplingParams, TokenLogprob, sample
+from models.speculative import speculative_step
 
 if TYPE_CHECKING:
+    from models.cache import KVCache
     from models.model import Transformer
     from models.tokenizer import Tokenizer
 
@@ -37,6 +39,7 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked for
     prompt_token_ids: list[int] = field(default_factory=list)
     route: list[str] = field(default_factory=list)  # the stage actors that served it (pipelines only)
+    speculation: dict[str, int] | None = None  # passes, drafted, accepted (speculative decoding only)
 
 
 def is_batch(prompts: Any) -> bool:
@@ -100,6 +103,9 @@ class SequenceState:
     finish_reason: str | None = None
     cached: int = 0  # tokens whose keys/values the stages hold
     text_end: int | None = None  # where a stop string cut the text
+    spec_passes: int = 0  # speculative verification passes
+    spec_drafted: int = 0  # draft tokens sent
+    spec_accepted: int = 0  # draft tokens confirmed and emitted
 
     @property
     def done(self) -> bool:
@@ -127,6 +133,12 @@ class SequenceState:
         if len(self.generated) >= self.params.max_new_tokens or self.cached + 1 >= self.max_seq_len:
             self.finish_reason = "length"
 
+    def speculation(self) -> dict[str, int] | None:
+        """Verification passes, drafts sent and drafts emitted (speculative decoding only)."""
+        if not self.params.speculative:
+            return None
+        return {"passes": self.spec_passes, "drafted": self.spec_drafted, "accepted": self.spec_accepted}
+
     def completion(self, tokenizer: Tokenizer | None) -> Completion:
         text = tokenizer.decode(self.generated) if tokenizer is not None else ""
         if self.text_end is not None:
@@ -139,6 +151,7 @@ class SequenceState:
             usage={"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen},
             logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
             prompt_token_ids=list(self.prompt),
+            speculation=self.speculation(),
         )
 
 
@@ -151,7 +164,9 @@ def generate_local(model: Transformer, prompts: Prompt | Sequence[Prompt], max_n
     """The single-process reference: every prompt in one continuous batch on one whole-model module.
 
     Takes `Pipeline.generate`'s keywords (`SamplingParams`' fields: temperature, top_k, top_p, seed,
-    stop, logprobs, ignore_eos); str prompts need `model.tokenizer` (`models.load_model` sets it).
+    stop, logprobs, ignore_eos, speculative); str prompts need `model.tokenizer` (`models.load_model`
+    sets it). `speculative=k` verifies up to k prompt-lookup drafts per pass (`models.speculative`):
+    the same tokens in fewer passes.
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
     tokenizer = getattr(model, "tokenizer", None)
@@ -167,14 +182,21 @@ def generate_local(model: Transformer, prompts: Prompt | Sequence[Prompt], max_n
     device = next(model.parameters()).device
     active = list(states)
     while active:
-        inputs = [s.next_input() for s in active]
-        batch = Batch.build([s.seq_id for s in active], [s.cached for s in active], [len(x) for x in inputs])
-        x = torch.tensor([t for xs in inputs for t in xs], dtype=torch.long, device=device)
-        logits = model(x, batch.to(device), cache)
-        positions = [s.cached + len(x) for s, x in zip(active, inputs)]
-        tokens, lps = sample(logits.cpu(), [s.params for s in active], positions)
-        for s, t, lp in zip(active, tokens, lps):
-            s.add(t, lp, tokenizer)
+        step = speculative_step if params.speculative else plain_step
+        step(model, cache, active, tokenizer, device)
         cache.free(s.seq_id for s in active if s.done)
         active = [s for s in active if not s.done]
     return [s.completion(tokenizer) for s in states]
+
+
+def plain_step(model: Transformer, cache: KVCache, active: Sequence[SequenceState],
+               tokenizer: Tokenizer | None, device: torch.device) -> None:
+    """One decoding step for every active sequence (prefills included): one new token each."""
+    inputs = [s.next_input() for s in active]
+    batch = Batch.build([s.seq_id for s in active], [s.cached for s in active], [len(x) for x in inputs])
+    x = torch.tensor([t for xs in inputs for t in xs], dtype=torch.long, device=device)  # (N,)
+    logits = model(x, batch.to(device), cache)  # (B, vocab)
+    positions = [s.cached + len(x) for s, x in zip(active, inputs)]
+    tokens, lps = sample(logits.cpu(), [s.params for s in active], positions)
+    for s, t, lp in zip(active, tokens, lps):
+        s.add(t, lp, tokenizer)

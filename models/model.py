@@ -164,11 +164,14 @@ class Transformer(nn.Module):
             raise KeyError(f"stage weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, b: Batch, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, b: Batch, cache: KVCache,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """x: (N,) token ids on the first stage, else (N, dim) hidden states.
 
         Returns (N, dim) hidden states, or on the last stage (B, vocab) logits of each
         sequence's last new token, float32 or float64 (full logits never leave the stage).
+        `logits_at`: (M,) packed token indices whose logits to return instead, (M, vocab)
+        (speculative verification reads several positions per sequence).
         """
         if self.tok_embeddings is not None:
             x = self.tok_embeddings(x)  # (N, dim)
@@ -180,8 +183,8 @@ class Transformer(nn.Module):
             x = layer(x, b, rope, cache, mask)
         if self.output is None:
             return x
-        x = self.norm(x[b.last_token])  # (B, dim)
-        logits = self.output(x)  # (B, vocab)
+        x = self.norm(x[b.last_token if logits_at is None else logits_at])  # (B or M, dim)
+        logits = self.output(x)  # (B or M, vocab)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 16,

@@ -13,6 +13,8 @@ import torch
 
 from models.errors import InvalidRequestError
 
+MAX_SPECULATIVE = 16  # draft tokens per verification pass, at most
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,6 +26,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # strings that end the generation (not included in the text)
     logprobs: int | None = None  # None = none; 0 = the chosen token's; k = plus the top k
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+    speculative: int = 0  # draft tokens verified per pass (prompt lookup); 0 = off. Output is unchanged
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -41,6 +44,10 @@ class SamplingParams:
             problems.append(f"top_p={self.top_p!r} must be in (0, 1]")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             problems.append(f"logprobs={self.logprobs!r} must be an integer in [0, 20] or None")
+        if (not isinstance(self.speculative, int) or isinstance(self.speculative, bool)
+                or not 0 <= self.speculative <= MAX_SPECULATIVE):
+            problems.append(f"speculative={self.speculative!r} must be an integer in [0, {MAX_SPECULATIVE}] "
+                            "(draft tokens per pass; 0 = off)")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append(f"stop={self.stop!r} must be non-empty strings")
         if problems:
