@@ -257,6 +257,9 @@ class RouterActor(FaultHooks):
             raise InvalidRequestError(f"params must be SamplingParams, not {type(params).__name__}")
         if timeout_s is not None and not timeout_s > 0:
             raise InvalidRequestError(f"timeout_s={timeout_s!r} must be positive")
+        if params.speculative:
+            raise InvalidRequestError("speculative= runs in models.generate_local only so far; a pipeline "
+                                      "decodes one token per pass: leave speculative at 0")
         ids = encode_prompt(prompt, self.cfg, self.tokenizer)
         if params.seed is None:
             params = SamplingParams(**{**vars(params), "seed": random.getrandbits(31)})
