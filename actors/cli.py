@@ -482,6 +482,19 @@ def bench_calibrate_cmd() -> None:
     _emit(bench_calibrate())
 
 
+@bench_app.command("overhead")
+@_handles_errors
+def bench_overhead_cmd(
+    stages: Annotated[str, typer.Option(help="Stage counts.")] = "1,2,4",
+    new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+) -> None:
+    """Per-token control overhead: a tiny 8-layer model through the pipeline vs in one process."""
+    from actors.bench.overhead import bench_overhead
+
+    _emit(bench_overhead(_parse_ints(stages, "--stages") or [1, 2, 4], new_tokens=new_tokens, repeats=repeats))
+
+
 @bench_app.command("codecs")
 @_handles_errors
 def bench_codecs_cmd(

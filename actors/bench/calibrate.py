@@ -62,7 +62,7 @@ def real_runs(setup: Setup, mixes: Sequence[Mix]) -> tuple[Setup, list[dict[str,
     from ray.cluster_utils import Cluster
 
     from actors import Pipeline
-    from tests.checkpoints import make_tiny_llama
+    from models.random_checkpoint import save_random_llama
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
                                                             "include_dashboard": False})
@@ -71,7 +71,7 @@ def real_runs(setup: Setup, mixes: Sequence[Mix]) -> tuple[Setup, list[dict[str,
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = make_tiny_llama(Path(tmp) / "tiny")
+            ckpt = save_random_llama(Path(tmp) / "tiny", n_layers=4, init=0.5, max_seq_len=256)
             pipe = Pipeline.deploy(ckpt, num_stages=2, replicas_per_stage=2, dtype="float32", name="calibrate",
                                    micro_batches=1)
         try:
