@@ -35,6 +35,7 @@ class ReplicaPool:
         self.deployment = deployment
         self.node_id = node_id  # the router's Ray node: where every route starts
         self.options, self.wire = options, wire
+        self.message_bytes = options.message_bytes or 4096  # typical activation message, for transfer costs
         self.replica_info = replica_info  # [stage][i] -> the replica's `ready` info
         self.launcher = launcher  # StageLauncher: starts replicas (autoscaler, node loss)
         self.specs = specs or []  # per stage: the layers it holds
@@ -67,7 +68,7 @@ class ReplicaPool:
         missing = [h for h in hosts if h not in topo.graph]
         if missing:
             raise DeploymentError(f"the topology has no node for Ray node(s) {missing}: name nodes by Ray node id")
-        return HostCosts.from_topology(topo, self.options.message_bytes or 4096)
+        return HostCosts.from_topology(topo, self.message_bytes)
 
     def set_topology(self, topo: Topology) -> None:
         """A newly measured topology: costs, routes and link codecs follow."""
@@ -95,7 +96,7 @@ class ReplicaPool:
             w = self.wire
             self._links[route.replicas] = [
                 choose_link(self._link_info(a, b), w.codec, w.compress, w.encryption,
-                            self.options.message_bytes or 4096, w.int8_block)
+                            self.message_bytes, w.int8_block)
                 for a, b in zip(hosts, hosts[1:])
             ]
         return self._links[route.replicas]
@@ -104,7 +105,7 @@ class ReplicaPool:
         if a == b or self.topology is None or a not in self.topology.graph or b not in self.topology.graph:
             return LinkInfo(same_host=a == b, bandwidth_gbps=None)
         try:
-            path, _ = self.topology.route(a, b, self.options.message_bytes or 4096)
+            path, _ = self.topology.route(a, b, self.message_bytes)
         except TopologyError:
             return LinkInfo(same_host=False, bandwidth_gbps=None)
         edges = [self.topology.graph.edges[u, v] for u, v in zip(path, path[1:])]

@@ -9,6 +9,7 @@ so the router's planner prices hops between replicas on different nodes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -114,8 +115,6 @@ class LinkProber:
 
     async def probe_replicas(self) -> None:
         """One round: every live (or due) replica's inbound wait; banned ones come back when they answer."""
-        import asyncio
-
         import ray
 
         now = time.monotonic()
@@ -149,8 +148,6 @@ class LinkProber:
 
     async def measure_links(self) -> None:
         """Measures the links between the nodes hosting the router and the stages (keeps the last on failure)."""
-        import asyncio
-
         try:
             if not self.probes:
                 self.probes = start_probes(self.pool.hosts(), self.deployment)
