@@ -17,9 +17,11 @@ closes the pair for good (a posted receive cannot be withdrawn): a channel that 
 from __future__ import annotations
 
 import datetime
+import hmac
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -42,7 +44,7 @@ from actors.wire.channel_frame import (
 log = logging.getLogger(__name__)
 
 __all__ = ["ChannelEndpoint", "ChannelError", "ChannelGroup", "ChannelTimeoutError", "Channel", "GlooChannel",
-           "Mailbox", "RayCallChannel"]
+           "Mailbox", "RayCallChannel", "TcpChannel", "TcpListener"]
 
 FOREVER_S = 365 * 24 * 3600.0  # gloo needs a finite wait; a dead peer still fails at once (TCP close)
 RAY_WINDOW = 8  # Ray deliveries in flight per channel before `send` waits for the oldest
@@ -118,6 +120,127 @@ class GlooChannel(Channel):
             self._wait(lambda: dist.irecv(buf[FRAME_BYTES:], src=self.peer_rank), "recv", timeout_s)
             frame = buf
         return unpack_message(d, frame)
+
+
+TCP_MAGIC = b"MPR1"  # a TCP channel's hello: magic, then the link's 32-byte secret
+TCP_SECRET_BYTES = 32
+TCP_MAX_FRAME = 1 << 31  # a frame longer than this is refused before any buffer is allocated
+_LEN = struct.Struct("<Q")
+
+
+class TcpListener:
+    """A listening TCP socket on this node; `accept` takes the next peer that proves the link's secret."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(8)
+        self.host, self.port = host, self.sock.getsockname()[1]
+
+    def accept(self, secret: bytes, local: str, peer: str, timeout_s: float = 30.0) -> TcpChannel:
+        """The first connection whose hello carries `secret`; others are closed unanswered."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChannelTimeoutError(f"tcp channel {local}<-{peer}: no peer connected within {timeout_s:g} s")
+            self.sock.settimeout(left)
+            try:
+                conn, _ = self.sock.accept()
+            except OSError as e:
+                raise ChannelTimeoutError(f"tcp channel {local}<-{peer}: accept failed: {e}") from None
+            conn.settimeout(min(left, 5.0))
+            try:
+                hello = _recv_exact(conn, len(TCP_MAGIC) + TCP_SECRET_BYTES)
+            except (OSError, ChannelError):
+                conn.close()
+                continue
+            if hello[:len(TCP_MAGIC)] == TCP_MAGIC and hmac.compare_digest(bytes(hello[len(TCP_MAGIC):]), secret):
+                return TcpChannel(local, peer, conn)
+            log.warning("tcp channel %s: refused a connection without the link's secret", local)
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _recv_exact(sock: socket.socket, n: int, into: memoryview | None = None) -> memoryview:
+    buf = memoryview(bytearray(n)) if into is None else into
+    got = 0
+    while got < n:
+        k = sock.recv_into(buf[got:], n - got)
+        if k == 0:
+            raise ChannelError("the peer closed the connection")
+        got += k
+    return buf
+
+
+class TcpChannel(Channel):
+    """One TCP connection (TCP_NODELAY), length-prefixed frames; blocking reads, a closed peer fails at once.
+
+    `send_bytes`/`recv_bytes` carry whole frames (a ring's sealed messages); `send`/`recv` carry a
+    header and tensor like the other channels (`actors.wire.channel_frame`). Either end may use it,
+    but one thread per direction.
+    """
+
+    kind = "tcp"
+
+    def __init__(self, local: str, peer: str, sock: socket.socket, timeout_s: float | None = None) -> None:
+        super().__init__(local, peer, timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)
+        self.sock = sock
+
+    @classmethod
+    def connect(cls, local: str, peer: str, host: str, port: int, secret: bytes, timeout_s: float = 30.0
+                ) -> TcpChannel:
+        """Connects to a `TcpListener` and proves the link's secret."""
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout_s)
+            sock.sendall(TCP_MAGIC + secret)
+        except OSError as e:
+            raise ChannelError(f"tcp channel {local}->{peer}: cannot connect: {e}") from None
+        return cls(local, peer, sock)
+
+    def send_bytes(self, data: Any, timeout_s: float | None = None) -> None:
+        self._check()
+        view = memoryview(data).cast("B")
+        started = time.monotonic()
+        try:
+            self.sock.sendall(_LEN.pack(view.nbytes))
+            self.sock.sendall(view)
+        except OSError as e:
+            raise self._fail("send", e, started, timeout_s or 0) from e
+
+    def recv_bytes(self, timeout_s: float | None = None) -> memoryview:
+        """The next frame (a writable buffer of its own)."""
+        self._check()
+        limit = timeout_s if timeout_s is not None else self.timeout_s
+        started = time.monotonic()
+        try:
+            self.sock.settimeout(limit)
+            (n,) = _LEN.unpack(_recv_exact(self.sock, _LEN.size))
+            if n > TCP_MAX_FRAME:
+                raise ChannelError(f"a frame of {n} bytes is over the limit of {TCP_MAX_FRAME}")
+            return _recv_exact(self.sock, n)
+        except (OSError, ChannelError) as e:
+            raise self._fail("recv", e, started, limit or 0) from e
+
+    def send(self, header: bytes, tensor: torch.Tensor | None = None, timeout_s: float | None = None) -> None:
+        buf, length = pack_message(header, tensor)
+        self.send_bytes(buf[:length].numpy(), timeout_s)
+
+    def recv(self, timeout_s: float | None = None) -> tuple[bytes, torch.Tensor | None]:
+        frame = torch.frombuffer(self.recv_bytes(timeout_s), dtype=torch.uint8)
+        return unpack_message(frame_descriptor(frame), frame)
+
+    def close(self) -> None:
+        self.broken = self.broken or "closed"
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
 
 
 class Mailbox:

@@ -29,7 +29,8 @@ class RouterOptions(_Section):
     max_queued: int = Field(256, ge=0)  # admitted requests waiting for a slot; beyond this -> BackPressureError
     max_kv_tokens: int = Field(262144, ge=1)  # sum of (prompt + max_new_tokens) over active sequences
     micro_batches: int | None = Field(None, ge=1)  # lanes in flight down the pipeline (None: one per stage, <= cores)
-    hop_mode: str = Field("router", pattern="^(router|push)$")  # "router" chains ObjectRefs; "push": stage k calls k+1
+    data_path: str = Field("ring", pattern="^(ring|calls)$")  # "ring": stages loop on their own over TCP; "calls": Ray calls
+    hop_mode: str = Field("router", pattern="^(router|push)$")  # calls path: "router" chains ObjectRefs; "push": k calls k+1
     finished_kept: int = Field(1024, ge=0)  # finished requests remembered for late `result`/`stream_next` calls
     load_knee: float = Field(8.0, gt=0)  # sequences on a replica at which its queue wait counts as one step time
     route_threshold: float = Field(0.1, ge=0)  # re-plan when a replica's cost moves by this fraction

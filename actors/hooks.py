@@ -1,12 +1,13 @@
-"""Test hooks of the router: slow links, corrupted messages, emulated accelerator time.
+"""The router's test hooks (slow links, corrupted messages, emulated accelerator time) and its replica
+controls for the autoscaler (loads, add, drain).
 
-A mixin, so the router's own file stays about serving; every hook acts through the replica pool.
+Mixins, so the router's own file stays about serving; every call acts through the replica pool.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from models import InvalidRequestError
 
@@ -38,3 +39,31 @@ class FaultHooks:
         """Every replica of `stage`, and any added later, takes `seconds` + `per_token` x tokens more per step."""
         self.pool.step_time[stage] = (seconds, per_token)
         await asyncio.gather(*[r.handle.set_step_time.remote(seconds, per_token) for r in self._targets(stage, None)])
+
+
+class ScalingHooks:
+    """Replicas added and removed at run time (the autoscaler calls these through the router's handle)."""
+
+    pool: ReplicaPool
+
+    async def stage_loads(self) -> list[dict[str, Any]]:
+        """Per stage: live replicas, busy fraction since the last call, queue per replica, step ms."""
+        return await self.pool.loads()
+
+    async def add_replica(self, stage: int) -> str:
+        """Starts one more replica of `stage`; routes use it once it is ready. Returns its name."""
+        return await self.pool.add(stage)
+
+    async def drain_replica(self, stage: int, timeout_s: float = 60.0) -> str | None:
+        """Removes the least-loaded replica of `stage` (never its last live one) once its sequences finish
+        or move, then kills it. Returns its name, or None if the stage has a single live replica."""
+        import ray
+
+        rep = await self.pool.drain(stage, timeout_s)
+        if rep is None:
+            return None
+        ray.kill(rep.handle, no_restart=True)
+        return rep.name
+
+    async def stage_stats(self) -> list[dict]:
+        return await self.pool.stage_stats()

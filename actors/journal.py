@@ -111,3 +111,22 @@ def record_of(req: Request, completion: Any = None) -> RequestRecord:
     deadline = None if req.deadline is None else time.time() + (req.deadline - time.monotonic())
     return RequestRecord(req.rid, req.seq.prompt, req.seq.params, deadline, list(req.seq.generated),
                          list(req.seq.logprobs), completion)
+
+
+def request_of_records(records: list[RequestRecord], cfg: Any) -> list[tuple[Request, Any]]:
+    """A restarted router's requests, rebuilt from their records: (request, its completion or None)."""
+    import asyncio
+
+    from actors.request import Request
+    from models import SequenceState
+
+    loop = asyncio.get_running_loop()
+    out = []
+    for rec in records:
+        seq = SequenceState(rec.rid, rec.prompt, rec.params, frozenset(cfg.eos_ids), cfg.max_seq_len,
+                            generated=list(rec.generated), logprobs=list(rec.logprobs))
+        kv = min(len(rec.prompt) + rec.params.max_new_tokens, cfg.max_seq_len)
+        deadline = None if rec.deadline_unix is None else time.monotonic() + (rec.deadline_unix - time.time())
+        out.append((Request(rec.rid, seq, kv, deadline, loop.create_future(), journaled=len(rec.generated)),
+                    rec.completion))
+    return out

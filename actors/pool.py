@@ -101,6 +101,14 @@ class ReplicaPool:
             ]
         return self._links[route.replicas]
 
+    def ring_links(self, route: Route) -> list[LinkCodec]:
+        """A decode ring's links: links[0] carries the last stage's tokens back to stage 0, links[k] into k."""
+        hosts = route.hosts
+        w = self.wire
+        back = choose_link(self._link_info(hosts[-1], hosts[0]), w.codec, w.compress, w.encryption,
+                           self.message_bytes, w.int8_block)
+        return [back, *self.links_for(route)[1:]]
+
     def _link_info(self, a: str, b: str) -> LinkInfo:
         if a == b or self.topology is None or a not in self.topology.graph or b not in self.topology.graph:
             return LinkInfo(same_host=a == b, bandwidth_gbps=None)

@@ -106,12 +106,14 @@ class ReplicaTable:
             r.sequences.add(seq_id)
             r.served += 1
 
-    def finish(self, route: Route, seq_id: str) -> None:
-        """The sequence left: its caches on the route are freed with the next message (or idle flush)."""
+    def finish(self, route: Route, seq_id: str, release: bool = True) -> None:
+        """The sequence left: its caches on the route are freed with the next message (or idle flush);
+        `release=False`: someone else frees them (a decode ring's head)."""
         for r in self.on_route(route):
             if seq_id in r.sequences:
                 r.sequences.discard(seq_id)
-                r.release.append(seq_id)
+                if release:
+                    r.release.append(seq_id)
 
     def move(self, old: Route, new: Route, seq_id: str) -> None:
         """The sequence changes route: replicas it leaves free its cache; those it keeps still hold it."""

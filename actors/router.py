@@ -25,13 +25,15 @@ from typing import Any
 from actors.errors import BackPressureError, DeploymentError, RequestCancelledError, RequestTimeoutError, \
     StageFailedError
 from actors.gcs import own_restarts
-from actors.hooks import FaultHooks
-from actors.journal import RequestJournal
+from actors.hooks import FaultHooks, ScalingHooks
+from actors.journal import RequestJournal, request_of_records
 from actors.metrics import RouterMetrics
 from actors.pool import ReplicaPool
 from actors.probe import LinkProber
 from actors.recovery import Recovery
 from actors.request import Lane, Request
+from actors import router_views
+from actors.ring import RingDriver, RingLane
 from actors.sender import StepSender
 from actors.specs import RouterSpec
 from models import Completion, InvalidRequestError, ModelConfig, SamplingParams, SequenceState
@@ -42,7 +44,7 @@ from topology.planner import NoReplicaError
 log = logging.getLogger(__name__)
 
 
-class RouterActor(FaultHooks):
+class RouterActor(FaultHooks, ScalingHooks):
     def __init__(self, spec: RouterSpec, replicas: list[list[Any]], replica_info: list[list[dict]],
                  launcher: Any = None, specs: list[Any] | None = None) -> None:
         import ray
@@ -66,12 +68,15 @@ class RouterActor(FaultHooks):
         self.requests: OrderedDict[str, Request] = OrderedDict()
         self.waiting: deque[Request] = deque()
         self.lanes = [Lane(i) for i in range(self.rc.micro_batches or 1)]
+        self.incarnation = own_restarts()  # > 0: Ray restarted this router; accepted requests are in the journal
+        self.rings = RingDriver(spec.deployment, self.pool, ray.get_runtime_context().current_actor, len(self.lanes),
+                                self.incarnation, frozenset(self.cfg.eos_ids), self.cfg.max_seq_len, self._fallback) \
+            if self.rc.data_path == "ring" and not self.rc.replicate_every else None
         self.kv_reserved = 0
         self.tokens_generated = 0
         self._ids = itertools.count()
         self._jobs: set[asyncio.Task] = set()  # background jobs (cache copies)
         self.journal = RequestJournal(spec.deployment)
-        self.incarnation = own_restarts()  # > 0: Ray restarted this router; accepted requests are in the journal
         if self.incarnation == 0:
             self.journal.clear()  # a fresh deployment: records of an old one with this name are void
         self._resumed = self.incarnation == 0
@@ -169,41 +174,12 @@ class RouterActor(FaultHooks):
         return True
 
     def describe(self) -> dict[str, Any]:
-        route = self.pool.plan()
-        return {
-            "deployment": self.deployment,
-            "model": self.source,
-            "config": self.cfg.to_dict(),
-            "stages": [info for infos in self.pool.replica_info for info in infos],
-            "route": [r.name for r in self.pool.table.on_route(route)],  # a new request's route now
-            "route_cost_ms": route.cost_ms,
-            "router_node": self.pool.node_id,
-            "links": [vars(lk) for lk in self.pool.links_for(route)],  # how each hop of that route encodes
-            "replicas": [[r.name for r in stage] for stage in self.pool.table.by_stage],
-            "probes": self.prober.names(),
-            "topology": None if self.pool.topology is None else self.pool.topology.spec.model_dump(),
-            "router": self.rc.model_dump(),
-        }
+        """The deployment: model, stages, replicas, a new request's route and its links, options."""
+        return router_views.describe(self)
 
     def stats(self) -> dict[str, Any]:
-        rec = self.recovery
-        return {
-            "active": self._active(),
-            "queued": len(self.waiting),
-            "kv_reserved": self.kv_reserved,
-            "tokens_generated": self.tokens_generated,
-            "retransmits": self.sender.retransmits,
-            "recoveries_s": [round(d, 3) for _, d, _ in rec.recoveries],
-            "recoveries": [(end, round(d, 3), round(w, 3)) for end, d, w in rec.recoveries],
-            "steps": sum(lane.step for lane in self.lanes),
-            "incarnation": self.incarnation,  # router restarts so far
-            "replacements": rec.replacements,  # replicas placed anew after a node loss
-            "resumed": self.resumed,  # requests re-admitted from the journal after a restart
-            "copied_positions": rec.copied_positions,
-            "rebuilt_positions": rec.rebuilt_positions,
-            "lanes": [len(lane.seqs) for lane in self.lanes],
-            "replicas": self.pool.table.describe(),
-        }
+        """Counters: active, queued, tokens, retransmits, recoveries, steps, rings, replicas."""
+        return router_views.stats(self)
 
     def routes_mermaid(self) -> str:
         """The replicas as a layered graph, the route a new request would take drawn thick."""
@@ -215,30 +191,6 @@ class RouterActor(FaultHooks):
         """A stage asks again for a step's first message that failed its checksum."""
         return self.sender.resend(msg_id)
 
-    # ---------- replicas added and removed at run time (the autoscaler) ----------
-
-    async def stage_loads(self) -> list[dict[str, Any]]:
-        """Per stage: live replicas, busy fraction since the last call, queue per replica, step ms."""
-        return await self.pool.loads()
-
-    async def add_replica(self, stage: int) -> str:
-        """Starts one more replica of `stage`; routes use it once it is ready. Returns its name."""
-        return await self.pool.add(stage)
-
-    async def drain_replica(self, stage: int, timeout_s: float = 60.0) -> str | None:
-        """Removes the least-loaded replica of `stage` (never its last live one) once its sequences finish
-        or move, then kills it. Returns its name, or None if the stage has a single live replica."""
-        import ray
-
-        rep = await self.pool.drain(stage, timeout_s)
-        if rep is None:
-            return None
-        ray.kill(rep.handle, no_restart=True)
-        return rep.name
-
-    async def stage_stats(self) -> list[dict]:
-        return await self.pool.stage_stats()
-
     async def shutdown(self) -> None:
         self._closed = True
         self.journal.clear()
@@ -247,6 +199,8 @@ class RouterActor(FaultHooks):
                 self._end(req, DeploymentError(f"deployment {self.deployment!r} was shut down"))
         for t in self._tasks:
             t.cancel()
+        if self.rings:
+            self.rings.stop_all()
 
     # ---------- admission ----------
 
@@ -257,9 +211,6 @@ class RouterActor(FaultHooks):
             raise InvalidRequestError(f"params must be SamplingParams, not {type(params).__name__}")
         if timeout_s is not None and not timeout_s > 0:
             raise InvalidRequestError(f"timeout_s={timeout_s!r} must be positive")
-        if params.speculative:
-            raise InvalidRequestError("speculative= runs in models.generate_local only so far; a pipeline "
-                                      "decodes one token per pass: leave speculative at 0")
         ids = encode_prompt(prompt, self.cfg, self.tokenizer)
         if params.seed is None:
             params = SamplingParams(**{**vars(params), "seed": random.getrandbits(31)})
@@ -285,17 +236,11 @@ class RouterActor(FaultHooks):
         log.warning("router restarted (incarnation %d): %d requests from the journal; freed %d orphaned "
                     "caches on the stages", self.incarnation, len(records),
                     sum(x for x in freed if isinstance(x, int)))
-        loop = asyncio.get_running_loop()
         resumed = []
-        for rec in records:
-            seq = SequenceState(rec.rid, rec.prompt, rec.params, frozenset(self.cfg.eos_ids), self.cfg.max_seq_len,
-                                generated=list(rec.generated), logprobs=list(rec.logprobs))
-            kv = min(len(rec.prompt) + rec.params.max_new_tokens, self.cfg.max_seq_len)
-            deadline = None if rec.deadline_unix is None else time.monotonic() + (rec.deadline_unix - time.time())
-            req = Request(rec.rid, seq, kv, deadline, loop.create_future(), journaled=len(rec.generated))
-            self.requests[rec.rid] = req
-            if rec.completion is not None:
-                req.future.set_result(rec.completion)
+        for req, completion in request_of_records(records, self.cfg):
+            self.requests[req.rid] = req
+            if completion is not None:
+                req.future.set_result(completion)
             else:
                 resumed.append(req)
         self._ensure_started()
@@ -304,7 +249,10 @@ class RouterActor(FaultHooks):
         self._schedule()
 
     def _active(self) -> int:
-        return sum(len(lane.seqs) for lane in self.lanes)
+        return sum(len(lane.seqs) for lane in self.lanes) + (self.rings.active() if self.rings else 0)
+
+    def _running(self) -> list[Request]:
+        return [r for lane in self.lanes for r in lane.seqs] + (self.rings.running() if self.rings else [])
 
     def _admit(self, reqs: list[Request]) -> None:
         self._ensure_started()
@@ -343,12 +291,24 @@ class RouterActor(FaultHooks):
                     self._end(r, StageFailedError(self.recovery.all_gone_message(lost[0])))
                 return
             self.waiting.popleft()
-            lane = min(self.lanes, key=lambda ln: len(ln.seqs))
-            lane.seqs.append(req)
-            req.lane, req.route = lane, route
+            req.route = route
             self.pool.table.assign(route, req.rid)
             self.kv_reserved += req.kv_tokens
-            lane.wake.set()
+            req.lane = self.rings.place(req) if self.rings else None
+            if req.lane is None:  # the Ray-call path: a lane of the router's own loop
+                self._to_lane(req)
+
+    def _to_lane(self, req: Request) -> None:
+        lane = min(self.lanes, key=lambda ln: len(ln.seqs))
+        lane.seqs.append(req)
+        req.lane = lane
+        lane.wake.set()
+
+    def _fallback(self, reqs: list[Request]) -> None:
+        """A broken ring's requests: on through Ray calls, whose recovery rebuilds what a dead stage lost."""
+        for req in reqs:
+            if not req.future.done():
+                self._to_lane(req)
 
     def _ensure_started(self) -> None:
         if self._tasks:
@@ -361,13 +321,19 @@ class RouterActor(FaultHooks):
             self._tasks.append(loop.create_task(self._every(rc.probe_interval_s, self._probe)))
         if rc.checkpoint_interval_s > 0:
             self._tasks.append(loop.create_task(self._every(
-                rc.checkpoint_interval_s, lambda: self.journal.checkpoint([r for ln in self.lanes for r in ln.seqs]))))
+                rc.checkpoint_interval_s, lambda: self.journal.checkpoint(self._running()))))
         if rc.watch_interval_s > 0:
             self._tasks.append(loop.create_task(self._every(
-                rc.watch_interval_s, lambda: self._active() and self.recovery.watch_once())))
+                rc.watch_interval_s, self._watch)))
         if self.measured and rc.topology_refresh_s > 0 and len(self.pool.hosts()) > 1:
             self._tasks.append(loop.create_task(self._every(rc.topology_refresh_s, self.prober.measure_links,
                                                             first=True)))
+
+    def _watch(self) -> None:
+        if self._active():
+            self.recovery.watch_once()
+            if self.rings:
+                self.rings.watch()
 
     async def _every(self, seconds: float, job: Any, first: bool = False) -> None:
         """Runs `job` (sync or async) every `seconds` until shutdown (`first`: once at once)."""
@@ -425,18 +391,44 @@ class RouterActor(FaultHooks):
         if self.rc.replicate_every and lane.step % self.rc.replicate_every == 0:
             self._spawn(self.recovery.replicate(reqs, reqs[0].route))
         for r, token, lp in zip(reqs, out.sampled, out.logprobs):
-            if r.future.done():  # cancelled or timed out while the step was in flight
-                continue
+            self._deliver(r, [token], [lp])
+
+    def _deliver(self, r: Request, tokens: list[int], logprobs: list[Any], drafted: int | None = None) -> None:
+        """Tokens sampled for `r` (a step's one, or a speculative pass's): appended; a finished request completes."""
+        if r.future.done():  # cancelled or timed out while the step was in flight
+            return
+        if drafted is not None and r.seq.params.speculative:
+            r.seq.spec_passes += 1
+            r.seq.spec_drafted += drafted
+            r.seq.spec_accepted += min(drafted, len(tokens) - 1)
+        for token, lp in zip(tokens, logprobs):
             r.seq.add(token, lp, self.tokenizer)
             self.tokens_generated += 1
-            r.changed.set()
             if r.seq.done:
-                completion = r.seq.completion(self.tokenizer)
-                completion.route = [rep.name for rep in self.pool.table.on_route(r.route)]
-                self._release(r)
-                self.journal.finish(r, completion)  # a late `result` after a restart finds it
-                r.future.set_result(completion)
-                self.metrics.finished(completion.finish_reason)
+                break
+        r.changed.set()
+        if r.seq.done:
+            completion = r.seq.completion(self.tokenizer)
+            completion.route = [rep.name for rep in self.pool.table.on_route(r.route)]
+            self._release(r)
+            self.journal.finish(r, completion)  # a late `result` after a restart finds it
+            r.future.set_result(completion)
+            self.metrics.finished(completion.finish_reason)
+
+    # ---------- decode rings report here (actors.ring_stage) ----------
+
+    def ring_tokens(self, ring_id: str, batch: list[tuple[str, list[int], list[Any], int]],
+                    trace: list[list[float]]) -> None:
+        """A ring's tail: (request id, tokens, logprobs, drafts verified) per sequence since its last report."""
+        if self.rings:
+            self.rings.report(ring_id, batch, trace, self.requests, self._deliver, self.metrics)
+            self._schedule()
+
+    async def ring_failed(self, ring_id: str, member: str, reason: str) -> None:
+        """A ring member's loop failed (a channel closed, a message stayed corrupt): recover its requests."""
+        if self.rings:
+            log.warning("ring %s: %s failed: %s", ring_id, member, reason)
+            await self.rings.break_ring(ring_id, f"{member}: {reason}")
 
     def _spawn(self, coro: Any) -> None:
         """Runs a background job; its failure is logged, never raised into a step."""
@@ -455,11 +447,14 @@ class RouterActor(FaultHooks):
         """Takes a request out of its lane and queues its caches to be freed on its route."""
         lane = req.lane
         if lane is not None and req in lane.seqs:
+            ring = isinstance(lane, RingLane)
+            if ring:
+                self.rings.forget(req)  # the ring's head frees its caches
             lane.seqs.remove(req)
             lane.wake.set()
             self.kv_reserved -= req.kv_tokens
             if req.route is not None:
-                self.pool.table.finish(req.route, req.rid)
+                self.pool.table.finish(req.route, req.rid, release=not ring)
             for stage, (replica, _) in req.copies.items():  # the standby's copies go too
                 self.pool.table.get(stage, replica).release.append(req.rid)
             req.copies.clear()

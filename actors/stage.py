@@ -7,8 +7,10 @@ fresh actor without its cache would be wrong, so recovery belongs to the router.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -31,6 +33,7 @@ from actors.wire import (
 from actors.gcs import own_restarts
 from actors.history import OutputHistory
 from actors.naming import NAMESPACE, stage_name
+from actors.ring_stage import RingMember, RingSpec
 from actors.specs import StageSetup
 from actors.metrics import StageMetrics
 from models import (
@@ -73,6 +76,15 @@ def default_threads(num_stages: int, device: str) -> int:
     if not device.startswith("cpu"):
         return 1
     return max(1, (os.cpu_count() or 1) // num_stages)
+
+
+def _locked(method: Any) -> Any:
+    """Runs the method under the stage's compute lock (ring threads share the caches)."""
+    @functools.wraps(method)
+    def run(self: StageActor, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return run
 
 
 @dataclass
@@ -121,6 +133,9 @@ class StageActor:
         self.step_time_s = 0.0  # test hook: seconds each step sleeps as if computing (an accelerator's time)
         self.token_time_s = 0.0  # test hook: plus this per token of the step (compute-bound work)
         self.history = OutputHistory()  # what this stage sent on, per sequence (resends, cache rebuilds)
+        self.lock = threading.RLock()  # one step at a time: Ray calls and ring threads share the caches
+        self.rings: dict[str, RingMember] = {}  # decode rings this replica is in
+        self.draft_from: dict[str, int] = {}  # sequence -> first position its last ring pass drafted
         self.sent: OrderedDict[int, tuple[Header, LinkCodec]] = OrderedDict()  # msg id -> what it sent
         self._handle: Any = None
         self.faults: list[str] = []  # test hook: "corrupt" / "drop" for the next outgoing messages
@@ -175,16 +190,7 @@ class StageActor:
         inbound_ms = self._arrive(env.sent_at)
         header, x, resends = self._receive(env)
         t0 = time.perf_counter()
-        self._check_order(header)
-        if header.release:  # never a sequence this very message carries
-            gone = [sid for sid in header.release if sid not in set(header.seq_ids)]
-            self.cache.free(gone)
-            self.history.free(gone)
-        b = Batch.build(header.seq_ids, header.starts, header.lengths).to(self.device)
-        x = x.to(self.device) if self.model.is_first else x.to(self.device, self.dtype)
-        y = self.model(x, b, self.cache)
-        if self.step_time_s or self.token_time_s:  # test hook: emulated accelerator time, counted as compute
-            time.sleep(self.step_time_s + self.token_time_s * sum(header.lengths))
+        y = self.apply(header, x)
         control = {"params": env.params, "hops": env.hops[1:], "links": env.links,
                    "retransmits": env.retransmits + resends}
         if self.model.is_last:
@@ -193,7 +199,6 @@ class StageActor:
             out.sampled, out.logprobs = sample(y.cpu(), params or env.params, positions)
             out.params = None
         else:
-            self.history.record(header.seq_ids, header.starts, header.lengths, y)
             link = self._link(env.links)
             nxt = Header(kind=header.kind, step=header.step, msg_id=header.msg_id, attempt=0, sender=self.name,
                          seq_ids=header.seq_ids, starts=header.starts, lengths=header.lengths,
@@ -208,16 +213,102 @@ class StageActor:
                 out = Envelope.seal(nxt, y, link, self.key, reply_to=self._self_handle(), **control)
             out.wire = self._inject(out.wire)
         dt = time.perf_counter() - t0
-        self.steps += 1
-        self.busy_s += dt
-        self.step_ema_s = dt if self.steps == 1 else 0.9 * self.step_ema_s + 0.1 * dt
-        self.metrics.step(dt * 1e3, None if self.model.is_last else out.wire, y.numel() * y.element_size(),
-                          len(self.cache.slot_of))
+        self.account(dt, y, None if self.model.is_last else out.wire)
         out.trace = [*env.trace, (self.spec.index, self.replica, inbound_ms, dt * 1e3)]
         out.sent_at = time.time()
         if env.hops and not self.model.is_last:
             return env.hops[0].forward.remote(out)
         return out
+
+    def apply(self, header: Header, x: torch.Tensor, logits_at: torch.Tensor | None = None,
+              ring: bool = False) -> torch.Tensor:
+        """Runs one verified message through this stage's layers (under the compute lock): order check,
+        releases, the cache, the test hooks, and (not last) the output history. `ring`: a decode ring's
+        step, which may rewrite positions its sequence's last pass drafted (rejected drafts), nothing else."""
+        with self.lock:
+            self._check_order(header, ring)
+            if header.release:  # never a sequence this very message carries
+                gone = [sid for sid in header.release if sid not in set(header.seq_ids)]
+                self.cache.free(gone)
+                self.history.free(gone)
+                for sid in gone:
+                    self.draft_from.pop(sid, None)
+            if not header.seq_ids:
+                return x
+            b = Batch.build(header.seq_ids, header.starts, header.lengths).to(self.device)
+            x = x.to(self.device) if self.model.is_first else x.to(self.device, self.dtype)
+            y = self.model(x, b, self.cache, **({"logits_at": logits_at.to(self.device)} if logits_at is not None
+                                                 else {}))
+            if self.step_time_s or self.token_time_s:  # test hook: emulated accelerator time, counted as compute
+                time.sleep(self.step_time_s + self.token_time_s * sum(header.lengths))
+            if not self.model.is_last:
+                self.history.record(header.seq_ids, header.starts, header.lengths, y)
+            for i, sid in enumerate(header.seq_ids):  # positions a later step may rewrite: this pass's drafts
+                if header.drafts and header.drafts[i]:
+                    self.draft_from[sid] = header.starts[i] + header.lengths[i] - len(header.drafts[i])
+                else:
+                    self.draft_from.pop(sid, None)
+            return y
+
+    def account(self, dt: float, y: torch.Tensor, wire: np.ndarray | None = None) -> None:
+        """One step's time and sizes into the stats and metrics."""
+        self.steps += 1
+        self.busy_s += dt
+        self.step_ema_s = dt if self.steps == 1 else 0.9 * self.step_ema_s + 0.1 * dt
+        self.metrics.step(dt * 1e3, wire, y.numel() * y.element_size(), len(self.cache.slot_of))
+
+    # ---------- decode rings (actors.ring_stage): the per-token path without the router ----------
+
+    def ring_open(self, spec: RingSpec, lanes: int) -> tuple[str, int] | None:
+        """Joins a ring as member `spec.index`; returns the address its previous member connects to."""
+        self.ring_stop(spec.ring_id)
+        self.rings[spec.ring_id] = RingMember(self, spec, lanes)
+        return self.rings[spec.ring_id].address()
+
+    def ring_start(self, ring_id: str, next_addr: tuple[str, int] | None, timeout_s: float = 30.0) -> str:
+        self.rings[ring_id].start(next_addr, timeout_s)
+        return self.name
+
+    def ring_params(self, ring_id: str, items: dict[str, tuple[SamplingParams, int]]) -> None:
+        self._ring(ring_id).params(items)
+
+    def ring_admit(self, ring_id: str, items: list[tuple[str, list[int], int, int, SamplingParams]]) -> None:
+        self._ring(ring_id).admit(items)
+
+    def ring_cancel(self, ring_id: str, rids: list[str]) -> None:
+        ring = self.rings.get(ring_id)
+        if ring is not None:
+            ring.cancel(rids)
+
+    def ring_resend(self, ring_id: str, msg_id: int) -> Any:
+        return self._ring(ring_id).resend(msg_id)
+
+    def ring_stop(self, ring_id: str | None = None) -> int:
+        """Stops one ring (None: every ring) on this replica; returns how many it stopped."""
+        ids = list(self.rings) if ring_id is None else [ring_id] if ring_id in self.rings else []
+        for rid in ids:
+            self.rings.pop(rid).stop()
+        return len(ids)
+
+    def rewind(self, lengths: dict[str, int]) -> dict[str, int]:
+        """Keeps at most `lengths[sid]` positions of each sequence (what the router knows it generated);
+        returns the positions each now holds."""
+        with self.lock:
+            held = {}
+            for sid, n in lengths.items():
+                have = self.cache.length_of.get(sid, 0)
+                if have > n:
+                    self.cache.rewind(sid, n)
+                    self.history._truncate(sid, n)
+                self.draft_from.pop(sid, None)
+                held[sid] = min(have, n)
+            return held
+
+    def _ring(self, ring_id: str) -> RingMember:
+        ring = self.rings.get(ring_id)
+        if ring is None:
+            raise InvalidRequestError(f"{self.name} is not in ring {ring_id} (it stopped, or this replica restarted)")
+        return ring
 
     def resend(self, msg_id: int) -> np.ndarray | None:
         """The message `msg_id` again, rebuilt from the output history (kind "retransmit")."""
@@ -235,12 +326,14 @@ class StageActor:
         """Positions cached for each sequence (0 after a restart): what a recovery must rebuild."""
         return [self.cache.length_of.get(sid, 0) for sid in seq_ids]
 
+    @_locked
     def replay(self, header: Header, links: list[LinkCodec]) -> Envelope:
         """A "rebuild" message of this stage's past outputs (from its history) for the next stage."""
         y = self.history.gather(header.seq_ids, header.starts, header.lengths)
         h = replace(header, kind="rebuild", sender=self.name)
         return Envelope.seal(h, y, self._link(links), self.key, links=links)
 
+    @_locked
     def replicate(self, standby: Any, seq_ids: list[str], starts: list[int]) -> tuple[list[Any], list[int]]:
         """Copies positions starts[i].. of each sequence's KV cache (and output history) to `standby`.
 
@@ -257,6 +350,7 @@ class StageActor:
                 payload[sid] = (start, self.cache.export(sid, start), hist)
         return [standby.absorb.remote(payload)], ends
 
+    @_locked
     def absorb(self, payload: dict[str, tuple[int, dict, torch.Tensor | None]]) -> dict[str, int]:
         """Takes another replica's copies (KV positions and output history) of sequences it serves."""
         held = {}
@@ -298,10 +392,13 @@ class StageActor:
                 self.counters["rejected"] += 1
                 raise
 
-    def _check_order(self, h: Header) -> None:
-        """Anti-replay: a step must start where each sequence's cache ends (a rebuild may rewind)."""
+    def _check_order(self, h: Header, ring: bool = False) -> None:
+        """Anti-replay: a step must start where each sequence's cache ends (a rebuild may rewind; a ring
+        step may rewrite the positions its sequence's last pass drafted)."""
         for sid, start in zip(h.seq_ids, h.starts):
             have = self.cache.length_of.get(sid, 0)
+            if start < have and ring and start >= self.draft_from.get(sid, have):
+                continue
             if start < have and h.kind != "rebuild":
                 self.counters["rejected"] += 1
                 raise ReplayError(
@@ -348,12 +445,14 @@ class StageActor:
 
     def free(self, seq_ids: list[str]) -> int:
         """Drops the caches of finished or cancelled sequences; returns tokens still cached."""
-        self.cache.free(seq_ids)
-        self.history.free(seq_ids)
-        return self.cache.tokens_held()
+        with self.lock:
+            self.cache.free(seq_ids)
+            self.history.free(seq_ids)
+            return self.cache.tokens_held()
 
     def reset(self) -> int:
         """Drops every sequence's cache and history (a restarted router's orphans); returns how many."""
+        self.ring_stop()
         ids = list(self.cache.slot_of)
         self.free(ids)
         self.sent.clear()

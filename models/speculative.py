@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from models.batch import Batch
-from models.sampling import TokenLogprob, sample
+from models.sampling import SamplingParams, TokenLogprob, sample
 
 if TYPE_CHECKING:
     from models.cache import KVCache
@@ -74,10 +74,15 @@ def accepted_prefix(sampled: Sequence[int], drafts: Sequence[int]) -> int:
 
 def draft_budget(state: SequenceState) -> int:
     """Drafts worth sending for a sequence: k, less what max_new_tokens or the context leave room for."""
-    held = len(state.prompt) + len(state.generated)
-    room_new = state.params.max_new_tokens - len(state.generated) - 1  # a pass emits drafts + 1
-    room_ctx = state.max_seq_len - 1 - held  # the last context position is never an input
-    return max(0, min(state.params.speculative, room_new, room_ctx))
+    return draft_budget_of(state.params, len(state.generated), len(state.prompt) + len(state.generated),
+                           state.max_seq_len)
+
+
+def draft_budget_of(params: SamplingParams, generated: int, held: int, max_seq_len: int) -> int:
+    """`draft_budget` from the counts: `generated` tokens so far, `held` = prompt + generated."""
+    room_new = params.max_new_tokens - generated - 1  # a pass emits drafts + 1
+    room_ctx = max_seq_len - 1 - held  # the last context position is never an input
+    return max(0, min(params.speculative, room_new, room_ctx))
 
 
 def tail_index(lengths: Sequence[int], counts: Sequence[int]) -> torch.Tensor:

@@ -39,7 +39,7 @@ from actors.wire.quant import block_problem, decode_tensor, effective_codec, enc
 
 __all__ = ["ALIGN", "CHECKSUM_SIZE", "KINDS", "PREFIX_SIZE", "Header", "pack", "peek_header", "unpack"]
 
-KINDS = ("step", "retransmit", "rebuild")
+KINDS = ("step", "retransmit", "rebuild", "tokens")  # "tokens": a decode ring's sampled tokens, last stage -> first
 MAGIC = b"MPM1"
 VERSION = 1
 _PREFIX = struct.Struct("<4sBBHIQ")  # magic, version, flags, reserved, header length, payload length
@@ -55,7 +55,7 @@ _KNOWN_FLAGS = FLAG_ENCRYPTED | FLAG_COMPRESSED
 class Header:
     """The typed header: covered by the checksum (and by AES-GCM as associated data when encrypted)."""
 
-    kind: str  # "step" | "retransmit" | "rebuild"
+    kind: str  # "step" | "retransmit" | "rebuild" | "tokens"
     step: int  # the router's step counter for the lane
     msg_id: int  # router-unique message id (the retransmission key)
     attempt: int  # 0 on the first send, 1.. on retransmissions
@@ -64,6 +64,10 @@ class Header:
     starts: list[int]  # (B,) tokens each sequence already has cached
     lengths: list[int]  # (B,) new tokens each sequence brings this step
     release: list[str] = field(default_factory=list)  # sequences whose caches the receiver frees first
+    lane: int = 0  # decode ring: the micro-batch this message belongs to
+    drafts: list[list[int]] = field(default_factory=list)  # (B,) speculative drafts ending each input ([]: none)
+    # decode ring: [stage, replica, inbound_ms, compute_ms, resends asked] per hop (the router's costs learn from it)
+    trace: list[list[float]] = field(default_factory=list)
     # filled in by pack(), from the tensor and the LinkCodec:
     shape: tuple[int, ...] = ()  # the tensor's shape
     dtype: str = ""  # the tensor's dtype name ("float32", "bfloat16", "int64", ...)
@@ -94,6 +98,15 @@ def _header_problem(h: Header) -> str | None:
         v = getattr(h, name)
         if not isinstance(v, list) or not all(is_int(i) and i >= 0 for i in v):
             return f"{name} must be a list of ints >= 0"
+    if not is_int(h.lane) or h.lane < 0:
+        return f"lane must be an int >= 0, got {h.lane!r}"
+    if not isinstance(h.drafts, list) or not all(
+            isinstance(d, list) and all(is_int(i) and i >= 0 for i in d) for d in h.drafts) or \
+            (h.drafts and (len(h.drafts) != len(h.seq_ids) or any(len(d) >= n for d, n in zip(h.drafts, h.lengths)))):
+        return "drafts must be [] or one list of token ids per sequence, shorter than its input"
+    if not isinstance(h.trace, list) or not all(
+            isinstance(t, list) and len(t) == 5 and all(isinstance(v, (int, float)) for v in t) for t in h.trace):
+        return "trace must be a list of [stage, replica, inbound_ms, compute_ms, resends]"
     if not len(h.seq_ids) == len(h.starts) == len(h.lengths):
         return (f"seq_ids, starts and lengths must have one entry per sequence, got lengths "
                 f"{len(h.seq_ids)}, {len(h.starts)}, {len(h.lengths)}")

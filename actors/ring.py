@@ -1,0 +1,237 @@
+"""Decode rings, the router's side: the per-token path with the router off it.
+
+A ring runs one route's replicas as a loop (`actors.ring_stage`): stage 0 feeds its lanes, each
+stage passes its output to the next over TCP, the last stage samples and sends the tokens back to
+stage 0 and, in batches, to the router. The router admits sequences into the ring of their route
+(the tail learns their sampling options first), receives their tokens, and cancels at the head
+(stop strings, deadlines, cancel). A ring starts when its route first gets a sequence and stays
+up while its replicas live; a ring that breaks (a replica died, a channel failed) is stopped on
+every member, each live stage forgets the positions the router never saw, and its sequences go
+on through the Ray-call path (`StepSender`) whose recovery (failover, restart, KV rebuild) gives
+the tokens a clean run gives. Routes whose ring cannot start use that path too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.pool import ReplicaPool
+from actors.request import Lane, Request
+from actors.ring_stage import RingSpec
+from topology.planner import Route
+
+log = logging.getLogger(__name__)
+
+SETUP_TIMEOUT_S = 30.0  # a ring's members connect within this
+CALL_TIMEOUT_S = 10.0  # stop / rewind calls to a member during a break
+RETRY_AFTER_S = 30.0  # a route whose ring failed to start uses the Ray-call path this long
+
+
+@dataclass(eq=False)
+class RingLane(Lane):
+    """The requests decoding in one ring (the router's lanes' bookkeeping: `_active`, `_release`)."""
+
+    ring: Ring | None = None
+
+
+@dataclass(eq=False)
+class Ring:
+    ring_id: str
+    route: Route
+    handles: list[Any]
+    lane: RingLane
+    state: str = "starting"  # starting | ready | broken
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    admits: list[Request] = field(default_factory=list)  # waiting for the next admission call
+    cancels: list[str] = field(default_factory=list)
+    flushing: bool = False
+    passes: int = 0  # token reports' passes (one per lane step)
+
+
+class RingDriver:
+    """Starts, feeds and breaks the deployment's rings; `fallback` takes a broken ring's requests."""
+
+    def __init__(self, deployment: str, pool: ReplicaPool, router: Any, lanes: int, incarnation: int,
+                 eos_ids: frozenset[int], max_seq_len: int, fallback: Callable[[list[Request]], None]) -> None:
+        self.deployment, self.pool, self.router = deployment, pool, router
+        self.lanes, self.incarnation = lanes, incarnation
+        self.eos_ids, self.max_seq_len = eos_ids, max_seq_len
+        self.fallback = fallback
+        self.rings: dict[tuple[int, ...], Ring] = {}
+        self.by_id: dict[str, Ring] = {}
+        self.no_ring_until: dict[tuple[int, ...], float] = {}
+        self.broken: list[tuple[float, str, str]] = []  # (time.time(), ring id, why)
+        self.retransmits = 0
+        self._ids = itertools.count()
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---------- admitting and leaving ----------
+
+    def place(self, req: Request) -> Lane | None:
+        """The ring lane `req` decodes in (its ring starting if need be); None: use the Ray-call path."""
+        key = req.route.replicas
+        if self.no_ring_until.get(key, 0.0) > time.monotonic():
+            return None
+        ring = self.rings.get(key)
+        if ring is None:
+            ring = self._start(req.route)
+        ring.lane.seqs.append(req)
+        ring.admits.append(req)
+        self._flush_soon(ring)
+        return ring.lane
+
+    def forget(self, req: Request) -> None:
+        """`req` left its ring lane (finished, cancelled, timed out): the head drops it if it still runs it."""
+        ring = getattr(req.lane, "ring", None)
+        if ring is None or ring.state == "broken":
+            return
+        if req in ring.admits:
+            ring.admits.remove(req)
+        ring.cancels.append(req.rid)
+        self._flush_soon(ring)
+
+    def running(self) -> list[Request]:
+        return [r for ring in self.rings.values() for r in ring.lane.seqs]
+
+    def active(self) -> int:
+        return sum(len(ring.lane.seqs) for ring in self.rings.values())
+
+    def report(self, ring_id: str, batch: list[tuple[str, list[int], list[Any], int]], trace: list[list[float]],
+               requests: dict[str, Request], deliver: Callable[..., None], metrics: Any) -> None:
+        """A tail's report: each (request id, tokens, logprobs, drafts verified) goes to `deliver`; the
+        hops' times to the pool's costs. A broken ring's late report is dropped: the router's record is the truth."""
+        ring = self.by_id.get(ring_id)
+        if ring is None:
+            return
+        ring.passes += 1
+        hops = [tuple(t[:4]) for t in trace]
+        resent = int(sum(t[4] for t in trace))
+        self.retransmits += resent
+        self.pool.table.observe_trace(hops, len(batch))
+        metrics.step(len(batch), hops, resent)
+        for rid, tokens, logprobs, drafted in batch:
+            r = requests.get(rid)
+            if r is not None and r.lane is ring.lane:
+                deliver(r, tokens, logprobs, drafted)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"ring": r.ring_id, "replicas": [h for h in r.route.replicas], "state": r.state,
+                 "sequences": len(r.lane.seqs), "passes": r.passes} for r in self.rings.values()]
+
+    # ---------- starting ----------
+
+    def _start(self, route: Route) -> Ring:
+        ring_id = f"{self.deployment}-i{self.incarnation}-{next(self._ids)}-{secrets.token_hex(4)}"
+        reps = self.pool.table.on_route(route)
+        ring = Ring(ring_id, route, [r.handle for r in reps], RingLane(-1))
+        ring.lane.ring = ring
+        self.rings[route.replicas] = ring
+        self.by_id[ring_id] = ring
+        self._spawn(self._setup(ring, [r.name for r in reps]))
+        return ring
+
+    async def _setup(self, ring: Ring, names: list[str]) -> None:
+        size, secret = len(ring.handles), secrets.token_bytes(32)
+        links = self.pool.ring_links(ring.route)
+        specs = [RingSpec(ring.ring_id, k, size, links, self.router, ring.handles, names, secret,
+                          self.eos_ids, self.max_seq_len) for k in range(size)]
+        try:
+            addrs = await asyncio.wait_for(asyncio.gather(
+                *[h.ring_open.remote(spec, self.lanes) for h, spec in zip(ring.handles, specs)]), SETUP_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.gather(
+                *[h.ring_start.remote(ring.ring_id, addrs[(k + 1) % size], SETUP_TIMEOUT_S)
+                  for k, h in enumerate(ring.handles)]), 2 * SETUP_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - no ring: this route's sequences take the Ray-call path
+            log.warning("ring over %s could not start (%s: %s); its sequences use Ray calls for %g s", names,
+                        type(e).__name__, e, RETRY_AFTER_S)
+            self.no_ring_until[ring.route.replicas] = time.monotonic() + RETRY_AFTER_S
+            await self.break_ring(ring.ring_id, f"setup failed: {type(e).__name__}")
+            return
+        if ring.state == "starting":
+            ring.state = "ready"
+            ring.ready.set()
+            log.info("ring %s over %s is up", ring.ring_id, names)
+
+    # ---------- talking to the head and tail ----------
+
+    def _flush_soon(self, ring: Ring) -> None:
+        if not ring.flushing:
+            ring.flushing = True
+            self._spawn(self._flush(ring))
+
+    async def _flush(self, ring: Ring) -> None:
+        """Sends the queued admissions (the tail's options first) and cancellations, in one call each."""
+        try:
+            await ring.ready.wait()
+            while ring.state == "ready" and (ring.admits or ring.cancels):
+                admits, ring.admits = ring.admits, []
+                cancels, ring.cancels = ring.cancels, []
+                head, tail = ring.handles[0], ring.handles[-1]
+                if cancels:
+                    head.ring_cancel.remote(ring.ring_id, cancels)
+                if admits:
+                    await tail.ring_params.remote(ring.ring_id, {
+                        r.rid: (r.seq.params, len(r.seq.generated)) for r in admits})
+                    await head.ring_admit.remote(ring.ring_id, [
+                        (r.rid, r.seq.prompt + r.seq.generated, r.seq.cached, len(r.seq.generated), r.seq.params)
+                        for r in admits if not r.future.done()])
+        except Exception as e:  # noqa: BLE001 - a member is gone: recovery takes over
+            await self.break_ring(ring.ring_id, f"admission failed: {type(e).__name__}: {e}")
+        finally:
+            ring.flushing = False
+            if ring.state == "ready" and (ring.admits or ring.cancels):
+                self._flush_soon(ring)
+
+    # ---------- breaking ----------
+
+    def watch(self) -> None:
+        """Breaks rings with a replica that Ray reports dead or restarting (the router's watcher saw it)."""
+        for ring in list(self.rings.values()):
+            reps = self.pool.table.on_route(ring.route)
+            if any(r.gone or self.pool.down_event(r).is_set() for r in reps):
+                self._spawn(self.break_ring(ring.ring_id, "a replica died"))
+
+    async def break_ring(self, ring_id: str, why: str) -> None:
+        """Stops the ring everywhere, rewinds what the router never saw, hands its requests to `fallback`."""
+        ring = self.by_id.pop(ring_id, None)
+        if ring is None or ring.state == "broken":
+            return
+        ring.state = "broken"
+        ring.ready.set()
+        if self.rings.get(ring.route.replicas) is ring:
+            del self.rings[ring.route.replicas]
+        self.broken.append((time.time(), ring_id, why))
+        del self.broken[:-64]
+        reqs = [r for r in ring.lane.seqs if not r.future.done()]
+        log.warning("ring %s broke (%s): %d sequences continue through Ray calls", ring_id, why, len(reqs))
+        await self._each(ring, lambda h: h.ring_stop.remote(ring_id))
+        lengths = {r.rid: r.seq.cached for r in reqs}
+        if lengths:
+            await self._each(ring, lambda h: h.rewind.remote(lengths))
+        ring.lane.seqs.clear()
+        self.fallback([r for r in reqs if not r.future.done()])
+
+    async def _each(self, ring: Ring, call: Callable[[Any], Any]) -> None:
+        """One call per member, concurrently; a dead member's failure or silence is ignored."""
+        async def one(h: Any) -> None:
+            try:
+                await asyncio.wait_for(call(h), CALL_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - dead or restarting: its caches are gone anyway
+                log.debug("ring member call failed: %s", e)
+        await asyncio.gather(*[one(h) for h in ring.handles])
+
+    def stop_all(self) -> None:
+        for ring in list(self.rings.values()):
+            self._spawn(self.break_ring(ring.ring_id, "shutdown"))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

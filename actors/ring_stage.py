@@ -1,0 +1,389 @@
+"""A stage replica's part in a decode ring: threads that receive, compute and send with no router in the loop.
+
+The router (`actors.ring.RingDriver`) starts a ring over one route's replicas. Member k receives
+from member k-1 and sends to member k+1 over a `TcpChannel` (blocking reads, no spinning); the
+last member samples, sends the tokens straight back to member 0 and reports them to the router
+in batches (one report call in flight; tokens sampled meanwhile ride in the next). Member 0, the
+*head*, owns the sequences: it feeds each lane (micro-batch) its next tokens as soon as the
+lane's tokens come back, lets admitted sequences join and cancelled or finished ones leave
+between steps, and frees their caches down the ring with the next message (`release`). The
+tail decides end-of-sequence (EOS, max_new_tokens, context) exactly as `SequenceState.add`
+does; stop strings and deadlines are the router's, which cancels at the head.
+
+Every message is an `actors.wire` message (checksum, per-link codec and encryption); a corrupted
+one is asked again from its sender (a Ray call, off the per-token path). Speculative sequences
+send prompt-lookup drafts; the tail samples every drafted position with its own seeded draw and
+keeps drafts while they agree, so tokens equal plain decoding's; rejected positions are rewound
+(only positions a pass drafted may be rewritten: anything else is still a replay).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from actors.channels import TcpChannel, TcpListener
+from actors.wire import ChecksumError, Header, LinkCodec, pack, peek_header, unpack
+from models import SamplingParams
+from models.speculative import draft_budget_of, propose_drafts, tail_index, verify
+
+if TYPE_CHECKING:
+    from actors.stage import StageActor
+
+log = logging.getLogger(__name__)
+
+SENT_KEPT = 16  # messages each member can resend
+STOP = object()
+
+
+@dataclass
+class RingSpec:
+    """What the router tells each member of a ring."""
+
+    ring_id: str  # unique per ring (the router's incarnation and a counter)
+    index: int  # this member's stage
+    size: int  # members (the route's stages)
+    links: list[LinkCodec]  # links[k]: how the message into member k is encoded; links[0]: the tokens back
+    router: Any  # the router's handle: token reports and failures
+    members: list[Any]  # every member's handle (resends)
+    names: list[str]  # every member's actor name
+    secret: bytes = field(repr=False, default=b"")  # proves a TCP peer belongs to this ring
+    eos_ids: frozenset[int] = frozenset()
+    max_seq_len: int = 0
+
+
+@dataclass
+class SeqState:
+    """A sequence as the ring holds it (the head: what to feed next; the tail: what ends it)."""
+
+    rid: str
+    params: SamplingParams
+    tokens: list[int]  # prompt + generated so far (the head drafts from it)
+    generated: int  # tokens generated so far
+    start: int = 0  # positions cached on every stage
+    pending: list[int] = field(default_factory=list)  # head: tokens to feed next
+    lane: int = 0
+    drafts: list[int] = field(default_factory=list)  # head: drafts in flight
+
+
+class RingMember:
+    """One member's threads and state; `stage` computes (under its lock) and keeps the caches."""
+
+    def __init__(self, stage: StageActor, spec: RingSpec, lanes: int) -> None:
+        self.stage, self.spec, self.lanes = stage, spec, max(1, lanes)
+        self.name = spec.names[spec.index]
+        self.is_head, self.is_tail = spec.index == 0, spec.index == spec.size - 1
+        self.listener = TcpListener(_node_ip()) if spec.size > 1 else None
+        self.inbound: TcpChannel | None = None
+        self.outbound: TcpChannel | None = None
+        self.inbox: queue.Queue = queue.Queue()  # head: admissions, cancels, tokens from the tail
+        self.seqs: dict[str, SeqState] = {}  # head: the sequences it feeds
+        self.tail_seqs: dict[str, SeqState] = {}  # tail: what ends each sequence
+        self.in_flight: set[int] = set()  # head: lanes with a step out
+        self.release: list[str] = []  # head: sequences whose caches go with the next message
+        self.sent: OrderedDict[int, Any] = OrderedDict()  # msg id -> wire, for resends
+        self.step = 0
+        self.msg_ids = 0
+        self.stopped = False
+        self.threads: list[threading.Thread] = []
+        self.reports: list[tuple[str, list[int], list[Any], int]] = []  # tail: (rid, tokens, logprobs, drafted)
+        self.report_trace: list[list[float]] = []
+        self.report_cond = threading.Condition()
+        self.retransmits = 0  # resends this member asked since its last message
+
+    def address(self) -> tuple[str, int] | None:
+        return None if self.listener is None else (self.listener.host, self.listener.port)
+
+    # ---------- setup and teardown ----------
+
+    def start(self, next_addr: tuple[str, int] | None, timeout_s: float) -> None:
+        """Connects to the next member, accepts the previous one, starts the threads."""
+        s = self.spec
+        if s.size > 1:
+            nxt, prev = s.names[(s.index + 1) % s.size], s.names[s.index - 1]
+            self.outbound = TcpChannel.connect(self.name, nxt, *next_addr, secret=s.secret, timeout_s=timeout_s)
+            self.inbound = self.listener.accept(s.secret, self.name, prev, timeout_s)
+            self.listener.close()
+        loops = [self._head_loop] if self.is_head else []
+        if s.size > 1:
+            loops.append(self._reader)
+        if self.is_tail:
+            loops.append(self._reporter)
+        for fn in loops:
+            t = threading.Thread(target=self._guard, args=(fn,), name=f"ring-{fn.__name__}", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ends the threads (no failure report); the stage keeps its caches for the router to rewind."""
+        self.stopped = True
+        self.inbox.put(STOP)
+        for ch in (self.inbound, self.outbound):
+            if ch is not None:
+                ch.close()
+        if self.listener is not None:
+            self.listener.close()
+        with self.report_cond:
+            self.report_cond.notify_all()
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join(timeout_s)
+
+    def _guard(self, fn: Any) -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - any failure breaks the ring; the router recovers
+            if not self.stopped:
+                log.warning("%s: ring %s failed: %s", self.name, self.spec.ring_id, e)
+                self.spec.router.ring_failed.remote(self.spec.ring_id, self.name, f"{type(e).__name__}: {e}")
+                self.stop(timeout_s=0.0)
+
+    # ---------- the head: admissions, cancels, tokens back ----------
+
+    def admit(self, items: list[tuple[str, list[int], int, int, SamplingParams]]) -> None:
+        """(rid, tokens so far, positions cached, tokens generated, params) per joining sequence."""
+        self.inbox.put(("admit", items))
+
+    def cancel(self, rids: list[str]) -> None:
+        self.inbox.put(("cancel", rids))
+
+    def _head_loop(self) -> None:
+        while not self.stopped:
+            # block only when no lane can step (one ring of one stage feeds itself without the inbox)
+            idle = any(q.lane not in self.in_flight for q in self.seqs.values()) or self.release
+            items = [] if idle else [self.inbox.get()]
+            while True:  # everything already queued joins this round
+                try:
+                    items.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for item in items:
+                if item is STOP:
+                    return
+                self._handle(item)
+            sent = False
+            for lane in range(self.lanes):
+                members = [q for q in self.seqs.values() if q.lane == lane]
+                if members and lane not in self.in_flight:
+                    self._head_step(lane, members)
+                    sent = True
+            if self.release and not sent:  # nothing going down the ring soon: free now
+                self._head_step(0, [])
+
+    def _handle(self, item: tuple[str, Any]) -> None:
+        kind, body = item[0], item[1]
+        if kind == "admit":
+            loads = [sum(q.lane == ln for q in self.seqs.values()) for ln in range(self.lanes)]
+            for rid, tokens, cached, generated, params in body:
+                lane = min(range(self.lanes), key=loads.__getitem__)
+                loads[lane] += 1
+                self.seqs[rid] = SeqState(rid, params, list(tokens), generated, start=cached,
+                                          pending=list(tokens[cached:]), lane=lane)
+        elif kind == "cancel":
+            for rid in body:
+                if self.seqs.pop(rid, None) is not None:
+                    self.release.append(rid)
+        elif kind == "tokens":
+            header, tokens = body
+            self.in_flight.discard(header.lane)
+            done, row = set(header.release), 0
+            for rid, n in zip(header.seq_ids, header.lengths):
+                got, row = tokens[row:row + n], row + n
+                q = self.seqs.get(rid)
+                if q is None:
+                    continue  # cancelled while its step was out
+                if rid in done:
+                    del self.seqs[rid]
+                    self.release.append(rid)
+                    continue
+                q.start += len(q.pending) + n - 1  # the inputs, and the drafts the tail confirmed
+                q.tokens += got
+                q.generated += n
+                q.pending, q.drafts = [got[-1]], []
+
+    def _head_step(self, lane: int, members: list[SeqState]) -> None:
+        for q in members:
+            k = draft_budget_of(q.params, q.generated, len(q.tokens), self.spec.max_seq_len)
+            q.drafts = propose_drafts(q.tokens, k) if k else []
+        inputs = [q.pending + q.drafts for q in members]
+        spec = any(q.drafts for q in members)
+        self.step += 1
+        self.msg_ids += 1
+        header = Header(kind="step", step=self.step, msg_id=self.msg_ids, attempt=0, sender=self.name,
+                        seq_ids=[q.rid for q in members], starts=[q.start for q in members],
+                        lengths=[len(x) for x in inputs], release=self.release, lane=lane,
+                        drafts=[list(q.drafts) for q in members] if spec else [])
+        self.release = []
+        if members:
+            self.in_flight.add(lane)
+        x = torch.tensor([t for xs in inputs for t in xs], dtype=torch.long)  # (N,)
+        self._compute_and_pass(header, x)
+
+    # ---------- every member: receive, compute, send ----------
+
+    def _reader(self) -> None:
+        while not self.stopped:
+            header, x = self._open(self.inbound.recv_bytes())
+            if self.is_head:  # the tail's tokens: the head loop takes them in order with its admissions
+                self.inbox.put(("tokens", (header, x.tolist())))
+            else:
+                self._compute_and_pass(header, x)
+
+    def _compute_and_pass(self, header: Header, x: torch.Tensor) -> None:
+        st = self.stage
+        inbound_ms = st._arrive(0.0)  # the slow-link test hook applies on rings too
+        t0 = time.perf_counter()
+        if self.is_tail:
+            for rid in header.release:
+                self.tail_seqs.pop(rid, None)
+        at = tail_index(header.lengths, [len(d) + 1 for d in header.drafts]) \
+            if self.is_tail and header.drafts else None
+        y = st.apply(header, x, logits_at=at, ring=True)
+        hop = [st.spec.index, st.replica, inbound_ms, 0.0, self.retransmits]
+        self.retransmits = 0
+        if not header.seq_ids:  # a release-only message: on to the tail, which drops it
+            if not self.is_tail:
+                self._send(header, y, header.trace)
+            return
+        if not self.is_tail:
+            hop[3] = (time.perf_counter() - t0) * 1e3
+            self._send(header, y, [*header.trace, hop])
+            st.account(time.perf_counter() - t0, y)
+            return
+        tokens, done, lengths, reports = self._sample(header, y.cpu())
+        hop[3] = (time.perf_counter() - t0) * 1e3
+        trace = [*header.trace, hop]
+        out = Header(kind="tokens", step=header.step, msg_id=header.msg_id, attempt=0, sender=self.name,
+                     seq_ids=header.seq_ids, starts=header.starts, lengths=lengths, release=done,
+                     lane=header.lane, trace=trace)
+        if self.is_head:
+            self._handle(("tokens", (out, tokens)))
+        else:
+            self._send(out, torch.tensor(tokens, dtype=torch.long), trace)
+        with self.report_cond:
+            self.reports += reports
+            self.report_trace = trace
+            self.report_cond.notify_all()
+        st.account(time.perf_counter() - t0, y)
+
+    def _send(self, header: Header, y: torch.Tensor, trace: list[list[float]]) -> None:
+        nxt = (self.spec.index + 1) % self.spec.size
+        out = Header(kind=header.kind, step=header.step, msg_id=header.msg_id, attempt=0, sender=self.name,
+                     seq_ids=header.seq_ids, starts=header.starts, lengths=header.lengths, release=header.release,
+                     lane=header.lane, drafts=header.drafts, trace=trace)
+        link = self.spec.links[nxt]
+        try:
+            wire = pack(out, y, link, self.stage.key)
+        except ValueError:  # int8 cannot carry inf/NaN: this one goes lossless
+            wire = pack(out, y, LinkCodec(encrypt=link.encrypt), self.stage.key)
+        self.sent[out.msg_id] = wire
+        while len(self.sent) > SENT_KEPT:
+            self.sent.popitem(last=False)
+        bad = self.stage._inject(wire)
+        self.outbound.send_bytes(b"" if bad is None else bad)
+
+    def resend(self, msg_id: int) -> Any:
+        """A message this member sent, again (-1: the last one)."""
+        if msg_id == -1 and self.sent:
+            msg_id = next(reversed(self.sent))
+        if msg_id not in self.sent:
+            raise ChecksumError(f"{self.name} no longer has ring message {msg_id}")
+        self.stage.counters["resends"] += 1
+        return self.sent[msg_id]
+
+    def _open(self, wire: Any) -> tuple[Header, torch.Tensor]:
+        """Verifies a message; a corrupted one is asked again from the previous member (max_retransmits)."""
+        import ray
+
+        st, asked = self.stage, 0
+        while True:
+            try:
+                return unpack(wire, st.key)
+            except ChecksumError as e:
+                st.counters["checksum_failures"] += 1
+                if asked >= st.max_retransmits:
+                    st.counters["rejected"] += 1
+                    raise
+                asked += 1
+                self.retransmits += 1
+                st.counters["retransmits_asked"] += 1
+                log.warning("%s: a ring message failed verification (%s); asking for it again", self.name, e)
+                try:
+                    msg_id = peek_header(wire).msg_id
+                except Exception:  # noqa: BLE001 - the header itself is garbled (or dropped): the last one sent
+                    msg_id = -1
+                prev = self.spec.members[self.spec.index - 1]
+                wire = ray.get(prev.ring_resend.remote(self.spec.ring_id, msg_id), timeout=30)
+
+    # ---------- the tail: sampling, end of sequence, reports ----------
+
+    def params(self, items: dict[str, tuple[SamplingParams, int]]) -> None:
+        """(params, tokens generated so far) of sequences about to join (before their first step)."""
+        for rid, (params, generated) in items.items():
+            self.tail_seqs[rid] = SeqState(rid, params, [], generated)
+
+    def _sample(self, header: Header, logits: torch.Tensor) -> tuple[list[int], list[str], list[int], list[Any]]:
+        """Tokens per sequence (the draws that confirm drafts, then one more), the sequences that ended
+        (EOS, max_new_tokens or context: `SequenceState.add`'s rules), and the router's reports."""
+        drafts = header.drafts or [[] for _ in header.seq_ids]
+        views = [_Verify(start, self.tail_seqs[rid].params) for rid, start in zip(header.seq_ids, header.starts)]
+        results = verify(logits, views, drafts, [[0] * n for n in header.lengths])
+        tokens, done, lengths, reports = [], [], [], []
+        for rid, start, n, d, (toks, lps, _) in zip(header.seq_ids, header.starts, header.lengths, drafts, results):
+            q = self.tail_seqs[rid]
+            first = start + n - len(d)  # the first sampled token's position
+            kept, ended = [], False
+            for j, t in enumerate(toks):
+                kept.append(t)
+                if t in self.spec.eos_ids and not q.params.ignore_eos:
+                    ended = True
+                    break
+                q.generated += 1
+                if q.generated >= q.params.max_new_tokens or first + j + 1 >= self.spec.max_seq_len:
+                    ended = True
+                    break
+            if ended:
+                done.append(rid)
+                del self.tail_seqs[rid]
+            tokens += kept
+            lengths.append(len(kept))
+            reports.append((rid, kept, lps[:len(kept)], len(d)))
+        return tokens, done, lengths, reports
+
+    def _reporter(self) -> None:
+        """Sends the sampled tokens to the router: one call in flight, what arrives meanwhile rides next."""
+        import ray
+
+        while True:
+            with self.report_cond:
+                while not self.reports and not self.stopped:
+                    self.report_cond.wait()
+                if self.stopped:
+                    return
+                batch, self.reports = self.reports, []
+                trace = self.report_trace
+            ray.get(self.spec.router.ring_tokens.remote(self.spec.ring_id, batch, trace))
+
+
+@dataclass
+class _Verify:
+    """What `models.speculative.verify` reads of a sequence."""
+
+    cached: int
+    params: SamplingParams
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray
+        return "127.0.0.1"

@@ -1,0 +1,51 @@
+"""What the router shows of itself: `describe` (the deployment) and `stats` (its counters)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from actors.router import RouterActor
+
+
+def describe(router: RouterActor) -> dict[str, Any]:
+    pool = router.pool
+    route = pool.plan()
+    return {
+        "deployment": router.deployment,
+        "model": router.source,
+        "config": router.cfg.to_dict(),
+        "stages": [info for infos in pool.replica_info for info in infos],
+        "route": [r.name for r in pool.table.on_route(route)],  # a new request's route now
+        "route_cost_ms": route.cost_ms,
+        "router_node": pool.node_id,
+        "links": [vars(lk) for lk in pool.links_for(route)],  # how each hop of that route encodes
+        "replicas": [[r.name for r in stage] for stage in pool.table.by_stage],
+        "probes": router.prober.names(),
+        "topology": None if pool.topology is None else pool.topology.spec.model_dump(),
+        "router": router.rc.model_dump(),
+    }
+
+
+def stats(router: RouterActor) -> dict[str, Any]:
+    rec, rings = router.recovery, router.rings
+    ring_info = rings.describe() if rings else []
+    return {
+        "active": router._active(),
+        "queued": len(router.waiting),
+        "kv_reserved": router.kv_reserved,
+        "tokens_generated": router.tokens_generated,
+        "retransmits": router.sender.retransmits + (rings.retransmits if rings else 0),
+        "recoveries_s": [round(d, 3) for _, d, _ in rec.recoveries],
+        "recoveries": [(end, round(d, 3), round(w, 3)) for end, d, w in rec.recoveries],
+        "steps": sum(lane.step for lane in router.lanes) + sum(r["passes"] for r in ring_info),
+        "rings": ring_info,  # decode rings: replicas, state, sequences, passes
+        "rings_broken": [] if rings is None else [{"at": t, "ring": r, "why": w} for t, r, w in rings.broken],
+        "incarnation": router.incarnation,  # router restarts so far
+        "replacements": rec.replacements,  # replicas placed anew after a node loss
+        "resumed": router.resumed,  # requests re-admitted from the journal after a restart
+        "copied_positions": rec.copied_positions,
+        "rebuilt_positions": rec.rebuilt_positions,
+        "lanes": [len(lane.seqs) for lane in router.lanes],
+        "replicas": router.pool.table.describe(),
+    }
