@@ -196,3 +196,53 @@ def bench_http_cmd(
                          repeats, port))
     finally:
         ray.shutdown()
+
+
+@bench_app.command("gpu")
+@_handles_errors
+def bench_gpu_cmd(
+    stages: Annotated[str, typer.Option(help="Stage counts, comma-separated (num_gpus = 1/S each).")] = "1,2,4",
+    batches: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,16,64",
+    new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    prompt_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    device: Annotated[str, typer.Option(help="cuda, or cpu for a smoke test (tiny default shape).")] = "cuda",
+    layers: Annotated[int | None, typer.Option(min=1, help="Default: 16 on cuda, 4 on cpu.")] = None,
+    dim: Annotated[int | None, typer.Option(min=8, help="Hidden size. Default: 2048 on cuda, 128 on cpu.")] = None,
+    heads: Annotated[int | None, typer.Option(min=1, help="Default: 32 on cuda, 4 on cpu.")] = None,
+    kv_heads: Annotated[int | None, typer.Option(min=1, help="Default: 8 on cuda, 2 on cpu.")] = None,
+    hidden: Annotated[int | None, typer.Option(
+        min=1, help="MLP intermediate size. Default: 8192 on cuda, 256 on cpu.")] = None,
+    vocab: Annotated[int | None, typer.Option(min=16, help="Default: 32000 on cuda, 512 on cpu.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Default: bfloat16 on cuda, float32 on cpu.")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per figure (the best is reported).")] = 2,
+    parity: Annotated[bool, typer.Option("--parity/--no-parity",
+                                         help="First: greedy tokens vs transformers on a tiny model.")] = True,
+    budget_s: Annotated[float, typer.Option(
+        min=0, help="Seconds: deployments and batches that would start later are skipped.")] = 400,
+    work_dir: Annotated[str | None, typer.Option(help="Where to write the checkpoints (default: temp).")] = None,
+) -> None:
+    """One GPU: a random ~1.1 B Llama as 1, 2, 4 stage actors (fractional GPUs) vs one process; parity."""
+    from dataclasses import replace
+
+    from actors.bench.gpu import bench_gpu, default_shape
+
+    if device not in ("cuda", "cpu"):
+        raise typer.BadParameter(f"{device!r}: give cuda or cpu", param_hint="--device")
+    given = {"n_layers": layers, "dim": dim, "n_heads": heads, "n_kv_heads": kv_heads, "hidden": hidden,
+             "vocab": vocab}
+    shape = replace(default_shape(device), **{k: v for k, v in given.items() if v is not None})
+    if shape.dim % shape.n_heads or shape.n_heads % shape.n_kv_heads:
+        raise typer.BadParameter(f"--dim {shape.dim} must divide into --heads {shape.n_heads}, which "
+                                 f"--kv-heads {shape.n_kv_heads} divides")
+    stage_list = _parse_ints(stages, "--stages") or [1, 2, 4]
+    if max(stage_list) > shape.n_layers or min(stage_list) < 1:
+        raise typer.BadParameter(f"{stages!r}: each stage count between 1 and the layers ({shape.n_layers})",
+                                 param_hint="--stages")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("torch sees no CUDA device: --device cpu runs the smoke test",
+                                     param_hint="--device")
+    _emit(bench_gpu(stage_list, _parse_ints(batches, "--batches") or [1, 16, 64], new_tokens, prompt_tokens,
+                    device, shape, dtype, repeats, parity, budget_s, work_dir))
