@@ -126,6 +126,7 @@ TCP_MAGIC = b"MPR1"  # a TCP channel's hello: magic, then the link's 32-byte sec
 TCP_SECRET_BYTES = 32
 TCP_MAX_FRAME = 1 << 31  # a frame longer than this is refused before any buffer is allocated
 _LEN = struct.Struct("<Q")
+SMALL_FRAME = 64 << 10  # frames up to this are copied behind their length and sent at once
 
 
 class TcpListener:
@@ -147,6 +148,8 @@ class TcpListener:
             self.sock.settimeout(left)
             try:
                 conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue  # the deadline check above names it
             except OSError as e:
                 raise ChannelTimeoutError(f"tcp channel {local}<-{peer}: accept failed: {e}") from None
             conn.settimeout(min(left, 5.0))
@@ -207,8 +210,11 @@ class TcpChannel(Channel):
         view = memoryview(data).cast("B")
         started = time.monotonic()
         try:
-            self.sock.sendall(_LEN.pack(view.nbytes))
-            self.sock.sendall(view)
+            if view.nbytes <= SMALL_FRAME:  # one segment: length and body in one syscall
+                self.sock.sendall(_LEN.pack(view.nbytes) + view.tobytes())
+            else:
+                self.sock.sendall(_LEN.pack(view.nbytes))
+                self.sock.sendall(view)
         except OSError as e:
             raise self._fail("send", e, started, timeout_s or 0) from e
 

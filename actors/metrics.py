@@ -35,6 +35,9 @@ class RouterMetrics:
                            tag_keys=replica_keys)
         self.hop_ms = Histogram("meshpipe_hop_latency_ms", "a message's wait between its send and its start",
                                 boundaries=_STEP_MS, tag_keys=replica_keys)
+        self.spec = {"passes": 0, "drafted": 0, "accepted": 0}  # speculative decoding totals, for stats
+        self.spec_counters = {k: Counter(f"meshpipe_speculative_{k}", f"speculative decoding: {k}", tag_keys=keys)
+                              for k in self.spec}
         self.efficiency = Gauge("meshpipe_pipeline_efficiency",
                                 "mean busy fraction of the stages' replicas (1 = no bubbles)", tag_keys=keys)
 
@@ -45,6 +48,18 @@ class RouterMetrics:
             self.retransmits.inc(retransmits, self.tags)
         for stage, replica, inbound_ms, _ in trace:
             self.hop_ms.observe(inbound_ms, {**self.tags, "stage": str(stage), "replica": str(replica)})
+
+    def speculated(self, drafted: int, accepted: int) -> None:
+        """One verification pass of a speculative sequence: drafts sent, drafts accepted."""
+        for k, v in (("passes", 1), ("drafted", drafted), ("accepted", accepted)):
+            self.spec[k] += v
+            if v:
+                self.spec_counters[k].inc(v, self.tags)
+
+    def speculation(self) -> dict[str, float]:
+        """Totals and tokens a pass (accepted drafts + the one sampled token, per pass)."""
+        p = self.spec["passes"]
+        return {**self.spec, "tokens_per_pass": round((self.spec["accepted"] + p) / p, 3) if p else 0.0}
 
     def load(self, active: int, queued: int) -> None:
         self.active.set(active, self.tags)

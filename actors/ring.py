@@ -69,6 +69,7 @@ class RingDriver:
         self.no_ring_until: dict[tuple[int, ...], float] = {}
         self.broken: list[tuple[float, str, str]] = []  # (time.time(), ring id, why)
         self.retransmits = 0
+        self.passes = 0  # every ring's passes, broken ones' included (a monotonic step count)
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task] = set()
 
@@ -111,11 +112,12 @@ class RingDriver:
         if ring is None:
             return
         ring.passes += 1
+        self.passes += 1
         hops = [tuple(t[:4]) for t in trace]
         resent = int(sum(t[4] for t in trace))
         self.retransmits += resent
         self.pool.table.observe_trace(hops, len(batch))
-        metrics.step(len(batch), hops, resent)
+        metrics.step(sum(len(b[1]) for b in batch), hops, resent)
         for rid, tokens, logprobs, drafted in batch:
             r = requests.get(rid)
             if r is not None and r.lane is ring.lane:

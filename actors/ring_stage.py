@@ -254,8 +254,8 @@ class RingMember:
             return
         if not self.is_tail:
             hop[3] = (time.perf_counter() - t0) * 1e3
-            self._send(header, y, [*header.trace, hop])
-            st.account(time.perf_counter() - t0, y)
+            wire = self._send(header, y, [*header.trace, hop])
+            st.account(time.perf_counter() - t0, y, wire)
             return
         tokens, done, lengths, reports = self._sample(header, y.cpu())
         hop[3] = (time.perf_counter() - t0) * 1e3
@@ -273,7 +273,8 @@ class RingMember:
             self.report_cond.notify_all()
         st.account(time.perf_counter() - t0, y)
 
-    def _send(self, header: Header, y: torch.Tensor, trace: list[list[float]]) -> None:
+    def _send(self, header: Header, y: torch.Tensor, trace: list[list[float]]) -> Any:
+        """Encodes and sends to the next member; returns the encoded message."""
         nxt = (self.spec.index + 1) % self.spec.size
         out = Header(kind=header.kind, step=header.step, msg_id=header.msg_id, attempt=0, sender=self.name,
                      seq_ids=header.seq_ids, starts=header.starts, lengths=header.lengths, release=header.release,
@@ -288,6 +289,7 @@ class RingMember:
             self.sent.popitem(last=False)
         bad = self.stage._inject(wire)
         self.outbound.send_bytes(b"" if bad is None else bad)
+        return wire
 
     def resend(self, msg_id: int) -> Any:
         """A message this member sent, again (-1: the last one)."""
@@ -296,7 +298,8 @@ class RingMember:
         if msg_id not in self.sent:
             raise ChecksumError(f"{self.name} no longer has ring message {msg_id}")
         self.stage.counters["resends"] += 1
-        return self.sent[msg_id]
+        again = self.stage._inject(self.sent[msg_id])  # a link that keeps failing fails resends too
+        return b"" if again is None else again
 
     def _open(self, wire: Any) -> tuple[Header, torch.Tensor]:
         """Verifies a message; a corrupted one is asked again from the previous member (max_retransmits)."""

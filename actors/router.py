@@ -398,9 +398,9 @@ class RouterActor(FaultHooks, ScalingHooks):
         if r.future.done():  # cancelled or timed out while the step was in flight
             return
         if drafted is not None and r.seq.params.speculative:
-            r.seq.spec_passes += 1
-            r.seq.spec_drafted += drafted
+            r.seq.spec_passes, r.seq.spec_drafted = r.seq.spec_passes + 1, r.seq.spec_drafted + drafted
             r.seq.spec_accepted += min(drafted, len(tokens) - 1)
+            self.metrics.speculated(drafted, min(drafted, len(tokens) - 1))
         for token, lp in zip(tokens, logprobs):
             r.seq.add(token, lp, self.tokenizer)
             self.tokens_generated += 1

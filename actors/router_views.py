@@ -38,7 +38,8 @@ def stats(router: RouterActor) -> dict[str, Any]:
         "retransmits": router.sender.retransmits + (rings.retransmits if rings else 0),
         "recoveries_s": [round(d, 3) for _, d, _ in rec.recoveries],
         "recoveries": [(end, round(d, 3), round(w, 3)) for end, d, w in rec.recoveries],
-        "steps": sum(lane.step for lane in router.lanes) + sum(r["passes"] for r in ring_info),
+        "steps": sum(lane.step for lane in router.lanes) + (rings.passes if rings else 0),
+        "speculation": router.metrics.speculation(),  # passes, drafted, accepted, tokens_per_pass
         "rings": ring_info,  # decode rings: replicas, state, sequences, passes
         "rings_broken": [] if rings is None else [{"at": t, "ring": r, "why": w} for t, r, w in rings.broken],
         "incarnation": router.incarnation,  # router restarts so far

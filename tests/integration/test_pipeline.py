@@ -95,7 +95,7 @@ def test_actor_names_are_readable(pipe: Pipeline) -> None:
     ([1, 2], {"max_new_tokens": -1}, InvalidRequestError, "max_new_tokens"),
     ("hello", {}, InvalidRequestError, "no tokenizer"),
     ([1, 2], {"top_p": 2.0}, InvalidRequestError, "top_p"),
-    ([1, 2], {"speculative": 4}, InvalidRequestError, "generate_local only"),
+    ([1, 2], {"speculative": -1}, InvalidRequestError, "speculative"),
 ])
 def test_bad_input_is_a_typed_error_and_the_pipeline_keeps_serving(
         pipe: Pipeline, prompt: object, kwargs: dict, error: type, match: str) -> None:

@@ -288,6 +288,13 @@ def test_header_fields_round_trip_and_caller_header_untouched() -> None:
     assert peek_header(wire) == got  # no key needed to read the header
 
 
+def test_ring_fields_round_trip() -> None:
+    h = Header(kind="tokens", step=9, msg_id=9, attempt=0, sender="m", seq_ids=["a", "b"], starts=[4, 7],
+               lengths=[3, 1], release=["c"], lane=2, drafts=[[5, 6], []], trace=[[0, 1, 0.5, 2.25, 0]])
+    got, _ = unpack(pack(h, torch.arange(4)))
+    assert (got.kind, got.lane, got.drafts, got.trace) == ("tokens", 2, [[5, 6], []], [[0, 1, 0.5, 2.25, 0]])
+
+
 @pytest.mark.parametrize("doc", [
     b"not json", b"\xff\xfe", b"[1, 2]", b"null", b'"step"', b"{}",
 ], ids=["text", "binary", "list", "null", "string", "empty"])
@@ -303,7 +310,9 @@ def test_garbled_header_is_a_message_error(doc: bytes) -> None:
     ("starts", [0]), ("lengths", [1, -1]), ("release", {"a": 1}), ("shape", [2, -8]), ("shape", "2x8"),
     ("shape", [2, 9]), ("dtype", "float8"), ("dtype", ["float32"]), ("codec", "int4"), ("compress", "gzip"),
     ("compress", {}), ("block", 4), ("block", "64"), ("encrypted", 1), ("encrypted", True),
-    ("block", 40000),
+    ("block", 40000), ("lane", -1), ("lane", "0"), ("drafts", "ab"), ("drafts", [[1], [2]]),
+    ("drafts", [[1]]), ("drafts", [[-1], []]), ("trace", [[0, 0, 1.0, 2.0]]), ("trace", [["a", 0, 0, 0, 0]]),
+    ("trace", {"x": 1}),
 ])
 def test_wrong_typed_header_field_is_a_message_error(field: str, value: object) -> None:
     wire = pack(_header(), torch.randn(2, 8))

@@ -1,0 +1,162 @@
+"""Decode rings (the default data path): stages loop on their own, the router admits and receives tokens.
+
+Greedy and seeded tokens equal the single-process model with sequences joining and leaving, with
+speculation, and after a stage dies mid-generation; the sampled distribution with drafts is the
+model's softmax (chi-square).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from actors import Pipeline
+from models import Transformer, generate_local, load_model, propose_drafts
+from tests.checkpoints import make_tiny_llama
+from tests.support import tokens, wait_for
+from tests.unit.test_speculative import chi_square_p
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+PHRASE = [5, 17, 42, 99, 3]
+PROMPTS = [[5, 17, 42, 99, 3], [11, 12], list(range(30, 51)), [200], [9] * 13, PHRASE * 4]
+MAX_NEW = [24, 5, 17, 1, 24, 12]  # different lengths: sequences leave while others run
+
+
+@pytest.fixture(scope="module")
+def local(tiny_ckpt: Path) -> Transformer:
+    return load_model(tiny_ckpt, dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def loopy_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small weights: greedy output falls into cycles, so prompt-lookup drafts hit."""
+    return make_tiny_llama(tmp_path_factory.mktemp("loopy") / "llama", n_layers=2, init=0.02)
+
+
+def _rings(pipe: Pipeline) -> tuple[list[dict], list[dict]]:
+    stats = pipe.stats()["router"]
+    return stats["rings"], stats["rings_broken"]
+
+
+def _staggered(pipe: Pipeline, gap_s: float = 0.03, **kw: object) -> list:
+    """Submits PROMPTS one by one, `gap_s` apart (they join running ones); their completions."""
+    ids = []
+    for p, n in zip(PROMPTS, MAX_NEW):
+        ids.append(pipe.submit(p, max_new_tokens=n, ignore_eos=True, **kw))
+        time.sleep(gap_s)
+    return [pipe.result(i, timeout=120) for i in ids]
+
+
+@pytest.mark.parametrize("stages", [1, 2, 4])
+def test_sequences_join_and_leave_a_ring_with_the_tokens_of_one_process(tiny_ckpt: Path, local: Transformer,
+                                                                       stages: int) -> None:
+    want = [generate_local(local, p, n, ignore_eos=True)[0].token_ids for p, n in zip(PROMPTS, MAX_NEW)]
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=stages, dtype="float64", name=f"ring-{stages}")
+    try:
+        assert [o.token_ids for o in _staggered(pipe)] == want
+        assert tokens(pipe.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)) == \
+            tokens(generate_local(local, PROMPTS, 24, ignore_eos=True))  # all at once too
+        rings, broken = _rings(pipe)
+        assert rings and sum(r["passes"] for r in rings) > 0 and not broken  # the ring carried them
+        assert pipe.stats()["router"]["lanes"] == [0] * len(pipe.stats()["router"]["lanes"])
+        wait_for(lambda: all(s["sequences"] == 0 for s in pipe.stats()["stages"]), what="caches freed")
+    finally:
+        pipe.shutdown()
+
+
+def test_speculation_through_the_ring_is_lossless_and_accepts_drafts(loopy_ckpt: Path) -> None:
+    model = load_model(loopy_ckpt, dtype="float64")
+    pipe = Pipeline.deploy(str(loopy_ckpt), num_stages=2, dtype="float64", name="ring-spec")
+    try:
+        prompts = [PHRASE * 4, [5, 17, 42, 99, 3, 250, 7], [11, 12]]
+        plain = generate_local(model, prompts, 40, ignore_eos=True)
+        spec = pipe.generate(prompts, max_new_tokens=40, ignore_eos=True, speculative=4)
+        assert tokens(spec) == tokens(plain)
+        assert [o.finish_reason for o in spec] == [o.finish_reason for o in plain]
+        assert spec[0].speculation["accepted"] > 0
+        s = pipe.stats()["router"]["speculation"]
+        assert s["accepted"] > 0 and s["tokens_per_pass"] > 1.0 and s["drafted"] >= s["accepted"]
+        # seeded sampling: each position's own draw, so drafts change nothing
+        for temperature, seed in ((0.005, 3), (1.0, 11)):
+            kw = dict(temperature=temperature, seed=seed, ignore_eos=True)
+            want = tokens(generate_local(model, prompts, 24, **kw))
+            assert tokens(pipe.generate(prompts, max_new_tokens=24, speculative=4, **kw)) == want
+            assert tokens(pipe.generate(prompts, max_new_tokens=24, **kw)) == want
+        # stop strings and max_new_tokens inside an accepted run: the same cut as plain decoding
+        cut = pipe.generate([PHRASE * 4], max_new_tokens=7, ignore_eos=True, speculative=8)
+        assert cut[0].token_ids == plain[0].token_ids[:7] and cut[0].finish_reason == "length"
+    finally:
+        pipe.shutdown()
+
+
+def test_sampled_tokens_with_drafts_follow_the_model_softmax(tiny_ckpt: Path, local: Transformer) -> None:
+    """Many seeds through a 2-stage ring: the first token and, after a confirmed first draft, the second
+    are distributed as softmax(logits)."""
+    pytest.importorskip("scipy")
+    from models import Batch
+
+    V = local.cfg.vocab_size
+
+    def softmax_after(seqs: list[list[int]]) -> torch.Tensor:  # (len(seqs), V), equal lengths
+        n = len(seqs[0])
+        batch = Batch.build([str(i) for i in range(len(seqs))], [0] * len(seqs), [n] * len(seqs))
+        return torch.softmax(local(torch.tensor(sum(seqs, [])), batch, local.new_cache()).double(), -1)
+
+    candidates = [PHRASE + [c, 60, 61] + PHRASE for c in range(V)]
+    c = int(softmax_after(candidates)[torch.arange(V), torch.arange(V)].argmax())
+    prompt = candidates[c]
+    assert propose_drafts(prompt, 4)[0] == c
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="ring-chi2")
+    try:
+        outs = [o for _ in range(6) for o in pipe.generate([prompt] * 250, max_new_tokens=2, temperature=1.0,
+                                                              ignore_eos=True, speculative=4)]
+    finally:
+        pipe.shutdown()
+    first = torch.tensor([o.token_ids[0] for o in outs])
+    assert chi_square_p(torch.bincount(first, minlength=V), softmax_after([prompt])[0]) > 0.001
+    second = torch.tensor([o.token_ids[1] for o in outs if o.token_ids[0] == c])
+    assert len(second) > 50
+    assert sum(o.speculation["accepted"] for o in outs) == len(second)  # those are the accepted drafts
+    assert chi_square_p(torch.bincount(second, minlength=V), softmax_after([prompt + [c]])[0]) > 0.001
+
+
+def test_a_stage_killed_mid_ring_breaks_it_and_the_tokens_stay_identical(tiny_ckpt: Path,
+                                                                         local: Transformer) -> None:
+    want = tokens(generate_local(local, PROMPTS, 24, ignore_eos=True))
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=3, dtype="float64", name="ring-kill", max_restarts=2)
+    try:
+        pipe.set_hop_delay(0, 0.04)  # 24 passes take ~1 s: the kill lands mid-generation
+        victim = ray.get_actor("meshpipe/ring-kill/stage-1/replica-0", namespace="meshpipe")
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.update(
+            r=pipe.generate(PROMPTS, max_new_tokens=24, ignore_eos=True, speculative=2)))
+        t.start()
+        wait_for(lambda: _rings(pipe)[0] and _rings(pipe)[0][0]["passes"] >= 3, what="the ring running")
+        ray.kill(victim, no_restart=False)
+        t.join(timeout=120)
+        assert tokens(out["r"]) == want
+        broken = _rings(pipe)[1]
+        assert broken and broken[0]["why"]  # the watcher or a member's channel saw the death
+        assert pipe.stats()["router"]["recoveries"]  # the Ray-call path rebuilt the restarted stage
+        # the route gets a new ring once its replica is back
+        assert tokens(pipe.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)) == want
+        rings, _ = _rings(pipe)
+        assert any(r["state"] == "ready" and r["passes"] > 0 for r in rings)
+    finally:
+        pipe.shutdown()
+
+
+def test_the_calls_data_path_gives_the_same_tokens(tiny_ckpt: Path, local: Transformer) -> None:
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="ring-off", data_path="calls")
+    try:
+        assert [o.token_ids for o in _staggered(pipe)] == \
+            [generate_local(local, p, n, ignore_eos=True)[0].token_ids for p, n in zip(PROMPTS, MAX_NEW)]
+        assert _rings(pipe) == ([], [])
+    finally:
+        pipe.shutdown()
