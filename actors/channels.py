@@ -44,7 +44,7 @@ from actors.wire.channel_frame import (
 log = logging.getLogger(__name__)
 
 __all__ = ["ChannelEndpoint", "ChannelError", "ChannelGroup", "ChannelTimeoutError", "Channel", "GlooChannel",
-           "Mailbox", "RayCallChannel", "TcpChannel", "TcpListener"]
+           "Mailbox", "RayCallChannel", "TcpChannel", "TcpListener", "node_ip"]
 
 FOREVER_S = 365 * 24 * 3600.0  # gloo needs a finite wait; a dead peer still fails at once (TCP close)
 RAY_WINDOW = 8  # Ray deliveries in flight per channel before `send` waits for the oldest
@@ -127,6 +127,16 @@ TCP_SECRET_BYTES = 32
 TCP_MAX_FRAME = 1 << 31  # a frame longer than this is refused before any buffer is allocated
 _LEN = struct.Struct("<Q")
 SMALL_FRAME = 64 << 10  # frames up to this are copied behind their length and sent at once
+
+
+def node_ip() -> str:
+    """This node's IP as Ray sees it (the loopback outside Ray)."""
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray
+        return "127.0.0.1"
 
 
 class TcpListener:
@@ -346,6 +356,7 @@ class ChannelEndpoint:
             self.channels: dict[str, Channel] = {}
             self.mailbox = Mailbox()
             self.gloo_ready = False
+            self.listeners: dict[str, TcpListener] = {}  # "tcp" setup: peers still to accept
             self.prev_peer: str | None = None  # the chain/ring neighbours ChannelGroup.setup named
             self.next_peer: str | None = None
 
@@ -370,6 +381,30 @@ class ChannelEndpoint:
                                 timeout=datetime.timedelta(seconds=timeout_s))
         self.gloo_ready = True
         self.channels = {p: GlooChannel(name, p, r, timeout_s=None) for p, r in peers.items()}
+        return name
+
+    def channel_tcp_listen(self, peers: list[str]) -> dict[str, tuple[str, int]]:
+        """A listener for each peer that will connect here: peer name -> (host, port)."""
+        self._endpoint()
+        self.channel_close()
+        self.listeners = {p: TcpListener(node_ip()) for p in peers}
+        return {p: (lst.host, lst.port) for p, lst in self.listeners.items()}
+
+    def channel_setup_tcp(self, name: str, connect: dict[str, tuple[str, int]], secret: bytes,
+                          timeout_s: float, prev_next: tuple[str | None, str | None]) -> str:
+        """Connect to the peers in `connect`, accept the ones `channel_tcp_listen` waits for."""
+        self.prev_peer, self.next_peer = prev_next
+        channels: dict[str, Channel] = {}
+        try:
+            for p, (host, port) in connect.items():
+                channels[p] = TcpChannel.connect(name, p, host, port, secret=secret, timeout_s=timeout_s)
+            for p, lst in self.listeners.items():
+                channels[p] = lst.accept(secret, name, p, timeout_s)
+        finally:
+            for lst in self.listeners.values():
+                lst.close()
+            self.listeners = {}
+        self.channels = channels
         return name
 
     def channel_setup_ray(self, name: str, peers: dict[str, Any], timeout_s: float | None,
@@ -397,6 +432,9 @@ class ChannelEndpoint:
     def channel_close(self) -> None:
         """Close the channels and leave the gloo group (if joined); never hangs on a dead peer."""
         self._endpoint()
+        for ch in self.channels.values():
+            if isinstance(ch, TcpChannel):
+                ch.close()
         self.channels = {}
         if self.gloo_ready:
             import torch.distributed as dist
@@ -435,15 +473,16 @@ class ChannelGroup:
     @classmethod
     def setup(cls, actors: list[Any], kind: str = "gloo", names: list[str] | None = None, ring: bool = True,
               addr: str = "127.0.0.1", timeout_s: float = 30.0) -> ChannelGroup:
-        """Give actor i channels to i-1 and i+1 (wrapping round when `ring`); "gloo" falls back to "ray"."""
-        if kind not in ("gloo", "ray") or len(actors) < 2:
-            raise ValueError(f"kind {kind!r} for {len(actors)} actors: choose gloo or ray, 2 actors or more")
+        """Give actor i channels to i-1 and i+1 (wrapping round when `ring`); "gloo" and "tcp" fall back
+        to "ray" (logged) when they cannot form."""
+        if kind not in ("gloo", "tcp", "ray") or len(actors) < 2:
+            raise ValueError(f"kind {kind!r} for {len(actors)} actors: choose gloo, tcp or ray, 2 actors or more")
         group = cls(list(actors), names or [f"peer-{i}" for i in range(len(actors))], kind, ring)
-        if kind == "gloo":
-            reason = group._setup_gloo(addr, timeout_s)
+        if kind != "ray":
+            reason = group._setup_gloo(addr, timeout_s) if kind == "gloo" else group._setup_tcp(timeout_s)
             if reason is None:
                 return group
-            log.warning("gloo channels unavailable, falling back to Ray calls: %s", reason)
+            log.warning("%s channels unavailable, falling back to Ray calls: %s", kind, reason)
             group.kind, group.fallback_reason = "ray", reason
         import uuid
 
@@ -475,6 +514,25 @@ class ChannelGroup:
             return None
         ray.get([a.channel_close.remote() for a in self.actors], timeout=SETUP_CALL_S)
         return f"gloo at {addr}:{port}: " + "; ".join(errors)
+
+    def _setup_tcp(self, timeout_s: float) -> str | None:
+        """None when every link connected (the lower-ranked end connects), else why not."""
+        import secrets
+
+        import ray
+
+        secret = secrets.token_bytes(TCP_SECRET_BYTES)
+        try:
+            waits = {n: [a for a, b in self.links if b == n] for n in self.names}
+            at = dict(zip(self.names, ray.get([a.channel_tcp_listen.remote(waits[n])
+                                               for a, n in zip(self.actors, self.names)], timeout=SETUP_CALL_S)))
+            ray.get([a.channel_setup_tcp.remote(n, {b: at[b][n] for a_, b in self.links if a_ == n}, secret,
+                                                timeout_s, self.prev_next(i))
+                     for i, (a, n) in enumerate(zip(self.actors, self.names))], timeout=timeout_s + SETUP_CALL_S)
+            return None
+        except Exception as e:  # noqa: BLE001 - any failure means: no tcp
+            self.close()
+            return f"tcp: {type(e).__name__}: {str(e).splitlines()[-1][:300]}"
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Every live actor leaves its channels (dead ones are skipped)."""

@@ -156,6 +156,8 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    speculative: Annotated[int, typer.Option(
+        min=0, help="Prompt-lookup drafts verified a pass (0 = off); the output is unchanged.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of the text.")] = False,
 ) -> None:
     """Generates a completion: deploys locally, or attaches to a running named deployment."""
@@ -184,10 +186,10 @@ def generate(
             pipe = Pipeline.connect(name)
         with err.status("generating ..."):
             c = pipe.generate(the_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                              seed=seed)[0]
+                              seed=seed, speculative=speculative)[0]
         if as_json:
             typer.echo(json.dumps({"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-                                   "usage": c.usage}))
+                                   "usage": c.usage, "speculation": c.speculation}))
         else:
             typer.echo(c.text)
     finally:

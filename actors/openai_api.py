@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from actors.errors import BackPressureError, DeploymentError, RequestTimeoutError, StageFailedError
 from models import Completion, MeshpipeError, PromptTooLongError, SamplingParams, TokenLogprob
+from models.sampling import MAX_SPECULATIVE
 
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 
@@ -91,6 +92,7 @@ class _Sampling(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False  # an extension: generate past EOS (benchmarks)
+    speculative: int = Field(0, ge=0, le=MAX_SPECULATIVE)  # an extension: prompt-lookup drafts a pass (lossless)
     user: str | None = None
 
     @field_validator("stop")
@@ -126,6 +128,7 @@ class _Sampling(BaseModel):
             stop=tuple(self.stop or ()),
             logprobs=logprobs,
             ignore_eos=self.ignore_eos,
+            speculative=self.speculative,
         )
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from actors.channels import TcpChannel, TcpListener
+from actors.channels import TcpChannel, TcpListener, node_ip
 from actors.wire import ChecksumError, Header, LinkCodec, pack, peek_header, unpack
 from models import SamplingParams
 from models.speculative import draft_budget_of, propose_drafts, tail_index, verify
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SENT_KEPT = 16  # messages each member can resend
+REPORT_EVERY_S = 0.015  # the tail reports tokens at most this often, unless a sequence starts or ends
 STOP = object()
 
 
@@ -71,6 +72,7 @@ class SeqState:
     pending: list[int] = field(default_factory=list)  # head: tokens to feed next
     lane: int = 0
     drafts: list[int] = field(default_factory=list)  # head: drafts in flight
+    fresh: bool = True  # tail: nothing sampled since it joined (its first token is reported at once)
 
 
 class RingMember:
@@ -80,7 +82,7 @@ class RingMember:
         self.stage, self.spec, self.lanes = stage, spec, max(1, lanes)
         self.name = spec.names[spec.index]
         self.is_head, self.is_tail = spec.index == 0, spec.index == spec.size - 1
-        self.listener = TcpListener(_node_ip()) if spec.size > 1 else None
+        self.listener = TcpListener(node_ip()) if spec.size > 1 else None
         self.inbound: TcpChannel | None = None
         self.outbound: TcpChannel | None = None
         self.inbox: queue.Queue = queue.Queue()  # head: admissions, cancels, tokens from the tail
@@ -96,6 +98,9 @@ class RingMember:
         self.reports: list[tuple[str, list[int], list[Any], int]] = []  # tail: (rid, tokens, logprobs, drafted)
         self.report_trace: list[list[float]] = []
         self.report_cond = threading.Condition()
+        self.report_now = False  # a sequence's first token or its end is waiting: no batching delay
+        self.last_report = 0.0
+        self.fresh_sampled = False  # tail: the last pass sampled some sequence's first token
         self.retransmits = 0  # resends this member asked since its last message
 
     def address(self) -> tuple[str, int] | None:
@@ -269,6 +274,7 @@ class RingMember:
             self._send(out, torch.tensor(tokens, dtype=torch.long), trace)
         with self.report_cond:
             self.reports += reports
+            self.report_now = self.report_now or bool(done) or self.fresh_sampled
             self.report_trace = trace
             self.report_cond.notify_all()
         st.account(time.perf_counter() - t0, y)
@@ -339,8 +345,10 @@ class RingMember:
         views = [_Verify(start, self.tail_seqs[rid].params) for rid, start in zip(header.seq_ids, header.starts)]
         results = verify(logits, views, drafts, [[0] * n for n in header.lengths])
         tokens, done, lengths, reports = [], [], [], []
+        self.fresh_sampled = any(self.tail_seqs[rid].fresh for rid in header.seq_ids)
         for rid, start, n, d, (toks, lps, _) in zip(header.seq_ids, header.starts, header.lengths, drafts, results):
             q = self.tail_seqs[rid]
+            q.fresh = False
             first = start + n - len(d)  # the first sampled token's position
             kept, ended = [], False
             for j, t in enumerate(toks):
@@ -368,11 +376,15 @@ class RingMember:
             with self.report_cond:
                 while not self.reports and not self.stopped:
                     self.report_cond.wait()
+                due = self.last_report + REPORT_EVERY_S  # batching: each report call costs both ends CPU
+                while not self.report_now and not self.stopped and time.monotonic() < due:
+                    self.report_cond.wait(due - time.monotonic())
                 if self.stopped:
                     return
-                batch, self.reports = self.reports, []
+                batch, self.reports, self.report_now = self.reports, [], False
                 trace = self.report_trace
             ray.get(self.spec.router.ring_tokens.remote(self.spec.ring_id, batch, trace))
+            self.last_report = time.monotonic()
 
 
 @dataclass
@@ -381,12 +393,3 @@ class _Verify:
 
     cached: int
     params: SamplingParams
-
-
-def _node_ip() -> str:
-    try:
-        import ray
-
-        return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - outside Ray
-        return "127.0.0.1"

@@ -1,7 +1,7 @@
-"""`meshpipe bench channels`: ms per hop around a ring of actors, gloo channels vs Ray-call channels vs
-a bare Ray call passing an ObjectRef, in the same run.
+"""`meshpipe bench channels`: ms per hop around a ring of actors, TCP channels (the decode rings') vs gloo
+channels vs Ray-call channels vs a bare Ray call passing an ObjectRef, in the same run.
 
-Per (shape, actors): a ring of `ChannelPeer` actors (num_cpus=0). "gloo" and "ray" set up a
+Per (shape, actors): a ring of `ChannelPeer` actors (num_cpus=0). "tcp", "gloo" and "ray" set up a
 `ChannelGroup` of that kind; actor 0 sends one message at a time around the ring (`ring_origin`) and
 the others `relay_loop`, so a hop is one send + recv on a channel. "ray_ref" is today's hop without a
 router: the driver chains `echo` calls, each on the next actor, each taking the previous call's
@@ -143,7 +143,7 @@ def bench_channels(sizes: Sequence[tuple[int, ...]] = SIZES, actors: Sequence[in
                 nbytes = 4 * int(torch.tensor(shape).prod())
                 base = {"bench": "channels", "shape": list(shape), "bytes": nbytes, "actors": n,
                         "messages": messages}
-                for kind in ("gloo", "ray"):
+                for kind in ("tcp", "gloo", "ray"):
                     got, ms = _ring_ms(ring, kind, shape, messages)
                     rows.append({**base, "path": got, "asked": kind, "ms_per_hop": ms})
                     log.info("%s", rows[-1])

@@ -112,11 +112,42 @@ def bench_overhead_cmd(
     stages: Annotated[str, typer.Option(help="Stage counts.")] = "1,2,4",
     new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     repeats: Annotated[int, typer.Option(min=1)] = 3,
+    smollm2: Annotated[bool, typer.Option("--smollm2/--no-smollm2",
+                                          help="Then SmolLM2's efficiency at S=2,4, batch 1 and 16.")] = True,
 ) -> None:
-    """Per-token control overhead: a tiny 8-layer model through the pipeline vs in one process."""
-    from actors.bench.overhead import bench_overhead
+    """Per-token control overhead: a tiny 8-layer model through the pipeline vs in one process; then the
+    SmolLM2 efficiency table (pipeline tokens/s over one process's, measured next to it), in one run."""
+    import ray
 
-    _emit(bench_overhead(_parse_ints(stages, "--stages") or [1, 2, 4], new_tokens=new_tokens, repeats=repeats))
+    from actors.bench.overhead import bench_overhead
+    from actors.bench.pipeline import bench_pipeline
+
+    stage_list = _parse_ints(stages, "--stages") or [1, 2, 4]
+    if smollm2:
+        _ensure_model(SMOLLM2_NAME)
+    ray.init(address="local", num_gpus=max(stage_list), log_to_driver=False, include_dashboard=False)
+    try:
+        _emit(bench_overhead(stage_list, new_tokens=new_tokens, repeats=repeats))
+        if smollm2:
+            _emit(bench_pipeline([s for s in stage_list if s > 1] or [2], [1, 16], 32, SMOLLM2_NAME,
+                                 repeats=2, with_transformers=False, hops=False))
+    finally:
+        ray.shutdown()
+
+
+@bench_app.command("spec")
+@_handles_errors
+def bench_spec_cmd(
+    stages: Annotated[int, typer.Option(min=1)] = 4,
+    new_tokens: Annotated[int, typer.Option(min=1)] = 160,
+    k: Annotated[int, typer.Option(min=1, max=16, help="Drafts a pass.")] = 4,
+    repeats: Annotated[int, typer.Option(min=1)] = 2,
+) -> None:
+    """Speculative decoding through the pipeline: a "Repeat exactly" prompt and a story, with and without drafts."""
+    from actors.bench.spec import bench_spec
+
+    _ensure_model(SMOLLM2_NAME)
+    _emit(bench_spec(SMOLLM2_NAME, stages, new_tokens, k, repeats))
 
 
 @bench_app.command("codecs")

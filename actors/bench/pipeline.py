@@ -194,6 +194,7 @@ def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens
         used_threads = info["stages"][0]["threads"]
         used_micro = info["router"]["micro_batches"]
         used_mode = info["router"].get("hop_mode")
+        data_path = info["router"].get("data_path")
         for b in batches:
             single = None
             if baseline is not None:
@@ -207,7 +208,7 @@ def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens
             tps = b * new_tokens / best
             row = {"bench": "pipeline", "stages": stages, "batch": b, "new_tokens": new_tokens,
                    "threads_per_stage": used_threads, "micro_batches": used_micro, "hop_mode": used_mode,
-                   "ms_per_step": ms, "ms_per_step_median": med / new_tokens * 1e3, "tokens_per_s": tps,
+                   "data_path": data_path, "ms_per_step": ms, "ms_per_step_median": med / new_tokens * 1e3, "tokens_per_s": tps,
                    "deploy_s": round(deploy_s, 1), "load1": _load1(),
                    **{k: v for k, v in (extra or {}).items() if k != "encryption_key"}}
             if single is not None:

@@ -1,4 +1,4 @@
-"""Channels between real Ray actors: a 3-actor ring under gloo and under the Ray-call fallback, a killed
+"""Channels between real Ray actors: a 3-actor ring under TCP, gloo and the Ray-call fallback, a killed
 peer surfacing as ChannelError, and the fallback when gloo cannot be set up."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def ring(ray_cluster: dict) -> Iterator[list[Any]]:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("kind", ["gloo", "ray"])
+@pytest.mark.parametrize("kind", ["tcp", "gloo", "ray"])
 def test_ring_of_three_carries_mixed_messages_intact(ring: list[Any], kind: str) -> None:
     import ray
 
@@ -70,7 +70,7 @@ def test_ring_of_three_carries_mixed_messages_intact(ring: list[Any], kind: str)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("kind", ["gloo", "ray"])
+@pytest.mark.parametrize("kind", ["tcp", "gloo", "ray"])
 def test_killed_peer_is_a_channel_error_within_the_timeout(ray_cluster: dict, kind: str) -> None:
     import ray
 

@@ -49,6 +49,8 @@ def test_a_prompt_is_text_or_token_ids_one_or_several(prompt: object, prompts: l
     ({"prompt": "x", "stop": [""]}, "stop"),
     ({"prompt": 12}, "prompt"),
     ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": "x", "speculative": 17}, "speculative"),
+    ({"prompt": "x", "speculative": -1}, "speculative"),
 ])
 def test_out_of_range_fields_are_named(body: dict, field: str) -> None:
     err = validation_error(_errors(CompletionRequest, **body))
@@ -98,6 +100,8 @@ def test_sampling_params_per_choice() -> None:
     assert default.top_p is None and default.seed is None and default.max_new_tokens == 256  # the context's end
     assert CompletionRequest(prompt="x").sampling(0, None, 256).max_new_tokens == 16  # OpenAI's default
     assert CompletionRequest(prompt="x").temperature == 1.0
+    assert CompletionRequest(prompt="x", speculative=4).sampling(0, None, 256).speculative == 4  # an extension
+    assert CompletionRequest(prompt="x").sampling(0, None, 256).speculative == 0
 
 
 @pytest.mark.parametrize(("exc", "status", "code"), [
