@@ -150,7 +150,7 @@ class Pipeline:
                 nested.append(info[i:i + c])
                 i += c
             options = dc.router.model_copy(update={
-                "micro_batches": dc.router.micro_batches or default_micro_batches([x["device"] for x in info[:len(specs)]]),
+                "micro_batches": dc.router.micro_batches or default_micro_batches(info[:len(specs)]),
                 "message_bytes": dc.router.message_bytes or cfg.dim * 4})
             spec = RouterSpec(dc.name, str(source), cfg.to_dict(), options, wire,
                               placement.router_topology() if placement else None, key)
@@ -503,8 +503,11 @@ def choose_stage_resources(num_actors: int, total_gpus: float, free_gpus: float,
     return {"num_gpus": 1, "num_cpus": 0}
 
 
-def default_micro_batches(devices: list[str]) -> int:
-    """Lanes in flight: one per stage keeps every stage busy; on CPUs no more than the cores."""
-    if all(d.startswith("cpu") for d in devices):
-        return max(1, min(len(devices), os.cpu_count() or 1))
-    return len(devices)
+def default_micro_batches(stages: list[dict[str, Any]]) -> int:
+    """Lanes in flight (`stages`: each stage's `ready()` info). On GPUs one per stage keeps every stage
+    busy. CPU stages on one node share its cores and memory bandwidth: one lane lets each pass take
+    them all and read the weights once for the whole batch (measured on 2 cores, SmolLM2, S = 2,
+    batch 16: 81 ms a step with one lane, 139 with two); so one lane per node the stages occupy."""
+    if all(x["device"].startswith("cpu") for x in stages):
+        return max(1, min(len(stages), len({x.get("node_id") for x in stages})))
+    return len(stages)

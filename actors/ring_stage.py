@@ -85,7 +85,8 @@ class RingMember:
         self.listener = TcpListener(node_ip()) if spec.size > 1 else None
         self.inbound: TcpChannel | None = None
         self.outbound: TcpChannel | None = None
-        self.inbox: queue.Queue = queue.Queue()  # head: admissions, cancels, tokens from the tail
+        self.inbox: queue.Queue = queue.Queue()  # head: admissions and cancels
+        self.head_lock = threading.Lock()  # head: the sequences and lanes (its loop and its reader)
         self.seqs: dict[str, SeqState] = {}  # head: the sequences it feeds
         self.tail_seqs: dict[str, SeqState] = {}  # tail: what ends each sequence
         self.in_flight: set[int] = set()  # head: lanes with a step out
@@ -160,27 +161,33 @@ class RingMember:
         self.inbox.put(("cancel", rids))
 
     def _head_loop(self) -> None:
+        """Admissions and cancels; with one stage, also the steps (nothing comes back over a channel)."""
         while not self.stopped:
-            # block only when no lane can step (one ring of one stage feeds itself without the inbox)
-            idle = any(q.lane not in self.in_flight for q in self.seqs.values()) or self.release
-            items = [] if idle else [self.inbox.get()]
+            with self.head_lock:  # block only when no lane can step
+                ready = bool(self.release) or any(q.lane not in self.in_flight for q in self.seqs.values())
+            items = [] if ready else [self.inbox.get()]
             while True:  # everything already queued joins this round
                 try:
                     items.append(self.inbox.get_nowait())
                 except queue.Empty:
                     break
-            for item in items:
-                if item is STOP:
-                    return
-                self._handle(item)
-            sent = False
-            for lane in range(self.lanes):
-                members = [q for q in self.seqs.values() if q.lane == lane]
-                if members and lane not in self.in_flight:
-                    self._head_step(lane, members)
-                    sent = True
-            if self.release and not sent:  # nothing going down the ring soon: free now
-                self._head_step(0, [])
+            with self.head_lock:
+                for item in items:
+                    if item is STOP:
+                        return
+                    self._handle(item)
+                self._pump()
+
+    def _pump(self) -> None:
+        """Sends every lane that has sequences and no step out (caller holds `head_lock`)."""
+        sent = False
+        for lane in range(self.lanes):
+            members = [q for q in self.seqs.values() if q.lane == lane]
+            if members and lane not in self.in_flight:
+                self._head_step(lane, members)
+                sent = True
+        if self.release and not sent:  # nothing going down the ring soon: free now
+            self._head_step(0, [])
 
     def _handle(self, item: tuple[str, Any]) -> None:
         kind, body = item[0], item[1]
@@ -228,18 +235,21 @@ class RingMember:
         self.release = []
         if members:
             self.in_flight.add(lane)
+        header.lanes = max(1, len(self.in_flight))
         x = torch.tensor([t for xs in inputs for t in xs], dtype=torch.long)  # (N,)
-        self._compute_and_pass(header, x)
+        self.stage.compute.run(self._compute_and_pass, header, x)
 
     # ---------- every member: receive, compute, send ----------
 
     def _reader(self) -> None:
         while not self.stopped:
             header, x = self._open(self.inbound.recv_bytes())
-            if self.is_head:  # the tail's tokens: the head loop takes them in order with its admissions
-                self.inbox.put(("tokens", (header, x.tolist())))
+            if self.is_head:  # the tail's tokens: the next step leaves from this thread (no hand-over)
+                with self.head_lock:
+                    self._handle(("tokens", (header, x.tolist())))
+                    self._pump()
             else:
-                self._compute_and_pass(header, x)
+                self.stage.compute.run(self._compute_and_pass, header, x)
 
     def _compute_and_pass(self, header: Header, x: torch.Tensor) -> None:
         st = self.stage
@@ -284,7 +294,7 @@ class RingMember:
         nxt = (self.spec.index + 1) % self.spec.size
         out = Header(kind=header.kind, step=header.step, msg_id=header.msg_id, attempt=0, sender=self.name,
                      seq_ids=header.seq_ids, starts=header.starts, lengths=header.lengths, release=header.release,
-                     lane=header.lane, drafts=header.drafts, trace=trace)
+                     lane=header.lane, lanes=header.lanes, drafts=header.drafts, trace=trace)
         link = self.spec.links[nxt]
         try:
             wire = pack(out, y, link, self.stage.key)

@@ -30,6 +30,7 @@ from actors.wire import (
     load_key,
     pack,
 )
+from actors.compute import ComputeThread
 from actors.gcs import own_restarts
 from actors.history import OutputHistory
 from actors.naming import NAMESPACE, stage_name
@@ -79,11 +80,13 @@ def default_threads(num_stages: int, device: str) -> int:
 
 
 def _locked(method: Any) -> Any:
-    """Runs the method under the stage's compute lock (ring threads share the caches)."""
+    """Runs the method on the stage's compute thread, under its lock (ring threads share the caches)."""
     @functools.wraps(method)
     def run(self: StageActor, *args: Any, **kwargs: Any) -> Any:
-        with self.lock:
-            return method(self, *args, **kwargs)
+        def locked() -> Any:
+            with self.lock:
+                return method(self, *args, **kwargs)
+        return self.compute.run(locked)
     return run
 
 
@@ -117,17 +120,28 @@ class StageActor:
         self.key = setup.key if setup.key is not None else load_key()  # from the deployment, else MESHPIPE_KEY here
         self.max_retransmits = setup.wire.max_retransmits
         self.device = pick_device()
-        torch.set_num_threads(setup.stage.threads_per_stage or default_threads(setup.num_stages, str(self.device)))
+        self.threads = setup.stage.threads_per_stage or default_threads(setup.num_stages, str(self.device))
+        # on CPUs without a set count, a ring pass takes the cores the stages computing at once leave it
+        self.adaptive = setup.stage.threads_per_stage is None and str(self.device).startswith("cpu")
+        self.num_stages = setup.num_stages
+        torch.set_num_threads(self.threads)
+        self.compute = ComputeThread(self.threads)  # every torch computation of this stage runs there
         cfg = ModelConfig.from_dict(setup.model)
         if weights is not None:  # the deployment's weights actor keeps them in the object store
             from actors.weights import fetch_stage_state
 
             state = fetch_stage_state(weights, spec, dtype, str(self.device))
-            self.model = build_stage(cfg, spec.layers, state, self.device, embed=spec.embed, head=spec.head)
+            self.model = self.compute.run(build_stage, cfg, spec.layers, state, self.device,
+                                          embed=spec.embed, head=spec.head)
         else:
-            self.model = load_stage(setup.source, spec.layers, dtype, self.device, cfg,
-                                    embed=spec.embed, head=spec.head)
-        self.cache = self.model.new_cache()
+            self.model = self.compute.run(load_stage, setup.source, spec.layers, dtype, self.device, cfg,
+                                          embed=spec.embed, head=spec.head)
+        self.cache = self.compute.run(self.model.new_cache)
+        # more threads pay off only for a stage with real work (a tiny test model's ops stay serial, and
+        # idle OpenMP workers spinning in 4 processes on 2 cores cost it 3x): ~1M parameters and up
+        self.adaptive = self.adaptive and sum(p.numel() for p in self.model.parameters()) >= 2**20
+        if self.threads == 1 and not self.adaptive:
+            self.compute.serial()
         self.dtype = next(self.model.parameters()).dtype
         self.delay_s = 0.0  # test hook: extra seconds before each forward (a slow inbound hop)
         self.step_time_s = 0.0  # test hook: seconds each step sleeps as if computing (an accelerator's time)
@@ -163,7 +177,7 @@ class StageActor:
             "node_id": ctx.get_node_id(),
             "pid": os.getpid(),
             "device": str(self.device),
-            "threads": torch.get_num_threads(),
+            "threads": self.threads,
             "load_s": round(self.load_s, 3),
             "restarts": self.restarts,
         }
@@ -177,6 +191,10 @@ class StageActor:
         return self._arrive(sent_at)
 
     def forward(self, env: Envelope, params: list[SamplingParams] | None = None) -> Envelope | Any:
+        """One Ray-call step (`_forward`), on the compute thread."""
+        return self.compute.run(self._forward, env, params)
+
+    def _forward(self, env: Envelope, params: list[SamplingParams] | None = None) -> Envelope | Any:
         """One step of one micro-batch: verify and decode, embed (first), run the layers, sample (last).
 
         In router mode only the last stage gets `params` (sampling options); in push mode they
@@ -227,6 +245,8 @@ class StageActor:
         step, which may rewrite positions its sequence's last pass drafted (rejected drafts), nothing else."""
         with self.lock:
             self._check_order(header, ring)
+            if ring and self.adaptive:
+                self._threads_for(header.lanes)
             if header.release:  # never a sequence this very message carries
                 gone = [sid for sid in header.release if sid not in set(header.seq_ids)]
                 self.cache.free(gone)
@@ -249,6 +269,13 @@ class StageActor:
                 else:
                     self.draft_from.pop(sid, None)
             return y
+
+    def _threads_for(self, lanes: int) -> None:
+        """Torch threads for a ring pass with `lanes` micro-batches in flight: a lone lane has one stage
+        computing at a time, which may take every core; more share them (measured: README)."""
+        want = max(1, (os.cpu_count() or 1) // max(1, min(lanes, self.num_stages)))
+        if want != torch.get_num_threads():
+            torch.set_num_threads(want)
 
     def account(self, dt: float, y: torch.Tensor, wire: np.ndarray | None = None) -> None:
         """One step's time and sizes into the stats and metrics."""

@@ -23,22 +23,28 @@ class Batch:
 
     @classmethod
     def build(cls, seq_ids: Sequence[str], starts: Sequence[int], lengths: Sequence[int]) -> Batch:
-        starts_t = torch.as_tensor(list(starts), dtype=torch.long)
-        lengths_t = torch.as_tensor(list(lengths), dtype=torch.long)
-        token_seq = torch.repeat_interleave(torch.arange(len(lengths_t)), lengths_t)  # (N,)
-        offsets = torch.cumsum(lengths_t, 0) - lengths_t  # (B,) first packed index per sequence
-        token_t = torch.arange(int(lengths_t.sum())) - offsets[token_seq]  # (N,)
+        # plain Python, then one tensor per field: a decode step's handful of ints costs ~5 small
+        # tensors instead of a dozen torch ops (this runs on every stage at every step)
+        starts, lengths = [int(s) for s in starts], [int(n) for n in lengths]
+        token_seq = [i for i, n in enumerate(lengths) for _ in range(n)]  # (N,)
+        token_t = [t for n in lengths for t in range(n)]  # (N,)
+        last, ends = 0, []
+        for n in lengths:
+            last += n
+            ends.append(last - 1)
         return cls(
             seq_ids=list(seq_ids),
-            starts=starts_t,
-            lengths=lengths_t,
-            token_seq=token_seq,
-            token_t=token_t,
-            positions=starts_t[token_seq] + token_t,
-            last_token=offsets + lengths_t - 1,
+            starts=torch.tensor(starts, dtype=torch.long),
+            lengths=torch.tensor(lengths, dtype=torch.long),
+            token_seq=torch.tensor(token_seq, dtype=torch.long),
+            token_t=torch.tensor(token_t, dtype=torch.long),
+            positions=torch.tensor([starts[i] + t for i, t in zip(token_seq, token_t)], dtype=torch.long),
+            last_token=torch.tensor(ends, dtype=torch.long),
         )
 
     def to(self, device: torch.device) -> Batch:
+        if torch.device(device) == self.starts.device:
+            return self
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
         return Batch(**moved)
 

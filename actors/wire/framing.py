@@ -65,6 +65,7 @@ class Header:
     lengths: list[int]  # (B,) new tokens each sequence brings this step
     release: list[str] = field(default_factory=list)  # sequences whose caches the receiver frees first
     lane: int = 0  # decode ring: the micro-batch this message belongs to
+    lanes: int = 1  # decode ring: micro-batches in flight when it left the head (how many stages compute at once)
     drafts: list[list[int]] = field(default_factory=list)  # (B,) speculative drafts ending each input ([]: none)
     # decode ring: [stage, replica, inbound_ms, compute_ms, resends asked] per hop (the router's costs learn from it)
     trace: list[list[float]] = field(default_factory=list)
@@ -100,6 +101,8 @@ def _header_problem(h: Header) -> str | None:
             return f"{name} must be a list of ints >= 0"
     if not is_int(h.lane) or h.lane < 0:
         return f"lane must be an int >= 0, got {h.lane!r}"
+    if not is_int(h.lanes) or not 1 <= h.lanes <= 1024:
+        return f"lanes must be an int in [1, 1024], got {h.lanes!r}"
     if not isinstance(h.drafts, list) or not all(
             isinstance(d, list) and all(is_int(i) and i >= 0 for i in d) for d in h.drafts) or \
             (h.drafts and (len(h.drafts) != len(h.seq_ids) or any(len(d) >= n for d, n in zip(h.drafts, h.lengths)))):

@@ -312,7 +312,7 @@ def test_garbled_header_is_a_message_error(doc: bytes) -> None:
     ("compress", {}), ("block", 4), ("block", "64"), ("encrypted", 1), ("encrypted", True),
     ("block", 40000), ("lane", -1), ("lane", "0"), ("drafts", "ab"), ("drafts", [[1], [2]]),
     ("drafts", [[1]]), ("drafts", [[-1], []]), ("trace", [[0, 0, 1.0, 2.0]]), ("trace", [["a", 0, 0, 0, 0]]),
-    ("trace", {"x": 1}),
+    ("trace", {"x": 1}), ("lanes", 0), ("lanes", 1.5),
 ])
 def test_wrong_typed_header_field_is_a_message_error(field: str, value: object) -> None:
     wire = pack(_header(), torch.randn(2, 8))

@@ -1,0 +1,48 @@
+"""The one thread a stage process computes on.
+
+OpenMP keeps a pool of worker threads per thread that starts parallel work. A stage process has
+several such threads (Ray's task thread, a decode ring's reader and head loops), and two pools in
+one process fight over the cores: measured on 2 cores with 2 torch threads, a (1, 576) x (576,
+1536) matmul took 0.14 ms from a second computing thread against 0.03 ms from a lone one, and
+SmolLM2's decode step 51 ms against 29 ms. So every torch computation of a stage (its weights'
+loading, Ray-call steps, ring passes, cache copies) runs on this one thread, with the stage's
+torch thread count set there (OpenMP keeps that count per thread too).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class ComputeThread:
+    """Runs callables on one dedicated thread, in submission order; a call from that thread runs inline."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.inline = False  # `serial()`: one torch thread for good, so any thread may compute
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="meshpipe-compute")
+        self._ident = self._pool.submit(self._start).result()
+
+    def serial(self) -> None:
+        """From now on the stage computes on one torch thread: no OpenMP pools to fight over the cores,
+        so callers compute in their own thread and skip the hand-over (~80 us a call here)."""
+        self.run(torch.set_num_threads, 1)
+        torch.set_num_threads(1)
+        self.inline = True
+
+    def _start(self) -> int:
+        torch.set_num_threads(self.threads)
+        return threading.get_ident()
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` on the compute thread; its result, or its exception raised here."""
+        if self.inline or threading.get_ident() == self._ident:
+            return fn(*args, **kwargs)
+        return self._pool.submit(fn, *args, **kwargs).result()
