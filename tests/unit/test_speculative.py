@@ -4,6 +4,7 @@ cache rewind, the sampled distribution (chi-square) and the benchmark. No Ray.""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -245,10 +246,18 @@ def test_sampled_tokens_follow_the_model_softmax(model: Transformer) -> None:
     assert propose_drafts(prompt, 4)[0] == c
     torch.manual_seed(0)  # the seeds generate_local draws per sequence
     outs = generate_local(model, [prompt] * 4000, 2, temperature=1.0, ignore_eos=True, speculative=4)
+    check_first_two_tokens(outs, prompt, c, softmax_after, min_second=100)
+
+
+def check_first_two_tokens(outs: list, prompt: list[int], c: int, softmax_after: Callable[[list], torch.Tensor],
+                           min_second: int) -> None:
+    """The first tokens, and the second ones after the draft `c` was confirmed, follow the softmax
+    (chi-square); every confirmed `c` counted as an accepted draft."""
+    V = softmax_after([prompt]).shape[-1]
     first = torch.tensor([o.token_ids[0] for o in outs])
     assert chi_square_p(torch.bincount(first, minlength=V), softmax_after([prompt])[0]) > 0.001
     second = torch.tensor([o.token_ids[1] for o in outs if o.token_ids[0] == c])
-    assert len(second) > 100
+    assert len(second) > min_second
     assert sum(o.speculation["accepted"] for o in outs) == len(second)  # those are the accepted drafts
     assert chi_square_p(torch.bincount(second, minlength=V), softmax_after([prompt + [c]])[0]) > 0.001
 
