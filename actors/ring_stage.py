@@ -32,7 +32,7 @@ import torch
 from actors.channels import TcpChannel, TcpListener, node_ip
 from actors.wire import ChecksumError, Header, LinkCodec, pack, peek_header, unpack
 from models import SamplingParams
-from models.speculative import draft_budget_of, propose_drafts, tail_index, verify
+from models.speculative import PROBE_AFTER, adapt_budget, draft_budget_of, propose_drafts, tail_index, verify
 
 if TYPE_CHECKING:
     from actors.stage import StageActor
@@ -73,6 +73,8 @@ class SeqState:
     lane: int = 0
     drafts: list[int] = field(default_factory=list)  # head: drafts in flight
     fresh: bool = True  # tail: nothing sampled since it joined (its first token is reported at once)
+    budget: int = -1  # head: drafts the next pass may send (`adapt_budget`; -1: not started)
+    paused: int = 0  # head: passes without drafts since the budget fell to 0
 
 
 class RingMember:
@@ -218,11 +220,19 @@ class RingMember:
                 q.start += len(q.pending) + n - 1  # the inputs, and the drafts the tail confirmed
                 q.tokens += got
                 q.generated += n
+                if q.params.speculative:
+                    q.budget = adapt_budget(q.budget, q.params.speculative, len(q.drafts), n - 1)
                 q.pending, q.drafts = [got[-1]], []
 
     def _head_step(self, lane: int, members: list[SeqState]) -> None:
         for q in members:
             k = draft_budget_of(q.params, q.generated, len(q.tokens), self.spec.max_seq_len)
+            if q.params.speculative:
+                q.budget = q.params.speculative if q.budget < 0 else q.budget
+                q.paused = q.paused + 1 if q.budget == 0 else 0
+                if q.paused >= PROBE_AFTER:  # try one draft again: the text may have turned repetitive
+                    q.budget, q.paused = 1, 0
+                k = min(k, q.budget)
             q.drafts = propose_drafts(q.tokens, k) if k else []
         inputs = [q.pending + q.drafts for q in members]
         spec = any(q.drafts for q in members)

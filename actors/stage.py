@@ -177,7 +177,8 @@ class StageActor:
             "node_id": ctx.get_node_id(),
             "pid": os.getpid(),
             "device": str(self.device),
-            "threads": self.threads,
+            "threads": self.threads,  # Ray-call steps; ring passes: the cores left them when adaptive
+            "threads_adaptive": self.adaptive,
             "load_s": round(self.load_s, 3),
             "restarts": self.restarts,
         }

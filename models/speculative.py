@@ -85,6 +85,20 @@ def draft_budget_of(params: SamplingParams, generated: int, held: int, max_seq_l
     return max(0, min(params.speculative, room_new, room_ctx))
 
 
+PROBE_AFTER = 8  # passes a sequence goes without drafts (its budget fell to 0) before one draft is tried
+
+
+def adapt_budget(k: int, k_max: int, drafted: int, accepted: int) -> int:
+    """The next pass's draft budget for a sequence: doubled (up to `k_max`) when every draft was
+    accepted, halved when none was (0 pauses drafting: a rejected draft still costs a position in
+    every stage's pass), kept otherwise. Output never depends on it."""
+    if drafted == 0:
+        return k
+    if accepted >= drafted:
+        return min(k_max, max(1, 2 * k))
+    return k // 2 if accepted == 0 else k
+
+
 def tail_index(lengths: Sequence[int], counts: Sequence[int]) -> torch.Tensor:
     """(sum(counts),) packed indices of the last counts[b] of each sequence's lengths[b] new tokens."""
     out, end = [], 0

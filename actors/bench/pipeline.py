@@ -191,7 +191,7 @@ def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens
     deploy_s = time.perf_counter() - t0
     try:
         info = pipe.describe()
-        used_threads = info["stages"][0]["threads"]
+        used_threads = "auto" if info["stages"][0].get("threads_adaptive") else info["stages"][0]["threads"]
         used_micro = info["router"]["micro_batches"]
         used_mode = info["router"].get("hop_mode")
         data_path = info["router"].get("data_path")
@@ -202,13 +202,16 @@ def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens
                 yield single
             prompts = [prompt] * b
             pipe.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)  # warm-up
+            busy = sum(st["busy_s"] for st in pipe.stats()["stages"])
             best, med = _timed(lambda: pipe.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True),
                                repeats)
+            # time spent inside the stages (compute, encode, send) per step, summed over the stages
+            inside = (sum(st["busy_s"] for st in pipe.stats()["stages"]) - busy) / (repeats * new_tokens) * 1e3
             ms = best / new_tokens * 1e3
             tps = b * new_tokens / best
             row = {"bench": "pipeline", "stages": stages, "batch": b, "new_tokens": new_tokens,
                    "threads_per_stage": used_threads, "micro_batches": used_micro, "hop_mode": used_mode,
-                   "data_path": data_path, "ms_per_step": ms, "ms_per_step_median": med / new_tokens * 1e3, "tokens_per_s": tps,
+                   "data_path": data_path, "stages_busy_ms_per_step": inside, "ms_per_step": ms, "ms_per_step_median": med / new_tokens * 1e3, "tokens_per_s": tps,
                    "deploy_s": round(deploy_s, 1), "load1": _load1(),
                    **{k: v for k, v in (extra or {}).items() if k != "encryption_key"}}
             if single is not None:

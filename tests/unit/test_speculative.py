@@ -82,6 +82,14 @@ def test_accepted_prefix_and_tail_index() -> None:
     assert tail_index([3, 1, 4], [2, 1, 3]).tolist() == [1, 2, 3, 5, 6, 7]
 
 
+def test_the_draft_budget_grows_on_hits_and_pauses_on_misses() -> None:
+    from models.speculative import adapt_budget
+
+    assert adapt_budget(4, 4, 4, 4) == 4 and adapt_budget(1, 8, 1, 1) == 2 and adapt_budget(0, 4, 0, 0) == 0
+    assert adapt_budget(4, 4, 4, 0) == 2 and adapt_budget(1, 4, 1, 0) == 0  # misses halve, then pause
+    assert adapt_budget(4, 4, 4, 2) == 4 and adapt_budget(3, 4, 0, 0) == 3  # partial hits, no drafts: kept
+
+
 def test_speculative_is_validated() -> None:
     assert SamplingParams(speculative=16).speculative == 16 and SamplingParams().speculative == 0
     for bad in (-1, 17, 2.0, True, "4"):
