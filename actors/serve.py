@@ -196,8 +196,9 @@ class OpenAIServer:
         offsets: dict[int, int] = defaultdict(int)
         prompt_tokens: dict[int, int] = {}
         completion_tokens: dict[int, int] = {}
+        merged = _merge([pipe.afollow(rid) for rid in rids])
         try:
-            async for i, chunk in _merge([pipe.afollow(rid) for rid in rids]):
+            async for i, chunk in merged:
                 if not chunk.text and chunk.finish_reason is None and not chunk.logprobs:
                     continue  # text held back (a partial character, a possible stop string)
                 texts = await self._texts(pipe, chunk.logprobs)
@@ -213,6 +214,8 @@ class OpenAIServer:
                                           chunk=True))
         except Exception as e:  # noqa: BLE001 - the status line is sent: the error travels as an event
             yield _sse(api_error(e).body())
+        finally:  # a dropped client closes this stream at a `yield`: `async for` would leave `merged` to
+            await merged.aclose()  # the garbage collector, and its requests running; cancel them now
         yield "data: [DONE]\n\n"
 
 
