@@ -91,9 +91,11 @@ def node_loss(ckpt: str, cluster: Cluster, workers: list) -> dict:
         before = {s["stage"]: s["node_id"] for s in pipe.describe()["stages"]}
         victim = next(w for w in workers if w.node_id == before[1])
         assert before[0] != before[1], before
-        pipe.set_hop_delay(0, 0.05)  # 20 steps take > 1 s
+        pipe.set_hop_delay(0, 0.1)  # 20 passes take > 2 s: the node dies mid-generation, however loaded
         rids = [pipe.submit(p, max_new_tokens=20, ignore_eos=True) for p in PROMPTS]
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while pipe.stats()["router"]["tokens_generated"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
         t0 = time.monotonic()
         cluster.remove_node(victim, allow_graceful=False)
         outs = [pipe.result(r, timeout=120) for r in rids]
