@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -73,7 +73,7 @@ class SeqState:
     lane: int = 0
     drafts: list[int] = field(default_factory=list)  # head: drafts in flight
     fresh: bool = True  # tail: nothing sampled since it joined (its first token is reported at once)
-    budget: int = -1  # head: drafts the next pass may send (`adapt_budget`; -1: not started)
+    budget: int = 0  # head: drafts the next pass may send (`adapt_budget`; starts at params.speculative)
     paused: int = 0  # head: passes without drafts since the budget fell to 0
 
 
@@ -103,7 +103,6 @@ class RingMember:
         self.report_cond = threading.Condition()
         self.report_now = False  # a sequence's first token or its end is waiting: no batching delay
         self.last_report = 0.0
-        self.fresh_sampled = False  # tail: the last pass sampled some sequence's first token
         self.retransmits = 0  # resends this member asked since its last message
 
     def address(self) -> tuple[str, int] | None:
@@ -199,7 +198,7 @@ class RingMember:
                 lane = min(range(self.lanes), key=loads.__getitem__)
                 loads[lane] += 1
                 self.seqs[rid] = SeqState(rid, params, list(tokens), generated, start=cached,
-                                          pending=list(tokens[cached:]), lane=lane)
+                                          pending=list(tokens[cached:]), lane=lane, budget=params.speculative)
         elif kind == "cancel":
             for rid in body:
                 if self.seqs.pop(rid, None) is not None:
@@ -228,7 +227,6 @@ class RingMember:
         for q in members:
             k = draft_budget_of(q.params, q.generated, len(q.tokens), self.spec.max_seq_len)
             if q.params.speculative:
-                q.budget = q.params.speculative if q.budget < 0 else q.budget
                 q.paused = q.paused + 1 if q.budget == 0 else 0
                 if q.paused >= PROBE_AFTER:  # try one draft again: the text may have turned repetitive
                     q.budget, q.paused = 1, 0
@@ -282,6 +280,7 @@ class RingMember:
             wire = self._send(header, y, [*header.trace, hop])
             st.account(time.perf_counter() - t0, y, wire)
             return
+        urgent = any(self.tail_seqs[rid].fresh for rid in header.seq_ids)  # a first token: report at once
         tokens, done, lengths, reports = self._sample(header, y.cpu())
         hop[3] = (time.perf_counter() - t0) * 1e3
         trace = [*header.trace, hop]
@@ -294,7 +293,7 @@ class RingMember:
             self._send(out, torch.tensor(tokens, dtype=torch.long), trace)
         with self.report_cond:
             self.reports += reports
-            self.report_now = self.report_now or bool(done) or self.fresh_sampled
+            self.report_now = self.report_now or bool(done) or urgent
             self.report_trace = trace
             self.report_cond.notify_all()
         st.account(time.perf_counter() - t0, y)
@@ -302,9 +301,7 @@ class RingMember:
     def _send(self, header: Header, y: torch.Tensor, trace: list[list[float]]) -> Any:
         """Encodes and sends to the next member; returns the encoded message."""
         nxt = (self.spec.index + 1) % self.spec.size
-        out = Header(kind=header.kind, step=header.step, msg_id=header.msg_id, attempt=0, sender=self.name,
-                     seq_ids=header.seq_ids, starts=header.starts, lengths=header.lengths, release=header.release,
-                     lane=header.lane, lanes=header.lanes, drafts=header.drafts, trace=trace)
+        out = replace(header, attempt=0, sender=self.name, trace=trace)  # pack fills shape, dtype, codec
         link = self.spec.links[nxt]
         try:
             wire = pack(out, y, link, self.stage.key)
@@ -365,7 +362,6 @@ class RingMember:
         views = [_Verify(start, self.tail_seqs[rid].params) for rid, start in zip(header.seq_ids, header.starts)]
         results = verify(logits, views, drafts, [[0] * n for n in header.lengths])
         tokens, done, lengths, reports = [], [], [], []
-        self.fresh_sampled = any(self.tail_seqs[rid].fresh for rid in header.seq_ids)
         for rid, start, n, d, (toks, lps, _) in zip(header.seq_ids, header.starts, header.lengths, drafts, results):
             q = self.tail_seqs[rid]
             q.fresh = False
