@@ -27,7 +27,7 @@ class RouterOptions(_Section):
 
     max_active_sequences: int = Field(64, ge=1)  # sequences decoding at once
     max_queued: int = Field(256, ge=0)  # admitted requests waiting for a slot; beyond this -> BackPressureError
-    max_kv_tokens: int = Field(262144, ge=1)  # sum of (prompt + max_new_tokens) over active sequences
+    prefill_chunk: int = Field(512, ge=1)  # prompt tokens per step: a long prompt shares steps with running decodes
     micro_batches: int | None = Field(None, ge=1)  # lanes in flight down the pipeline (None: one per stage, <= cores)
     data_path: str = Field("ring", pattern="^(ring|calls)$")  # "ring": stages loop on their own over TCP; "calls": Ray calls
     hop_mode: str = Field("router", pattern="^(router|push)$")  # calls path: "router" chains ObjectRefs; "push": k calls k+1
@@ -71,6 +71,10 @@ class StageOptions(_Section):
     threads_per_stage: int | None = Field(None, ge=1)  # torch threads in each stage (None: chosen by device)
     max_restarts: int = Field(3, ge=0)  # Ray restarts a dead stage actor this often; the router rebuilds its caches
     stage_resources: dict[str, Any] | None = None  # e.g. {"num_gpus": 1, "num_cpus": 0.5}; None: one GPU each
+    kv_block_size: int = Field(16, ge=1, le=1024)  # tokens per KV cache block
+    # KV pool per stage replica, in tokens (None: 1 GiB on a CPU; on a GPU its share x 0.9 minus the weights)
+    kv_cache_tokens: int | None = Field(None, ge=1)
+    prefix_caching: bool = True  # full blocks of finished tokens are kept and shared by prompts that start alike
 
     @field_validator("dtype")
     @classmethod

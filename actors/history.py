@@ -16,20 +16,30 @@ from models.errors import CacheMissError
 
 class OutputHistory:
     def __init__(self) -> None:
-        self._rows: dict[str, torch.Tensor] = {}  # seq id -> (T, dim) outputs for positions 0..T-1
+        self._rows: dict[str, torch.Tensor] = {}  # seq id -> (T, dim) outputs for positions first..first+T-1
         self._chunks: dict[str, list[torch.Tensor]] = {}  # appended since the last compaction
+        self._first: dict[str, int] = {}  # seq id -> its first position kept (> 0: it began on a cached prefix)
+
+    def first(self, seq_id: str) -> int:
+        """The first position kept: a sequence that began on cached prefix blocks has no outputs before it."""
+        return self._first.get(seq_id, 0)
 
     def length(self, seq_id: str) -> int:
+        """One past the last position kept."""
         base = self._rows.get(seq_id)
-        return (0 if base is None else base.shape[0]) + sum(c.shape[0] for c in self._chunks.get(seq_id, []))
+        return self.first(seq_id) + (0 if base is None else base.shape[0]) + \
+            sum(c.shape[0] for c in self._chunks.get(seq_id, []))
 
     def record(self, seq_ids: list[str], starts: list[int], lengths: list[int], y: torch.Tensor) -> None:
         """Stores packed outputs y (N, dim) for positions starts[i] .. starts[i] + lengths[i] - 1."""
         offset = 0
         for sid, start, n in zip(seq_ids, starts, lengths):
+            if sid not in self._rows and sid not in self._chunks or start < self.first(sid):
+                self.free([sid])  # a new sequence (maybe past a cached prefix), or a rebuild from before its first
+                self._first[sid] = start
             have = self.length(sid)
             if start < have:  # a rebuild rewrote these positions
-                self._truncate(sid, start)
+                self.truncate(sid, start)
             elif start > have:
                 raise CacheMissError(f"output history of {sid!r} has {have} positions, a step starts at {start}")
             chunks = self._chunks.setdefault(sid, [])
@@ -42,17 +52,18 @@ class OutputHistory:
         """The packed outputs (N, dim) those positions had, e.g. to resend a message."""
         parts = []
         for sid, start, n in zip(seq_ids, starts, lengths):
-            rows = self._compact(sid)
-            if rows is None or start + n > rows.shape[0]:
-                have = 0 if rows is None else rows.shape[0]
-                raise CacheMissError(f"output history of {sid!r} has {have} positions, not {start}..{start + n - 1}")
-            parts.append(rows[start:start + n])
+            rows, first = self._compact(sid), self.first(sid)
+            if rows is None or start < first or start + n > first + rows.shape[0]:
+                held = "none" if rows is None else f"{first}..{first + rows.shape[0] - 1}"
+                raise CacheMissError(f"output history of {sid!r} holds positions {held}, not {start}..{start + n - 1}")
+            parts.append(rows[start - first:start - first + n])
         return torch.cat(parts) if parts else torch.empty(0)
 
     def free(self, seq_ids: Iterable[str]) -> None:
         for sid in seq_ids:
             self._rows.pop(sid, None)
             self._chunks.pop(sid, None)
+            self._first.pop(sid, None)
 
     def _compact(self, sid: str) -> torch.Tensor | None:
         chunks = self._chunks.pop(sid, [])
@@ -62,7 +73,8 @@ class OutputHistory:
             self._rows[sid] = base
         return base
 
-    def _truncate(self, sid: str, n: int) -> None:
+    def truncate(self, sid: str, n: int) -> None:
+        """Keeps positions ..n-1."""
         rows = self._compact(sid)
         if rows is not None:
-            self._rows[sid] = rows[:n]
+            self._rows[sid] = rows[:max(0, n - self.first(sid))]

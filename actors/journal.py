@@ -10,6 +10,7 @@ so the continuation is the one the old router would have produced.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pickle
 import time
@@ -20,6 +21,7 @@ from actors.naming import NAMESPACE, journal_prefix
 
 if TYPE_CHECKING:
     from actors.request import Request
+    from actors.router import RouterActor
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +132,22 @@ def request_of_records(records: list[RequestRecord], cfg: Any) -> list[tuple[Req
         out.append((Request(rec.rid, seq, kv, deadline, loop.create_future(), journaled=len(rec.generated)),
                     rec.completion))
     return out
+
+
+async def resume(router: RouterActor) -> None:
+    """A restarted router: frees every stage's orphaned caches and re-admits the journal's requests."""
+    records = router.journal.load()
+    freed = await asyncio.gather(*[r.handle.reset.remote() for r in router.pool.table], return_exceptions=True)
+    log.warning("router restarted (incarnation %d): %d requests from the journal; freed %d orphaned "
+                "caches on the stages", router.incarnation, len(records), sum(x for x in freed if isinstance(x, int)))
+    resumed = []
+    for req, completion in request_of_records(records, router.cfg):
+        router.requests[req.rid] = req
+        if completion is not None:
+            req.future.set_result(completion)
+        else:
+            resumed.append(req)
+    router._ensure_started()
+    router.resumed = len(resumed)
+    router.waiting.extend(sorted(resumed, key=lambda r: r.rid))
+    router._schedule()

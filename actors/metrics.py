@@ -38,6 +38,9 @@ class RouterMetrics:
         self.spec = {"passes": 0, "drafted": 0, "accepted": 0}  # speculative decoding totals, for stats
         self.spec_counters = {k: Counter(f"meshpipe_speculative_{k}", f"speculative decoding: {k}", tag_keys=keys)
                               for k in self.spec}
+        self.prefix = {"prompt_tokens": 0, "hit_tokens": 0}  # prompt tokens started, and those cached blocks held
+        self.prefix_counters = {k: Counter(f"meshpipe_prefix_{k}", f"prefix caching: {k.replace('_', ' ')}",
+                                           tag_keys=keys) for k in self.prefix}
         self.efficiency = Gauge("meshpipe_pipeline_efficiency",
                                 "mean busy fraction of the stages' replicas (1 = no bubbles)", tag_keys=keys)
 
@@ -60,6 +63,17 @@ class RouterMetrics:
         """Totals and tokens a pass (accepted drafts + the one sampled token, per pass)."""
         p = self.spec["passes"]
         return {**self.spec, "tokens_per_pass": round((self.spec["accepted"] + p) / p, 3) if p else 0.0}
+
+    def prompted(self, prompt_tokens: int = 0, hit_tokens: int = 0) -> None:
+        """A sequence started with `prompt_tokens` to prefill, `hit_tokens` of them found cached."""
+        for k, v in (("prompt_tokens", prompt_tokens), ("hit_tokens", hit_tokens)):
+            self.prefix[k] += v
+            if v:
+                self.prefix_counters[k].inc(v, self.tags)
+
+    def prefix_stats(self) -> dict[str, float]:
+        """Prompt tokens started, hit (no stage computed them), and the hit rate."""
+        return {**self.prefix, "hit_rate": round(self.prefix["hit_tokens"] / max(1, self.prefix["prompt_tokens"]), 4)}
 
     def load(self, active: int, queued: int) -> None:
         self.active.set(active, self.tags)
@@ -92,6 +106,8 @@ class StageMetrics:
         self.restarts = Gauge("meshpipe_stage_restarts", "Ray restarts of this replica", tag_keys=keys)
         self.sequences = Gauge("meshpipe_stage_sequences", "sequences whose KV cache this replica holds",
                                tag_keys=keys)
+        self.kv_used = Gauge("meshpipe_kv_blocks_used", "KV cache blocks held by sequences", tag_keys=keys)
+        self.kv_free = Gauge("meshpipe_kv_blocks_free", "KV cache blocks free or cached for reuse", tag_keys=keys)
 
         self.last_ratio: float | None = None
         self.restart_count = 0
@@ -103,9 +119,13 @@ class StageMetrics:
             self.last_ratio = raw_bytes / len(sent)
         self.refresh(sequences)
 
-    def refresh(self, sequences: int) -> None:
-        """Sets the gauges again: Ray exports a gauge's value for the period it was set in."""
+    def refresh(self, sequences: int, blocks: tuple[int, int] | None = None) -> None:
+        """Sets the gauges again: Ray exports a gauge's value for the period it was set in.
+        `blocks`: (used, free) KV blocks."""
         self.sequences.set(sequences, self.tags)
+        if blocks is not None:
+            self.kv_used.set(blocks[0], self.tags)
+            self.kv_free.set(blocks[1], self.tags)
         self.restarts.set(self.restart_count, self.tags)
         if self.last_ratio is not None:
             self.ratio.set(self.last_ratio, self.tags)

@@ -136,7 +136,8 @@ class Pipeline:
             name=weights_name(dc.name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
             max_restarts=-1, max_concurrency=max(8, len(specs) + 2), **(placement.options(0, 0) if placement else {}),
         ).remote(dc.name, str(source), cfg.to_dict())
-        setup = StageSetup(dc.name, str(source), cfg.to_dict(), len(specs), dc.stage, wire, weights, key)
+        setup = StageSetup(dc.name, str(source), cfg.to_dict(), len(specs), dc.stage, wire, weights, key,
+                           max_sequences=dc.router.max_active_sequences)
         launcher = StageLauncher(setup, resources, spread=max(counts) > 1)
         try:
             for spec, count in zip(specs, counts):

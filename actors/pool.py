@@ -11,17 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from actors.config import RouterOptions, WireOptions
 from actors.errors import DeploymentError
 from actors.naming import stage_name
+from actors.prefix import PREFILL_TOKEN_MS, PrefixIndex
 from actors.replicas import Replica, ReplicaTable
 from actors.wire import LinkCodec, LinkInfo, choose_link
 from models import MeshpipeError
 from topology.errors import TopologyError
 from topology.graph import Topology
-from topology.planner import HostCosts, Route, RouteCache
+from topology.planner import HostCosts, Route, RouteCache, plan as plan_route
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +87,19 @@ class ReplicaPool:
         self.routes.invalidate()
         self._links.clear()
 
-    def plan(self) -> Route:
-        """The cheapest route for a new sequence now (cached until costs move)."""
-        return self.routes.get(self.table.states(), self.table.num_stages, self.costs, self.node_id)
+    def plan(self, prefixes: PrefixIndex | None = None, hashes: Sequence[bytes] = (), tokens: int = 0) -> Route:
+        """The cheapest route for a new sequence now (cached until costs move). With a prompt's block
+        `hashes` (of `tokens` tokens), each replica also costs the prompt tokens it would compute: fewer
+        where it holds the prefix (`PrefixIndex`), so a conversation stays where its history is cached."""
+        states = self.table.states()
+        hits = {(st.stage, st.replica): prefixes.hit_tokens((st.stage, st.replica), hashes)
+                for st in states} if prefixes is not None and hashes else {}
+        if not any(hits.values()):
+            return self.routes.get(states, self.table.num_stages, self.costs, self.node_id)
+        for st in states:
+            token_ms = self.table.get(st.stage, st.replica).token_ms or PREFILL_TOKEN_MS
+            st.compute_ms += (tokens - hits[(st.stage, st.replica)]) * token_ms
+        return plan_route(states, self.table.num_stages, self.costs, self.node_id)
 
     def links_for(self, route: Route) -> list[LinkCodec]:
         """How each hop of `route` encodes: links[k] is the message into stage k."""

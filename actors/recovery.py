@@ -264,16 +264,22 @@ class Recovery:
         ids = [r.rid for r in reqs]
         needed = [r.seq.cached for r in reqs]
         links = self.pool.links_for(route)
+        held = await asyncio.gather(*[rep.handle.have.remote(ids) for rep in reps])  # [stage][seq] (cached, first)
+        starts = [[min(cached, needed[i]) for i, (cached, _) in enumerate(row)] for row in held]
+        for k in range(len(reps) - 1, 0, -1):  # stage k-1 replays from its history's first position at best:
+            for i, (_, first) in enumerate(held[k - 1]):  # recompute it from earlier when k needs more
+                if starts[k][i] < first:
+                    starts[k - 1][i] = min(starts[k - 1][i], starts[k][i])
         for k, rep in enumerate(reps):
-            have = await rep.handle.have.remote(ids)
+            have = starts[k]
             todo = [i for i, h in enumerate(have) if h < needed[i]]
             if not todo:
                 continue
+            toks = [t for i in todo for t in (reqs[i].seq.prompt + reqs[i].seq.generated)[have[i]:needed[i]]]
             header = Header(kind="rebuild", step=step, msg_id=self.sender.next_id(), attempt=0, sender="router",
                             seq_ids=[ids[i] for i in todo], starts=[have[i] for i in todo],
-                            lengths=[needed[i] - have[i] for i in todo], release=[])
+                            lengths=[needed[i] - have[i] for i in todo], release=[], tokens=toks)
             if k == 0:
-                toks = [t for i in todo for t in (reqs[i].seq.prompt + reqs[i].seq.generated)[have[i]:needed[i]]]
                 env: Any = Envelope.seal(header, torch.tensor(toks, dtype=torch.long), links[0], self.key, links=links)
             else:
                 env = reps[k - 1].handle.replay.remote(header, links)

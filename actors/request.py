@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from models import SequenceState
+from models import InvalidRequestError, ModelConfig, SamplingParams, SequenceState
+from models.generation import encode_prompt
 from topology.planner import Route
+
+if TYPE_CHECKING:
+    from actors.prefix import KvBudget
+    from models.tokenizer import Tokenizer
 
 
 @dataclass
 class Request:
     rid: str  # the request id (unique in the deployment)
     seq: SequenceState  # prompt, sampling parameters and the tokens so far
-    kv_tokens: int  # reserved KV budget: prompt + max_new_tokens
+    kv_tokens: int  # the most positions it can hold: prompt + max_new_tokens, within the context
     deadline: float | None  # time.monotonic() after which it times out
     future: asyncio.Future  # its Completion, or the error that ended it
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # set when tokens arrive (streams wait on it)
@@ -21,6 +29,7 @@ class Request:
     route: Route | None = None  # the replicas holding its KV cache, chosen when it starts
     journaled: int = 0  # generated tokens in its journal record
     copies: dict[int, tuple[int, int]] = field(default_factory=dict)  # stage -> (standby replica, positions copied)
+    chunk: int = 0  # Ray-call path: prompt tokens of a chunk in flight (0: its whole next input)
 
 
 @dataclass
@@ -31,3 +40,24 @@ class Lane:
     seqs: list[Request] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     step: int = 0  # steps run so far
+
+
+def new_request(rid: str, prompt: Any, params: SamplingParams, timeout_s: float | None, cfg: ModelConfig,
+                tokenizer: Tokenizer | None, kv: KvBudget) -> Request:
+    """A request checked and tokenised (a seed drawn if none is given); InvalidRequestError names what is wrong."""
+    if not isinstance(params, SamplingParams):
+        raise InvalidRequestError(f"params must be SamplingParams, not {type(params).__name__}")
+    if timeout_s is not None and not timeout_s > 0:
+        raise InvalidRequestError(f"timeout_s={timeout_s!r} must be positive")
+    ids = encode_prompt(prompt, cfg, tokenizer)
+    if params.seed is None:
+        params = SamplingParams(**{**vars(params), "seed": random.getrandbits(31)})
+    limit = min(len(ids) + params.max_new_tokens, cfg.max_seq_len) + params.speculative  # drafts write ahead
+    if not kv.fits_ever(limit):
+        raise InvalidRequestError(
+            f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs {limit} KV positions, "
+            f"more than a stage's pool holds ({kv.blocks * kv.block_size}): lower max_new_tokens or deploy with "
+            "a larger kv_cache_tokens")
+    seq = SequenceState(rid, ids, params, frozenset(cfg.eos_ids), cfg.max_seq_len)
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    return Request(rid, seq, limit, deadline, asyncio.get_running_loop().create_future())

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.jobs import Jobs
 from actors.pool import ReplicaPool
 from actors.request import Lane, Request
 from actors.ring_stage import RingSpec
@@ -59,11 +60,13 @@ class RingDriver:
     """Starts, feeds and breaks the deployment's rings; `fallback` takes a broken ring's requests."""
 
     def __init__(self, deployment: str, pool: ReplicaPool, router: Any, lanes: int, incarnation: int,
-                 eos_ids: frozenset[int], max_seq_len: int, fallback: Callable[[list[Request]], None]) -> None:
+                 eos_ids: frozenset[int], max_seq_len: int, fallback: Callable[[list[Request]], None],
+                 prefill_chunk: int = 1 << 30) -> None:
         self.deployment, self.pool, self.router = deployment, pool, router
         self.lanes, self.incarnation = lanes, incarnation
         self.eos_ids, self.max_seq_len = eos_ids, max_seq_len
         self.fallback = fallback
+        self.prefill_chunk = prefill_chunk  # prompt tokens a pass carries
         self.rings: dict[tuple[int, ...], Ring] = {}
         self.by_id: dict[str, Ring] = {}
         self.no_ring_until: dict[tuple[int, ...], float] = {}
@@ -71,7 +74,7 @@ class RingDriver:
         self.retransmits = 0
         self.passes = 0  # every ring's passes, broken ones' included (a monotonic step count)
         self._ids = itertools.count()
-        self._tasks: set[asyncio.Task] = set()
+        self.jobs = Jobs(f"rings of {deployment!r}")
 
     # ---------- admitting and leaving ----------
 
@@ -104,9 +107,9 @@ class RingDriver:
     def active(self) -> int:
         return sum(len(ring.lane.seqs) for ring in self.rings.values())
 
-    def report(self, ring_id: str, batch: list[tuple[str, list[int], list[Any], int]], trace: list[list[float]],
+    def report(self, ring_id: str, batch: list[tuple], trace: list[list[float]],
                requests: dict[str, Request], deliver: Callable[..., None], metrics: Any) -> None:
-        """A tail's report: each (request id, tokens, logprobs, drafts verified) goes to `deliver`; the
+        """A tail's report: each (request id, tokens, logprobs, drafts verified, tokens before) goes to `deliver`; the
         hops' times to the pool's costs. A broken ring's late report is dropped: the router's record is the truth."""
         ring = self.by_id.get(ring_id)
         if ring is None:
@@ -118,9 +121,9 @@ class RingDriver:
         self.retransmits += resent
         self.pool.table.observe_trace(hops, len(batch))
         metrics.step(sum(len(b[1]) for b in batch), hops, resent)
-        for rid, tokens, logprobs, drafted in batch:
-            r = requests.get(rid)
-            if r is not None and r.lane is ring.lane:
+        for rid, tokens, logprobs, drafted, before in batch:
+            r = requests.get(rid)  # a report of an earlier run of a preempted sequence matches no count
+            if r is not None and r.lane is ring.lane and len(r.seq.generated) == before:
                 deliver(r, tokens, logprobs, drafted)
 
     def describe(self) -> list[dict[str, Any]]:
@@ -136,14 +139,14 @@ class RingDriver:
         ring.lane.ring = ring
         self.rings[route.replicas] = ring
         self.by_id[ring_id] = ring
-        self._spawn(self._setup(ring, [r.name for r in reps]))
+        self.jobs.spawn(self._setup(ring, [r.name for r in reps]))
         return ring
 
     async def _setup(self, ring: Ring, names: list[str]) -> None:
         size, secret = len(ring.handles), secrets.token_bytes(32)
         links = self.pool.ring_links(ring.route)
         specs = [RingSpec(ring.ring_id, k, size, links, self.router, ring.handles, names, secret,
-                          self.eos_ids, self.max_seq_len) for k in range(size)]
+                          self.eos_ids, self.max_seq_len, self.prefill_chunk) for k in range(size)]
         try:
             addrs = await asyncio.wait_for(asyncio.gather(
                 *[h.ring_open.remote(spec, self.lanes) for h, spec in zip(ring.handles, specs)]), SETUP_TIMEOUT_S)
@@ -166,7 +169,7 @@ class RingDriver:
     def _flush_soon(self, ring: Ring) -> None:
         if not ring.flushing:
             ring.flushing = True
-            self._spawn(self._flush(ring))
+            self.jobs.spawn(self._flush(ring))
 
     async def _flush(self, ring: Ring) -> None:
         """Sends the queued admissions (the tail's options first) and cancellations, in one call each."""
@@ -198,7 +201,7 @@ class RingDriver:
         for ring in list(self.rings.values()):
             reps = self.pool.table.on_route(ring.route)
             if any(r.gone or self.pool.down_event(r).is_set() for r in reps):
-                self._spawn(self.break_ring(ring.ring_id, "a replica died"))
+                self.jobs.spawn(self.break_ring(ring.ring_id, "a replica died"))
 
     async def break_ring(self, ring_id: str, why: str) -> None:
         """Stops the ring everywhere, rewinds what the router never saw, hands its requests to `fallback`."""
@@ -231,9 +234,4 @@ class RingDriver:
 
     def stop_all(self) -> None:
         for ring in list(self.rings.values()):
-            self._spawn(self.break_ring(ring.ring_id, "shutdown"))
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            self.jobs.spawn(self.break_ring(ring.ring_id, "shutdown"))

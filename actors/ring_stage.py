@@ -32,6 +32,7 @@ import torch
 from actors.channels import TcpChannel, TcpListener, node_ip
 from actors.wire import ChecksumError, Header, LinkCodec, pack, peek_header, unpack
 from models import SamplingParams
+from models.generation import plan_chunks
 from models.speculative import PROBE_AFTER, adapt_budget, draft_budget_of, propose_drafts, tail_index, verify
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class RingSpec:
     secret: bytes = field(repr=False, default=b"")  # proves a TCP peer belongs to this ring
     eos_ids: frozenset[int] = frozenset()
     max_seq_len: int = 0
+    prefill_chunk: int = 1 << 30  # prompt tokens a pass may carry (chunked prefill)
 
 
 @dataclass
@@ -75,6 +77,7 @@ class SeqState:
     fresh: bool = True  # tail: nothing sampled since it joined (its first token is reported at once)
     budget: int = 0  # head: drafts the next pass may send (`adapt_budget`; starts at params.speculative)
     paused: int = 0  # head: passes without drafts since the budget fell to 0
+    sent: int = 0  # head: inputs the pass in flight carries (a prompt chunk may leave some pending)
 
 
 class RingMember:
@@ -98,7 +101,7 @@ class RingMember:
         self.msg_ids = 0
         self.stopped = False
         self.threads: list[threading.Thread] = []
-        self.reports: list[tuple[str, list[int], list[Any], int]] = []  # tail: (rid, tokens, logprobs, drafted)
+        self.reports: list[tuple] = []  # tail: (rid, tokens, logprobs, drafted, tokens generated before them)
         self.report_trace: list[list[float]] = []
         self.report_cond = threading.Condition()
         self.report_now = False  # a sequence's first token or its end is waiting: no batching delay
@@ -207,11 +210,15 @@ class RingMember:
             header, tokens = body
             self.in_flight.discard(header.lane)
             done, row = set(header.release), 0
+            partial = set(header.partial)
             for rid, n in zip(header.seq_ids, header.lengths):
                 got, row = tokens[row:row + n], row + n
                 q = self.seqs.get(rid)
                 if q is None:
                     continue  # cancelled while its step was out
+                if rid in partial:  # a prompt chunk went through: the next one, or the rest, follows
+                    q.start, q.pending = q.start + q.sent, q.pending[q.sent:]
+                    continue
                 if rid in done:
                     del self.seqs[rid]
                     self.release.append(rid)
@@ -224,7 +231,14 @@ class RingMember:
                 q.pending, q.drafts = [got[-1]], []
 
     def _head_step(self, lane: int, members: list[SeqState]) -> None:
-        for q in members:
+        takes = plan_chunks([len(q.pending) for q in members], self.spec.prefill_chunk)
+        members = [q for q, t in zip(members, takes) if t]  # prompts past this pass's budget wait a pass
+        partial = []
+        for q, take in zip(members, [t for t in takes if t]):
+            q.sent, q.drafts = take, []
+            if take < len(q.pending):  # a prompt chunk: no drafts, nothing sampled
+                partial.append(q.rid)
+                continue
             k = draft_budget_of(q.params, q.generated, len(q.tokens), self.spec.max_seq_len)
             if q.params.speculative:
                 q.paused = q.paused + 1 if q.budget == 0 else 0
@@ -232,19 +246,20 @@ class RingMember:
                     q.budget, q.paused = 1, 0
                 k = min(k, q.budget)
             q.drafts = propose_drafts(q.tokens, k) if k else []
-        inputs = [q.pending + q.drafts for q in members]
+        inputs = [q.pending[:q.sent] + q.drafts for q in members]
         spec = any(q.drafts for q in members)
         self.step += 1
         self.msg_ids += 1
         header = Header(kind="step", step=self.step, msg_id=self.msg_ids, attempt=0, sender=self.name,
                         seq_ids=[q.rid for q in members], starts=[q.start for q in members],
                         lengths=[len(x) for x in inputs], release=self.release, lane=lane,
-                        drafts=[list(q.drafts) for q in members] if spec else [])
+                        drafts=[list(q.drafts) for q in members] if spec else [],
+                        tokens=[t for xs in inputs for t in xs], partial=partial)
         self.release = []
         if members:
             self.in_flight.add(lane)
         header.lanes = max(1, len(self.in_flight))
-        x = torch.tensor([t for xs in inputs for t in xs], dtype=torch.long)  # (N,)
+        x = torch.tensor(header.tokens, dtype=torch.long)  # (N,)
         self.stage.compute.run(self._compute_and_pass, header, x)
 
     # ---------- every member: receive, compute, send ----------
@@ -280,13 +295,13 @@ class RingMember:
             wire = self._send(header, y, [*header.trace, hop])
             st.account(time.perf_counter() - t0, y, wire)
             return
-        urgent = any(self.tail_seqs[rid].fresh for rid in header.seq_ids)  # a first token: report at once
+        urgent = any(self.tail_seqs[rid].fresh for rid in header.seq_ids if rid not in header.partial)  # a first token
         tokens, done, lengths, reports = self._sample(header, y.cpu())
         hop[3] = (time.perf_counter() - t0) * 1e3
         trace = [*header.trace, hop]
         out = Header(kind="tokens", step=header.step, msg_id=header.msg_id, attempt=0, sender=self.name,
                      seq_ids=header.seq_ids, starts=header.starts, lengths=lengths, release=done,
-                     lane=header.lane, trace=trace)
+                     lane=header.lane, trace=trace, partial=header.partial)
         if self.is_head:
             self._handle(("tokens", (out, tokens)))
         else:
@@ -363,8 +378,11 @@ class RingMember:
         results = verify(logits, views, drafts, [[0] * n for n in header.lengths])
         tokens, done, lengths, reports = [], [], [], []
         for rid, start, n, d, (toks, lps, _) in zip(header.seq_ids, header.starts, header.lengths, drafts, results):
+            if rid in header.partial:  # mid-prompt: nothing to sample yet
+                lengths.append(0)
+                continue
             q = self.tail_seqs[rid]
-            q.fresh = False
+            q.fresh, before = False, q.generated
             first = start + n - len(d)  # the first sampled token's position
             kept, ended = [], False
             for j, t in enumerate(toks):
@@ -381,7 +399,7 @@ class RingMember:
                 del self.tail_seqs[rid]
             tokens += kept
             lengths.append(len(kept))
-            reports.append((rid, kept, lps[:len(kept)], len(d)))
+            reports.append((rid, kept, lps[:len(kept)], len(d), before))
         return tokens, done, lengths, reports
 
     def _reporter(self) -> None:

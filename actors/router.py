@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import random
 import time
 from collections import OrderedDict, deque
 from typing import Any
@@ -26,18 +25,20 @@ from actors.errors import BackPressureError, DeploymentError, RequestCancelledEr
     StageFailedError
 from actors.gcs import own_restarts
 from actors.hooks import FaultHooks, ScalingHooks
-from actors.journal import RequestJournal, request_of_records
+from actors.jobs import Jobs
+from actors.journal import RequestJournal, resume
 from actors.metrics import RouterMetrics
 from actors.pool import ReplicaPool
+from actors.prefix import KvBudget, PrefixCache
 from actors.probe import LinkProber
 from actors.recovery import Recovery
-from actors.request import Lane, Request
+from actors.request import Lane, Request, new_request
 from actors import router_views
 from actors.ring import RingDriver, RingLane
 from actors.sender import StepSender
 from actors.specs import RouterSpec
-from models import Completion, InvalidRequestError, ModelConfig, SamplingParams, SequenceState
-from models.generation import encode_prompt, stream_safe
+from models import Completion, InvalidRequestError, ModelConfig, SamplingParams
+from models.generation import plan_chunks, stream_safe
 from topology.graph import Topology
 from topology.planner import NoReplicaError
 
@@ -70,12 +71,16 @@ class RouterActor(FaultHooks, ScalingHooks):
         self.lanes = [Lane(i) for i in range(self.rc.micro_batches or 1)]
         self.incarnation = own_restarts()  # > 0: Ray restarted this router; accepted requests are in the journal
         self.rings = RingDriver(spec.deployment, self.pool, ray.get_runtime_context().current_actor, len(self.lanes),
-                                self.incarnation, frozenset(self.cfg.eos_ids), self.cfg.max_seq_len, self._fallback) \
+                                self.incarnation, frozenset(self.cfg.eos_ids), self.cfg.max_seq_len, self._fallback,
+                                self.rc.prefill_chunk) \
             if self.rc.data_path == "ring" and not self.rc.replicate_every else None
-        self.kv_reserved = 0
+        infos = [i for stage in replica_info for i in stage]
+        pool_tokens, block = min(i["kv_cache_tokens"] for i in infos), infos[0]["kv_block_size"]
+        self.kv = KvBudget(pool_tokens, block)  # admission in blocks of the smallest pool
+        self.prefix = PrefixCache(block, pool_tokens // block, self.metrics) if infos[0]["prefix_caching"] else None
         self.tokens_generated = 0
         self._ids = itertools.count()
-        self._jobs: set[asyncio.Task] = set()  # background jobs (cache copies)
+        self.jobs = Jobs(f"router of {spec.deployment!r}")  # background jobs (cache copies, prefix pins)
         self.journal = RequestJournal(spec.deployment)
         if self.incarnation == 0:
             self.journal.clear()  # a fresh deployment: records of an old one with this name are void
@@ -207,49 +212,19 @@ class RouterActor(FaultHooks, ScalingHooks):
     def _new_request(self, prompt: Any, params: SamplingParams, timeout_s: float | None) -> Request:
         if self._closed:
             raise DeploymentError(f"deployment {self.deployment!r} is shut down")
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"params must be SamplingParams, not {type(params).__name__}")
-        if timeout_s is not None and not timeout_s > 0:
-            raise InvalidRequestError(f"timeout_s={timeout_s!r} must be positive")
-        ids = encode_prompt(prompt, self.cfg, self.tokenizer)
-        if params.seed is None:
-            params = SamplingParams(**{**vars(params), "seed": random.getrandbits(31)})
-        kv = min(len(ids) + params.max_new_tokens, self.cfg.max_seq_len)
-        if kv > self.rc.max_kv_tokens:
-            raise InvalidRequestError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs {kv} KV "
-                f"tokens, more than the deployment's max_kv_tokens={self.rc.max_kv_tokens}"
-            )
         rid = f"{self.deployment}-{next(self._ids)}" if not self.incarnation else \
             f"{self.deployment}-r{self.incarnation}-{next(self._ids)}"
-        seq = SequenceState(rid, ids, params, frozenset(self.cfg.eos_ids), self.cfg.max_seq_len)
-        deadline = time.monotonic() + timeout_s if timeout_s else None
-        return Request(rid, seq, kv, deadline, asyncio.get_running_loop().create_future())
+        return new_request(rid, prompt, params, timeout_s, self.cfg, self.tokenizer, self.kv)
 
     async def _resume(self) -> None:
         """After a restart: frees every stage's orphaned caches and re-admits the journal's requests."""
-        if self._resumed:
-            return
-        self._resumed = True
-        records = self.journal.load()
-        freed = await asyncio.gather(*[r.handle.reset.remote() for r in self.pool.table], return_exceptions=True)
-        log.warning("router restarted (incarnation %d): %d requests from the journal; freed %d orphaned "
-                    "caches on the stages", self.incarnation, len(records),
-                    sum(x for x in freed if isinstance(x, int)))
-        resumed = []
-        for req, completion in request_of_records(records, self.cfg):
-            self.requests[req.rid] = req
-            if completion is not None:
-                req.future.set_result(completion)
-            else:
-                resumed.append(req)
-        self._ensure_started()
-        self.resumed = len(resumed)
-        self.waiting.extend(sorted(resumed, key=lambda r: r.rid))
-        self._schedule()
+        if not self._resumed:
+            self._resumed = True
+            await resume(self)
 
     def _active(self) -> int:
-        return sum(len(lane.seqs) for lane in self.lanes) + (self.rings.active() if self.rings else 0)
+        return sum(len(lane.seqs) for lane in self.lanes) + (self.rings.active() if self.rings else 0) + \
+            (len(self.prefix.pinning) if self.prefix else 0)
 
     def _running(self) -> list[Request]:
         return [r for lane in self.lanes for r in lane.seqs] + (self.rings.running() if self.rings else [])
@@ -265,6 +240,10 @@ class RouterActor(FaultHooks, ScalingHooks):
                 f"(max_active_sequences={self.rc.max_active_sequences} + max_queued={self.rc.max_queued}); "
                 "retry later"
             )
+        if len(self.waiting) + len(reqs) > self.rc.max_queued and \
+                not self.kv.fits_now([(len(r.seq.prompt), r.kv_tokens) for r in [*self.waiting, *reqs]]):
+            raise BackPressureError(f"pipeline {self.deployment!r}: the stages' KV caches are full "
+                                    f"({self.kv.used} of {self.kv.blocks} blocks held) and the queue too; retry later")
         for req in reqs:
             self.journal.admit(req)
             self.requests[req.rid] = req
@@ -276,11 +255,14 @@ class RouterActor(FaultHooks, ScalingHooks):
         """Moves waiting requests into the least-loaded lanes while slots and KV budget allow."""
         while self.waiting:
             req = self.waiting[0]
-            if self._active() >= self.rc.max_active_sequences or \
-                    self.kv_reserved + req.kv_tokens > self.rc.max_kv_tokens:
+            if self._active() >= self.rc.max_active_sequences:
                 return
+            tokens = req.seq.prompt + req.seq.generated
+            hashes = self.prefix.hashes(req) if self.prefix else []
+            if hashes and self.prefix.should_wait(hashes):
+                return  # most of its prompt is being computed for another request: start on its blocks
             try:
-                route = self.pool.plan()
+                route = self.pool.plan(self.prefix and self.prefix.index, hashes, len(tokens))
             except NoReplicaError:
                 lost = [k for k, reps in enumerate(self.pool.table.by_stage) if all(r.gone for r in reps)]
                 if not lost:
@@ -290,13 +272,32 @@ class RouterActor(FaultHooks, ScalingHooks):
                 for r in doomed:
                     self._end(r, StageFailedError(self.recovery.all_gone_message(lost[0])))
                 return
+            if not self.kv.reserve(req.rid, len(tokens), req.kv_tokens):
+                return  # the pools are full: wait for blocks to come back
             self.waiting.popleft()
+            self.metrics.prompted(prompt_tokens=len(tokens))
             req.route = route
             self.pool.table.assign(route, req.rid)
-            self.kv_reserved += req.kv_tokens
-            req.lane = self.rings.place(req) if self.rings else None
-            if req.lane is None:  # the Ray-call path: a lane of the router's own loop
-                self._to_lane(req)
+            if hashes:  # the route's replicas pin the prompt's cached prefix, then it starts where all hold it
+                self.prefix.begin(req, hashes)
+                self.jobs.spawn(self.prefix.pin_then(req, hashes, [r.handle for r in self.pool.table.on_route(route)],
+                                                     self._place, self._schedule))
+            else:
+                self._place(req)
+
+    def _place(self, req: Request) -> None:
+        req.lane = self.rings.place(req) if self.rings else None
+        if req.lane is None:  # the Ray-call path: a lane of the router's own loop
+            self._to_lane(req)
+
+    def _preempt(self, req: Request) -> None:
+        """A sequence whose blocks cannot grow goes back to the queue's front; its cached blocks make the
+        recompute cheap when it starts again (tokens so far are kept)."""
+        self._release(req)
+        req.route, req.seq.cached = None, 0
+        self.kv.preemptions += 1
+        self.waiting.appendleft(req)
+        log.info("request %s preempted at %d tokens: the KV pools are full", req.rid, len(req.seq.generated))
 
     def _to_lane(self, req: Request) -> None:
         lane = min(self.lanes, key=lambda ln: len(ln.seqs))
@@ -335,19 +336,8 @@ class RouterActor(FaultHooks, ScalingHooks):
             if self.rings:
                 self.rings.watch()
 
-    async def _every(self, seconds: float, job: Any, first: bool = False) -> None:
-        """Runs `job` (sync or async) every `seconds` until shutdown (`first`: once at once)."""
-        if not first:
-            await asyncio.sleep(seconds)
-        while not self._closed:
-            try:
-                out = job()
-                if asyncio.iscoroutine(out):
-                    await out
-            except Exception as e:  # noqa: BLE001 - a failed round (a GCS hiccup) must not end the loop
-                log.warning("router background job %s failed (retrying in %g s): %s",
-                            getattr(job, "__name__", "job"), seconds, e)
-            await asyncio.sleep(seconds)
+    def _every(self, seconds: float, job: Any, first: bool = False) -> Any:
+        return self.jobs.every(seconds, job, lambda: self._closed, first)
 
     async def _probe(self) -> None:
         self.pool.export(self.metrics, self._active(), len(self.waiting), time.monotonic())
@@ -366,7 +356,8 @@ class RouterActor(FaultHooks, ScalingHooks):
             groups: dict[tuple[int, ...], list[Request]] = {}  # by replicas: a route's cost moves with load
             for r in lane.seqs:
                 groups.setdefault(r.route.replicas, []).append(r)
-            tokens = [sum(len(r.seq.next_input()) for r in reqs) for reqs in groups.values()]
+            groups = {key: self._chunked(reqs) for key, reqs in groups.items()}
+            tokens = [sum(len(r.seq.next_input()[:r.chunk or None]) for r in reqs) for reqs in groups.values()]
             outs = await asyncio.gather(*[self.sender.step(lane.step, reqs[0].route, reqs)
                                           for reqs in groups.values()], return_exceptions=True)
             for reqs, out, n_tokens in zip(groups.values(), outs, tokens):
@@ -389,9 +380,19 @@ class RouterActor(FaultHooks, ScalingHooks):
         self.pool.table.observe_trace(out.trace, n_tokens)
         self.metrics.step(len(reqs), out.trace, out.retransmits)
         if self.rc.replicate_every and lane.step % self.rc.replicate_every == 0:
-            self._spawn(self.recovery.replicate(reqs, reqs[0].route))
+            self.jobs.spawn(self.recovery.replicate(reqs, reqs[0].route))
         for r, token, lp in zip(reqs, out.sampled, out.logprobs):
-            self._deliver(r, [token], [lp])
+            if r.chunk:  # a prompt chunk went through: its positions are cached, nothing was sampled
+                r.seq.cached, r.chunk = r.seq.cached + r.chunk, 0
+            else:
+                self._deliver(r, [token], [lp])
+
+    def _chunked(self, reqs: list[Request]) -> list[Request]:
+        """Chunked prefill: the requests going this step (`plan_chunks`), each prompt chunk's size in `chunk`."""
+        takes = plan_chunks([len(r.seq.next_input()) for r in reqs], self.rc.prefill_chunk)
+        for r, take in zip(reqs, takes):
+            r.chunk = take if take < len(r.seq.next_input()) else 0
+        return [r for r, take in zip(reqs, takes) if take]
 
     def _deliver(self, r: Request, tokens: list[int], logprobs: list[Any], drafted: int | None = None) -> None:
         """Tokens sampled for `r` (a step's one, or a speculative pass's): appended; a finished request completes."""
@@ -407,6 +408,10 @@ class RouterActor(FaultHooks, ScalingHooks):
             if r.seq.done:
                 break
         r.changed.set()
+        if self.prefix:
+            self.prefix.first_token(r.rid)
+        if not r.seq.done and not self.kv.grow(r.rid, len(r.seq.prompt) + len(r.seq.generated), r.kv_tokens):
+            self._preempt(r)
         if r.seq.done:
             completion = r.seq.completion(self.tokenizer)
             completion.route = [rep.name for rep in self.pool.table.on_route(r.route)]
@@ -417,9 +422,10 @@ class RouterActor(FaultHooks, ScalingHooks):
 
     # ---------- decode rings report here (actors.ring_stage) ----------
 
-    def ring_tokens(self, ring_id: str, batch: list[tuple[str, list[int], list[Any], int]],
+    def ring_tokens(self, ring_id: str, batch: list[tuple],
                     trace: list[list[float]]) -> None:
-        """A ring's tail: (request id, tokens, logprobs, drafts verified) per sequence since its last report."""
+        """A ring's tail: (request id, tokens, logprobs, drafts verified, tokens before) per sequence since its
+        last report."""
         if self.rings:
             self.rings.report(ring_id, batch, trace, self.requests, self._deliver, self.metrics)
             self._schedule()
@@ -430,31 +436,25 @@ class RouterActor(FaultHooks, ScalingHooks):
             log.warning("ring %s: %s failed: %s", ring_id, member, reason)
             await self.rings.break_ring(ring_id, f"{member}: {reason}")
 
-    def _spawn(self, coro: Any) -> None:
-        """Runs a background job; its failure is logged, never raised into a step."""
-        task = asyncio.ensure_future(coro)
-        self._jobs.add(task)
-        task.add_done_callback(self._job_done)
-
-    def _job_done(self, task: asyncio.Task) -> None:
-        self._jobs.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("background job failed: %s", task.exception())
-
     # ---------- ending requests ----------
 
     def _release(self, req: Request) -> None:
         """Takes a request out of its lane and queues its caches to be freed on its route."""
-        lane = req.lane
-        if lane is not None and req in lane.seqs:
-            ring = isinstance(lane, RingLane)
+        lane, ring = req.lane, isinstance(req.lane, RingLane)
+        placed = lane is not None and req in lane.seqs
+        if placed:
             if ring:
                 self.rings.forget(req)  # the ring's head frees its caches
             lane.seqs.remove(req)
             lane.wake.set()
-            self.kv_reserved -= req.kv_tokens
+        if placed or self.prefix and req.rid in self.prefix.pinning:
+            self.kv.release(req.rid)
+            if self.prefix:
+                self.prefix.ended(req)
             if req.route is not None:
                 self.pool.table.finish(req.route, req.rid, release=not ring)
+                if not placed:  # pinned blocks, and no message is going that way for it
+                    self.pool.flush_releases()
             for stage, (replica, _) in req.copies.items():  # the standby's copies go too
                 self.pool.table.get(stage, replica).release.append(req.rid)
             req.copies.clear()

@@ -33,7 +33,9 @@ def stats(router: RouterActor) -> dict[str, Any]:
     return {
         "active": router._active(),
         "queued": len(router.waiting),
-        "kv_reserved": router.kv_reserved,
+        "kv": {"block_size": router.kv.block_size, "blocks": router.kv.blocks, "blocks_reserved": router.kv.used,
+               "preemptions": router.kv.preemptions},  # the smallest stage pool, in blocks
+        "prefix": router.metrics.prefix_stats(),  # prompt tokens started, hit (computed by no stage), hit_rate
         "tokens_generated": router.tokens_generated,
         "retransmits": router.sender.retransmits + (rings.retransmits if rings else 0),
         "recoveries_s": [round(d, 3) for _, d, _ in rec.recoveries],

@@ -51,13 +51,14 @@ class StepSender:
 
     async def step(self, step: int, route: Route, reqs: list[Request], kind: str = "step") -> Envelope:
         """One step of these requests' sequences (each its next input tokens) along `route`."""
-        inputs = [r.seq.next_input() for r in reqs]
+        inputs = [r.seq.next_input()[:r.chunk or None] for r in reqs]  # a prompt chunk, or all
         msg_id = self.next_id()
         header = Header(kind=kind, step=step, msg_id=msg_id, attempt=0, sender="router",
                         seq_ids=[r.rid for r in reqs], starts=[r.seq.cached for r in reqs],
-                        lengths=[len(x) for x in inputs], release=self.pool.table.take_release(route))
+                        lengths=[len(x) for x in inputs], release=self.pool.table.take_release(route),
+                        tokens=[t for x in inputs for t in x], partial=[r.rid for r in reqs if r.chunk])
         links = self.pool.links_for(route)
-        tokens = torch.tensor([t for x in inputs for t in x], dtype=torch.long)
+        tokens = torch.tensor(header.tokens, dtype=torch.long)
         env = Envelope.seal(header, tokens, links[0], self.key, reply_to=self.reply_to, links=links)
         self.outbox[msg_id] = env.wire
         try:

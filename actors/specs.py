@@ -24,6 +24,7 @@ class StageSetup:
     wire: WireOptions  # codecs and retransmits
     weights: Any = None  # the deployment's WeightsActor handle (None: each stage reads its file)
     key: bytes | None = field(default=None, repr=False)  # AES-GCM key (None: $MESHPIPE_KEY on the stage's node)
+    max_sequences: int = 64  # the router's max_active_sequences: a default KV pool holds no more than they can use
 
 
 @dataclass(frozen=True)

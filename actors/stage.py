@@ -44,6 +44,7 @@ from models import (
     ModelConfig,
     SamplingParams,
     build_stage,
+    default_pool_tokens,
     load_stage,
     sample,
 )
@@ -136,7 +137,8 @@ class StageActor:
         else:
             self.model = self.compute.run(load_stage, setup.source, spec.layers, dtype, self.device, cfg,
                                           embed=spec.embed, head=spec.head)
-        self.cache = self.compute.run(self.model.new_cache)
+        self.cache = self.compute.run(self.model.new_cache, self._pool_tokens(setup, cfg), setup.stage.kv_block_size,
+                                      setup.stage.prefix_caching)
         # more threads pay off only for a stage with real work (a tiny test model's ops stay serial, and
         # idle OpenMP workers spinning in 4 processes on 2 cores cost it 3x): ~1M parameters and up
         self.adaptive = self.adaptive and sum(p.numel() for p in self.model.parameters()) >= 2**20
@@ -165,6 +167,23 @@ class StageActor:
         log.info("%s replica %d ready on %s (%d threads) in %.1f s", spec.label, replica, self.device,
                  torch.get_num_threads(), self.load_s)
 
+    def _pool_tokens(self, setup: StageSetup, cfg: ModelConfig) -> int:
+        """The KV pool's size: kv_cache_tokens, else `default_pool_tokens` for this device."""
+        if setup.stage.kv_cache_tokens is not None:
+            return setup.stage.kv_cache_tokens
+        p = next(self.model.parameters())
+        token_bytes = 2 * len(self.spec.layers) * cfg.n_kv_heads * cfg.head_dim * p.element_size()
+        per_seq = -(-cfg.max_seq_len // setup.stage.kv_block_size) * setup.stage.kv_block_size
+        cap = setup.max_sequences * per_seq
+        if self.device.type != "cuda":
+            return default_pool_tokens(token_bytes, cap)
+        import ray
+
+        fraction = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0)) or 1.0
+        weights = sum(t.numel() * t.element_size() for t in self.model.parameters())
+        return default_pool_tokens(token_bytes, cap, torch.cuda.get_device_properties(self.device).total_memory,
+                                   min(1.0, fraction), weights)
+
     def ready(self) -> dict[str, Any]:
         """Who and where this stage is (the router logs it and `describe` shows it)."""
         import ray
@@ -181,6 +200,9 @@ class StageActor:
             "threads_adaptive": self.adaptive,
             "load_s": round(self.load_s, 3),
             "restarts": self.restarts,
+            "kv_cache_tokens": self.cache.num_tokens,
+            "kv_block_size": self.cache.bs,
+            "prefix_caching": self.cache.prefix_caching,
         }
 
     def probe(self, sent_at: float) -> float:
@@ -188,7 +210,7 @@ class StageActor:
 
         Includes the test hook's delay and any queue behind running steps, as a real message would.
         """
-        self.metrics.refresh(len(self.cache.slot_of))  # the router probes every second: gauges stay current
+        self.metrics.refresh(len(self.cache), (self.cache.blocks.held, self.cache.blocks.available))  # every second
         return self._arrive(sent_at)
 
     def forward(self, env: Envelope, params: list[SamplingParams] | None = None) -> Envelope | Any:
@@ -221,7 +243,7 @@ class StageActor:
             link = self._link(env.links)
             nxt = Header(kind=header.kind, step=header.step, msg_id=header.msg_id, attempt=0, sender=self.name,
                          seq_ids=header.seq_ids, starts=header.starts, lengths=header.lengths,
-                         release=header.release)
+                         release=header.release, tokens=header.tokens)
             self._remember(nxt, link)
             try:
                 out = Envelope.seal(nxt, y, link, self.key, reply_to=self._self_handle(), **control)
@@ -260,6 +282,7 @@ class StageActor:
             x = x.to(self.device) if self.model.is_first else x.to(self.device, self.dtype)
             y = self.model(x, b, self.cache, **({"logits_at": logits_at.to(self.device)} if logits_at is not None
                                                  else {}))
+            self.cache.commit(b, header.tokens or None, [len(d) for d in header.drafts] if header.drafts else None)
             if self.step_time_s or self.token_time_s:  # test hook: emulated accelerator time, counted as compute
                 time.sleep(self.step_time_s + self.token_time_s * sum(header.lengths))
             if not self.model.is_last:
@@ -283,7 +306,7 @@ class StageActor:
         self.steps += 1
         self.busy_s += dt
         self.step_ema_s = dt if self.steps == 1 else 0.9 * self.step_ema_s + 0.1 * dt
-        self.metrics.step(dt * 1e3, wire, y.numel() * y.element_size(), len(self.cache.slot_of))
+        self.metrics.step(dt * 1e3, wire, y.numel() * y.element_size(), len(self.cache))
 
     # ---------- decode rings (actors.ring_stage): the per-token path without the router ----------
 
@@ -327,7 +350,7 @@ class StageActor:
                 have = self.cache.length_of.get(sid, 0)
                 if have > n:
                     self.cache.rewind(sid, n)
-                    self.history._truncate(sid, n)
+                    self.history.truncate(sid, n)
                 self.draft_from.pop(sid, None)
                 held[sid] = min(have, n)
             return held
@@ -350,9 +373,17 @@ class StageActor:
         y = self.history.gather(header.seq_ids, header.starts, header.lengths)
         return self._inject(pack(again, y, link, self.key))
 
-    def have(self, seq_ids: list[str]) -> list[int]:
-        """Positions cached for each sequence (0 after a restart): what a recovery must rebuild."""
-        return [self.cache.length_of.get(sid, 0) for sid in seq_ids]
+    @_locked
+    def pin_prefix(self, items: list[tuple[str, list[bytes]]]) -> list[int]:
+        """New sequences start on this stage's cached blocks of their prompts' longest cached prefixes
+        (each: its id and the hash chain of its prompt's full blocks); returns the positions each holds."""
+        return [self.cache.pin_prefix(sid, hashes) for sid, hashes in items]
+
+    def have(self, seq_ids: list[str]) -> list[tuple[int, int]]:
+        """Per sequence: positions cached (0 after a restart), and the first position of its output
+        history (> 0 when it began on cached prefix blocks): what a recovery must rebuild, and from where
+        this stage can replay its outputs to the next."""
+        return [(self.cache.length_of.get(sid, 0), self.history.first(sid)) for sid in seq_ids]
 
     @_locked
     def replay(self, header: Header, links: list[LinkCodec]) -> Envelope:
@@ -374,7 +405,8 @@ class StageActor:
             end = self.cache.length_of.get(sid, 0)
             ends.append(end)
             if sid in self.cache and start < end:
-                hist = self.history.gather([sid], [start], [end - start]) if self.history.length(sid) >= end else None
+                hist = self.history.gather([sid], [start], [end - start]) \
+                    if self.history.first(sid) <= start and self.history.length(sid) >= end else None
                 payload[sid] = (start, self.cache.export(sid, start), hist)
         return [standby.absorb.remote(payload)], ends
 
@@ -425,8 +457,8 @@ class StageActor:
         step may rewrite the positions its sequence's last pass drafted)."""
         for sid, start in zip(h.seq_ids, h.starts):
             have = self.cache.length_of.get(sid, 0)
-            if start < have and ring and start >= self.draft_from.get(sid, have):
-                continue
+            if start < have and (ring and start >= self.draft_from.get(sid, have) or sid in self.cache.provisional):
+                continue  # a pass's drafts, or a pinned prefix the route holds less of than this stage
             if start < have and h.kind != "rebuild":
                 self.counters["rejected"] += 1
                 raise ReplayError(
@@ -481,7 +513,7 @@ class StageActor:
     def reset(self) -> int:
         """Drops every sequence's cache and history (a restarted router's orphans); returns how many."""
         self.ring_stop()
-        ids = list(self.cache.slot_of)
+        ids = list(self.cache.table)
         self.free(ids)
         self.sent.clear()
         return len(ids)
@@ -502,8 +534,9 @@ class StageActor:
             "steps": self.steps,
             "busy_s": self.busy_s,
             "step_ema_ms": self.step_ema_s * 1e3,
-            "sequences": len(self.cache.slot_of),
+            "sequences": len(self.cache),
             "tokens_cached": self.cache.tokens_held(),
+            **self.cache.stats(),
             "load_s": round(self.load_s, 3),
             "restarts": self.restarts,
             **self.counters,

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from models.batch import Batch
-from models.cache import KVCache
+from models.cache import KVCache, default_pool_tokens
 from models.config import ModelConfig, resolve_dtype
 from models.errors import (
+    CacheFullError,
     CacheMissError,
     ConfigError,
     InvalidRequestError,
@@ -40,8 +41,8 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "auto", device: st
 
 
 __all__ = [
-    "Batch", "CacheMissError", "build_stage", "Completion", "ConfigError", "InvalidRequestError", "KVCache",
+    "Batch", "CacheMissError", "build_stage", "CacheFullError", "Completion", "ConfigError", "InvalidRequestError", "KVCache",
     "MeshpipeError", "ModelConfig", "ModelNotInstalledError", "PromptTooLongError", "SamplingParams", "SequenceState",
-    "TokenLogprob", "Transformer", "UnknownModelError", "benchmark_speculative", "encode_prompt",
+    "TokenLogprob", "Transformer", "UnknownModelError", "benchmark_speculative", "default_pool_tokens", "encode_prompt",
     "generate_local", "is_batch", "load_model", "load_stage", "propose_drafts", "resolve_dtype", "sample",
 ]

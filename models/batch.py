@@ -19,7 +19,10 @@ class Batch:
     token_t: torch.Tensor  # (N,) index of each token within its sequence's new tokens
     positions: torch.Tensor  # (N,) absolute position of each token
     last_token: torch.Tensor  # (B,) packed index of each sequence's last new token
-    slots: torch.Tensor | None = None  # (B,) cache slot of each sequence, set by KVCache.prepare
+    # set by KVCache.prepare:
+    block_table: torch.Tensor | None = None  # (B, blocks) each sequence's KV blocks, padded with block 0
+    token_block: torch.Tensor | None = None  # (N,) the block each packed token's keys and values go to
+    token_offset: torch.Tensor | None = None  # (N,) the position within that block
 
     @classmethod
     def build(cls, seq_ids: Sequence[str], starts: Sequence[int], lengths: Sequence[int]) -> Batch:

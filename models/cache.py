@@ -1,54 +1,81 @@
-"""KV cache for many sequences of different lengths on one stage (continuous batching).
+"""Paged KV cache of one stage: a fixed pool of blocks, a block table per sequence (vLLM's layout).
 
-Each sequence owns a *slot*; per layer, keys and values live in one growable tensor
-(slots, n_kv, max_len, hd). Sequences join (a new slot) and leave (`free`) between steps.
+Per layer, keys and values live in one preallocated tensor (num_blocks, block_size, n_kv, hd),
+zeroed once, so the memory a stage holds is the pool's from its first step to its last. A
+sequence owns a list of block ids; joining, growing and leaving take and give back blocks
+without copying. Attention reads a batch's blocks through its table (`read`: one gather).
+
+Prefix caching: once a block is full of tokens no later step may rewrite (not speculative
+drafts), it is registered under the hash of its contents and prefix (`models.blocks`); when its
+sequence ends it stays cached at count 0 until evicted least-recently-used. `pin_prefix` lets a
+new sequence start on the cached blocks of its prompt's longest cached prefix, shared read-only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from models.blocks import ROOT, BlockAllocator, block_hash
 from models.errors import CacheMissError
 
 if TYPE_CHECKING:
     from models.batch import Batch
 
+DEFAULT_BLOCK = 16  # tokens per block
+
 
 class KVCache:
-    def __init__(self, layer_ids: Sequence[int], n_kv: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, slots: int = 4, length: int = 64) -> None:
+    def __init__(self, layer_ids: Sequence[int], n_kv: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, num_tokens: int, block_size: int = DEFAULT_BLOCK,
+                 prefix_caching: bool = True) -> None:
         self.layer_ids = list(layer_ids)
         self.n_kv, self.hd, self.dtype, self.device = n_kv, head_dim, dtype, device
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-        self._alloc(slots, length)
-        self.slot_of: dict[str, int] = {}  # sequence id -> slot
+        self.bs, self.prefix_caching = block_size, prefix_caching
+        num_blocks = max(1, -(-num_tokens // block_size))
+        shape = (num_blocks, block_size, n_kv, head_dim)
+        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in self.layer_ids}
+        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in self.layer_ids}
+        self.blocks = BlockAllocator(num_blocks, block_size)
+        self.table: dict[str, list[int]] = {}  # sequence id -> its blocks, in position order
         self.length_of: dict[str, int] = {}  # sequence id -> tokens cached
-        self._free_slots: list[int] = list(range(slots))[::-1]
+        self.hashes: dict[str, list[bytes]] = {}  # sequence id -> hash chain of its registered leading blocks
+        self.recent: dict[str, list[int] | None] = {}  # token ids after those blocks (None: unknown, no more registering)
+        self.provisional: set[str] = set()  # sequences holding only a pinned prefix, before their first step
+        self.prefix = {"queried_tokens": 0, "hit_tokens": 0}
 
-    def _alloc(self, slots: int, length: int) -> None:
-        self._slots, self._len = slots, length
-        for i in self.layer_ids:
-            for store in (self.k, self.v):
-                new = torch.zeros(slots, self.n_kv, length, self.hd, dtype=self.dtype, device=self.device)
-                old = store.get(i)
-                if old is not None:
-                    new[: old.shape[0], :, : old.shape[2]] = old
-                store[i] = new
+    # ---------- sizes ----------
 
-    def _new_slot(self, seq_id: str) -> None:
-        if not self._free_slots:
-            grow = max(4, self._slots)
-            self._free_slots = list(range(self._slots + grow - 1, self._slots - 1, -1))
-            self._alloc(self._slots + grow, self._len)
-        self.slot_of[seq_id] = self._free_slots.pop()
+    @property
+    def num_tokens(self) -> int:
+        return self.blocks.num_blocks * self.bs
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for store in (self.k, self.v) for t in store.values())
+
+    def tokens_held(self) -> int:
+        return sum(self.length_of.values())
+
+    def __contains__(self, seq_id: str) -> bool:
+        return seq_id in self.table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def stats(self) -> dict[str, Any]:
+        b = self.blocks
+        return {"kv_block_size": self.bs, "kv_blocks": b.num_blocks, "kv_blocks_used": b.held,
+                "kv_blocks_free": b.available, "kv_blocks_cached": len(b.lru), "kv_evictions": b.evictions,
+                "prefix_queried_tokens": self.prefix["queried_tokens"], "prefix_hit_tokens": self.prefix["hit_tokens"]}
+
+    # ---------- a step ----------
 
     def prepare(self, b: Batch) -> None:
-        """Give each sequence a slot, check its step follows its cache, grow storage; sets b.slots."""
-        slots = []
+        """Checks each step follows its sequence's cache, rewinds re-applied positions, takes the blocks
+        the new positions need; sets b.block_table, b.token_block and b.token_offset."""
         for sid, start, n in zip(b.seq_ids, b.starts.tolist(), b.lengths.tolist()):
             have = self.length_of.get(sid)
             if have is None and start > 0 or have is not None and start > have:
@@ -57,29 +84,88 @@ class KVCache:
                     f"{have or 0} tokens; rebuild its cache from the sequence history"
                 )
             if have is None:
-                self._new_slot(sid)
-            # start < have rewinds: the step is re-applied over the same positions (idempotent)
+                self._new(sid)
+            elif start < have:  # re-applied positions (rejected drafts, a rebuild, a pinned prefix cut short)
+                self._truncate(sid, start)
+            self.provisional.discard(sid)
+            self._reserve(sid, start, start + n)
             self.length_of[sid] = start + n
-            slots.append(self.slot_of[sid])
-        need = int((b.starts + b.lengths).max())
-        if need > self._len:
-            self._alloc(self._slots, max(need, 2 * self._len))
-        b.slots = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        tables = [self.table[sid] for sid in b.seq_ids]
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)  # (B, blocks)
+        pos = b.positions.cpu()
+        b.block_table = table.to(self.device)
+        b.token_block = table[b.token_seq.cpu(), pos // self.bs].to(self.device)  # (N,)
+        b.token_offset = (pos % self.bs).to(self.device)  # (N,)
 
     def write(self, layer: int, b: Batch, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v: (N, KV, hd) for the packed tokens of this step
-        slot_tok = b.slots[b.token_seq]
-        self.k[layer][slot_tok, :, b.positions] = k
-        self.v[layer][slot_tok, :, b.positions] = v
+        self.k[layer][b.token_block, b.token_offset] = k
+        self.v[layer][b.token_block, b.token_offset] = v
 
     def read(self, layer: int, b: Batch, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, KV, length, hd) keys and values of the batch's sequences."""
-        return self.k[layer][b.slots, :, :length], self.v[layer][b.slots, :, :length]
+        """(B, KV, length, hd) keys and values of the batch's sequences, gathered through their tables."""
+        B = b.block_table.shape[0]
+        k = self.k[layer][b.block_table].view(B, -1, self.n_kv, self.hd)[:, :length]  # (B, L, KV, hd)
+        v = self.v[layer][b.block_table].view(B, -1, self.n_kv, self.hd)[:, :length]
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def commit(self, b: Batch, tokens: Sequence[int] | None, drafted: Sequence[int] | None = None) -> None:
+        """After a step: registers the blocks it filled with tokens no later step may rewrite.
+
+        `tokens`: the step's packed input ids (None: unknown, e.g. a rebuild; nothing more of those
+        sequences is registered). `drafted[i]`: how many of sequence i's inputs were speculative drafts."""
+        if not self.prefix_caching:
+            return
+        row = 0
+        for i, (sid, start, n) in enumerate(zip(b.seq_ids, b.starts.tolist(), b.lengths.tolist())):
+            toks, row = (None if tokens is None else list(tokens[row:row + n])), row + n
+            rec, chain = self.recent.get(sid), self.hashes[sid]
+            base = len(chain) * self.bs
+            if rec is None or toks is None or len(rec) != start - base:
+                self.recent[sid] = None
+                continue
+            rec = rec + toks
+            confirmed = start + n - (drafted[i] if drafted else 0)
+            while base + self.bs <= confirmed:
+                h = block_hash(chain[-1] if chain else ROOT, rec[:self.bs])
+                self.blocks.register(self.table[sid][len(chain)], h)  # an equal block elsewhere: this one stays private
+                chain.append(h)
+                rec, base = rec[self.bs:], base + self.bs
+            self.recent[sid] = rec
+
+    # ---------- prefixes ----------
+
+    def pin_prefix(self, seq_id: str, hashes: Sequence[bytes]) -> int:
+        """A new sequence takes the cached blocks of its longest cached prefix (`hashes`: the chain of its
+        prompt's full blocks); returns the positions it holds. The first step may start anywhere up to them."""
+        if not self.prefix_caching or seq_id in self.table:
+            return 0
+        self.prefix["queried_tokens"] += len(hashes) * self.bs
+        found = []
+        for h in hashes:
+            block = self.blocks.lookup(h)
+            if block is None:
+                break
+            found.append(block)
+        if not found:
+            return 0
+        for block in found:
+            self.blocks.share(block)
+        self.table[seq_id], self.hashes[seq_id], self.recent[seq_id] = found, list(hashes[:len(found)]), []
+        self.length_of[seq_id] = len(found) * self.bs
+        self.provisional.add(seq_id)
+        self.prefix["hit_tokens"] += len(found) * self.bs
+        return len(found) * self.bs
+
+    # ---------- copies, rewinds, leaving ----------
 
     def export(self, seq_id: str, start: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Keys and values of positions start.. of one sequence, per layer: (KV, n, hd) each (a copy)."""
-        slot, end = self.slot_of[seq_id], self.length_of[seq_id]
-        return {i: (self.k[i][slot, :, start:end].clone(), self.v[i][slot, :, start:end].clone())
+        pos = torch.arange(start, self.length_of[seq_id])
+        blk = torch.tensor(self.table[seq_id], dtype=torch.long)[pos // self.bs]
+        off = pos % self.bs
+        return {i: (self.k[i][blk, off].transpose(0, 1).clone(), self.v[i][blk, off].transpose(0, 1).clone())
                 for i in self.layer_ids}
 
     def load(self, seq_id: str, start: int, kv: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
@@ -90,14 +176,16 @@ class KVCache:
             raise CacheMissError(f"sequence {seq_id!r}: a copy starts at position {start} but only {have} are held")
         if start + n <= have:
             return have
-        if seq_id not in self.slot_of:
-            self._new_slot(seq_id)
-        if start + n > self._len:
-            self._alloc(self._slots, max(start + n, 2 * self._len))
-        slot, skip = self.slot_of[seq_id], have - start
+        if seq_id not in self.table:
+            self._new(seq_id)
+        self.recent[seq_id] = None  # copied positions come without their token ids
+        self._reserve(seq_id, have, start + n)
+        pos = torch.arange(have, start + n)
+        blk = torch.tensor(self.table[seq_id], dtype=torch.long)[pos // self.bs]
+        off, skip = pos % self.bs, have - start
         for i, (k, v) in kv.items():
-            self.k[i][slot, :, have:start + n] = k[:, skip:].to(self.device, self.dtype)
-            self.v[i][slot, :, have:start + n] = v[:, skip:].to(self.device, self.dtype)
+            self.k[i][blk, off] = k[:, skip:].transpose(0, 1).to(self.device, self.dtype)
+            self.v[i][blk, off] = v[:, skip:].transpose(0, 1).to(self.device, self.dtype)
         self.length_of[seq_id] = start + n
         return start + n
 
@@ -108,17 +196,68 @@ class KVCache:
         if not 0 <= length <= have:
             raise CacheMissError(f"sequence {seq_id!r}: cannot rewind to {length}, "
                                  f"only {have} positions are held")
-        self.length_of[seq_id] = length
+        if seq_id in self.table:
+            self._truncate(seq_id, length)
+            self.length_of[seq_id] = length
 
     def free(self, seq_ids: Iterable[str]) -> None:
+        """Gives back the sequences' blocks (registered ones stay cached for later prompts)."""
         for sid in seq_ids:
-            slot = self.slot_of.pop(sid, None)
-            self.length_of.pop(sid, None)
-            if slot is not None:
-                self._free_slots.append(slot)
+            for block in self.table.pop(sid, []):
+                self.blocks.release(block)
+            for store in (self.length_of, self.hashes, self.recent):
+                store.pop(sid, None)
+            self.provisional.discard(sid)
 
-    def tokens_held(self) -> int:
-        return sum(self.length_of.values())
+    # ---------- blocks of one sequence ----------
 
-    def __contains__(self, seq_id: str) -> bool:
-        return seq_id in self.slot_of
+    def _new(self, sid: str) -> None:
+        self.table[sid], self.hashes[sid], self.recent[sid], self.length_of[sid] = [], [], [], 0
+
+    def _truncate(self, sid: str, length: int) -> None:
+        """Keeps positions ..length: later blocks go back, and a registered block past it leaves the chain."""
+        table, keep = self.table[sid], -(-length // self.bs)
+        for block in table[keep:]:
+            self.blocks.release(block)
+        del table[keep:]
+        chain, full = self.hashes[sid], length // self.bs
+        if len(chain) > full:  # the tokens of the dropped blocks are not kept: stop registering this one
+            del chain[full:]
+            self.recent[sid] = None
+        elif self.recent[sid] is not None:
+            self.recent[sid] = self.recent[sid][:length - len(chain) * self.bs]
+        self.length_of[sid] = min(self.length_of[sid], length)
+
+    def _reserve(self, sid: str, start: int, end: int) -> None:
+        """Blocks for positions ..end; a block the step writes into that others may read is copied first."""
+        table = self.table[sid]
+        while len(table) * self.bs < end:
+            table.append(self.blocks.allocate())
+        for j in range(start // self.bs, -(-end // self.bs)):
+            if self.blocks.immutable(table[j]):
+                fresh = self.blocks.allocate()
+                for store in (self.k, self.v):
+                    for t in store.values():
+                        t[fresh] = t[table[j]]
+                self.blocks.release(table[j])
+                table[j] = fresh
+
+
+CPU_POOL_BYTES = 1 << 30  # a CPU stage's default pool
+GPU_SHARE = 0.9  # of the stage's share of its GPU, the rest (minus weights) is the pool
+
+
+def default_pool_tokens(token_bytes: int, cap_tokens: int, gpu_bytes: int = 0, gpu_fraction: float = 1.0,
+                        weight_bytes: int = 0) -> int:
+    """A stage's KV pool in tokens when none is given: 1 GiB on a CPU (`gpu_bytes` = 0); on a GPU its
+    share (`gpu_fraction` of `gpu_bytes`, as Ray's num_gpus) x 0.9 minus its weights, so stages sharing
+    a GPU do not starve each other. Never more than `cap_tokens` (what the sequences could ever use)."""
+    budget = GPU_SHARE * gpu_fraction * gpu_bytes - weight_bytes if gpu_bytes else CPU_POOL_BYTES
+    tokens = int(budget // token_bytes)
+    if tokens < 1:
+        from models.errors import ConfigError
+
+        raise ConfigError(f"no memory left for a KV cache: the stage's GPU share ({gpu_fraction:g} x "
+                          f"{gpu_bytes / 2**30:.1f} GiB x {GPU_SHARE}) is taken by its weights "
+                          f"({weight_bytes / 2**30:.1f} GiB); give stages more of a GPU or set kv_cache_tokens")
+    return min(tokens, cap_tokens)

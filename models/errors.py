@@ -32,3 +32,7 @@ class CacheMissError(MeshpipeError, LookupError):
 
     The router answers it by rebuilding the cache from the sequence's history.
     """
+
+
+class CacheFullError(MeshpipeError, MemoryError):
+    """A stage's KV pool has no free or cached block left (the router's block budget prevents it)."""

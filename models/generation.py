@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.batch import Batch
+from models.cache import DEFAULT_BLOCK
 from models.config import ModelConfig
 from models.errors import InvalidRequestError, PromptTooLongError
 from models.sampling import SamplingParams, TokenLogprob, sample
@@ -178,7 +179,9 @@ def generate_local(model: Transformer, prompts: Prompt | Sequence[Prompt], max_n
         sp = SamplingParams(**{**vars(params), "seed": seed})
         states.append(SequenceState(f"local-{next(_ids)}", encode_prompt(p, cfg, tokenizer), sp,
                                     frozenset(cfg.eos_ids), cfg.max_seq_len))
-    cache = model.new_cache()
+    # a pool just big enough: every sequence's whole length (plus drafts), in whole blocks
+    need = [min(len(s.prompt) + s.params.max_new_tokens, cfg.max_seq_len) + s.params.speculative + 1 for s in states]
+    cache = model.new_cache(sum(-(-n // DEFAULT_BLOCK) * DEFAULT_BLOCK for n in need))
     device = next(model.parameters()).device
     active = list(states)
     while active:
@@ -200,3 +203,15 @@ def plain_step(model: Transformer, cache: KVCache, active: Sequence[SequenceStat
     tokens, lps = sample(logits.cpu(), [s.params for s in active], positions)
     for s, t, lp in zip(active, tokens, lps):
         s.add(t, lp, tokenizer)
+
+
+def plan_chunks(pending: Sequence[int], budget: int) -> list[int]:
+    """Chunked prefill: how many of its `pending` input tokens each sequence sends this step. A decode
+    (one token) always goes; prompts share `budget` tokens in order, so a long prompt takes several
+    steps and running decodes keep their pace; 0: the sequence waits for the next step."""
+    out, left = [], budget
+    for n in pending:
+        take = n if n <= 1 else min(n, left)
+        left -= take if n > 1 else 0
+        out.append(take)
+    return out

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.batch import Batch
-from models.cache import KVCache
+from models.cache import DEFAULT_BLOCK, KVCache
 from models.config import ModelConfig
 from models.generation import Completion, Prompt, generate_local
 
@@ -145,9 +145,12 @@ class Transformer(nn.Module):
     def is_last(self) -> bool:
         return self.output is not None
 
-    def new_cache(self) -> KVCache:
+    def new_cache(self, num_tokens: int | None = None, block_size: int = DEFAULT_BLOCK,
+                  prefix_caching: bool = False) -> KVCache:
+        """A paged KV cache for this stage's layers: a pool of `num_tokens` (default: a full context, >= 8192)."""
         p = next(self.parameters())
-        return KVCache(self.layer_ids, self.cfg.n_kv_heads, self.cfg.head_dim, p.dtype, p.device)
+        return KVCache(self.layer_ids, self.cfg.n_kv_heads, self.cfg.head_dim, p.dtype, p.device,
+                       num_tokens or max(self.cfg.max_seq_len, 8192), block_size, prefix_caching)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load a stage's tensors (`models.loading.load_state_dict`); a tied head takes the embedding."""

@@ -30,6 +30,7 @@ def make_tiny_llama(
     sharded: bool = False,
     dtype: torch.dtype = torch.float32,
     random_norms: bool = True,
+    max_positions: int = 256,
 ) -> Path:
     """Save a random Llama (transformers' LlamaForCausalLM) as a safetensors HF folder.
 
@@ -48,7 +49,7 @@ def make_tiny_llama(
         num_key_value_heads=n_kv_heads,
         intermediate_size=hidden,
         initializer_range=init,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         rope_theta=10000.0,  # transformers 5 moves it into config.rope_parameters
         tie_word_embeddings=tie,
         bos_token_id=1,

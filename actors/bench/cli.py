@@ -150,6 +150,23 @@ def bench_spec_cmd(
     _emit(bench_spec(SMOLLM2_NAME, stages, new_tokens, k, repeats))
 
 
+@bench_app.command("prefix")
+@_handles_errors
+def bench_prefix_cmd(
+    stages: Annotated[int, typer.Option(min=1)] = 2,
+    system_tokens: Annotated[int, typer.Option(min=16, help="Tokens of the shared system prompt.")] = 1000,
+    requests: Annotated[int, typer.Option(min=1, help="Timed requests after the first.")] = 5,
+    long_tokens: Annotated[int, typer.Option(min=16, help="Tokens of the long prompt.")] = 4000,
+    chunk: Annotated[int, typer.Option(min=1, help="prefill_chunk of the chunked run.")] = 512,
+) -> None:
+    """Prefix caching (time to first token with and without), multi-turn chat over 2 replicas per stage,
+    and chunked prefill (other streams' gaps during a long prompt), each beside its baseline."""
+    from actors.bench.prefix import bench_prefix
+
+    _ensure_model(SMOLLM2_NAME)
+    _emit(bench_prefix(SMOLLM2_NAME, stages, system_tokens, requests, long_tokens, chunk))
+
+
 @bench_app.command("codecs")
 @_handles_errors
 def bench_codecs_cmd(

@@ -67,6 +67,8 @@ class Header:
     lane: int = 0  # decode ring: the micro-batch this message belongs to
     lanes: int = 1  # decode ring: micro-batches in flight when it left the head (how many stages compute at once)
     drafts: list[list[int]] = field(default_factory=list)  # (B,) speculative drafts ending each input ([]: none)
+    tokens: list[int] = field(default_factory=list)  # (N,) the step's input token ids ([]: unknown): KV block hashes
+    partial: list[str] = field(default_factory=list)  # sequences sending a prompt chunk with more to come: no sampling
     # decode ring: [stage, replica, inbound_ms, compute_ms, resends asked] per hop (the router's costs learn from it)
     trace: list[list[float]] = field(default_factory=list)
     # filled in by pack(), from the tensor and the LinkCodec:
@@ -91,7 +93,7 @@ def _header_problem(h: Header) -> str | None:
             return f"{name} must be an int >= 0, got {v!r}"
     if not isinstance(h.sender, str):
         return f"sender must be a str, got {type(h.sender).__name__}"
-    for name in ("seq_ids", "release"):
+    for name in ("seq_ids", "release", "partial"):
         v = getattr(h, name)
         if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
             return f"{name} must be a list of str"
@@ -107,6 +109,9 @@ def _header_problem(h: Header) -> str | None:
             isinstance(d, list) and all(is_int(i) and i >= 0 for i in d) for d in h.drafts) or \
             (h.drafts and (len(h.drafts) != len(h.seq_ids) or any(len(d) >= n for d, n in zip(h.drafts, h.lengths)))):
         return "drafts must be [] or one list of token ids per sequence, shorter than its input"
+    if not isinstance(h.tokens, list) or not all(is_int(i) and i >= 0 for i in h.tokens) or \
+            (h.tokens and len(h.tokens) != sum(h.lengths)):
+        return "tokens must be [] or one token id (int >= 0) per packed input token"
     if not isinstance(h.trace, list) or not all(
             isinstance(t, list) and len(t) == 5 and all(isinstance(v, (int, float)) for v in t) for t in h.trace):
         return "trace must be a list of [stage, replica, inbound_ms, compute_ms, resends]"

@@ -121,9 +121,9 @@ def test_back_pressure_not_a_hang(pipe: Pipeline) -> None:
 
 
 def test_kv_budget_too_small_for_one_request(tiny_ckpt: Path) -> None:
-    p = Pipeline.deploy(str(tiny_ckpt), num_stages=1, name="kv", max_kv_tokens=16)
+    p = Pipeline.deploy(str(tiny_ckpt), num_stages=1, name="kv", kv_cache_tokens=16)
     try:
-        with pytest.raises(InvalidRequestError, match="max_kv_tokens"):
+        with pytest.raises(InvalidRequestError, match="kv_cache_tokens"):
             p.generate([1] * 10, max_new_tokens=10)
         assert p.generate([1] * 10, max_new_tokens=6)[0].usage["prompt_tokens"] == 10
     finally:

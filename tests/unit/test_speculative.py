@@ -287,7 +287,7 @@ def test_the_cache_keeps_only_accepted_positions(loopy: Transformer) -> None:
 
 
 def test_rewind_refuses_positions_it_does_not_hold() -> None:
-    cache = KVCache([0], 1, 4, torch.float64, torch.device("cpu"))
+    cache = KVCache([0], 1, 4, torch.float64, torch.device("cpu"), num_tokens=64)
     cache.prepare(Batch.build(["a"], [0], [5]))
     cache.rewind("a", 3)
     assert cache.length_of["a"] == 3 and cache.tokens_held() == 3

@@ -1,0 +1,73 @@
+"""The router's pure KV policies: block admission, the prefix index, prefix-aware routes, prompt chunks,
+and the stages' pinning protocol (`pin_route`) over fake handles. No Ray."""
+
+from __future__ import annotations
+
+import asyncio
+
+from actors.prefix import KvBudget, PrefixIndex, pin_route
+from models.generation import plan_chunks
+from tests.unit.test_router_parts import FakeHandle, make_pool
+
+
+def test_budget_reserves_a_stretch_grows_and_refuses_past_the_pool() -> None:
+    b = KvBudget(pool_tokens=4096, block_size=16)  # 256 blocks; stretches of 256 tokens, lag 64
+    assert b.want(100, 10_000) == b.blocks_for(100 + 256 + 64)
+    assert b.want(100, 120) == b.blocks_for(120)  # never past what the request can reach
+    assert b.reserve("a", 100, 10_000) and b.used == 27
+    assert b.grow("a", 300, 10_000) and b.used == 27  # 300 + lag still inside
+    assert b.grow("a", 400, 10_000) and b.used == b.blocks_for(400 + 256 + 64)
+    assert b.reserve("b", 2000, 3000) and b.used == 45 + 145
+    assert not b.grow("a", 1500, 10_000)  # the pool cannot cover a's next stretch: preempt it
+    assert not b.fits_now([(1000, 2000)]) and b.fits_now([(100, 200)])
+    b.release("b")
+    assert b.grow("a", 1500, 10_000) and not b.fits_ever(4097) and b.fits_ever(4096)
+
+
+def test_a_small_pool_reserves_in_small_stretches() -> None:
+    b = KvBudget(pool_tokens=512, block_size=16)
+    assert (b.grow_tokens, b.lag_tokens) == (32, 32)
+    assert all(b.reserve(r, 10, 250) for r in "abc") and b.used == 15
+
+
+def test_plan_chunks_lets_decodes_go_and_prompts_share_the_budget() -> None:
+    assert plan_chunks([1, 3000, 1, 700, 5], 512) == [1, 512, 1, 0, 0]
+    assert plan_chunks([100, 700, 1], 512) == [100, 412, 1]
+    assert plan_chunks([2, 2], 1) == [1, 0]
+
+
+def test_index_counts_leading_blocks_and_forgets_least_recent() -> None:
+    idx = PrefixIndex(block_size=4, capacity=3)
+    a = idx.hashes(list(range(13)))  # 12 tokens before the last one: three blocks
+    assert len(a) == 3 and len(idx.hashes(list(range(12)))) == 2  # the last token is always computed
+    idx.record([(0, 1)], a)
+    assert idx.hit_tokens((0, 1), a) == 12 and idx.hit_tokens((0, 0), a) == 0
+    assert idx.hit_tokens((0, 1), idx.hashes([9] + list(range(1, 13)))) == 0  # differs in block 0
+    idx.record([(0, 1)], idx.hashes([7] * 9))  # two new blocks push a's oldest out
+    assert idx.hit_tokens((0, 1), a) == 0
+
+
+def test_routes_prefer_the_replicas_that_hold_the_prompt_unless_they_are_loaded() -> None:
+    pool = make_pool([2, 2])
+    for rep in pool.table:
+        rep.compute_ms, rep.token_ms = 5.0, 0.5
+    idx = PrefixIndex(block_size=16, capacity=1000)
+    prompt = list(range(1, 600))
+    hashes = idx.hashes(prompt)
+    idx.record([(0, 1), (1, 1)], hashes)
+    assert pool.plan(idx, hashes, len(prompt)).replicas == (1, 1)
+    assert pool.plan(idx, idx.hashes(list(range(2, 600))), 599).replicas == pool.plan().replicas  # no hit
+    for k in range(200):  # replica 1 of stage 1 is swamped: its queue outweighs the 300 ms prefill saved
+        pool.table.get(1, 1).sequences.add(f"s{k}")
+    assert pool.plan(idx, hashes, len(prompt)).replicas == (1, 0)
+
+
+def test_pin_route_takes_the_least_any_replica_holds() -> None:
+    held = {"a": 48, "b": 32}
+    handles = [FakeHandle(pin_prefix=lambda items, n=n: [n for _ in items]) for n in held.values()]
+    assert asyncio.run(pin_route(handles, "r1", [b"h"] * 3)) == 32
+    assert handles[0].calls == [("pin_prefix", ([("r1", [b"h"] * 3)],))]
+
+    def broken(items: list) -> list:
+        raise RuntimeError("replica died")
+    assert asyncio.run(pin_route([handles[0], FakeHandle(pin_prefix=broken)], "r2", [b"h"])) == 0
