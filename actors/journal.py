@@ -127,7 +127,7 @@ def request_of_records(records: list[RequestRecord], cfg: Any) -> list[tuple[Req
     for rec in records:
         seq = SequenceState(rec.rid, rec.prompt, rec.params, frozenset(cfg.eos_ids), cfg.max_seq_len,
                             generated=list(rec.generated), logprobs=list(rec.logprobs))
-        kv = min(len(rec.prompt) + rec.params.max_new_tokens, cfg.max_seq_len)
+        kv = min(len(rec.prompt) + rec.params.max_new_tokens, cfg.max_seq_len) + rec.params.speculative
         deadline = None if rec.deadline_unix is None else time.monotonic() + (rec.deadline_unix - time.time())
         out.append((Request(rec.rid, seq, kv, deadline, loop.create_future(), journaled=len(rec.generated)),
                     rec.completion))

@@ -175,8 +175,10 @@ class StageActor:
         token_bytes = 2 * len(self.spec.layers) * cfg.n_kv_heads * cfg.head_dim * p.element_size()
         per_seq = -(-cfg.max_seq_len // setup.stage.kv_block_size) * setup.stage.kv_block_size
         cap = setup.max_sequences * per_seq
-        if self.device.type != "cuda":
-            return default_pool_tokens(token_bytes, cap)
+        if self.device.type != "cuda":  # half the node's memory, shared by the deployment's stages at most
+            import psutil
+
+            return default_pool_tokens(token_bytes, cap, ram_share=psutil.virtual_memory().total // 2 // self.num_stages)
         import ray
 
         fraction = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0)) or 1.0
@@ -383,7 +385,11 @@ class StageActor:
         """Per sequence: positions cached (0 after a restart), and the first position of its output
         history (> 0 when it began on cached prefix blocks): what a recovery must rebuild, and from where
         this stage can replay its outputs to the next."""
-        return [(self.cache.length_of.get(sid, 0), self.history.first(sid)) for sid in seq_ids]
+        out = []
+        for sid in seq_ids:
+            cached, first = self.cache.length_of.get(sid, 0), self.history.first(sid)
+            out.append((cached, first if self.history.length(sid) > first else cached))  # no outputs: none to replay
+        return out
 
     @_locked
     def replay(self, header: Header, links: list[LinkCodec]) -> Envelope:

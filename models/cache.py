@@ -1,7 +1,8 @@
 """Paged KV cache of one stage: a fixed pool of blocks, a block table per sequence (vLLM's layout).
 
-Per layer, keys and values live in one preallocated tensor (num_blocks, block_size, n_kv, hd),
-zeroed once, so the memory a stage holds is the pool's from its first step to its last. A
+Per layer, keys and values live in one preallocated tensor (num_blocks, block_size, n_kv, hd);
+the OS commits a block's pages when it is first used (it is zeroed then), and the pool never grows
+or shrinks, so a stage holds at most the pool's memory whatever its sequences do. A
 sequence owns a list of block ids; joining, growing and leaving take and give back blocks
 without copying. Attention reads a batch's blocks through its table (`read`: one gather).
 
@@ -36,9 +37,13 @@ class KVCache:
         self.bs, self.prefix_caching = block_size, prefix_caching
         num_blocks = max(1, -(-num_tokens // block_size))
         shape = (num_blocks, block_size, n_kv, head_dim)
-        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in self.layer_ids}
-        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in self.layer_ids}
+        self.k = {i: torch.empty(shape, dtype=dtype, device=device) for i in self.layer_ids}
+        self.v = {i: torch.empty(shape, dtype=dtype, device=device) for i in self.layer_ids}
         self.blocks = BlockAllocator(num_blocks, block_size)
+        # never-used blocks hold whatever the memory held: zeroed on first use (masked positions are
+        # multiplied by 0 in attention, and 0 x NaN is NaN); block 0 also pads block tables
+        self.touched = bytearray(num_blocks)
+        self._zero(0)
         self.table: dict[str, list[int]] = {}  # sequence id -> its blocks, in position order
         self.length_of: dict[str, int] = {}  # sequence id -> tokens cached
         self.hashes: dict[str, list[bytes]] = {}  # sequence id -> hash chain of its registered leading blocks
@@ -228,14 +233,26 @@ class KVCache:
             self.recent[sid] = self.recent[sid][:length - len(chain) * self.bs]
         self.length_of[sid] = min(self.length_of[sid], length)
 
+    def _zero(self, block: int) -> None:
+        if not self.touched[block]:
+            for store in (self.k, self.v):
+                for t in store.values():
+                    t[block].zero_()
+            self.touched[block] = 1
+
+    def _allocate(self) -> int:
+        block = self.blocks.allocate()
+        self._zero(block)
+        return block
+
     def _reserve(self, sid: str, start: int, end: int) -> None:
         """Blocks for positions ..end; a block the step writes into that others may read is copied first."""
         table = self.table[sid]
         while len(table) * self.bs < end:
-            table.append(self.blocks.allocate())
+            table.append(self._allocate())
         for j in range(start // self.bs, -(-end // self.bs)):
             if self.blocks.immutable(table[j]):
-                fresh = self.blocks.allocate()
+                fresh = self._allocate()
                 for store in (self.k, self.v):
                     for t in store.values():
                         t[fresh] = t[table[j]]
@@ -248,11 +265,12 @@ GPU_SHARE = 0.9  # of the stage's share of its GPU, the rest (minus weights) is 
 
 
 def default_pool_tokens(token_bytes: int, cap_tokens: int, gpu_bytes: int = 0, gpu_fraction: float = 1.0,
-                        weight_bytes: int = 0) -> int:
-    """A stage's KV pool in tokens when none is given: 1 GiB on a CPU (`gpu_bytes` = 0); on a GPU its
-    share (`gpu_fraction` of `gpu_bytes`, as Ray's num_gpus) x 0.9 minus its weights, so stages sharing
-    a GPU do not starve each other. Never more than `cap_tokens` (what the sequences could ever use)."""
-    budget = GPU_SHARE * gpu_fraction * gpu_bytes - weight_bytes if gpu_bytes else CPU_POOL_BYTES
+                        weight_bytes: int = 0, ram_share: int = CPU_POOL_BYTES) -> int:
+    """A stage's KV pool in tokens when none is given: on a CPU (`gpu_bytes` = 0) 1 GiB, or `ram_share`
+    if less (the caller's share of the node's memory); on a GPU its share (`gpu_fraction` of
+    `gpu_bytes`, as Ray's num_gpus) x 0.9 minus its weights, so stages sharing a GPU do not starve
+    each other. Never more than `cap_tokens` (what the sequences could ever use)."""
+    budget = GPU_SHARE * gpu_fraction * gpu_bytes - weight_bytes if gpu_bytes else min(CPU_POOL_BYTES, ram_share)
     tokens = int(budget // token_bytes)
     if tokens < 1:
         from models.errors import ConfigError
