@@ -219,6 +219,13 @@ def serve(
     detach: Annotated[bool, typer.Option(
         help="With --address: leave the server (and a deployment it made) running in the cluster and return.")]
     = False,
+    api_key: Annotated[list[str] | None, typer.Option(
+        help="A key clients send as 'Authorization: Bearer KEY' (repeat for several; default $MESHPIPE_API_KEY).",
+        show_default=False)] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without an API key.")] = False,
+    max_body_bytes: Annotated[int, typer.Option(min=1024, help="Larger request bodies get 413.")] = 8 << 20,
+    request_timeout: Annotated[float, typer.Option(
+        min=0.001, help="Seconds a request may run; then 504 and its caches are freed.")] = 600.0,
 ) -> None:
     """OpenAI-compatible HTTP endpoint (/v1/completions, /v1/chat/completions, /v1/models) on Ray Serve.
 
@@ -233,6 +240,10 @@ def serve(
 
     if detach and not address:
         raise typer.BadParameter("--detach needs --address: a local Ray ends with this command")
+    keys = tuple(api_key or [k for k in os.environ.get("MESHPIPE_API_KEY", "").split(",") if k.strip()])
+    if not keys and not insecure and not http._loopback(host):
+        raise typer.BadParameter(f"--host {host} without an API key would let anyone who reaches it use the "
+                                 "deployments: give --api-key KEY (or MESHPIPE_API_KEY), or --insecure")
     names = name or ["default"]
     if not address:
         model = model or SMOLLM2_NAME
@@ -251,7 +262,8 @@ def serve(
         if model:
             pipe = _deploy(model, stages, names[0])
         with err.status("starting the HTTP server (Ray Serve) ..."):
-            url = http.start(names, host=host, port=port, replicas=replicas)
+            url = http.start(names, host=host, port=port, replicas=replicas, api_keys=keys, insecure=insecure,
+                             max_body_bytes=max_body_bytes, request_timeout_s=request_timeout)
         served = True
         out.print(f"serving {', '.join(names)} at [bold]{url}[/] (OpenAI-compatible: /completions, "
                   "/chat/completions, /models)" + ("" if detach else "; Ctrl-C stops"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr, ValidationError, field_validator, model_validator
 
 from actors.wire import check_codec, check_compress
 from models import ConfigError
@@ -49,7 +49,8 @@ class WireOptions(_Section):
     codec: str = "auto"  # auto (per link, lossless) or a registered codec (actors.wire.codec_names())
     compress: str | None = None  # lossless compression on top: a registered compressor (None: auto decides)
     encryption: str = Field("auto", pattern="^(auto|always|never)$")  # AES-GCM: untrusted links | all | none
-    encryption_key: SecretStr | None = None  # 32 bytes as hex/base64; default: $MESHPIPE_KEY (never logged)
+    # 32 raw bytes, or as hex/base64; default: $MESHPIPE_KEY (never logged, never in an error or repr)
+    encryption_key: SecretBytes | SecretStr | None = None
     int8_block: int = Field(64, ge=8)  # elements per int8 scale
     max_retransmits: int = Field(3, ge=0)  # resends a stage asks for a corrupted message before failing the step
 

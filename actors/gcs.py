@@ -26,8 +26,10 @@ def actor_record(actor: Any) -> tuple[str, int]:
         return "UNKNOWN", 0
 
 
-def own_restarts() -> int:
-    """How often Ray has restarted the calling actor (0 on its first start)."""
+def own_restarts() -> int | None:
+    """How often Ray has restarted the calling actor (0 on its first start); None when the GCS could not
+    say (callers fail closed: a router then keeps its journal, as after a restart)."""
     import ray
 
-    return actor_record(ray.get_runtime_context().get_actor_id())[1]
+    state, restarts = actor_record(ray.get_runtime_context().get_actor_id())
+    return None if state == "UNKNOWN" else restarts

@@ -3,18 +3,27 @@
 Records live in the GCS's key-value store (the store Ray Serve's controller checkpoints into),
 one key per request under `meshpipe/<deployment>/requests/`, so they outlive the router actor
 (and, with GCS fault tolerance, the head node). A record is the request's prompt, sampling
-parameters, deadline and the tokens generated so far (checkpointed every second); a restarted
-router re-admits each one and prefills prompt + generated tokens. Sampling is seeded per position,
-so the continuation is the one the old router would have produced.
+parameters and deadline, written once; every second a checkpoint adds only the tokens generated
+since the last one (a key of their own); a finished request's record carries its completion. A
+restarted router re-admits each one and prefills prompt + generated tokens. Sampling is seeded per
+position, so the continuation is the one the old router would have produced.
+
+Records are versioned JSON (never pickles: a record cannot run code when read). With a deployment
+key they are sealed with AES-256-GCM, the record's GCS key as associated data (a record moved to
+another key fails to open), and a plaintext record is refused; without one they are plaintext,
+readable by any job connected to the cluster. Finished records are kept up to `finished_kept`,
+64 MiB and an hour, whichever comes first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import pickle
+import os
 import time
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from actors.naming import NAMESPACE, journal_prefix
@@ -24,6 +33,11 @@ if TYPE_CHECKING:
     from actors.router import RouterActor
 
 log = logging.getLogger(__name__)
+
+FORMAT = 2  # the record format's version
+PLAIN, SEALED = b"MPJ2p", b"MPJ2s"  # record prefixes
+FINISHED_BYTES = 64 << 20  # finished records kept, in bytes at most
+FINISHED_TTL_S = 3600.0  # ... and for an hour at most
 
 
 @dataclass
@@ -62,47 +76,83 @@ class GcsKV:
 
 
 class RequestJournal:
-    """put / drop / load of one deployment's RequestRecords (pickled: written and read by meshpipe only)."""
+    """admit / checkpoint / finish / drop / load of one deployment's requests (`RequestRecord`s)."""
 
-    def __init__(self, deployment: str, kv: Any = None) -> None:
+    def __init__(self, deployment: str, kv: Any = None, key: bytes | None = None, finished_kept: int = 1024) -> None:
         self.prefix = journal_prefix(deployment)
         self.kv = kv if kv is not None else GcsKV()  # anything with put/get/delete/keys (tests: a dict-backed one)
+        self.key = key  # AES-256-GCM key (the deployment's), or None: plaintext
+        self.finished: OrderedDict[str, tuple[float, int]] = OrderedDict()  # rid -> (when, bytes), oldest first
+        self.finished_kept = finished_kept
 
-    def put(self, record: RequestRecord) -> None:
-        self.kv.put(self.prefix + record.rid, pickle.dumps(record))
+    def _put(self, name: str, obj: dict[str, Any]) -> int:
+        blob = seal_record(self.prefix + name, obj, self.key)
+        self.kv.put(self.prefix + name, blob)
+        return len(blob)
 
     def drop(self, rid: str) -> None:
         self.kv.delete(self.prefix + rid)
+        self.kv.delete(self.prefix + rid + "/", by_prefix=True)
+        self.finished.pop(rid, None)
 
     def load(self) -> list[RequestRecord]:
-        out = []
+        """Every request's record, its token chunks joined; unreadable ones are skipped, and said so."""
+        base: dict[str, dict] = {}
+        chunks: dict[str, list[tuple[int, dict]]] = {}
         for key in self.kv.keys(self.prefix):
             raw = self.kv.get(key)
             if raw is None:
                 continue
+            name = key[len(self.prefix):]
             try:
-                out.append(pickle.loads(raw))
-            except Exception as e:  # noqa: BLE001 - a record of another meshpipe version: skip it, say so
-                log.warning("journal record %r is unreadable (%s): skipped", key, e)
+                obj = open_record(key, raw, self.key)
+            except ValueError as e:
+                log.warning("journal record %r is unreadable (%s): skipped", name, e)
+                continue
+            rid, _, part = name.partition("/t/")
+            if part:
+                chunks.setdefault(rid, []).append((int(part), obj))
+            else:
+                base[rid] = obj
+        out = []
+        for rid, obj in base.items():
+            try:
+                out.append(record_from(obj, sorted(chunks.get(rid, []), key=lambda c: c[0])))
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("journal record %r is malformed (%s): skipped", rid, e)
         return out
 
     def clear(self) -> None:
         self.kv.delete(self.prefix, by_prefix=True)
+        self.finished.clear()
 
     def admit(self, req: Request) -> None:
         """An accepted request: a restarted router re-admits it from here."""
-        self.put(record_of(req))
+        self._put(req.rid, record_dict(record_of(req)))
+        req.journaled = len(req.seq.generated)
 
     def finish(self, req: Request, completion: Any) -> None:
-        """A finished request: a late `result` after a restart finds its completion."""
-        self.put(record_of(req, completion))
+        """A finished request: a late `result` after a restart finds its completion. Old finished records go."""
+        size = self._put(req.rid, record_dict(record_of(req, completion)))
+        self.kv.delete(self.prefix + req.rid + "/", by_prefix=True)  # the chunks are in the completion
+        self.finished[req.rid] = (time.time(), size)
+        total, now = sum(b for _, b in self.finished.values()), time.time()
+        while self.finished and (len(self.finished) > self.finished_kept or total > FINISHED_BYTES
+                                 or now - next(iter(self.finished.values()))[0] > FINISHED_TTL_S):
+            rid, (_, size) = self.finished.popitem(last=False)
+            total -= size
+            self.kv.delete(self.prefix + rid)
 
     def checkpoint(self, reqs: list[Request]) -> int:
-        """Journals the tokens of the requests that generated some since their last record; returns how many."""
+        """Journals the tokens each request generated since its last checkpoint (only those); returns how
+        many requests had some."""
         n = 0
         for req in reqs:
-            if len(req.seq.generated) != req.journaled and not req.future.done():
-                self.put(record_of(req))
+            start = req.journaled
+            if len(req.seq.generated) > start and not req.future.done():
+                lps = req.seq.logprobs[start:] if req.seq.params.logprobs is not None else []
+                self._put(f"{req.rid}/t/{start:09d}", {"generated": req.seq.generated[start:],
+                                                       "logprobs": [asdict(lp) for lp in lps]})
                 req.journaled = len(req.seq.generated)
                 n += 1
         return n
@@ -113,6 +163,71 @@ def record_of(req: Request, completion: Any = None) -> RequestRecord:
     deadline = None if req.deadline is None else time.time() + (req.deadline - time.monotonic())
     return RequestRecord(req.rid, req.seq.prompt, req.seq.params, deadline, list(req.seq.generated),
                          list(req.seq.logprobs), completion)
+
+
+def seal_record(name: str, obj: dict[str, Any], key: bytes | None) -> bytes:
+    """A record's bytes: versioned JSON, sealed with AES-256-GCM (`name` as associated data) under `key`."""
+    raw = json.dumps({"v": FORMAT, **obj}, separators=(",", ":")).encode()
+    if key is None:
+        return PLAIN + raw
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(12)
+    return SEALED + nonce + AESGCM(key).encrypt(nonce, raw, name.encode())
+
+
+def open_record(name: str, blob: bytes, key: bytes | None) -> dict[str, Any]:
+    """The record `seal_record` wrote; ValueError when it is of another format, forged, moved, or plaintext
+    where a key is set (fail closed: never read what could have been written without the key)."""
+    if blob.startswith(SEALED):
+        if key is None:
+            raise ValueError("sealed with a key this router does not have")
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        body = blob[len(SEALED):]
+        try:
+            raw = AESGCM(key).decrypt(body[:12], body[12:], name.encode())
+        except InvalidTag:
+            raise ValueError("it fails authentication (another key, altered, or moved)") from None
+    elif blob.startswith(PLAIN):
+        if key is not None:
+            raise ValueError("plaintext, but this deployment seals its records")
+        raw = blob[len(PLAIN):]
+    else:
+        raise ValueError("not a meshpipe journal record of this version")
+    obj = json.loads(raw)
+    if not isinstance(obj, dict) or obj.get("v") != FORMAT:
+        raise ValueError(f"record format {obj.get('v') if isinstance(obj, dict) else '?'} is not {FORMAT}")
+    return obj
+
+
+def record_dict(rec: RequestRecord) -> dict[str, Any]:
+    """A record as plain JSON types."""
+    return {"rid": rec.rid, "prompt": rec.prompt, "params": asdict(rec.params), "deadline_unix": rec.deadline_unix,
+            "generated": rec.generated, "logprobs": [asdict(lp) for lp in rec.logprobs],
+            "completion": None if rec.completion is None else asdict(rec.completion)}
+
+
+def record_from(obj: dict[str, Any], chunks: list[tuple[int, dict]]) -> RequestRecord:
+    """The record of `record_dict`, with the checkpoints' token chunks appended in order."""
+    from models import Completion, SamplingParams, TokenLogprob
+
+    def lp(d: dict) -> TokenLogprob:
+        return TokenLogprob(int(d["token_id"]), float(d["logprob"]), {int(k): float(v) for k, v in d["top"].items()})
+
+    generated, logprobs = list(obj["generated"]), [lp(d) for d in obj["logprobs"]]
+    for start, chunk in chunks:
+        if start == len(generated):  # contiguous; a stale or duplicate chunk is ignored
+            generated += chunk["generated"]
+            logprobs += [lp(d) for d in chunk["logprobs"]]
+    params = obj["params"]
+    done = obj["completion"]
+    completion = None if done is None else Completion(**{**done, "logprobs": None if done["logprobs"] is None
+                                                         else [lp(d) for d in done["logprobs"]]})
+    return RequestRecord(str(obj["rid"]), [int(t) for t in obj["prompt"]],
+                         SamplingParams(**{**params, "stop": tuple(params["stop"])}), obj["deadline_unix"],
+                         generated, logprobs, completion)
 
 
 def request_of_records(records: list[RequestRecord], cfg: Any) -> list[tuple[Request, Any]]:

@@ -21,6 +21,14 @@ from models import Completion, MeshpipeError, PromptTooLongError, SamplingParams
 from models.sampling import MAX_SPECULATIVE
 
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+MAX_STOP_CHARS = 256  # characters of one stop string
+MAX_PROMPTS = 256  # prompts in one completions request (times n: sequences it asks for)
+# every status an operation can answer, each with OpenAI's error body (the OpenAPI document lists them)
+ERROR_STATUSES = {400: "bad request: a field names the problem", 401: "missing or incorrect API key",
+                  404: "unknown model or path", 405: "method not allowed (see the Allow header)",
+                  413: "request body too large", 429: "the pipeline is full: retry after Retry-After seconds",
+                  500: "internal error (its type only)", 503: "a stage or the router is unavailable",
+                  504: "the request ran past its deadline"}
 
 
 class ApiError(Exception):
@@ -34,6 +42,19 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error's body (OpenAI's shape)."""
+
+    error: ErrorDetail
 
 
 def api_error(e: BaseException) -> ApiError:
@@ -51,7 +72,10 @@ def api_error(e: BaseException) -> ApiError:
         return ApiError(503, msg, "server_error", code="service_unavailable")
     if isinstance(e, MeshpipeError) and isinstance(e, ValueError):  # InvalidRequestError, ConfigError, ...
         return ApiError(400, msg)
-    return ApiError(500, f"internal error ({type(e).__name__}): {msg}", "server_error")
+    if isinstance(e, UnicodeError):  # text that is not valid Unicode (a lone surrogate) reached a tokenizer
+        return ApiError(400, "the text is not valid Unicode (a lone surrogate?): send UTF-8 text", code="invalid_text")
+    # never the message: it may carry a traceback, paths, addresses or process ids
+    return ApiError(500, f"internal error ({type(e).__name__}); the server log has the details", "server_error")
 
 
 def validation_error(errors: Sequence[dict[str, Any]]) -> ApiError:
@@ -103,6 +127,8 @@ class _Sampling(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters")
         return stops
 
     @model_validator(mode="after")
@@ -150,6 +176,9 @@ class CompletionRequest(_Sampling):
             raise ValueError(f"best_of={self.best_of} is not supported: leave it out or equal to n={self.n}")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt is empty: give a string, a list of strings or token ids")
+        if len(self.prompts()) * self.n > MAX_PROMPTS:
+            raise ValueError(f"{len(self.prompts())} prompts x n={self.n} ask for more than {MAX_PROMPTS} "
+                             "sequences in one request: send fewer")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -171,6 +200,15 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _by_role(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id (the call it answers) and content")
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     @field_validator("content")
     @classmethod

@@ -122,13 +122,16 @@ class ReplicaPool:
         return [back, *self.links_for(route)[1:]]
 
     def _link_info(self, a: str, b: str) -> LinkInfo:
-        if a == b or self.topology is None or a not in self.topology.graph or b not in self.topology.graph:
+        if a == b or self.topology is None:
             return LinkInfo(same_host=a == b, bandwidth_gbps=None)
+        if a not in self.topology.graph or b not in self.topology.graph:  # a host placed after a node loss:
+            untrusted = any(not e.get("trusted", True) for *_, e in self.topology.graph.edges(data=True))
+            return LinkInfo(same_host=False, bandwidth_gbps=None, trusted=not untrusted)  # fail closed
         try:
             path, _ = self.topology.route(a, b, self.message_bytes)
         except TopologyError:
             return LinkInfo(same_host=False, bandwidth_gbps=None)
-        edges = [self.topology.graph.edges[u, v] for u, v in zip(path, path[1:])]
+        edges = [self.topology.link(u, v, self.message_bytes) for u, v in zip(path, path[1:])]
         bws = [e["bandwidth_gbps"] for e in edges if e["bandwidth_gbps"]]
         return LinkInfo(same_host=False, bandwidth_gbps=min(bws) if bws else None,
                         trusted=all(e.get("trusted", True) for e in edges))

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
+import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from models import InvalidRequestError, ModelConfig, SamplingParams, SequenceState
-from models.generation import encode_prompt
 from topology.planner import Route
 
 if TYPE_CHECKING:
     from actors.prefix import KvBudget
-    from models.tokenizer import Tokenizer
 
 
 @dataclass
@@ -42,14 +42,14 @@ class Lane:
     step: int = 0  # steps run so far
 
 
-def new_request(rid: str, prompt: Any, params: SamplingParams, timeout_s: float | None, cfg: ModelConfig,
-                tokenizer: Tokenizer | None, kv: KvBudget) -> Request:
-    """A request checked and tokenised (a seed drawn if none is given); InvalidRequestError names what is wrong."""
+def new_request(rid: str, ids: list[int], params: SamplingParams, timeout_s: float | None, cfg: ModelConfig,
+                kv: KvBudget) -> Request:
+    """A request of a tokenised prompt, checked (a seed drawn if none is given); InvalidRequestError names
+    what is wrong."""
     if not isinstance(params, SamplingParams):
         raise InvalidRequestError(f"params must be SamplingParams, not {type(params).__name__}")
     if timeout_s is not None and not timeout_s > 0:
         raise InvalidRequestError(f"timeout_s={timeout_s!r} must be positive")
-    ids = encode_prompt(prompt, cfg, tokenizer)
     if params.seed is None:
         params = SamplingParams(**{**vars(params), "seed": random.getrandbits(31)})
     limit = min(len(ids) + params.max_new_tokens, cfg.max_seq_len) + params.speculative  # drafts write ahead
@@ -61,3 +61,15 @@ def new_request(rid: str, prompt: Any, params: SamplingParams, timeout_s: float 
     seq = SequenceState(rid, ids, params, frozenset(cfg.eos_ids), cfg.max_seq_len)
     deadline = time.monotonic() + timeout_s if timeout_s else None
     return Request(rid, seq, limit, deadline, asyncio.get_running_loop().create_future())
+
+
+class RequestIds:
+    """Request ids unique across router incarnations, whatever a restarted router knows of its past: the
+    deployment, a random tag of this router process, a count (`<deployment>-<tag>-<n>`)."""
+
+    def __init__(self, deployment: str) -> None:
+        self.prefix = f"{deployment}-{secrets.token_hex(4)}-"
+        self.count = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.count)}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -98,7 +99,7 @@ class RingMember:
         self.release: list[str] = []  # head: sequences whose caches go with the next message
         self.sent: OrderedDict[int, Any] = OrderedDict()  # msg id -> wire, for resends
         self.step = 0
-        self.msg_ids = 0
+        self.msg_ids = secrets.randbits(40)  # never a previous ring's ids (stages refuse replayed ids)
         self.stopped = False
         self.threads: list[threading.Thread] = []
         self.reports: list[tuple] = []  # tail: (rid, tokens, logprobs, drafted, tokens generated before them)
@@ -346,7 +347,9 @@ class RingMember:
         st, asked = self.stage, 0
         while True:
             try:
-                return unpack(wire, st.key)
+                header, x = unpack(wire, st.key)
+                st._expect_sealed(header, self.spec.links[self.spec.index].encrypt)
+                return header, x
             except ChecksumError as e:
                 st.counters["checksum_failures"] += 1
                 if asked >= st.max_retransmits:

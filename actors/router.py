@@ -15,7 +15,6 @@ The router owns admission, scheduling and the lanes; the pool, the sender, the r
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections import OrderedDict, deque
@@ -32,13 +31,13 @@ from actors.pool import ReplicaPool
 from actors.prefix import KvBudget, PrefixCache
 from actors.probe import LinkProber
 from actors.recovery import Recovery
-from actors.request import Lane, Request, new_request
+from actors.request import Lane, Request, RequestIds, new_request
 from actors import router_views
 from actors.ring import RingDriver, RingLane
 from actors.sender import StepSender
 from actors.specs import RouterSpec
 from models import Completion, InvalidRequestError, ModelConfig, SamplingParams
-from models.generation import plan_chunks, stream_safe
+from models.generation import encode_prompt, plan_chunks
 from topology.graph import Topology
 from topology.planner import NoReplicaError
 
@@ -69,7 +68,8 @@ class RouterActor(FaultHooks, ScalingHooks):
         self.requests: OrderedDict[str, Request] = OrderedDict()
         self.waiting: deque[Request] = deque()
         self.lanes = [Lane(i) for i in range(self.rc.micro_batches or 1)]
-        self.incarnation = own_restarts()  # > 0: Ray restarted this router; accepted requests are in the journal
+        restarts = own_restarts()  # > 0: Ray restarted this router; accepted requests are in the journal
+        self.incarnation = 1 if restarts is None else restarts  # unknown: as after a restart (keep the journal)
         self.rings = RingDriver(spec.deployment, self.pool, ray.get_runtime_context().current_actor, len(self.lanes),
                                 self.incarnation, frozenset(self.cfg.eos_ids), self.cfg.max_seq_len, self._fallback,
                                 self.rc.prefill_chunk) \
@@ -79,9 +79,9 @@ class RouterActor(FaultHooks, ScalingHooks):
         self.kv = KvBudget(pool_tokens, block)  # admission in blocks of the smallest pool
         self.prefix = PrefixCache(block, pool_tokens // block, self.metrics) if infos[0]["prefix_caching"] else None
         self.tokens_generated = 0
-        self._ids = itertools.count()
+        self._rid = RequestIds(spec.deployment)
         self.jobs = Jobs(f"router of {spec.deployment!r}")  # background jobs (cache copies, prefix pins)
-        self.journal = RequestJournal(spec.deployment)
+        self.journal = RequestJournal(spec.deployment, key=spec.key, finished_kept=self.rc.finished_kept)
         if self.incarnation == 0:
             self.journal.clear()  # a fresh deployment: records of an old one with this name are void
         self._resumed = self.incarnation == 0
@@ -95,16 +95,13 @@ class RouterActor(FaultHooks, ScalingHooks):
 
     async def submit(self, prompt: Any, params: SamplingParams, timeout_s: float | None = None) -> str:
         """Admits one request; returns its id. Raises InvalidRequestError or BackPressureError."""
-        await self._resume()
-        req = self._new_request(prompt, params, timeout_s)
-        self._admit([req])
-        return req.rid
+        return (await self.submit_many([prompt], params, timeout_s))[0]
 
     async def generate(self, prompts: list[Any], params: SamplingParams,
                        timeout_s: float | None = None) -> list[Completion]:
         """Admits all prompts at once (all or none) and returns their completions in order."""
         await self._resume()
-        reqs = [self._new_request(p, params, timeout_s) for p in prompts]
+        reqs = await self._new_requests(prompts, [params] * len(prompts), timeout_s)
         self._admit(reqs)
         try:
             return [await self._await(r) for r in reqs]
@@ -123,23 +120,24 @@ class RouterActor(FaultHooks, ScalingHooks):
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise InvalidRequestError(f"{len(plist)} sampling params for {len(prompts)} prompts: give one or one each")
-        reqs = [self._new_request(p, sp, timeout_s) for p, sp in zip(prompts, plist)]
+        reqs = await self._new_requests(prompts, plist, timeout_s)
         self._admit(reqs)
         return [r.rid for r in reqs]
 
     async def submit_chat(self, messages: list[dict], params: SamplingParams, timeout_s: float | None = None) -> str:
         """Applies the chat template and admits the request; returns its id."""
-        return (await self.submit_many([self.chat_prompt(messages)], params, timeout_s))[0]
+        return (await self.submit_many([await self.chat_prompt(messages)], params, timeout_s))[0]
 
     async def chat(self, messages: list[dict], params: SamplingParams,
                    timeout_s: float | None = None) -> Completion:
-        return (await self.generate([self.chat_prompt(messages)], params, timeout_s))[0]
+        return (await self.generate([await self.chat_prompt(messages)], params, timeout_s))[0]
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        """The prompt the chat template makes of `messages` (ending where the assistant's answer begins)."""
+    async def chat_prompt(self, messages: list[dict]) -> str:
+        """The prompt the chat template makes of `messages` (ending where the assistant's answer begins);
+        rendered off the event loop, which keeps serving every other request meanwhile."""
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer, so it cannot chat: pass token ids to generate")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, add_generation_prompt=True)
 
     async def result(self, rid: str) -> Completion:
         await self._resume()
@@ -148,20 +146,7 @@ class RouterActor(FaultHooks, ScalingHooks):
     async def stream_next(self, rid: str, cursor: int, wait_s: float = 10.0) -> dict[str, Any]:
         """Tokens past `cursor` (waits up to `wait_s` for some); `done` with the completion at the end."""
         await self._resume()
-        req = self._get(rid)
-        if len(req.seq.generated) <= cursor and not req.future.done():
-            req.changed.clear()
-            try:
-                await asyncio.wait_for(req.changed.wait(), wait_s)
-            except asyncio.TimeoutError:
-                pass
-        if req.future.done():
-            completion = await self._await(req)  # raises the request's error, if any
-            return {"token_ids": completion.token_ids[cursor:], "done": True, "completion": completion}
-        text = stream_safe(self.tokenizer.decode(req.seq.generated), req.seq.params.stop) if self.tokenizer else ""
-        lps = req.seq.logprobs[cursor:] if req.seq.params.logprobs is not None else None
-        return {"token_ids": req.seq.generated[cursor:], "text": text, "logprobs": lps, "done": False,
-                "completion": None}
+        return await router_views.stream_next(self._get(rid), cursor, wait_s, self.tokenizer)
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's own text (for logprobs): a token that is part of a multi-byte character reads "\ufffd"."""
@@ -209,18 +194,24 @@ class RouterActor(FaultHooks, ScalingHooks):
 
     # ---------- admission ----------
 
-    def _new_request(self, prompt: Any, params: SamplingParams, timeout_s: float | None) -> Request:
+    async def _new_requests(self, prompts: list[Any], plist: list[SamplingParams],
+                            timeout_s: float | None) -> list[Request]:
+        """Checked requests: room for all first, then tokenised off the event loop (all or none)."""
         if self._closed:
             raise DeploymentError(f"deployment {self.deployment!r} is shut down")
-        rid = f"{self.deployment}-{next(self._ids)}" if not self.incarnation else \
-            f"{self.deployment}-r{self.incarnation}-{next(self._ids)}"
-        return new_request(rid, prompt, params, timeout_s, self.cfg, self.tokenizer, self.kv)
+        self._room(len(prompts))  # before any tokenisation: a request too big for the queue costs nothing
+        ids = await asyncio.to_thread(lambda: [encode_prompt(p, self.cfg, self.tokenizer) for p in prompts])
+        return [new_request(self._rid(), i, sp, timeout_s, self.cfg, self.kv) for i, sp in zip(ids, plist)]
 
     async def _resume(self) -> None:
         """After a restart: frees every stage's orphaned caches and re-admits the journal's requests."""
         if not self._resumed:
-            self._resumed = True
-            await resume(self)
+            self._resumed = True  # set first: concurrent calls must not resume twice
+            try:
+                await resume(self)
+            except BaseException:  # the journal could not be read: the next call tries again
+                self._resumed = False
+                raise
 
     def _active(self) -> int:
         return sum(len(lane.seqs) for lane in self.lanes) + (self.rings.active() if self.rings else 0) + \
@@ -229,17 +220,21 @@ class RouterActor(FaultHooks, ScalingHooks):
     def _running(self) -> list[Request]:
         return [r for lane in self.lanes for r in lane.seqs] + (self.rings.running() if self.rings else [])
 
-    def _admit(self, reqs: list[Request]) -> None:
-        self._ensure_started()
+    def _room(self, n: int) -> None:
+        """BackPressureError unless `n` more requests fit the active slots and the queue."""
         active = self._active()
         limit = self.rc.max_active_sequences + self.rc.max_queued
-        if active + len(self.waiting) + len(reqs) > limit:
+        if active + len(self.waiting) + n > limit:
             raise BackPressureError(
                 f"pipeline {self.deployment!r} is full: {active} active and {len(self.waiting)} queued "
-                f"requests, {len(reqs)} more would pass the limit of {limit} "
+                f"requests, {n} more would pass the limit of {limit} "
                 f"(max_active_sequences={self.rc.max_active_sequences} + max_queued={self.rc.max_queued}); "
                 "retry later"
             )
+
+    def _admit(self, reqs: list[Request]) -> None:
+        self._ensure_started()
+        self._room(len(reqs))
         if len(self.waiting) + len(reqs) > self.rc.max_queued and \
                 not self.kv.fits_now([(len(r.seq.prompt), r.kv_tokens) for r in [*self.waiting, *reqs]]):
             raise BackPressureError(f"pipeline {self.deployment!r}: the stages' KV caches are full "
@@ -346,34 +341,42 @@ class RouterActor(FaultHooks, ScalingHooks):
     # ---------- the step loop ----------
 
     async def _run_lane(self, lane: Lane) -> None:
-        while not self._closed:
-            if not lane.seqs:
-                self.pool.flush_releases()
-                lane.wake.clear()
-                await lane.wake.wait()
+        while not self._closed:  # an unexpected error (a GCS hiccup) must not end the lane: log, go on
+            try:
+                await self._lane_step(lane)
+            except Exception as e:  # noqa: BLE001
+                log.exception("lane %d: step failed (%s); the lane goes on", lane.index, type(e).__name__)
+                await asyncio.sleep(0.05)
+
+    async def _lane_step(self, lane: Lane) -> None:
+        """One step of a lane: its sequences' next inputs down their routes, then their tokens."""
+        if not lane.seqs:
+            self.pool.flush_releases()
+            lane.wake.clear()
+            await lane.wake.wait()
+            return
+        lane.step += 1
+        groups: dict[tuple[int, ...], list[Request]] = {}  # by replicas: a route's cost moves with load
+        for r in lane.seqs:
+            groups.setdefault(r.route.replicas, []).append(r)
+        groups = {key: self._chunked(reqs) for key, reqs in groups.items()}
+        tokens = [sum(len(r.seq.next_input()[:r.chunk or None]) for r in reqs) for reqs in groups.values()]
+        outs = await asyncio.gather(*[self.sender.step(lane.step, reqs[0].route, reqs)
+                                      for reqs in groups.values()], return_exceptions=True)
+        for reqs, out, n_tokens in zip(groups.values(), outs, tokens):
+            if isinstance(out, BaseException) and self.recovery.recoverable(out):
+                try:
+                    out = await self.recovery.recover(lane.step, reqs, out)
+                except Exception as e:  # noqa: BLE001 - recovery failed: fail these requests below
+                    out = e
+            if isinstance(out, BaseException):  # any stage failure fails these requests
+                err = self.recovery.stage_error(out)
+                for r in reqs:
+                    if not r.future.done():
+                        self._end(r, err)
                 continue
-            lane.step += 1
-            groups: dict[tuple[int, ...], list[Request]] = {}  # by replicas: a route's cost moves with load
-            for r in lane.seqs:
-                groups.setdefault(r.route.replicas, []).append(r)
-            groups = {key: self._chunked(reqs) for key, reqs in groups.items()}
-            tokens = [sum(len(r.seq.next_input()[:r.chunk or None]) for r in reqs) for reqs in groups.values()]
-            outs = await asyncio.gather(*[self.sender.step(lane.step, reqs[0].route, reqs)
-                                          for reqs in groups.values()], return_exceptions=True)
-            for reqs, out, n_tokens in zip(groups.values(), outs, tokens):
-                if isinstance(out, BaseException) and self.recovery.recoverable(out):
-                    try:
-                        out = await self.recovery.recover(lane.step, reqs, out)
-                    except Exception as e:  # noqa: BLE001 - recovery failed: fail these requests below
-                        out = e
-                if isinstance(out, BaseException):  # any stage failure fails these requests
-                    err = self.recovery.stage_error(out)
-                    for r in reqs:
-                        if not r.future.done():
-                            self._end(r, err)
-                    continue
-                self._landed(lane, reqs, out, n_tokens)
-            self._schedule()
+            self._landed(lane, reqs, out, n_tokens)
+        self._schedule()
 
     def _landed(self, lane: Lane, reqs: list[Request], out: Any, n_tokens: int) -> None:
         """A step's sampled tokens: appended to their sequences; finished ones complete."""

@@ -1,11 +1,17 @@
-"""What the router shows of itself: `describe` (the deployment) and `stats` (its counters)."""
+"""What the router shows of itself: `describe` (the deployment), `stats` (its counters), and a request's
+progress to a stream (`stream_next`)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
+from models.generation import stream_safe
+
 if TYPE_CHECKING:
+    from actors.request import Request
     from actors.router import RouterActor
+    from models.tokenizer import Tokenizer
 
 
 def describe(router: RouterActor) -> dict[str, Any]:
@@ -52,3 +58,19 @@ def stats(router: RouterActor) -> dict[str, Any]:
         "lanes": [len(lane.seqs) for lane in router.lanes],
         "replicas": router.pool.table.describe(),
     }
+
+
+async def stream_next(req: Request, cursor: int, wait_s: float, tokenizer: Tokenizer | None) -> dict[str, Any]:
+    """Tokens past `cursor` (waits up to `wait_s` for some); `done` with the completion at the end."""
+    if len(req.seq.generated) <= cursor and not req.future.done():
+        req.changed.clear()
+        try:
+            await asyncio.wait_for(req.changed.wait(), wait_s)
+        except asyncio.TimeoutError:
+            pass
+    if req.future.done():
+        completion = await asyncio.shield(req.future)  # raises the request's error, if any
+        return {"token_ids": completion.token_ids[cursor:], "done": True, "completion": completion}
+    text = stream_safe(tokenizer.decode(req.seq.generated), req.seq.params.stop) if tokenizer else ""
+    lps = req.seq.logprobs[cursor:] if req.seq.params.logprobs is not None else None
+    return {"token_ids": req.seq.generated[cursor:], "text": text, "logprobs": lps, "done": False, "completion": None}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import time
 from typing import Any
 
@@ -38,7 +39,8 @@ class StepSender:
         self.reply_to = reply_to  # the router's own handle: stages ask it for resends
         self.outbox: dict[int, Any] = {}  # msg id -> first message of a step in flight (for resends)
         self.retransmits = 0  # corrupted messages sent again, over every step
-        self._msg_ids = itertools.count(1)
+        # a random start: ids of a restarted router never repeat its predecessor's (stages refuse replays)
+        self._msg_ids = itertools.count(secrets.randbits(40) + 1)
 
     def next_id(self) -> int:
         return next(self._msg_ids)

@@ -7,8 +7,10 @@ router's: a full pipeline answers 429 with `Retry-After`. A client that goes awa
 """
 
 import asyncio
+import ipaddress
 import json
 import logging
+import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,8 +23,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from actors.http_guard import DEFAULT_MAX_BODY, GuardConfig, HttpGuard, hash_key
 from actors.openai_api import (
+    ERROR_STATUSES,
     ApiError,
+    ErrorBody,
     ChatCompletionRequest,
     CompletionRequest,
     Reply,
@@ -41,7 +46,13 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "meshpipe-openai"  # the Ray Serve application's name
 
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+
 app = FastAPI(title="meshpipe", summary="OpenAI-compatible completions from a pipeline of Ray actors")
+app.state.guard = GuardConfig()
+app.add_middleware(HttpGuard, config=lambda: app.state.guard)  # body limit and API keys, before any route
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody, "description": text}
+                                          for code, text in ERROR_STATUSES.items()}
 
 
 def _error_response(e: ApiError) -> JSONResponse:
@@ -59,8 +70,41 @@ async def _on_invalid(_: Any, e: RequestValidationError) -> JSONResponse:
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _on_http(_: Any, e: StarletteHTTPException) -> JSONResponse:  # unknown path, wrong method
-    return _error_response(ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+async def _on_http(_: Any, e: StarletteHTTPException) -> JSONResponse:  # unknown path, wrong method (with Allow)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code)
+    return _error_response(ApiError(e.status_code, str(e.detail), code=code, headers=dict(e.headers or {})))
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's document without its 422 (validation errors are answered 400, as OpenAI does)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        for path in doc.get("paths", {}).values():
+            for op in path.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
+
+
+def _cancel_all(router: Any, rids: list[str]) -> None:
+    for rid in rids:
+        router.cancel.remote(rid)  # a finished request's cancel is a no-op
+
+
+class _Owned:
+    """Cancels its requests when it is dropped: a stream whose client left before it started (its
+    generator never ran, so its `finally` never will) holds one."""
+
+    def __init__(self, pipe: Pipeline, rids: list[str]) -> None:
+        self.rids = rids
+        weakref.finalize(self, _cancel_all, pipe.router, list(rids))
 
 
 def _sse(obj: Any) -> str:
@@ -100,9 +144,12 @@ async def _merge(streams: list[AsyncIterator[StreamChunk]]) -> AsyncIterator[tup
 class OpenAIServer:
     """The HTTP front of one or more named deployments; a request's `model` names the deployment."""
 
-    def __init__(self, deployments: list[str]) -> None:
+    def __init__(self, deployments: list[str], key_digests: tuple[str, ...] = (),
+                 max_body_bytes: int = DEFAULT_MAX_BODY, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
         self.names = list(deployments)
         self._pipes: dict[str, tuple[Pipeline, dict]] = {}  # name -> (handle, its describe())
+        self.request_timeout_s = request_timeout_s  # every request's deadline: then 504, its caches freed
+        app.state.guard = GuardConfig(max_body_bytes, frozenset(key_digests))  # SHA-256 digests, never keys
 
     async def _deployment(self, model: str | None) -> tuple[str, Pipeline, dict]:
         if model is None:
@@ -140,7 +187,7 @@ class OpenAIServer:
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "deployments": self.names}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ERRORS)
     async def models(self) -> dict[str, Any]:
         data = []
         for name in self.names:
@@ -154,14 +201,14 @@ class OpenAIServer:
                          "stages": len(info["replicas"])})
         return {"object": "list", "data": data}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ERRORS)
     async def completions(self, body: CompletionRequest) -> Any:
         async def work(name: str, pipe: Pipeline, info: dict) -> Any:
             return await self._respond(Reply("text_completion", name), pipe, info, body, body.prompts(), body.logprobs)
 
         return await self._guard(body.model, work)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat_completions(self, body: ChatCompletionRequest) -> Any:
         async def work(name: str, pipe: Pipeline, info: dict) -> Any:
             prompt = await pipe.acall("chat_prompt", body.template_messages())
@@ -174,9 +221,16 @@ class OpenAIServer:
         n = body.n
         context = info["config"]["max_seq_len"]
         params = [body.sampling(j, logprobs, context) for _ in prompts for j in range(n)]
-        rids = await pipe.asubmit_many([p for p in prompts for _ in range(n)], params)  # all admitted, or 429
+        submit = asyncio.ensure_future(pipe.asubmit_many([p for p in prompts for _ in range(n)], params,
+                                                         self.request_timeout_s))  # all admitted, or 429
+        try:
+            rids = await asyncio.shield(submit)
+        except asyncio.CancelledError:  # the client left while they were admitted: cancel them once they are
+            submit.add_done_callback(lambda t: None if t.cancelled() or t.exception() is not None
+                                     else _cancel_all(pipe.router, t.result()))
+            raise
         if body.stream:
-            return StreamingResponse(self._stream(reply, pipe, rids, n, body.include_usage()),
+            return StreamingResponse(self._stream(reply, pipe, _Owned(pipe, rids), n, body.include_usage()),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -190,13 +244,13 @@ class OpenAIServer:
                               usage([outs[k * n].usage["prompt_tokens"] for k in range(len(prompts))],
                                     [c.usage["completion_tokens"] for c in outs]))
 
-    async def _stream(self, reply: Reply, pipe: Pipeline, rids: list[str], n: int,
+    async def _stream(self, reply: Reply, pipe: Pipeline, owned: _Owned, n: int,
                       include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events: one chunk per new text of a choice, the finish, usage if asked, [DONE]."""
         offsets: dict[int, int] = defaultdict(int)
         prompt_tokens: dict[int, int] = {}
         completion_tokens: dict[int, int] = {}
-        merged = _merge([pipe.afollow(rid) for rid in rids])
+        merged = _merge([pipe.afollow(rid) for rid in owned.rids])
         try:
             async for i, chunk in merged:
                 if not chunk.text and chunk.finish_reason is None and not chunk.logprobs:
@@ -219,10 +273,17 @@ class OpenAIServer:
         yield "data: [DONE]\n\n"
 
 
-def start(deployments: list[str], host: str = "127.0.0.1", port: int = 8000, replicas: int = 1) -> str:
+def start(deployments: list[str], host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+          api_keys: tuple[str, ...] = (), insecure: bool = False, max_body_bytes: int = DEFAULT_MAX_BODY,
+          request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> str:
     """Runs the OpenAI-compatible app on Ray Serve in the connected Ray cluster; returns its base URL.
 
-    Every name must be a running deployment (DeploymentError otherwise)."""
+    Every name must be a running deployment (DeploymentError otherwise). With `api_keys`, requests need
+    `Authorization: Bearer KEY` (the app keeps their SHA-256 digests); a host other than loopback
+    without a key is refused unless `insecure`."""
+    if not api_keys and not insecure and not _loopback(host):
+        raise DeploymentError(f"serving on {host} without an API key would let anyone who reaches it use the "
+                              "deployments: give --api-key KEY (or MESHPIPE_API_KEY), or --insecure to do it anyway")
     if not ray.is_initialized():
         raise DeploymentError("connect to Ray first (ray.init(address=...)): the server attaches to deployments")
     for name in deployments:
@@ -232,11 +293,22 @@ def start(deployments: list[str], host: str = "127.0.0.1", port: int = 8000, rep
     if (http.host, http.port) != (host, port):
         log.warning("Ray Serve was already running on %s:%d in this cluster: serving there, not on %s:%d",
                     http.host, http.port, host, port)
-    serve.run(OpenAIServer.options(num_replicas=replicas).bind(list(deployments)), name=APP_NAME,
+    digests = tuple(hash_key(k) for k in api_keys)
+    serve.run(OpenAIServer.options(num_replicas=replicas).bind(list(deployments), digests, max_body_bytes,
+                                                               request_timeout_s), name=APP_NAME,
               route_prefix="/", blocking=False)
     url = f"http://{http.host}:{http.port}/v1"
     log.info("serving %s at %s", deployments, url)
     return url
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def stop() -> None:

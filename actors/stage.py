@@ -53,6 +53,7 @@ from topology.split import StageSpec
 log = logging.getLogger(__name__)
 
 SENT_KEPT = 256  # messages a stage can resend (their headers; the tensors come from the output history)
+APPLIED_KEPT = 65536  # message ids remembered against replays
 
 
 def pick_device() -> torch.device:
@@ -120,6 +121,7 @@ class StageActor:
         self.name = stage_name(deployment, spec.index, replica)
         self.key = setup.key if setup.key is not None else load_key()  # from the deployment, else MESHPIPE_KEY here
         self.max_retransmits = setup.wire.max_retransmits
+        self.encrypt_always = setup.wire.encryption == "always"  # then plaintext is refused on every link
         self.device = pick_device()
         self.threads = setup.stage.threads_per_stage or default_threads(setup.num_stages, str(self.device))
         # on CPUs without a set count, a ring pass takes the cores the stages computing at once leave it
@@ -153,6 +155,7 @@ class StageActor:
         self.rings: dict[str, RingMember] = {}  # decode rings this replica is in
         self.draft_from: dict[str, int] = {}  # sequence -> first position its last ring pass drafted
         self.sent: OrderedDict[int, tuple[Header, LinkCodec]] = OrderedDict()  # msg id -> what it sent
+        self.applied: OrderedDict[tuple[str, int], int] = OrderedDict()  # (sender, msg id) -> attempt applied
         self._handle: Any = None
         self.faults: list[str] = []  # test hook: "corrupt" / "drop" for the next outgoing messages
         self.counters = {"retransmits_asked": 0, "resends": 0, "checksum_failures": 0, "rejected": 0}
@@ -161,7 +164,7 @@ class StageActor:
         self.step_ema_s = 0.0
         self.load_s = time.perf_counter() - t0
         self.metrics = StageMetrics(deployment, spec.index, replica)
-        self.restarts = own_restarts()  # fixed for this process: a restart is a new process
+        self.restarts = own_restarts() or 0  # fixed for this process: a restart is a new process
         self.metrics.restart_count = self.restarts
         self.metrics.refresh(0)
         log.info("%s replica %d ready on %s (%d threads) in %.1f s", spec.label, replica, self.device,
@@ -270,6 +273,9 @@ class StageActor:
         step, which may rewrite positions its sequence's last pass drafted (rejected drafts), nothing else."""
         with self.lock:
             self._check_order(header, ring)
+            self.applied[(header.sender, header.msg_id)] = header.attempt
+            while len(self.applied) > APPLIED_KEPT:
+                self.applied.popitem(last=False)
             if ring and self.adaptive:
                 self._threads_for(header.lanes)
             if header.release:  # never a sequence this very message carries
@@ -439,6 +445,7 @@ class StageActor:
         while True:
             try:
                 header, x = env.open(self.key)
+                self._expect_sealed(header, env.links[self.spec.index].encrypt if env.links else False)
                 return header, x, asked
             except ChecksumError as e:
                 self.counters["checksum_failures"] += 1
@@ -459,8 +466,14 @@ class StageActor:
                 raise
 
     def _check_order(self, h: Header, ring: bool = False) -> None:
-        """Anti-replay: a step must start where each sequence's cache ends (a rebuild may rewind; a ring
+        """Anti-replay: a message id is applied once per attempt (senders number messages from a random
+        start), and a step must start where each sequence's cache ends (a rebuild may rewind; a ring
         step may rewrite the positions its sequence's last pass drafted)."""
+        seen = self.applied.get((h.sender, h.msg_id))
+        if seen is not None and h.attempt <= seen:
+            self.counters["rejected"] += 1
+            raise ReplayError(f"{self.name}: message {h.msg_id} from {h.sender!r} (attempt {h.attempt}) was "
+                              "applied already: a replayed message")
         for sid, start in zip(h.seq_ids, h.starts):
             have = self.cache.length_of.get(sid, 0)
             if start < have and (ring and start >= self.draft_from.get(sid, have) or sid in self.cache.provisional):
@@ -476,6 +489,13 @@ class StageActor:
                 raise OutOfOrderError(
                     f"{self.name}: step {h.step} (message {h.msg_id}) starts {sid!r} at position {start} but only "
                     f"{have} are cached: an earlier step is missing")
+
+    def _expect_sealed(self, header: Header, link_encrypts: bool) -> None:
+        """A stage whose inbound link encrypts (or whose deployment encrypts every hop) refuses plaintext."""
+        if (link_encrypts or self.encrypt_always) and not header.encrypted:
+            self.counters["rejected"] += 1
+            raise MessageError(f"{self.name}: message {header.msg_id} from {header.sender!r} arrived in plaintext "
+                               "on a link that encrypts: refused")
 
     def _arrive(self, sent_at: float) -> float:
         """Applies the hop-delay hook, then: ms since the sender's `sent_at` (0 when unknown)."""

@@ -55,6 +55,15 @@ def encode_prompt(prompt: Prompt, cfg: ModelConfig, tokenizer: Tokenizer | None)
             raise InvalidRequestError("prompt is empty: give at least one character or token id")
         if tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer: pass the prompt as a list of token ids")
+        try:
+            nbytes = len(prompt.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidRequestError("the prompt is not valid Unicode text (a lone surrogate?): send UTF-8 text") \
+                from None
+        widest = getattr(tokenizer, "max_token_bytes", None)  # the most bytes a token stands for
+        if widest and nbytes > cfg.max_seq_len * widest:  # too long whatever its tokens: not tokenised
+            raise PromptTooLongError(f"prompt has {nbytes} bytes, more than a {cfg.max_seq_len}-token context can "
+                                     f"hold (a token is at most {widest} bytes): shorten it")
         ids = tokenizer.encode(prompt)
     elif isinstance(prompt, (list, tuple)):
         bad = [x for x in prompt if not isinstance(x, int) or isinstance(x, bool)]

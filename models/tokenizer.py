@@ -100,6 +100,16 @@ class Tokenizer:
         self.chat_template = chat_template
         self.vocab_size = vocab_size or backend.get_vocab_size(with_added_tokens=True)
         self._template: jinja2.Template | None = None
+        self._max_token_bytes: int | None = None
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The most text bytes one token stands for: a text of more than context x this many bytes
+        cannot fit the context, whatever its tokens (checked before tokenising it)."""
+        if self._max_token_bytes is None:
+            vocab = self.backend.get_vocab(with_added_tokens=True)  # byte-level tokens: one char per byte
+            self._max_token_bytes = max((len(t.encode("utf-8")) for t in vocab), default=1)
+        return self._max_token_bytes
 
     @property
     def bos_token(self) -> str | None:

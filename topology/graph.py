@@ -60,8 +60,21 @@ def transfer_ms(latency_ms: float, bandwidth_gbps: float | None, nbytes: float) 
     return latency_ms + nbytes * 8 / (bandwidth_gbps * 1e9) * 1000
 
 
+def cheapest(edge: dict[str, Any], nbytes: float) -> dict[str, Any]:
+    """Of an edge's parallel links (two networks between two hosts, a directed and an undirected link),
+    the cheapest for a message of `nbytes` (a small message may prefer latency, a large one bandwidth)."""
+    return min(edge["links"], key=lambda lk: transfer_ms(lk["latency_ms"], lk["bandwidth_gbps"], nbytes))
+
+
+def edge_ms(edge: dict[str, Any], nbytes: float) -> float:
+    lk = cheapest(edge, nbytes)
+    return transfer_ms(lk["latency_ms"], lk["bandwidth_gbps"], nbytes)
+
+
 class Topology:
-    """A directed networkx graph; an undirected link is two edges."""
+    """A directed networkx graph; an undirected link is two edges. Parallel links between two hosts are
+    all kept on their edge (`links`), and each query takes, per direction, the cheapest for its message
+    size; the edge's own latency/bandwidth/trusted are its cheapest link's for an empty message."""
 
     def __init__(self, spec: TopologySpec) -> None:
         self.spec = spec
@@ -70,9 +83,17 @@ class Topology:
             self.graph.add_node(name, **(node or NodeSpec()).model_dump())
         for link in spec.links:
             attrs = {"latency_ms": link.latency_ms, "bandwidth_gbps": link.bandwidth_gbps, "trusted": link.trusted}
-            self.graph.add_edge(link.a, link.b, **attrs)
-            if not link.directed:
-                self.graph.add_edge(link.b, link.a, **attrs)
+            for u, v in [(link.a, link.b)] + ([] if link.directed else [(link.b, link.a)]):
+                if self.graph.has_edge(u, v):
+                    self.graph.edges[u, v]["links"].append(attrs)
+                    self.graph.edges[u, v].update(cheapest(self.graph.edges[u, v], 0))
+                else:
+                    self.graph.add_edge(u, v, links=[attrs], **attrs)
+
+    def link(self, a: str, b: str, nbytes: float = 0) -> dict[str, Any]:
+        """The link a message of `nbytes` takes from host `a` to its neighbour `b` (latency_ms,
+        bandwidth_gbps, trusted)."""
+        return cheapest(self.graph.edges[a, b], nbytes)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "topology") -> Topology:
@@ -97,8 +118,7 @@ class Topology:
         return cls.from_dict(data, where=str(path))
 
     def link_cost_ms(self, a: str, b: str, nbytes: float = 0) -> float:
-        e = self.graph.edges[a, b]
-        return transfer_ms(e["latency_ms"], e["bandwidth_gbps"], nbytes)
+        return edge_ms(self.graph.edges[a, b], nbytes)
 
     def route(self, src: str, dst: str, nbytes: float = 0) -> tuple[list[str], float]:
         """The cheapest path from `src` to `dst` for a message of `nbytes`, and its cost in ms."""
@@ -107,7 +127,7 @@ class Topology:
                 raise TopologyError(f"{end}: unknown node {name!r} (nodes are {sorted(self.graph)})")
 
         def weight(a: str, b: str, e: dict) -> float:
-            return transfer_ms(e["latency_ms"], e["bandwidth_gbps"], nbytes)
+            return edge_ms(e, nbytes)
 
         try:
             cost, path = nx.single_source_dijkstra(self.graph, src, dst, weight=weight)
@@ -126,7 +146,7 @@ class Topology:
         ms = np.full((len(hosts), len(hosts)), np.inf)  # (H, H)
 
         def weight(a: str, b: str, e: dict) -> float:
-            return transfer_ms(e["latency_ms"], e["bandwidth_gbps"], nbytes)
+            return edge_ms(e, nbytes)
 
         for src, dist in nx.all_pairs_dijkstra_path_length(self.graph, weight=weight):
             row = ms[index[src]]

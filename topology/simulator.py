@@ -76,7 +76,7 @@ import networkx as nx
 import numpy as np
 
 from topology.costs import LOAD_KNEE, ema, queue_ms, step_ms
-from topology.graph import Topology
+from topology.graph import Topology, cheapest, edge_ms
 from topology.planner import HostCosts, ReplicaState, plan
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,7 @@ def build_cluster(topology: Topology, placements: Sequence[tuple[int, str, float
     nbytes = model.hidden * model.act_bytes
 
     def weight(a: str, b: str, e: dict) -> float:
-        bw = e["bandwidth_gbps"]
-        return e["latency_ms"] + (nbytes * per_byte / bw if bw else 0.0)
+        return edge_ms(e, nbytes)
 
     n = len(nodes)
     lat = np.full((n, n), np.inf)  # (N, N)
@@ -209,7 +208,7 @@ def build_cluster(topology: Topology, placements: Sequence[tuple[int, str, float
         for dst, path in paths.items():
             l = b = 0.0
             for u, v in zip(path, path[1:]):
-                e = g.edges[u, v]
+                e = cheapest(g.edges[u, v], nbytes)
                 l += e["latency_ms"]
                 b += per_byte / e["bandwidth_gbps"] if e["bandwidth_gbps"] else 0.0
             lat[i, index[dst]], mpb[i, index[dst]] = l, b

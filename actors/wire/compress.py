@@ -52,15 +52,23 @@ def compress(data: np.ndarray, method: str) -> bytes:
     return COMPRESSORS[method][0](data)
 
 
+MAX_RATIO = 4096  # a frame may not claim more than this many bytes per byte it carries
+MAX_DECODED = 4 << 30  # nor more than this in all (a message is one step's activations)
+
+
 def decompress(data: np.ndarray, method: str, expected: int) -> np.ndarray:
-    """Decompress to exactly `expected` bytes (the size the header implies), or MessageError."""
+    """Decompress to exactly `expected` bytes (the size the header implies), or MessageError. A forged
+    header's size is refused before anything is allocated for it."""
     _, content_size, unpack = COMPRESSORS[method]
+    if expected > MAX_DECODED or expected > MAX_RATIO * max(1, len(data)):
+        raise MessageError(f"{method} payload of {len(data)} bytes claims {expected} decoded: refused "
+                           "(a forged or corrupt header)")
     try:
         size = content_size(data)
         if size != expected:
             raise MessageError(f"{method} frame says {size} bytes, header implies {expected}")
         out = unpack(data)
-    except (zstandard.ZstdError, RuntimeError, ValueError) as e:
+    except (zstandard.ZstdError, RuntimeError, ValueError, MemoryError) as e:
         raise MessageError(f"{method} payload does not decompress ({e}): a sender bug or a version "
                            "mismatch; report it") from None
     if len(out) != expected:

@@ -14,7 +14,7 @@ import ray
 
 from actors import Pipeline, StageFailedError
 from models import load_model
-from tests.support import tokens
+from tests.support import tokens, wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -179,7 +179,9 @@ def test_copies_on_a_standby_leave_only_the_tail_to_rebuild(tiny_ckpt: Path, ref
         moved: list[int] = []
 
         def kill_the_busy_stage1_replica() -> None:
-            time.sleep(0.8)  # ~15 steps in: every sequence holds 15+ positions
+            # once every sequence holds 15+ positions (a fixed sleep was too short on a loaded machine)
+            wait_for(lambda: pipe.stats()["router"]["tokens_generated"] >= 15 * len(PROMPTS), 60,
+                     "15 tokens a sequence")
             reps = pipe.stats()["router"]["replicas"][1]
             busy = [r for r, rep in enumerate(reps) if rep["sequences"]]
             moved.append(reps[busy[0]]["sequences"])

@@ -171,3 +171,22 @@ def test_partition_respects_memory() -> None:
 def test_stream_safe_never_shows_what_it_may_take_back(text: str, stop: list[str], shown: str) -> None:
     assert stream_safe(text, stop) == shown
     assert text.startswith(stream_safe(text, stop))
+
+
+def test_prompts_are_checked_before_tokenising() -> None:
+    """Text that is not Unicode is refused by name; text longer than any tokenisation could fit the
+    context is refused without being tokenised (the bound: context x the longest token's bytes)."""
+    from models import InvalidRequestError, ModelConfig, PromptTooLongError
+    from models.generation import encode_prompt
+
+    class NeverCalled:
+        max_token_bytes = 4
+
+        def encode(self, text: str) -> list[int]:
+            raise AssertionError("tokenised")
+
+    cfg = ModelConfig(vocab_size=256, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, hidden_dim=8, max_seq_len=100)
+    with pytest.raises(InvalidRequestError, match="not valid Unicode"):
+        encode_prompt("a\ud800b", cfg, NeverCalled())
+    with pytest.raises(PromptTooLongError, match="401 bytes"):
+        encode_prompt("x" * 401, cfg, NeverCalled())

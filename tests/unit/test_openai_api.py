@@ -80,13 +80,13 @@ def test_chat_requests() -> None:
     assert req.max_tokens == 7 and req.logprobs_k() == 3
     assert ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], logprobs=True).logprobs_k() == 0
     assert ChatCompletionRequest(messages=[{"role": "user", "content": "x"}]).logprobs_k() is None
-    assert "top_logprobs needs logprobs" in str(_errors(ChatCompletionRequest, messages=[{"role": "user"}],
+    assert "top_logprobs needs logprobs" in str(_errors(ChatCompletionRequest, messages=[{"role": "user", "content": "x"}],
                                                         top_logprobs=2))
     assert "image_url" in str(_errors(ChatCompletionRequest, messages=[
         {"role": "user", "content": [{"type": "image_url"}]}]))
     assert _errors(ChatCompletionRequest, messages=[])[0]["loc"] == ("messages",)
     assert _errors(ChatCompletionRequest, messages=[{"role": "robot", "content": "x"}])[0]["loc"][-1] == "role"
-    assert "tools are not supported" in str(_errors(ChatCompletionRequest, messages=[{"role": "user"}],
+    assert "tools are not supported" in str(_errors(ChatCompletionRequest, messages=[{"role": "user", "content": "x"}],
                                                     tools=[{"type": "function"}]))
 
 
@@ -112,7 +112,6 @@ def test_sampling_params_per_choice() -> None:
     (RequestTimeoutError("timed out"), 504, "timeout"),
     (StageFailedError("stage 1 has no replica left"), 503, "service_unavailable"),
     (DeploymentError("router unavailable"), 503, "service_unavailable"),
-    (RuntimeError("boom"), 500, None),
 ])
 def test_errors_map_to_statuses(exc: Exception, status: int, code: str | None) -> None:
     err = api_error(exc)
@@ -164,3 +163,28 @@ def test_reply_envelopes() -> None:
     assert chunk["object"] == "chat.completion.chunk" and "usage" not in chunk and chunk["id"] == r.id
     assert Reply("text_completion", "m").envelope([], None, chunk=True)["object"] == "text_completion"
     assert isinstance(ApiError(418, "x"), Exception)
+
+
+def test_internal_errors_never_carry_their_message() -> None:
+    """A 500 names the error's type only: its text may hold a traceback, a path, an address or a pid."""
+    err = api_error(RuntimeError("Traceback ... File \"/srv/x.py\" (pid=4242, ip=10.0.0.7)"))
+    assert err.status == 500 and err.body()["error"]["message"].startswith("internal error (RuntimeError)")
+    assert not any(s in err.message for s in ("Traceback", "/srv", "4242", "10.0.0.7"))
+    bad = api_error(UnicodeEncodeError("utf-8", "a\ud800b", 1, 2, "surrogates not allowed"))
+    assert bad.status == 400 and bad.code == "invalid_text"
+
+
+def test_fields_over_their_bounds_are_refused_by_name() -> None:
+    assert _errors(CompletionRequest, prompt="x", stop=["y" * 257])[0]["loc"] == ("stop",)
+    assert CompletionRequest(prompt="x", stop=["y" * 256]).stop == ["y" * 256]
+    assert "sequences in one request" in str(_errors(CompletionRequest, prompt=["a"] * 100, n=3))
+    assert len(CompletionRequest(prompt=["a"] * 16, n=16).prompts()) == 16
+
+
+def test_chat_messages_are_checked_by_role() -> None:
+    assert "tool_call_id" in str(_errors(ChatCompletionRequest, messages=[{"role": "tool"}]))
+    assert "tool_call_id" in str(_errors(ChatCompletionRequest, messages=[{"role": "tool", "content": "42"}]))
+    assert "needs content" in str(_errors(ChatCompletionRequest, messages=[{"role": "user"}]))
+    ok = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}, {"role": "assistant"},
+                                         {"role": "tool", "content": "42", "tool_call_id": "c1"}])
+    assert [m.role for m in ok.messages] == ["user", "assistant", "tool"]

@@ -273,9 +273,11 @@ def test_deploy_options_are_declared_once_and_sorted_into_sections() -> None:
 
 
 def test_keys_stay_out_of_errors_and_reprs() -> None:
-    key = bytes(range(200, 232))
+    key = bytes(range(200, 232))  # raw bytes, not UTF-8: accepted, and shown nowhere
+    raw = DeployConfig.of("m", encryption_key=key)
+    assert raw.wire.encryption_key.get_secret_value() == key and "\\xc8" not in repr(raw) + str(raw)
     with pytest.raises(ConfigError) as e:
-        DeployConfig.of("m", encryption_key=key)
+        DeployConfig.of("m", encryption_key=key, codec=key)
     assert "\\xc8" not in str(e.value) and "200" not in str(e.value)
     setup = StageSetup("d", "s", {}, 1, DeployConfig.of("m").stage, WireOptions(), key=key)
     spec = RouterSpec("d", "s", {}, RouterOptions(), WireOptions(), key=key)

@@ -1,0 +1,61 @@
+"""The request journal's records: JSON (never pickles), sealed with the deployment key, checkpoints of
+new tokens only, finished records bounded. No Ray (a dict stands in for the GCS key-value store)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from actors.journal import PLAIN, RequestJournal, open_record, seal_record
+from models import Completion, TokenLogprob
+from tests.unit.test_router_parts import DictKV, make_request
+
+
+def test_checkpoints_write_only_the_new_tokens_and_load_joins_them() -> None:
+    kv = DictKV()
+    journal = RequestJournal("d", kv)
+    a = make_request("a", [1, 2])
+    journal.admit(a)
+    for t in (7, 8):
+        a.seq.add(t, None, None)
+    journal.checkpoint([a])
+    a.seq.add(9, None, None)
+    journal.checkpoint([a])
+    sizes = sorted(len(v) for k, v in kv.data.items() if "/t/" in k)
+    assert len(sizes) == 2 and json.loads(kv.data["meshpipe/d/requests/a/t/000000002"][len(PLAIN):])["generated"] == [9]
+    (rec,) = journal.load()
+    assert rec.generated == [7, 8, 9] and rec.prompt == [1, 2] and rec.params.seed == 1
+
+
+def test_records_are_json_and_sealed_records_refuse_plaintext_forgery_and_moves() -> None:
+    key = os.urandom(32)
+    kv = DictKV()
+    journal = RequestJournal("d", kv, key=key)
+    req = make_request("a", [5, 6])
+    journal.admit(req)
+    blob = kv.data["meshpipe/d/requests/a"]
+    assert b"prompt" not in blob and b"\x80" not in blob[:1]  # sealed, and not a pickle
+    journal.finish(req, Completion("hi", [3], "stop", {"prompt_tokens": 2, "completion_tokens": 1,
+                                                       "total_tokens": 3}, [TokenLogprob(3, -0.5, {3: -0.5, 4: -1.0})]))
+    (rec,) = journal.load()
+    assert rec.completion.logprobs[0].top == {3: -0.5, 4: -1.0}
+    kv.data["meshpipe/d/requests/b"] = kv.data["meshpipe/d/requests/a"]  # moved to another request's key
+    kv.data["meshpipe/d/requests/c"] = seal_record("meshpipe/d/requests/c", {"rid": "c"}, None)  # plaintext
+    assert [r.rid for r in journal.load()] == ["a"]
+    with pytest.raises(ValueError, match="plaintext"):
+        open_record("meshpipe/d/requests/c", kv.data["meshpipe/d/requests/c"], key)
+    with pytest.raises(ValueError, match="not a meshpipe journal record"):
+        open_record("x", b"\x80\x04pickle", None)
+    assert RequestJournal("d", kv).load() == []  # without the key nothing sealed opens (c is no full record)
+
+
+def test_finished_records_are_bounded() -> None:
+    kv = DictKV()
+    journal = RequestJournal("d", kv, finished_kept=3)
+    for i in range(6):
+        req = make_request(f"r{i}", [1])
+        journal.admit(req)
+        journal.finish(req, Completion("", [], "stop", {}, None))
+    assert sorted(k.rsplit("/", 1)[1] for k in kv.data) == ["r3", "r4", "r5"]
