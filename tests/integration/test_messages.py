@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -73,11 +74,14 @@ def test_a_link_that_keeps_corrupting_fails_the_step_with_a_typed_error(sealed: 
     assert tokens(sealed.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)) == reference  # still serving
 
 
-def _message(key: str | None, seq: str, start: int, n: int, encrypt: bool = True) -> Envelope:
+_msg_ids = itertools.count(10**9)
+
+
+def _message(key: str | None, seq: str, start: int, n: int, encrypt: bool = True, msg_id: int | None = None) -> Envelope:
     from actors.wire import load_key
 
-    header = Header(kind="step", step=1, msg_id=10**9, attempt=0, sender="test", seq_ids=[seq], starts=[start],
-                    lengths=[n], release=[])
+    header = Header(kind="step", step=1, msg_id=next(_msg_ids) if msg_id is None else msg_id, attempt=0,
+                    sender="test", seq_ids=[seq], starts=[start], lengths=[n], release=[])
     return Envelope.seal(header, torch.arange(n, dtype=torch.long), LinkCodec(encrypt=encrypt),
                          load_key(key) if key else None)
 
@@ -95,6 +99,9 @@ def test_replayed_out_of_order_truncated_and_wrongly_keyed_messages_are_rejected
     ray.get(stage0.forward.remote(first))  # applied once
     assert isinstance(cause(stage0.forward.remote(first)), ReplayError)
     assert isinstance(cause(stage0.forward.remote(_message(KEY, "probe-b", 5, 2))), OutOfOrderError)
+    # a message id applied once is refused again, even carrying positions that would follow in order
+    header_id = first.msg_id
+    assert isinstance(cause(stage0.forward.remote(_message(KEY, "probe-a", 3, 1, msg_id=header_id))), ReplayError)
     wrong = cause(stage0.forward.remote(_message(new_key(), "probe-c", 0, 2)))
     assert isinstance(wrong, DecryptionError) and KEY not in str(wrong)
     cut = _message(KEY, "probe-d", 0, 2)

@@ -1,0 +1,105 @@
+"""Pipeline training schedules as pure plans (no Ray, no torch): which forward and backward each stage
+runs, in order, for M micro-batches (torch.distributed.pipelining's GPipe and 1F1B).
+
+A plan is one list of `Action`s per stage. The stage actors execute it; here it is checked for
+completeness and order, its peak of micro-batches holding activations on each stage is counted
+(1F1B keeps at most S - stage alive, GPipe all M), and `simulate` replays it with per-action times
+to give the makespan and the bubble fraction, (S - 1) / (M + S - 1) for equal times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "F": forward of a micro-batch, "B": its backward
+    micro: int  # the micro-batch, 0..M-1
+
+    def __repr__(self) -> str:
+        return f"{self.kind}{self.micro}"
+
+
+def plan(schedule: str, num_stages: int, micro_batches: int) -> list[list[Action]]:
+    """Per stage, the ordered actions of one training step."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r}: choose one of {SCHEDULES}")
+    if num_stages < 1 or micro_batches < 1:
+        raise ValueError(f"num_stages ({num_stages}) and micro_batches ({micro_batches}) must be at least 1")
+    S, M = num_stages, micro_batches
+    if schedule == "gpipe":  # every forward, then every backward
+        return [[Action("F", m) for m in range(M)] + [Action("B", m) for m in range(M)] for _ in range(S)]
+    out = []
+    for s in range(S):  # 1F1B: warm up with S - 1 - s forwards, then one forward one backward, then drain
+        warm = min(S - 1 - s, M)
+        acts = [Action("F", m) for m in range(warm)]
+        for i in range(M - warm):
+            acts += [Action("F", warm + i), Action("B", i)]
+        acts += [Action("B", m) for m in range(M - warm, M)]
+        out.append(acts)
+    return out
+
+
+def check(actions: list[list[Action]], micro_batches: int) -> None:
+    """ValueError unless every stage runs each micro-batch's forward once, then its backward once."""
+    for s, acts in enumerate(actions):
+        for kind in ("F", "B"):
+            got = sorted(a.micro for a in acts if a.kind == kind)
+            if got != list(range(micro_batches)):
+                raise ValueError(f"stage {s}: {kind} of micro-batches {got}, expected each of 0..{micro_batches - 1}")
+        done: set[int] = set()
+        for a in acts:
+            if a.kind == "F":
+                done.add(a.micro)
+            elif a.micro not in done:
+                raise ValueError(f"stage {s}: B{a.micro} before F{a.micro}")
+
+
+def peak_in_flight(acts: list[Action]) -> int:
+    """The most micro-batches whose activations one stage holds at once (forward run, backward not yet)."""
+    alive = peak = 0
+    for a in acts:
+        alive += 1 if a.kind == "F" else -1
+        peak = max(peak, alive)
+    return peak
+
+
+def theoretical_bubble(num_stages: int, micro_batches: int) -> float:
+    """The idle fraction of a pipeline step with equal action times: (S - 1) / (M + S - 1)."""
+    return (num_stages - 1) / (micro_batches + num_stages - 1)
+
+
+def simulate(actions: list[list[Action]], forward_s: float = 1.0, backward_s: float = 1.0) -> tuple[float, float]:
+    """Replays a plan: F(m) on stage s waits for F(m) on s - 1, B(m) for B(m) on s + 1; each stage runs its
+    actions in order. Returns (makespan, bubble fraction = 1 - busy / (stages x makespan))."""
+    S = len(actions)
+    end: dict[tuple[str, int, int], float] = {}  # (kind, micro, stage) -> finish time
+    clock = [0.0] * S
+    nxt = [0] * S
+    remaining = sum(len(a) for a in actions)
+    while remaining:
+        progressed = False
+        for s in range(S):
+            if nxt[s] == len(actions[s]):
+                continue
+            a = actions[s][nxt[s]]
+            dep = ("F", a.micro, s - 1) if a.kind == "F" else ("B", a.micro, s + 1)
+            if (a.kind == "F" and s == 0) or (a.kind == "B" and s == S - 1):
+                ready = 0.0 if a.kind == "F" else end[("F", a.micro, s)]
+            elif dep in end:
+                ready = end[dep]
+            else:
+                continue
+            start = max(clock[s], ready)
+            clock[s] = end[(a.kind, a.micro, s)] = start + (forward_s if a.kind == "F" else backward_s)
+            nxt[s] += 1
+            remaining -= 1
+            progressed = True
+        if not progressed:
+            raise ValueError("the plan deadlocks: a stage waits for an action that never runs")
+    makespan = max(clock)
+    busy = sum(forward_s if a.kind == "F" else backward_s for acts in actions for a in acts)
+    return makespan, 1.0 - busy / (S * makespan)
