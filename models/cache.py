@@ -1,6 +1,7 @@
 """Paged KV cache of one stage: a fixed pool of blocks, a block table per sequence (vLLM's layout).
 
-Per layer, keys and values live in one preallocated tensor (num_blocks, block_size, n_kv, hd);
+Per layer, keys and values live in one preallocated tensor (num_blocks, block_size, 2, n_kv, hd)
+(keys at [:, :, 0], values at [:, :, 1]: one gather and one scatter a layer and step);
 the OS commits a block's pages when it is first used (it is zeroed then), and the pool never grows
 or shrinks, so a stage holds at most the pool's memory whatever its sequences do. A
 sequence owns a list of block ids; joining, growing and leaving take and give back blocks
@@ -36,9 +37,8 @@ class KVCache:
         self.n_kv, self.hd, self.dtype, self.device = n_kv, head_dim, dtype, device
         self.bs, self.prefix_caching = block_size, prefix_caching
         num_blocks = max(1, -(-num_tokens // block_size))
-        shape = (num_blocks, block_size, n_kv, head_dim)
-        self.k = {i: torch.empty(shape, dtype=dtype, device=device) for i in self.layer_ids}
-        self.v = {i: torch.empty(shape, dtype=dtype, device=device) for i in self.layer_ids}
+        shape = (num_blocks, block_size, 2, n_kv, head_dim)
+        self.kv = {i: torch.empty(shape, dtype=dtype, device=device) for i in self.layer_ids}
         self.blocks = BlockAllocator(num_blocks, block_size)
         # never-used blocks hold whatever the memory held: zeroed on first use (masked positions are
         # multiplied by 0 in attention, and 0 x NaN is NaN); block 0 also pads block tables
@@ -59,7 +59,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for store in (self.k, self.v) for t in store.values())
+        return sum(t.numel() * t.element_size() for t in self.kv.values())
 
     def tokens_held(self) -> int:
         return sum(self.length_of.values())
@@ -105,15 +105,13 @@ class KVCache:
 
     def write(self, layer: int, b: Batch, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v: (N, KV, hd) for the packed tokens of this step
-        self.k[layer][b.token_block, b.token_offset] = k
-        self.v[layer][b.token_block, b.token_offset] = v
+        self.kv[layer][b.token_block, b.token_offset] = torch.stack((k, v), 1)  # (N, 2, KV, hd)
 
     def read(self, layer: int, b: Batch, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, KV, length, hd) keys and values of the batch's sequences, gathered through their tables."""
         B = b.block_table.shape[0]
-        k = self.k[layer][b.block_table].view(B, -1, self.n_kv, self.hd)[:, :length]  # (B, L, KV, hd)
-        v = self.v[layer][b.block_table].view(B, -1, self.n_kv, self.hd)[:, :length]
-        return k.transpose(1, 2), v.transpose(1, 2)
+        kv = self.kv[layer][b.block_table].view(B, -1, 2, self.n_kv, self.hd)[:, :length]  # (B, L, 2, KV, hd)
+        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
 
     def commit(self, b: Batch, tokens: Sequence[int] | None, drafted: Sequence[int] | None = None) -> None:
         """After a step: registers the blocks it filled with tokens no later step may rewrite.
@@ -170,7 +168,7 @@ class KVCache:
         pos = torch.arange(start, self.length_of[seq_id])
         blk = torch.tensor(self.table[seq_id], dtype=torch.long)[pos // self.bs]
         off = pos % self.bs
-        return {i: (self.k[i][blk, off].transpose(0, 1).clone(), self.v[i][blk, off].transpose(0, 1).clone())
+        return {i: (self.kv[i][blk, off, 0].transpose(0, 1).clone(), self.kv[i][blk, off, 1].transpose(0, 1).clone())
                 for i in self.layer_ids}
 
     def load(self, seq_id: str, start: int, kv: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
@@ -189,8 +187,8 @@ class KVCache:
         blk = torch.tensor(self.table[seq_id], dtype=torch.long)[pos // self.bs]
         off, skip = pos % self.bs, have - start
         for i, (k, v) in kv.items():
-            self.k[i][blk, off] = k[:, skip:].transpose(0, 1).to(self.device, self.dtype)
-            self.v[i][blk, off] = v[:, skip:].transpose(0, 1).to(self.device, self.dtype)
+            self.kv[i][blk, off, 0] = k[:, skip:].transpose(0, 1).to(self.device, self.dtype)
+            self.kv[i][blk, off, 1] = v[:, skip:].transpose(0, 1).to(self.device, self.dtype)
         self.length_of[seq_id] = start + n
         return start + n
 
@@ -235,9 +233,8 @@ class KVCache:
 
     def _zero(self, block: int) -> None:
         if not self.touched[block]:
-            for store in (self.k, self.v):
-                for t in store.values():
-                    t[block].zero_()
+            for t in self.kv.values():
+                t[block].zero_()
             self.touched[block] = 1
 
     def _allocate(self) -> int:
@@ -253,9 +250,8 @@ class KVCache:
         for j in range(start // self.bs, -(-end // self.bs)):
             if self.blocks.immutable(table[j]):
                 fresh = self._allocate()
-                for store in (self.k, self.v):
-                    for t in store.values():
-                        t[fresh] = t[table[j]]
+                for t in self.kv.values():
+                    t[fresh] = t[table[j]]
                 self.blocks.release(table[j])
                 table[j] = fresh
 
