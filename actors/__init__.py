@@ -11,8 +11,10 @@ from actors.errors import (
 from actors.config import DeployConfig
 from actors.pipeline import Pipeline, StreamChunk
 from actors.progress import DeployProgress, TqdmProgress
+from actors.trainer import PipelineTrainer, StepResult
 
 __all__ = [
     "BackPressureError", "DeployConfig", "DeployProgress", "DeploymentError", "InsufficientResourcesError", "Pipeline",
-    "RequestCancelledError", "RequestTimeoutError", "StageFailedError", "StreamChunk", "TqdmProgress",
+    "PipelineTrainer", "RequestCancelledError", "RequestTimeoutError", "StageFailedError", "StepResult", "StreamChunk",
+    "TqdmProgress",
 ]

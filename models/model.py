@@ -68,7 +68,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, b: Batch, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
+                cache: KVCache | None, mask: torch.Tensor) -> torch.Tensor:
         N = x.shape[0]
         q = self.wq(x).view(N, self.n_heads, self.hd)  # (N, H, hd)
         k = self.wk(x).view(N, self.n_kv, self.hd)  # (N, KV, hd)
@@ -76,10 +76,14 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        cache.write(self.layer_id, b, k, v)
-        keys, values = cache.read(self.layer_id, b, mask.shape[-1])  # (B, KV, L, hd) each
-
         B, T = mask.shape[0], mask.shape[2]
+        if cache is None:  # training: whole sequences from position 0, their own keys and values
+            keys = k.new_zeros(B, T, self.n_kv, self.hd).index_put((b.token_seq, b.token_t), k).transpose(1, 2)
+            values = v.new_zeros(B, T, self.n_kv, self.hd).index_put((b.token_seq, b.token_t), v).transpose(1, 2)
+        else:
+            cache.write(self.layer_id, b, k, v)
+            keys, values = cache.read(self.layer_id, b, mask.shape[-1])  # (B, KV, L, hd) each
+
         if T == 1:  # decode: one token per sequence, already in batch order
             qp = q.view(B, 1, self.n_heads, self.hd)
         else:
@@ -113,7 +117,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, b: Batch, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
+                cache: KVCache | None, mask: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), b, rope, cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -176,12 +180,8 @@ class Transformer(nn.Module):
         `logits_at`: (M,) packed token indices whose logits to return instead, (M, vocab)
         (speculative verification reads several positions per sequence).
         """
-        if self.tok_embeddings is not None:
-            x = self.tok_embeddings(x)  # (N, dim)
         cache.prepare(b)
-        pos = b.positions
-        rope = (self.rope_cos[pos].to(x.dtype)[:, None, :], self.rope_sin[pos].to(x.dtype)[:, None, :])
-        mask = attention_mask(b)  # (B, 1, T, L)
+        x, rope, mask = self._inputs(x, b)
         for layer in self.layers.values():
             x = layer(x, b, rope, cache, mask)
         if self.output is None:
@@ -189,6 +189,28 @@ class Transformer(nn.Module):
         x = self.norm(x[b.last_token if logits_at is None else logits_at])  # (B or M, dim)
         logits = self.output(x)  # (B or M, vocab)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def _inputs(self, x: torch.Tensor, b: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The embedded tokens (first stage), each token's RoPE rows (N, 1, hd) and the mask (B, 1, T, L)."""
+        if self.tok_embeddings is not None:
+            x = self.tok_embeddings(x)  # (N, dim)
+        pos = b.positions
+        rope = (self.rope_cos[pos].to(x.dtype)[:, None, :], self.rope_sin[pos].to(x.dtype)[:, None, :])
+        return x, rope, attention_mask(b)
+
+    def train_forward(self, x: torch.Tensor, b: Batch, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Training (gradients, no cache): `b` holds whole sequences from position 0; x is (N,) ids on the
+        first stage, else (N, dim) hidden states. Returns (N, dim) hidden states, or on the last stage the
+        summed cross-entropy of each token's logits against `targets` (N,) (-100: not a target), in at
+        least float32 (the caller divides by the batch's target count)."""
+        x, rope, mask = self._inputs(x, b)
+        for layer in self.layers.values():
+            x = layer(x, b, rope, None, mask)
+        if self.output is None:
+            return x
+        logits = self.output(self.norm(x))  # (N, vocab)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
 
     def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 16,
                  **sampling: Any) -> list[Completion]:

@@ -72,34 +72,47 @@ def theoretical_bubble(num_stages: int, micro_batches: int) -> float:
     return (num_stages - 1) / (micro_batches + num_stages - 1)
 
 
-def simulate(actions: list[list[Action]], forward_s: float = 1.0, backward_s: float = 1.0) -> tuple[float, float]:
-    """Replays a plan: F(m) on stage s waits for F(m) on s - 1, B(m) for B(m) on s + 1; each stage runs its
-    actions in order. Returns (makespan, bubble fraction = 1 - busy / (stages x makespan))."""
+def submission_order(actions: list[list[Action]]) -> list[tuple[int, Action]]:
+    """Every (stage, action), each after the action it waits on (F(m) on the stage before, B(m) on the
+    stage after) and after its own stage's earlier actions; ValueError when the plan deadlocks."""
     S = len(actions)
-    end: dict[tuple[str, int, int], float] = {}  # (kind, micro, stage) -> finish time
-    clock = [0.0] * S
-    nxt = [0] * S
-    remaining = sum(len(a) for a in actions)
-    while remaining:
-        progressed = False
+    done: set[tuple[str, int, int]] = set()
+    nxt, out = [0] * S, []
+    total = sum(len(a) for a in actions)
+    while len(out) < total:
+        moved = False
         for s in range(S):
             if nxt[s] == len(actions[s]):
                 continue
             a = actions[s][nxt[s]]
-            dep = ("F", a.micro, s - 1) if a.kind == "F" else ("B", a.micro, s + 1)
-            if (a.kind == "F" and s == 0) or (a.kind == "B" and s == S - 1):
-                ready = 0.0 if a.kind == "F" else end[("F", a.micro, s)]
-            elif dep in end:
-                ready = end[dep]
-            else:
-                continue
-            start = max(clock[s], ready)
-            clock[s] = end[(a.kind, a.micro, s)] = start + (forward_s if a.kind == "F" else backward_s)
-            nxt[s] += 1
-            remaining -= 1
-            progressed = True
-        if not progressed:
+            first = (a.kind == "F" and s == 0) or (a.kind == "B" and s == S - 1)
+            if first or _waits_on(a, s) in done:
+                done.add((a.kind, a.micro, s))
+                out.append((s, a))
+                nxt[s] += 1
+                moved = True
+        if not moved:
             raise ValueError("the plan deadlocks: a stage waits for an action that never runs")
+    return out
+
+
+def _waits_on(a: Action, stage: int) -> tuple[str, int, int]:
+    return ("F", a.micro, stage - 1) if a.kind == "F" else ("B", a.micro, stage + 1)
+
+
+def simulate(actions: list[list[Action]], forward_s: float = 1.0, backward_s: float = 1.0) -> tuple[float, float]:
+    """Replays a plan: F(m) on stage s waits for F(m) on s - 1, B(m) for B(m) on s + 1 (and the last
+    stage's B(m) for its F(m)); each stage runs its actions in order. Returns (makespan, bubble
+    fraction = 1 - busy / (stages x makespan))."""
+    S = len(actions)
+    end: dict[tuple[str, int, int], float] = {}  # (kind, micro, stage) -> finish time
+    clock = [0.0] * S
+    for s, a in submission_order(actions):
+        if a.kind == "F":
+            ready = 0.0 if s == 0 else end[_waits_on(a, s)]
+        else:
+            ready = end[("F", a.micro, s)] if s == S - 1 else end[_waits_on(a, s)]
+        clock[s] = end[(a.kind, a.micro, s)] = max(clock[s], ready) + (forward_s if a.kind == "F" else backward_s)
     makespan = max(clock)
     busy = sum(forward_s if a.kind == "F" else backward_s for acts in actions for a in acts)
     return makespan, 1.0 - busy / (S * makespan)

@@ -1,0 +1,177 @@
+"""Training through stage actors: `PipelineTrainer` runs a schedule's plan (`topology.schedule`) over
+one actor per stage, forward activations and backward gradients passed stage to stage as Ray objects
+(the driver holds only references), and steps each stage's optimizer on its own parameters.
+
+A step's loss is the token-level cross-entropy averaged over every target token of the global batch
+(each row predicts its next tokens, as transformers does with `labels=input_ids`), so it does not
+depend on the number of stages or micro-batches. With tied embeddings the first and last stages
+each hold the tensor and add each other's gradient before stepping, so the tie survives training.
+
+This first part runs one pipeline (data_parallel=1) with AdamW or SGD; LoRA, data parallelism,
+checkpoints and export are still to come.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from actors.layout import partition
+from actors.naming import NAMESPACE
+from models import Batch, ConfigError, load_stage
+from models.loading import read_config, resolve_source
+from topology.schedule import SCHEDULES, plan, submission_order
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+@dataclass
+class StepResult:
+    loss: float  # the global mean loss of this step's forward pass, before the update
+    tokens: int  # target tokens in the batch
+    micro_batches: int
+
+
+class TrainStage:
+    """One stage's layers with gradients, its optimizer, and the micro-batches in flight (a Ray actor)."""
+
+    def __init__(self, source: str, layers: list[int], embed: bool, head: bool, dtype: str,
+                 optimizer: dict[str, Any], threads: int = 1) -> None:
+        torch.set_num_threads(threads)
+        self.model = load_stage(source, layers, dtype, embed=embed, head=head).train()
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        opt = dict(optimizer)
+        cls = OPTIMIZERS[opt.pop("name", "adamw")]
+        if "betas" in opt:
+            opt["betas"] = tuple(opt["betas"])
+        self.optimizer = cls([p for p in self.model.parameters()], **opt)
+        self.inflight: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # micro -> (input, output)
+
+    def forward(self, micro: int, x: torch.Tensor, rows: int, cols: int,
+                targets: torch.Tensor | None = None) -> torch.Tensor | float:
+        """A micro-batch of `rows` sequences of `cols` tokens: hidden states on, or (last) its summed loss."""
+        b = Batch.build([str(i) for i in range(rows)], [0] * rows, [cols] * rows)
+        inp = None
+        if not self.model.is_first:
+            inp = x.detach().requires_grad_(True)
+            x = inp
+        out = self.model.train_forward(x, b, targets)
+        self.inflight[micro] = (inp, out)
+        return float(out.detach()) if self.model.is_last else out.detach()
+
+    def backward(self, micro: int, grad: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor | None:
+        """The micro-batch's backward: from its loss x `scale` (last) or the next stage's gradient; returns
+        the gradient of its input (None on the first stage)."""
+        inp, out = self.inflight.pop(micro)
+        if self.model.is_last:
+            (out * scale).backward()
+        else:
+            out.backward(grad)
+        return None if inp is None else inp.grad
+
+    def tied_grad(self) -> torch.Tensor | None:
+        """The gradient of this stage's copy of a tied embedding (first: the embedding, last: the head)."""
+        w = self.model.tok_embeddings if self.model.is_first else self.model.output
+        return None if w is None or w.weight.grad is None else w.weight.grad.clone()
+
+    def add_tied_grad(self, grad: torch.Tensor) -> None:
+        w = self.model.tok_embeddings if self.model.is_first else self.model.output
+        w.weight.grad += grad
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if not k.startswith("rope_")}
+
+
+class PipelineTrainer:
+    """Trains a model split into stage actors along a schedule's plan; `step(batch)` is one optimizer step."""
+
+    def __init__(self, stages: list[Any], schedule: str, micro_batches: int, seq_len: int, tied: bool) -> None:
+        self.stages, self.schedule, self.micro_batches, self.seq_len = stages, schedule, micro_batches, seq_len
+        self.tied = tied and len(stages) > 1
+
+    @classmethod
+    def deploy(cls, source: str, num_stages: int = 2, schedule: str = "1f1b", micro_batches: int = 4,
+               optimizer: dict[str, Any] | None = None, dtype: str = "float32", seq_len: int | None = None,
+               name: str = "train", stage_resources: dict[str, Any] | None = None) -> PipelineTrainer:
+        """Starts one training actor per stage (layers split by compute, as `Pipeline.deploy` does)."""
+        import ray
+
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"schedule {schedule!r}: choose one of {SCHEDULES}")
+        if micro_batches < 1:
+            raise ConfigError(f"micro_batches={micro_batches}: give at least 1")
+        opt = dict(optimizer or {"name": "adamw"})
+        if opt.get("name", "adamw") not in OPTIMIZERS:
+            raise ConfigError(f"optimizer {opt.get('name')!r}: choose one of {sorted(OPTIMIZERS)}")
+        path = str(resolve_source(source))
+        cfg = read_config(path)
+        if seq_len is not None and not 1 < seq_len <= cfg.max_seq_len:
+            raise ConfigError(f"seq_len={seq_len}: give 2..{cfg.max_seq_len} (the model's context)")
+        specs = partition(cfg, num_stages)
+        resources = stage_resources or {"num_gpus": 1, "num_cpus": 0.25}
+        actor = ray.remote(TrainStage)
+        stages = [actor.options(name=f"meshpipe/{name}/train-stage-{sp.index}", namespace=NAMESPACE,
+                                max_restarts=0, **resources).remote(path, list(sp.layers), sp.embed, sp.head, dtype,
+                                                                     opt)
+                  for sp in specs]
+        return cls(stages, schedule, micro_batches, seq_len or cfg.max_seq_len, cfg.tie_embeddings)
+
+    def step(self, batch: Any) -> StepResult:
+        """One optimizer step on `batch` (token-id rows of equal length, a list or a [B, T] tensor)."""
+        import ray
+
+        ids = torch.as_tensor(batch, dtype=torch.long)
+        if ids.dim() != 2 or ids.shape[1] < 2 or ids.shape[0] < 1:
+            raise ConfigError(f"a batch is [rows, tokens] with at least 2 tokens a row, got shape {tuple(ids.shape)}")
+        if ids.shape[1] > self.seq_len:
+            raise ConfigError(f"rows of {ids.shape[1]} tokens are longer than seq_len={self.seq_len}")
+        M = min(self.micro_batches, ids.shape[0])
+        micros = list(torch.tensor_split(ids, M))
+        targets = [torch.cat([m[:, 1:], torch.full((m.shape[0], 1), -100)], 1).reshape(-1) for m in micros]
+        total = int(sum((t != -100).sum() for t in targets))
+        acts: dict[tuple[int, int], Any] = {}
+        grads: dict[tuple[int, int], Any] = {}
+        losses = []
+        last = len(self.stages) - 1
+        for s, a in submission_order(plan(self.schedule, len(self.stages), M)):
+            m, st = a.micro, self.stages[s]
+            rows, cols = micros[m].shape
+            if a.kind == "F":
+                x = micros[m].reshape(-1) if s == 0 else acts[(s - 1, m)]
+                acts[(s, m)] = st.forward.remote(m, x, rows, cols, targets[m] if s == last else None)
+                if s == last:
+                    losses.append(acts[(s, m)])
+            else:
+                grads[(s, m)] = st.backward.remote(m, None if s == last else grads[(s + 1, m)], 1.0 / total)
+        ray.get([grads[(0, m)] for m in range(M)])
+        if self.tied:
+            first, lastst = self.stages[0], self.stages[-1]
+            g0, gl = first.tied_grad.remote(), lastst.tied_grad.remote()
+            ray.get([first.add_tied_grad.remote(gl), lastst.add_tied_grad.remote(g0)])
+        ray.get([st.step.remote() for st in self.stages])
+        return StepResult(sum(ray.get(losses)) / total, total, M)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every stage's parameters under the model's names (a tied head appears as `output.weight` too)."""
+        import ray
+
+        out: dict[str, torch.Tensor] = {}
+        for sd in ray.get([st.state_dict.remote() for st in self.stages]):
+            out.update(sd)
+        return out
+
+    def shutdown(self) -> None:
+        import ray
+
+        for st in self.stages:
+            ray.kill(st)

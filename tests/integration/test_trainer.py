@@ -1,0 +1,98 @@
+"""Training through stage actors against transformers trained in one process (float64, tiny checkpoints):
+the same losses, and after three AdamW steps the same parameters, whatever the stages and schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from actors.trainer import PipelineTrainer
+from models import ConfigError
+from models.loading import _source_name
+from tests.checkpoints import make_tiny_llama
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _reference_steps(ckpt: Path, batch: torch.Tensor, steps: int, lr: float) -> tuple[list[float], dict]:
+    """transformers' model trained in one process, its RMSNorm and RoPE tables computed in the model's
+    float64 (transformers computes both in float32 whatever the dtype: that alone moves the loss ~1e-6)."""
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama import modeling_llama as hf_llama
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        dim = self.inv_freq.numel() * 2
+        theta = self.config.rope_parameters["rope_theta"]
+        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        emb = torch.cat([position_ids[..., None].double() * inv_freq] * 2, dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+    saved = hf_llama.LlamaRMSNorm.forward, hf_llama.LlamaRotaryEmbedding.forward
+    hf_llama.LlamaRMSNorm.forward, hf_llama.LlamaRotaryEmbedding.forward = norm, rope
+    try:
+        return _train_reference(LlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float64), batch, steps, lr)
+    finally:
+        hf_llama.LlamaRMSNorm.forward, hf_llama.LlamaRotaryEmbedding.forward = saved
+
+
+def _train_reference(hf: torch.nn.Module, batch: torch.Tensor, steps: int, lr: float) -> tuple[list[float], dict]:
+    opt = torch.optim.AdamW(hf.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        logits = hf(batch).logits  # (B, T, V)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, {k: v.detach() for k, v in hf.state_dict().items()}
+
+
+def _max_param_diff(ours: dict, theirs: dict) -> float:
+    return max((v - theirs[_source_name(k, 1)]).abs().max().item() for k, v in ours.items())
+
+
+@pytest.mark.parametrize(("stages", "schedule"), [(2, "1f1b"), (2, "gpipe"), (4, "1f1b"), (4, "gpipe")])
+def test_three_adamw_steps_equal_transformers(tiny_ckpt: Path, stages: int, schedule: str) -> None:
+    batch = torch.randint(3, 250, (8, 12), generator=torch.Generator().manual_seed(stages))
+    want_losses, want = _reference_steps(tiny_ckpt, batch, 3, 1e-3)
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=stages, schedule=schedule, micro_batches=4,
+                                optimizer={"name": "adamw", "lr": 1e-3}, dtype="float64", name=f"tr-{stages}-{schedule}")
+    try:
+        got = [tr.step(batch) for _ in range(3)]
+        assert [r.micro_batches for r in got] == [4] * 3 and got[0].tokens == 8 * 11
+        assert max(abs(r.loss - w) for r, w in zip(got, want_losses)) < 1e-9
+        assert _max_param_diff(tr.state_dict(), want) <= 1e-9  # measured: ~5e-15
+    finally:
+        tr.shutdown()
+
+
+def test_tied_embeddings_stay_tied_and_train_as_one(tmp_path: Path) -> None:
+    ckpt = make_tiny_llama(tmp_path / "tied", tie=True)
+    batch = torch.randint(3, 250, (4, 10), generator=torch.Generator().manual_seed(7))
+    _, want = _reference_steps(ckpt, batch, 2, 1e-2)
+    tr = PipelineTrainer.deploy(str(ckpt), num_stages=2, micro_batches=2, optimizer={"name": "adamw", "lr": 1e-2},
+                                dtype="float64", name="tr-tied")
+    try:
+        for _ in range(2):
+            tr.step(batch)
+        ours = tr.state_dict()
+        assert torch.equal(ours["tok_embeddings.weight"], ours["output.weight"])
+        assert (ours["tok_embeddings.weight"] - want["model.embed_tokens.weight"]).abs().max().item() <= 1e-9
+    finally:
+        tr.shutdown()
+
+
+def test_bad_training_input_is_refused_by_name(tiny_ckpt: Path) -> None:
+    with pytest.raises(ConfigError, match="micro_batches"):
+        PipelineTrainer.deploy(str(tiny_ckpt), micro_batches=0)
+    with pytest.raises(ConfigError, match="seq_len"):
+        PipelineTrainer.deploy(str(tiny_ckpt), seq_len=10_000)
+    with pytest.raises(ConfigError, match="schedule"):
+        PipelineTrainer.deploy(str(tiny_ckpt), schedule="zb")
