@@ -36,6 +36,7 @@ from actors import router_views
 from actors.ring import RingDriver, RingLane
 from actors.sender import StepSender
 from actors.specs import RouterSpec
+from actors.wire import subkey
 from models import Completion, InvalidRequestError, ModelConfig, SamplingParams
 from models.generation import encode_prompt, plan_chunks
 from topology.graph import Topology
@@ -61,9 +62,10 @@ class RouterActor(FaultHooks, ScalingHooks):
         self.measured = topology is None  # no topology given: measure it with probe actors
         self.pool = ReplicaPool(spec.deployment, node_id, replicas, replica_info, spec.options, spec.wire,
                                 topology, launcher, specs)
-        self.sender = StepSender(self.pool, self.rc.hop_mode, spec.key, ray.get_runtime_context().current_actor)
+        wire_key = subkey(spec.key, f"wire:{spec.deployment}")  # the stages derive the same
+        self.sender = StepSender(self.pool, self.rc.hop_mode, wire_key, ray.get_runtime_context().current_actor)
         self.recovery = Recovery(spec.deployment, self.pool, self.sender, self.metrics, self.rc.restart_timeout_s,
-                                 spec.key, self._schedule)
+                                 wire_key, self._schedule)
         self.prober = LinkProber(spec.deployment, self.pool, self._schedule)
         self.requests: OrderedDict[str, Request] = OrderedDict()
         self.waiting: deque[Request] = deque()
@@ -81,7 +83,8 @@ class RouterActor(FaultHooks, ScalingHooks):
         self.tokens_generated = 0
         self._rid = RequestIds(spec.deployment)
         self.jobs = Jobs(f"router of {spec.deployment!r}")  # background jobs (cache copies, prefix pins)
-        self.journal = RequestJournal(spec.deployment, key=spec.key, finished_kept=self.rc.finished_kept)
+        self.journal = RequestJournal(spec.deployment, key=subkey(spec.key, f"journal:{spec.deployment}"),
+                                      finished_kept=self.rc.finished_kept)
         if self.incarnation == 0:
             self.journal.clear()  # a fresh deployment: records of an old one with this name are void
         self._resumed = self.incarnation == 0

@@ -28,6 +28,7 @@ from actors.wire import (
     OutOfOrderError,
     ReplayError,
     load_key,
+    subkey,
     pack,
 )
 from actors.compute import ComputeThread
@@ -119,7 +120,8 @@ class StageActor:
         deployment, dtype, weights = setup.deployment, setup.stage.dtype, setup.weights
         self.deployment, self.spec, self.replica = deployment, spec, replica
         self.name = stage_name(deployment, spec.index, replica)
-        self.key = setup.key if setup.key is not None else load_key()  # from the deployment, else MESHPIPE_KEY here
+        # the deployment's wire key (HKDF of its key, else of MESHPIPE_KEY here)
+        self.key = subkey(setup.key if setup.key is not None else load_key(), f"wire:{deployment}")
         self.max_retransmits = setup.wire.max_retransmits
         self.encrypt_always = setup.wire.encryption == "always"  # then plaintext is refused on every link
         self.device = pick_device()

@@ -5,7 +5,7 @@ per-link policy and the `Envelope` stages `seal` and `open`.
 """
 
 from actors.wire.compress import COMPRESSORS, compressor_names
-from actors.wire.crypto import load_key, new_key
+from actors.wire.crypto import load_key, new_key, subkey
 from actors.wire.envelope import Envelope
 from actors.wire.errors import (
     ChecksumError,
@@ -34,5 +34,5 @@ __all__ = [
     "DecryptionError", "Envelope", "Header", "KeyConfigError", "LinkCodec", "LinkInfo", "MessageError",
     "OutOfOrderError", "Quantiser", "ReplayError", "TruncatedMessageError", "check_codec", "check_compress",
     "choose_link", "codec_names", "compressor_names", "decode_tensor", "encode_tensor", "int8_error_bound",
-    "load_key", "new_key", "pack", "peek_header", "register", "unregister", "unpack",
+    "load_key", "new_key", "pack", "peek_header", "register", "subkey", "unregister", "unpack",
 ]

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from actors.wire.errors import DecryptionError, KeyConfigError, MessageError
 
 __all__ = ["KEY_SIZE", "NONCE_SIZE", "OVERHEAD", "TAG_SIZE", "key_bytes", "load_key", "new_key",
-           "open_payload", "seal_into"]
+           "open_payload", "seal_into", "subkey"]
 
 NONCE_SIZE = 12
 TAG_SIZE = 16
@@ -31,6 +31,19 @@ NEW_KEY_HINT = "python -c 'from actors.wire import new_key; print(new_key())'"
 @functools.lru_cache(maxsize=8)
 def _aead(key: bytes) -> AESGCM:
     return AESGCM(key)
+
+
+def subkey(key: bytes | None, purpose: str) -> bytes | None:
+    """A key of its own for one purpose (one deployment's wire, its journal), derived from the deployment
+    key with HKDF-SHA256: each gets its own budget of random 96-bit nonces (about 2^32 messages a key),
+    and a message sealed for one purpose never opens in another."""
+    if key is None:
+        return None
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None,
+                info=b"meshpipe/" + purpose.encode()).derive(key_bytes(key))
 
 
 def key_bytes(key: Any) -> bytes:

@@ -78,12 +78,12 @@ _msg_ids = itertools.count(10**9)
 
 
 def _message(key: str | None, seq: str, start: int, n: int, encrypt: bool = True, msg_id: int | None = None) -> Envelope:
-    from actors.wire import load_key
+    from actors.wire import load_key, subkey
 
     header = Header(kind="step", step=1, msg_id=next(_msg_ids) if msg_id is None else msg_id, attempt=0,
                     sender="test", seq_ids=[seq], starts=[start], lengths=[n], release=[])
     return Envelope.seal(header, torch.arange(n, dtype=torch.long), LinkCodec(encrypt=encrypt),
-                         load_key(key) if key else None)
+                         subkey(load_key(key), "wire:sealed") if key else None)  # the deployment's wire key
 
 
 def test_replayed_out_of_order_truncated_and_wrongly_keyed_messages_are_rejected(sealed: Pipeline,

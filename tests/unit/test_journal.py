@@ -59,3 +59,15 @@ def test_finished_records_are_bounded() -> None:
         journal.admit(req)
         journal.finish(req, Completion("", [], "stop", {}, None))
     assert sorted(k.rsplit("/", 1)[1] for k in kv.data) == ["r3", "r4", "r5"]
+
+
+def test_subkeys_are_per_purpose_and_deterministic() -> None:
+    from actors.wire import subkey
+
+    root = os.urandom(32)
+    a, b = subkey(root, "wire:d1"), subkey(root, "wire:d2")
+    assert a == subkey(root, "wire:d1") and a != b and a != root and len(a) == 32
+    assert subkey(None, "wire:d1") is None
+    sealed = seal_record("k", {"rid": "x"}, subkey(root, "journal:d1"))
+    with pytest.raises(ValueError, match="authentication"):
+        open_record("k", sealed, subkey(root, "journal:d2"))
