@@ -84,6 +84,17 @@ class TrainStage:
         w = self.model.tok_embeddings if self.model.is_first else self.model.output
         w.weight.grad += grad
 
+    def grad_sq(self, skip_tied: bool = False) -> float:
+        """The sum of squared gradients (a tied head's copy left out: the first stage counts the tensor)."""
+        skip = self.model.output.weight if skip_tied and self.model.output is not None else None
+        return float(sum((p.grad.double() ** 2).sum() for p in self.model.parameters()
+                         if p.grad is not None and p is not skip))
+
+    def scale_grads(self, factor: float) -> None:
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
     def step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -95,14 +106,17 @@ class TrainStage:
 class PipelineTrainer:
     """Trains a model split into stage actors along a schedule's plan; `step(batch)` is one optimizer step."""
 
-    def __init__(self, stages: list[Any], schedule: str, micro_batches: int, seq_len: int, tied: bool) -> None:
+    def __init__(self, stages: list[Any], schedule: str, micro_batches: int, seq_len: int, tied: bool,
+                 grad_clip: float | None = None) -> None:
         self.stages, self.schedule, self.micro_batches, self.seq_len = stages, schedule, micro_batches, seq_len
         self.tied = tied and len(stages) > 1
+        self.grad_clip = grad_clip  # global gradient norm over every stage, as torch's clip_grad_norm_
 
     @classmethod
     def deploy(cls, source: str, num_stages: int = 2, schedule: str = "1f1b", micro_batches: int = 4,
                optimizer: dict[str, Any] | None = None, dtype: str = "float32", seq_len: int | None = None,
-               name: str = "train", stage_resources: dict[str, Any] | None = None) -> PipelineTrainer:
+               name: str = "train", stage_resources: dict[str, Any] | None = None,
+               grad_clip: float | None = None) -> PipelineTrainer:
         """Starts one training actor per stage (layers split by compute, as `Pipeline.deploy` does)."""
         import ray
 
@@ -110,6 +124,8 @@ class PipelineTrainer:
             raise ConfigError(f"schedule {schedule!r}: choose one of {SCHEDULES}")
         if micro_batches < 1:
             raise ConfigError(f"micro_batches={micro_batches}: give at least 1")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ConfigError(f"grad_clip={grad_clip}: give a positive norm, or None for no clipping")
         opt = dict(optimizer or {"name": "adamw"})
         if opt.get("name", "adamw") not in OPTIMIZERS:
             raise ConfigError(f"optimizer {opt.get('name')!r}: choose one of {sorted(OPTIMIZERS)}")
@@ -124,7 +140,7 @@ class PipelineTrainer:
                                 max_restarts=0, **resources).remote(path, list(sp.layers), sp.embed, sp.head, dtype,
                                                                      opt)
                   for sp in specs]
-        return cls(stages, schedule, micro_batches, seq_len or cfg.max_seq_len, cfg.tie_embeddings)
+        return cls(stages, schedule, micro_batches, seq_len or cfg.max_seq_len, cfg.tie_embeddings, grad_clip)
 
     def step(self, batch: Any) -> StepResult:
         """One optimizer step on `batch` (token-id rows of equal length, a list or a [B, T] tensor)."""
@@ -158,6 +174,11 @@ class PipelineTrainer:
             first, lastst = self.stages[0], self.stages[-1]
             g0, gl = first.tied_grad.remote(), lastst.tied_grad.remote()
             ray.get([first.add_tied_grad.remote(gl), lastst.add_tied_grad.remote(g0)])
+        if self.grad_clip is not None:  # torch.nn.utils.clip_grad_norm_ over the whole model
+            last_i = len(self.stages) - 1
+            norm = sum(ray.get([st.grad_sq.remote(self.tied and i == last_i) for i, st in enumerate(self.stages)]))
+            factor = min(1.0, self.grad_clip / (norm ** 0.5 + 1e-6))
+            ray.get([st.scale_grads.remote(factor) for st in self.stages])
         ray.get([st.step.remote() for st in self.stages])
         return StepResult(sum(ray.get(losses)) / total, total, M)
 
