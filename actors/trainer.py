@@ -54,9 +54,14 @@ class TrainStage:
         self.inflight: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # micro -> (input, output)
 
     def forward(self, micro: int, x: torch.Tensor, rows: int, cols: int,
-                targets: torch.Tensor | None = None) -> torch.Tensor | float:
-        """A micro-batch of `rows` sequences of `cols` tokens: hidden states on, or (last) its summed loss."""
+                targets: torch.Tensor | None = None, train: bool = True) -> torch.Tensor | float:
+        """A micro-batch of `rows` sequences of `cols` tokens: hidden states on, or (last) its summed loss.
+        `train=False` (evaluation) keeps nothing for a backward."""
         b = Batch.build([str(i) for i in range(rows)], [0] * rows, [cols] * rows)
+        if not train:
+            with torch.no_grad():
+                out = self.model.train_forward(x, b, targets)
+            return float(out) if self.model.is_last else out
         inp = None
         if not self.model.is_first:
             inp = x.detach().requires_grad_(True)
@@ -142,19 +147,38 @@ class PipelineTrainer:
                   for sp in specs]
         return cls(stages, schedule, micro_batches, seq_len or cfg.max_seq_len, cfg.tie_embeddings, grad_clip)
 
-    def step(self, batch: Any) -> StepResult:
-        """One optimizer step on `batch` (token-id rows of equal length, a list or a [B, T] tensor)."""
-        import ray
-
+    def _micro_batches(self, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        """The batch's micro-batches, each row's next-token targets (packed, -100 after the last), the
+        target count."""
         ids = torch.as_tensor(batch, dtype=torch.long)
         if ids.dim() != 2 or ids.shape[1] < 2 or ids.shape[0] < 1:
             raise ConfigError(f"a batch is [rows, tokens] with at least 2 tokens a row, got shape {tuple(ids.shape)}")
         if ids.shape[1] > self.seq_len:
             raise ConfigError(f"rows of {ids.shape[1]} tokens are longer than seq_len={self.seq_len}")
-        M = min(self.micro_batches, ids.shape[0])
-        micros = list(torch.tensor_split(ids, M))
+        micros = list(torch.tensor_split(ids, min(self.micro_batches, ids.shape[0])))
         targets = [torch.cat([m[:, 1:], torch.full((m.shape[0], 1), -100)], 1).reshape(-1) for m in micros]
-        total = int(sum((t != -100).sum() for t in targets))
+        return micros, targets, int(sum((t != -100).sum() for t in targets))
+
+    def evaluate(self, batch: Any) -> float:
+        """The mean loss of `batch` with the current weights (no update); perplexity is its exp."""
+        import ray
+
+        micros, targets, total = self._micro_batches(batch)
+        last = len(self.stages) - 1
+        sums = []
+        for m, (ids, tg) in enumerate(zip(micros, targets)):
+            x: Any = ids.reshape(-1)
+            for s, st in enumerate(self.stages):
+                x = st.forward.remote(m, x, *ids.shape, tg if s == last else None, False)
+            sums.append(x)
+        return sum(ray.get(sums)) / total
+
+    def step(self, batch: Any) -> StepResult:
+        """One optimizer step on `batch` (token-id rows of equal length, a list or a [B, T] tensor)."""
+        import ray
+
+        micros, targets, total = self._micro_batches(batch)
+        M = len(micros)
         acts: dict[tuple[int, int], Any] = {}
         grads: dict[tuple[int, int], Any] = {}
         losses = []

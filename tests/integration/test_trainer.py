@@ -70,7 +70,9 @@ def test_three_adamw_steps_equal_transformers(tiny_ckpt: Path, stages: int, sche
     tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=stages, schedule=schedule, micro_batches=4,
                                 optimizer={"name": "adamw", "lr": 1e-3}, dtype="float64", name=f"tr-{stages}-{schedule}")
     try:
+        before = tr.evaluate(batch)
         got = [tr.step(batch) for _ in range(3)]
+        assert abs(before - want_losses[0]) < 1e-9  # evaluate: the loss of the current weights, no update
         assert [r.micro_batches for r in got] == [4] * 3 and got[0].tokens == 8 * 11
         assert max(abs(r.loss - w) for r, w in zip(got, want_losses)) < 1e-9
         assert _max_param_diff(tr.state_dict(), want) <= 1e-9  # measured: ~5e-15
