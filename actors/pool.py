@@ -96,9 +96,9 @@ class ReplicaPool:
                 for st in states} if prefixes is not None and hashes else {}
         if not any(hits.values()):
             return self.routes.get(states, self.table.num_stages, self.costs, self.node_id)
-        for st in states:
-            token_ms = self.table.get(st.stage, st.replica).token_ms or PREFILL_TOKEN_MS
-            st.compute_ms += (tokens - hits[(st.stage, st.replica)]) * token_ms
+        for st in states:  # one rate a stage, its replicas' fastest per-token time (a prefill's, not a decode's)
+            rates = [r.token_ms for r in self.table.by_stage[st.stage] if r.token_ms is not None and r.alive]
+            st.compute_ms += (tokens - hits[(st.stage, st.replica)]) * (min(rates) if rates else PREFILL_TOKEN_MS)
         return plan_route(states, self.table.num_stages, self.costs, self.node_id)
 
     def links_for(self, route: Route) -> list[LinkCodec]:
