@@ -291,3 +291,40 @@ def test_lane_and_request_defaults() -> None:
     lane = Lane(0)
     req = make_request("x", [1])
     assert lane.seqs == [] and lane.step == 0 and req.route is None and req.copies == {}
+
+
+def test_a_host_missing_from_a_topology_with_untrusted_links_counts_as_untrusted() -> None:
+    """A replica placed anew after a node loss runs on a host the topology does not name: with untrusted
+    links in it, that hop is encrypted (fail closed); in an all-trusted topology it is not."""
+    from actors.pool import ReplicaPool
+    from topology.graph import Topology
+
+    def pool(trusted: bool) -> ReplicaPool:
+        topo = Topology.from_dict({"nodes": {"n0": {}, "n1": {}}, "links": [
+            {"a": "n0", "b": "n1", "latency_ms": 1.0, "trusted": trusted}]})
+        handles = [[FakeHandle()], [FakeHandle()]]
+        info = [[{"replica": 0, "node_id": "n0"}], [{"replica": 0, "node_id": "n1"}]]
+        return ReplicaPool("d", "n0", handles, info, RouterOptions(), WireOptions(), topo)
+
+    assert pool(trusted=False)._link_info("n0", "elsewhere").trusted is False
+    assert pool(trusted=True)._link_info("n0", "elsewhere").trusted is True
+    assert pool(trusted=False)._link_info("n0", "n1").trusted is False
+
+
+def test_a_stage_refuses_plaintext_on_a_link_that_encrypts() -> None:
+    from types import SimpleNamespace
+
+    from actors.stage import StageActor
+    from actors.wire import Header, MessageError
+
+    stage = SimpleNamespace(name="s", encrypt_always=False, counters={"rejected": 0})
+    plain = Header(kind="step", step=1, msg_id=1, attempt=0, sender="r", seq_ids=[], starts=[], lengths=[])
+    StageActor._expect_sealed(stage, plain, False)  # a trusted hop may be plaintext
+    with pytest.raises(MessageError, match="plaintext"):
+        StageActor._expect_sealed(stage, plain, True)
+    stage.encrypt_always = True
+    with pytest.raises(MessageError, match="plaintext"):
+        StageActor._expect_sealed(stage, plain, False)
+    StageActor._expect_sealed(stage, Header(**{**{f: getattr(plain, f) for f in Header.__dataclass_fields__},
+                                               "encrypted": True}), True)
+    assert stage.counters["rejected"] == 2
