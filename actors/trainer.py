@@ -112,10 +112,11 @@ class PipelineTrainer:
     """Trains a model split into stage actors along a schedule's plan; `step(batch)` is one optimizer step."""
 
     def __init__(self, stages: list[Any], schedule: str, micro_batches: int, seq_len: int, tied: bool,
-                 grad_clip: float | None = None) -> None:
+                 grad_clip: float | None = None, source: str | None = None) -> None:
         self.stages, self.schedule, self.micro_batches, self.seq_len = stages, schedule, micro_batches, seq_len
         self.tied = tied and len(stages) > 1
         self.grad_clip = grad_clip  # global gradient norm over every stage, as torch's clip_grad_norm_
+        self.source = source  # the model (its tokenizer and EOS for text data)
 
     @classmethod
     def deploy(cls, source: str, num_stages: int = 2, schedule: str = "1f1b", micro_batches: int = 4,
@@ -145,7 +146,7 @@ class PipelineTrainer:
                                 max_restarts=0, **resources).remote(path, list(sp.layers), sp.embed, sp.head, dtype,
                                                                      opt)
                   for sp in specs]
-        return cls(stages, schedule, micro_batches, seq_len or cfg.max_seq_len, cfg.tie_embeddings, grad_clip)
+        return cls(stages, schedule, micro_batches, seq_len or cfg.max_seq_len, cfg.tie_embeddings, grad_clip, path)
 
     def _micro_batches(self, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
         """The batch's micro-batches, each row's next-token targets (packed, -100 after the last), the
@@ -205,6 +206,35 @@ class PipelineTrainer:
             ray.get([st.scale_grads.remote(factor) for st in self.stages])
         ray.get([st.step.remote() for st in self.stages])
         return StepResult(sum(ray.get(losses)) / total, total, M)
+
+    def fit(self, data: Any, steps: int, batch_size: int = 8, held_out: float = 0.1, eval_every: int = 0,
+            seed: int = 0) -> list[dict[str, float]]:
+        """Trains `steps` steps on `data` (a text file, texts or token-id lists: `models.data`), packed in
+        `seq_len` windows, `batch_size` windows a step drawn with `seed`; every `eval_every` steps the
+        held-out windows' loss too. Returns one record a step: step, loss (and eval_loss)."""
+        from models.data import load_documents, pack_windows, split_held_out
+
+        if steps < 1 or batch_size < 1:
+            raise ConfigError(f"steps={steps} and batch_size={batch_size} must be at least 1")
+        tokenizer, eos = self._tokenizer()
+        train, held = split_held_out(pack_windows(load_documents(data), self.seq_len, tokenizer, eos), held_out, seed)
+        gen = torch.Generator().manual_seed(seed)
+        history: list[dict[str, float]] = []
+        for i in range(1, steps + 1):
+            rec: dict[str, float] = {"step": i, "loss": self.step(train[torch.randint(len(train), (batch_size,),
+                                                                                        generator=gen)]).loss}
+            if eval_every and i % eval_every == 0 and len(held):
+                rec["eval_loss"] = self.evaluate(held)
+            history.append(rec)
+        return history
+
+    def _tokenizer(self) -> tuple[Any, int | None]:
+        from models.tokenizer import load_tokenizer
+
+        if self.source is None:
+            return None, None
+        cfg = read_config(self.source)
+        return load_tokenizer(resolve_source(self.source)), (cfg.eos_ids[0] if cfg.eos_ids else None)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every stage's parameters under the model's names (a tied head appears as `output.weight` too)."""
