@@ -236,6 +236,22 @@ class PipelineTrainer:
         cfg = read_config(self.source)
         return load_tokenizer(resolve_source(self.source)), (cfg.eos_ids[0] if cfg.eos_ids else None)
 
+    def export(self, folder: str) -> str:
+        """The trained model as a Hugging Face folder (config.json + safetensors in the training dtype,
+        transformers' names; the tokenizer files of an HF source are copied): transformers and
+        `Pipeline.deploy` load it."""
+        import shutil
+        from pathlib import Path
+
+        from models.loading import save_hf
+
+        out = save_hf(folder, read_config(self.source), self.state_dict())
+        src = Path(self.source)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            if src.is_dir() and (src / name).is_file():
+                shutil.copy(src / name, out / name)
+        return str(out)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every stage's parameters under the model's names (a tied head appears as `output.weight` too)."""
         import ray

@@ -433,3 +433,34 @@ def build_stage(cfg: ModelConfig, layers: Sequence[int] | None, state: dict[str,
         model = Transformer(cfg, None if layers is None else list(layers), embed=embed, head=head)
     model.load_weights(state)
     return model.to(device).eval()
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """A Hugging Face Llama `config.json` for `cfg` (what `_hf_config` reads back)."""
+    out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+           "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.hidden_dim, "hidden_act": "silu",
+           "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
+           "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_id,
+           "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) != 1 else cfg.eos_ids[0],
+           "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch.")}
+    if cfg.head_dim_override is not None:
+        out["head_dim"] = cfg.head_dim_override
+    return out
+
+
+def save_hf(folder: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Path:
+    """Writes a Hugging Face folder (config.json + model.safetensors, transformers' names) from our state
+    dict; a tied head is left out, as transformers ties it to the embedding."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {_source_name(k, 1): v.contiguous() for k, v in state.items()
+               if not (k == "output.weight" and cfg.tie_embeddings)}
+    dtype = next(iter(tensors.values())).dtype
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2))
+    return folder

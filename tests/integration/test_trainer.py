@@ -98,9 +98,10 @@ def test_tied_embeddings_stay_tied_and_train_as_one_with_a_global_gradient_clip(
         tr.shutdown()
 
 
-def test_fit_packs_the_data_and_the_loss_falls(tiny_ckpt: Path) -> None:
+def test_fit_packs_the_data_the_loss_falls_and_the_export_loads_in_transformers(tiny_ckpt: Path,
+                                                                                 tmp_path: Path) -> None:
     """A repetitive token stream, packed in 16-token windows: 12 AdamW steps take the training and the
-    held-out loss well down."""
+    held-out loss well down; the exported folder gives transformers' logits of the trained weights."""
     docs = [[5, 6, 7, 8, 9, 10, 11, 12] * 12 for _ in range(4)]
     tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=2, micro_batches=2, seq_len=16,
                                 optimizer={"name": "adamw", "lr": 1e-2}, name="tr-fit")
@@ -109,6 +110,18 @@ def test_fit_packs_the_data_and_the_loss_falls(tiny_ckpt: Path) -> None:
         assert [h["step"] for h in history] == list(range(1, 13)) and "eval_loss" in history[5]
         assert history[-1]["loss"] < 0.5 * history[0]["loss"]
         assert history[-1]["eval_loss"] < 0.5 * history[0]["loss"]
+        folder = tr.export(str(tmp_path / "trained"))  # transformers and our loader read the same model
+        from transformers import LlamaForCausalLM
+
+        from models import Batch, load_model
+
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        hf = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+        ours = load_model(folder, dtype="float32")
+        got = ours(ids[0], Batch.build(["s"], [0], [6]), ours.new_cache(64))[0]
+        assert (hf(ids).logits[0, -1] - got).abs().max().item() < 1e-4
+        assert (got - load_model(tiny_ckpt, dtype="float32")(ids[0], Batch.build(["s"], [0], [6]),
+                                                           ours.new_cache(64))[0]).abs().max().item() > 1e-3
     finally:
         tr.shutdown()
 
