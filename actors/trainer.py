@@ -107,6 +107,14 @@ class TrainStage:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items() if not k.startswith("rope_")}
 
+    def checkpoint(self) -> dict[str, Any]:
+        """This stage's weights and optimizer state (a step boundary)."""
+        return {"model": self.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+
 
 class PipelineTrainer:
     """Trains a model split into stage actors along a schedule's plan; `step(batch)` is one optimizer step."""
@@ -117,6 +125,8 @@ class PipelineTrainer:
         self.tied = tied and len(stages) > 1
         self.grad_clip = grad_clip  # global gradient norm over every stage, as torch's clip_grad_norm_
         self.source = source  # the model (its tokenizer and EOS for text data)
+        self.config: dict[str, Any] = {}  # what `deploy` was given (`save` keeps it for `resume`)
+        self.steps = 0  # optimizer steps taken
 
     @classmethod
     def deploy(cls, source: str, num_stages: int = 2, schedule: str = "1f1b", micro_batches: int = 4,
@@ -146,7 +156,46 @@ class PipelineTrainer:
                                 max_restarts=0, **resources).remote(path, list(sp.layers), sp.embed, sp.head, dtype,
                                                                      opt)
                   for sp in specs]
-        return cls(stages, schedule, micro_batches, seq_len or cfg.max_seq_len, cfg.tie_embeddings, grad_clip, path)
+        tr = cls(stages, schedule, micro_batches, seq_len or cfg.max_seq_len, cfg.tie_embeddings, grad_clip, path)
+        tr.config = {"source": path, "num_stages": num_stages, "schedule": schedule, "micro_batches": micro_batches,
+                     "optimizer": opt, "dtype": dtype, "seq_len": seq_len, "name": name, "grad_clip": grad_clip,
+                     "stage_resources": stage_resources}
+        return tr
+
+    def save(self, folder: str) -> str:
+        """Weights and optimizer state of every stage and the step count, to `folder` (`resume` reads it)."""
+        import json
+        from pathlib import Path
+
+        import ray
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        for k, state in enumerate(ray.get([st.checkpoint.remote() for st in self.stages])):
+            torch.save(state, out / f"stage-{k}.pt")
+        (out / "trainer.json").write_text(json.dumps({**self.config, "steps": self.steps}, indent=2))
+        return str(out)
+
+    @classmethod
+    def resume(cls, folder: str, name: str | None = None) -> PipelineTrainer:
+        """A trainer deployed as the saved one was, its stages at the saved weights and optimizer state."""
+        import json
+        from pathlib import Path
+
+        import ray
+
+        src = Path(folder)
+        if not (src / "trainer.json").is_file():
+            raise ConfigError(f"{folder} holds no trainer checkpoint (trainer.json): give a folder `save` wrote")
+        meta = json.loads((src / "trainer.json").read_text())
+        steps = meta.pop("steps")
+        if name is not None:
+            meta["name"] = name
+        tr = cls.deploy(meta.pop("source"), **meta)
+        ray.get([st.restore.remote(torch.load(src / f"stage-{k}.pt", weights_only=True))
+                 for k, st in enumerate(tr.stages)])
+        tr.steps = steps
+        return tr
 
     def _micro_batches(self, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
         """The batch's micro-batches, each row's next-token targets (packed, -100 after the last), the
@@ -205,6 +254,7 @@ class PipelineTrainer:
             factor = min(1.0, self.grad_clip / (norm ** 0.5 + 1e-6))
             ray.get([st.scale_grads.remote(factor) for st in self.stages])
         ray.get([st.step.remote() for st in self.stages])
+        self.steps += 1
         return StepResult(sum(ray.get(losses)) / total, total, M)
 
     def fit(self, data: Any, steps: int, batch_size: int = 8, held_out: float = 0.1, eval_every: int = 0,

@@ -126,6 +126,36 @@ def test_fit_packs_the_data_the_loss_falls_and_the_export_loads_in_transformers(
         tr.shutdown()
 
 
+def test_save_and_resume_continue_as_if_never_stopped(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """Two steps, save, shut down, resume, one more step: the weights of three steps in one run."""
+    batch = torch.randint(3, 250, (4, 10), generator=torch.Generator().manual_seed(11))
+    opts = {"num_stages": 2, "micro_batches": 2, "optimizer": {"name": "adamw", "lr": 1e-2}, "dtype": "float64"}
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-whole", **opts)
+    try:
+        for _ in range(3):
+            tr.step(batch)
+        want = tr.state_dict()
+    finally:
+        tr.shutdown()
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-part", **opts)
+    try:
+        tr.step(batch)
+        tr.step(batch)
+        folder = tr.save(str(tmp_path / "ckpt"))
+    finally:
+        tr.shutdown()
+    tr = PipelineTrainer.resume(folder, name="tr-resumed")
+    try:
+        assert tr.steps == 2
+        tr.step(batch)
+        got = tr.state_dict()
+        assert max((got[k] - want[k]).abs().max().item() for k in want) == 0.0
+    finally:
+        tr.shutdown()
+    with pytest.raises(ConfigError, match="no trainer checkpoint"):
+        PipelineTrainer.resume(str(tmp_path))
+
+
 def test_bad_training_input_is_refused_by_name(tiny_ckpt: Path) -> None:
     with pytest.raises(ConfigError, match="micro_batches"):
         PipelineTrainer.deploy(str(tiny_ckpt), micro_batches=0)
