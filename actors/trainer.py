@@ -14,6 +14,7 @@ checkpoints and export are still to come.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from actors.layout import partition
 from actors.naming import NAMESPACE
 from models import Batch, ConfigError, load_stage
 from models.loading import read_config, resolve_source
-from topology.schedule import SCHEDULES, plan, submission_order
+from topology.schedule import SCHEDULES, plan, submission_order, theoretical_bubble
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ class StepResult:
     loss: float  # the global mean loss of this step's forward pass, before the update
     tokens: int  # target tokens in the batch
     micro_batches: int
+    seconds: float = 0.0  # wall time of the step
+    bubble: float = 0.0  # measured idle fraction: 1 - stages' compute / (stages x wall time)
+    theoretical_bubble: float = 0.0  # (S - 1) / (M + S - 1)
 
 
 class TrainStage:
@@ -52,6 +56,7 @@ class TrainStage:
             opt["betas"] = tuple(opt["betas"])
         self.optimizer = cls([p for p in self.model.parameters()], **opt)
         self.inflight: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # micro -> (input, output)
+        self.busy_s = 0.0  # compute since the last optimizer step
 
     def forward(self, micro: int, x: torch.Tensor, rows: int, cols: int,
                 targets: torch.Tensor | None = None, train: bool = True) -> torch.Tensor | float:
@@ -62,22 +67,26 @@ class TrainStage:
             with torch.no_grad():
                 out = self.model.train_forward(x, b, targets)
             return float(out) if self.model.is_last else out
+        t0 = time.perf_counter()
         inp = None
         if not self.model.is_first:
             inp = x.detach().requires_grad_(True)
             x = inp
         out = self.model.train_forward(x, b, targets)
         self.inflight[micro] = (inp, out)
+        self.busy_s += time.perf_counter() - t0
         return float(out.detach()) if self.model.is_last else out.detach()
 
     def backward(self, micro: int, grad: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor | None:
         """The micro-batch's backward: from its loss x `scale` (last) or the next stage's gradient; returns
         the gradient of its input (None on the first stage)."""
+        t0 = time.perf_counter()
         inp, out = self.inflight.pop(micro)
         if self.model.is_last:
             (out * scale).backward()
         else:
             out.backward(grad)
+        self.busy_s += time.perf_counter() - t0
         return None if inp is None else inp.grad
 
     def tied_grad(self) -> torch.Tensor | None:
@@ -100,9 +109,12 @@ class TrainStage:
             if p.grad is not None:
                 p.grad.mul_(factor)
 
-    def step(self) -> None:
+    def step(self) -> float:
+        """The optimizer step; returns the seconds this stage computed since the last one."""
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        busy, self.busy_s = self.busy_s, 0.0
+        return busy
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items() if not k.startswith("rope_")}
@@ -229,6 +241,7 @@ class PipelineTrainer:
 
         micros, targets, total = self._micro_batches(batch)
         M = len(micros)
+        t0 = time.perf_counter()
         acts: dict[tuple[int, int], Any] = {}
         grads: dict[tuple[int, int], Any] = {}
         losses = []
@@ -253,9 +266,12 @@ class PipelineTrainer:
             norm = sum(ray.get([st.grad_sq.remote(self.tied and i == last_i) for i, st in enumerate(self.stages)]))
             factor = min(1.0, self.grad_clip / (norm ** 0.5 + 1e-6))
             ray.get([st.scale_grads.remote(factor) for st in self.stages])
-        ray.get([st.step.remote() for st in self.stages])
+        busy = ray.get([st.step.remote() for st in self.stages])
+        wall = time.perf_counter() - t0
         self.steps += 1
-        return StepResult(sum(ray.get(losses)) / total, total, M)
+        S = len(self.stages)
+        return StepResult(sum(ray.get(losses)) / total, total, M, wall, max(0.0, 1.0 - sum(busy) / (S * wall)),
+                          theoretical_bubble(S, M))
 
     def fit(self, data: Any, steps: int, batch_size: int = 8, held_out: float = 0.1, eval_every: int = 0,
             seed: int = 0) -> list[dict[str, float]]:

@@ -74,6 +74,8 @@ def test_three_adamw_steps_equal_transformers(tiny_ckpt: Path, stages: int, sche
         got = [tr.step(batch) for _ in range(3)]
         assert abs(before - want_losses[0]) < 1e-9  # evaluate: the loss of the current weights, no update
         assert [r.micro_batches for r in got] == [4] * 3 and got[0].tokens == 8 * 11
+        assert got[0].theoretical_bubble == pytest.approx((stages - 1) / (4 + stages - 1))
+        assert all(0.0 <= r.bubble < 1.0 and r.seconds > 0 for r in got)
         assert max(abs(r.loss - w) for r, w in zip(got, want_losses)) < 1e-9
         assert _max_param_diff(tr.state_dict(), want) <= 1e-9  # measured: ~5e-15
     finally:
