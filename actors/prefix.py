@@ -115,10 +115,6 @@ class PrefixIndex:
             while len(held) > self.capacity:
                 held.popitem(last=False)
 
-    def forget(self, replica: tuple[int, int]) -> None:
-        """A replica lost its caches (restarted, replaced, removed)."""
-        self.held.pop(replica, None)
-
 
 async def pin_route(handles: Sequence[Any], rid: str, hashes: list[bytes]) -> int:
     """Pins a new sequence's cached prefix on every replica of its route; returns the positions all hold
