@@ -87,18 +87,22 @@ class ReplicaPool:
         self.routes.invalidate()
         self._links.clear()
 
-    def plan(self, prefixes: PrefixIndex | None = None, hashes: Sequence[bytes] = (), tokens: int = 0) -> Route:
+    def plan(self, prefixes: PrefixIndex | None = None, hashes: Sequence[bytes] = (), tokens: int = 0,
+             steps: int = 1) -> Route:
         """The cheapest route for a new sequence now (cached until costs move). With a prompt's block
         `hashes` (of `tokens` tokens), each replica also costs the prompt tokens it would compute: fewer
-        where it holds the prefix (`PrefixIndex`), so a conversation stays where its history is cached."""
+        where it holds the prefix (`PrefixIndex`), so a conversation stays where its history is cached.
+        That prefill is paid once while a route's hops and queues are paid every step: it is spread over
+        the `steps` the sequence is expected to decode (a slow link outweighs a cached prefix soon)."""
         states = self.table.states()
         hits = {(st.stage, st.replica): prefixes.hit_tokens((st.stage, st.replica), hashes)
                 for st in states} if prefixes is not None and hashes else {}
         if not any(hits.values()):
             return self.routes.get(states, self.table.num_stages, self.costs, self.node_id)
-        for st in states:  # one rate a stage, its replicas' fastest per-token time (a prefill's, not a decode's)
-            rates = [r.token_ms for r in self.table.by_stage[st.stage] if r.token_ms is not None and r.alive]
-            st.compute_ms += (tokens - hits[(st.stage, st.replica)]) * (min(rates) if rates else PREFILL_TOKEN_MS)
+        for st in states:  # one rate a stage: its replicas' fastest prompt token (measured on large steps)
+            rates = [r.prefill_ms for r in self.table.by_stage[st.stage] if r.prefill_ms is not None and r.alive]
+            rate = min(rates) if rates else PREFILL_TOKEN_MS
+            st.compute_ms += (tokens - hits[(st.stage, st.replica)]) * rate / max(1, steps)
         return plan_route(states, self.table.num_stages, self.costs, self.node_id)
 
     def links_for(self, route: Route) -> list[LinkCodec]:

@@ -32,6 +32,12 @@ GROW_TOKENS = 256  # output positions reserved at a time
 LAG_TOKENS = 64  # a ring may run this far ahead of the tokens the router has seen
 PIN_TIMEOUT_S = 10.0
 PREFILL_TOKEN_MS = 0.05  # a prompt token's compute on a replica not measured yet
+EXPECTED_STEPS = 128  # a request's decode steps when it may run longer (most stop sooner)
+
+
+def expected_steps(req: Request) -> int:
+    """The decode steps a request is expected to take from here: what the planner spreads its prefill over."""
+    return max(1, min(EXPECTED_STEPS, req.seq.params.max_new_tokens - len(req.seq.generated)))
 
 
 class KvBudget:

@@ -14,6 +14,8 @@ from typing import Any
 from topology.costs import LOAD_KNEE, ema, queue_ms, step_ms
 from topology.planner import ReplicaState, Route
 
+PREFILL_MIN_TOKENS = 32  # a step this large prices prompt tokens (a decode step's cost is mostly fixed)
+
 
 @dataclass
 class Replica:
@@ -24,6 +26,7 @@ class Replica:
     name: str  # its actor name, meshpipe/<deployment>/stage-k/replica-r
     compute_ms: float | None = None  # moving average of its step time (None: not measured yet)
     token_ms: float | None = None  # moving average of step time per token (compute-bound work grows with batch)
+    prefill_ms: float | None = None  # ... of steps with >= PREFILL_MIN_TOKENS tokens: a prompt token's own cost
     inbound_ms: float = 0.0  # moving average of the wait between a message's send and its start
     sequences: set[str] = field(default_factory=set)  # active sequences routed through it
     served: int = 0  # sequences ever routed through it
@@ -143,6 +146,8 @@ class ReplicaTable:
                 rep.busy_ms += compute_ms
                 if tokens:
                     rep.token_ms = ema(rep.token_ms, compute_ms / tokens)
+                if tokens and tokens >= PREFILL_MIN_TOKENS and compute_ms > 0:  # the fixed step cost amortised
+                    rep.prefill_ms = ema(rep.prefill_ms, compute_ms / tokens)
 
     def describe(self) -> list[list[dict[str, Any]]]:
         return [[{"name": r.name, "host": r.host, "alive": r.alive, "gone": r.gone, "draining": r.draining, "inflight": r.inflight, "sequences": len(r.sequences),

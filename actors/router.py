@@ -28,7 +28,7 @@ from actors.jobs import Jobs
 from actors.journal import RequestJournal, resume
 from actors.metrics import RouterMetrics
 from actors.pool import ReplicaPool
-from actors.prefix import KvBudget, PrefixCache
+from actors.prefix import KvBudget, PrefixCache, expected_steps
 from actors.probe import LinkProber
 from actors.recovery import Recovery
 from actors.request import Lane, Request, RequestIds, new_request
@@ -260,7 +260,7 @@ class RouterActor(FaultHooks, ScalingHooks):
             if hashes and self.prefix.should_wait(hashes):
                 return  # most of its prompt is being computed for another request: start on its blocks
             try:
-                route = self.pool.plan(self.prefix and self.prefix.index, hashes, len(tokens))
+                route = self.pool.plan(self.prefix and self.prefix.index, hashes, len(tokens), expected_steps(req))
             except NoReplicaError:
                 lost = [k for k, reps in enumerate(self.pool.table.by_stage) if all(r.gone for r in reps)]
                 if not lost:

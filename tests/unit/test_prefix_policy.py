@@ -4,8 +4,9 @@ and the stages' pinning protocol (`pin_route`) over fake handles. No Ray."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
-from actors.prefix import KvBudget, PrefixIndex, pin_route
+from actors.prefix import EXPECTED_STEPS, KvBudget, PrefixIndex, expected_steps, pin_route
 from models.generation import plan_chunks
 from tests.unit.test_router_parts import FakeHandle, make_pool
 
@@ -50,7 +51,7 @@ def test_index_counts_leading_blocks_and_forgets_least_recent() -> None:
 def test_routes_prefer_the_replicas_that_hold_the_prompt_unless_they_are_loaded() -> None:
     pool = make_pool([2, 2])
     for rep in pool.table:
-        rep.compute_ms, rep.token_ms = 5.0, 0.5
+        rep.compute_ms, rep.token_ms, rep.prefill_ms = 5.0, 0.5, 0.5
     idx = PrefixIndex(block_size=16, capacity=1000)
     prompt = list(range(1, 600))
     hashes = idx.hashes(prompt)
@@ -60,6 +61,35 @@ def test_routes_prefer_the_replicas_that_hold_the_prompt_unless_they_are_loaded(
     for k in range(200):  # replica 1 of stage 1 is swamped: its queue outweighs the 300 ms prefill saved
         pool.table.get(1, 1).sequences.add(f"s{k}")
     assert pool.plan(idx, hashes, len(prompt)).replicas == (1, 0)
+
+
+def test_a_slow_link_outweighs_a_cached_prefix_over_a_long_reply_not_a_short_one() -> None:
+    pool = make_pool([1, 2])
+    for rep in pool.table:
+        rep.compute_ms, rep.prefill_ms = 5.0, 0.5
+    idx = PrefixIndex(block_size=16, capacity=1000)
+    hashes = idx.hashes(list(range(1, 600)))
+    idx.record([(0, 0), (1, 0)], hashes)
+    pool.table.get(1, 0).inbound_ms = 100.0  # every step pays it; the prefill saved (~290 ms) is paid once
+    assert pool.plan(idx, hashes, 599, steps=1).replicas == (0, 0)
+    assert pool.plan(idx, hashes, 599, steps=64).replicas == (0, 1)
+
+
+def test_prompt_tokens_are_priced_from_large_steps_only() -> None:
+    pool = make_pool([1])
+    pool.table.observe_trace([(0, 0, 0.0, 20.0)], tokens=1)  # a decode step: its cost is mostly fixed
+    assert pool.table.get(0, 0).prefill_ms is None
+    pool.table.observe_trace([(0, 0, 0.0, 32.0)], tokens=64)  # a prefill
+    assert pool.table.get(0, 0).prefill_ms == 0.5
+
+
+def test_expected_steps_are_what_is_left_up_to_a_cap() -> None:
+    seq = SimpleNamespace(params=SimpleNamespace(max_new_tokens=10), generated=[1, 2, 3])
+    assert expected_steps(SimpleNamespace(seq=seq)) == 7
+    seq.params.max_new_tokens, seq.generated = 100_000, []
+    assert expected_steps(SimpleNamespace(seq=seq)) == EXPECTED_STEPS
+    seq.params.max_new_tokens, seq.generated = 3, [1, 2, 3]
+    assert expected_steps(SimpleNamespace(seq=seq)) == 1
 
 
 def test_pin_route_takes_the_least_any_replica_holds() -> None:
