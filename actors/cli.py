@@ -1,4 +1,4 @@
-"""The `meshpipe` command line: demo, generate, serve, pull, route, bench, chaos.
+"""The `meshpipe` command line: demo, generate, serve, pull, route, bench, chaos, train.
 
 The only place in meshpipe that prints. Errors meshpipe raises on purpose (`MeshpipeError`) end
 the command with one `error: ...` line on stderr and exit status 2, no traceback.
@@ -20,12 +20,14 @@ from rich.table import Table
 
 from actors.bench.cli import bench_app
 from actors.cli_helpers import _emit, _ensure_model, _handles_errors, err, out
+from actors.cli_train import train
 from models import ModelNotInstalledError
 from models.loading import SMOLLM2_NAME
 
 app = typer.Typer(name="meshpipe", help="Serve a Llama-family LLM as a pipeline of Ray actors.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(bench_app, name="bench")
+app.command("train")(_handles_errors(train))
 
 DEMO_QUESTION = "What is the capital of France?"
 DEMO_COMPLETION = "The capital of France is"

@@ -141,3 +141,27 @@ class AutoscalerMetrics:
 
     def decided(self, stage: int, delta: int) -> None:
         self.decisions.inc(1, {**self.tags, "stage": str(stage), "direction": "up" if delta > 0 else "down"})
+
+
+class TrainMetrics:
+    """A training stage's metrics (tagged by deployment, stage and data-parallel copy)."""
+
+    def __init__(self, deployment: str, stage: int, copy: int) -> None:
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        self.tags = {"deployment": deployment, "stage": str(stage), "copy": str(copy)}
+        keys = ("deployment", "stage", "copy")
+        self.loss = Gauge("meshpipe_train_loss", "the last step's global mean loss", tag_keys=keys)
+        self.tokens = Counter("meshpipe_train_tokens", "target tokens trained on (each copy its share)",
+                              tag_keys=keys)
+        self.seconds = Histogram("meshpipe_train_step_seconds", "an optimizer step's wall time",
+                                 boundaries=_SECONDS, tag_keys=keys)
+        self.bubble = Gauge("meshpipe_train_bubble_fraction", "the last step's idle fraction of the stages",
+                            tag_keys=keys)
+
+    def step(self, loss: float, tokens: int, seconds: float, bubble: float) -> None:
+        self.loss.set(loss, self.tags)
+        if tokens:
+            self.tokens.inc(tokens, self.tags)
+        self.seconds.observe(seconds, self.tags)
+        self.bubble.set(bubble, self.tags)

@@ -1,181 +1,370 @@
 """Training through stage actors: `PipelineTrainer` runs a schedule's plan (`topology.schedule`) over
-one actor per stage, forward activations and backward gradients passed stage to stage as Ray objects
-(the driver holds only references), and steps each stage's optimizer on its own parameters.
+D data-parallel copies of a pipeline of S stage actors (`actors.train_stage`). Activations go forward and
+their gradients come back stage to stage as wire messages in Ray objects (the driver holds references
+only); the copies of a stage sum their gradients with a torch.distributed all-reduce; each stage steps
+its own optimizer.
 
 A step's loss is the token-level cross-entropy averaged over every target token of the global batch
-(each row predicts its next tokens, as transformers does with `labels=input_ids`), so it does not
-depend on the number of stages or micro-batches. With tied embeddings the first and last stages
-each hold the tensor and add each other's gradient before stepping, so the tie survives training.
+(each row predicts its next tokens, as transformers does with `labels=input_ids`), so it depends on
+neither S, D nor the micro-batches. With tied embeddings the first and last stages of each copy add
+each other's gradient before stepping, so the tie survives training.
 
-This first part runs one pipeline (data_parallel=1) with AdamW or SGD; LoRA, data parallelism,
-checkpoints and export are still to come.
+Faults: after each step the trainable state of copy 0's stages (all copies hold the same) and every
+actor's RNG stay in the object store; a stage that dies mid-step is replaced, every stage returns to
+that boundary, the copies' groups are re-formed, and the step is redone: the run ends with the weights
+an undisturbed run has.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from actors.errors import StageFailedError
 from actors.layout import partition
 from actors.naming import NAMESPACE
-from models import Batch, ConfigError, load_stage
+from actors.train_stage import OPTIMIZERS, TrainStage, train_stage_name
+from actors.wire import Envelope, Header, LinkCodec, LinkInfo, choose_link, codec_names, load_key, subkey
+from models import ConfigError
 from models.loading import read_config, resolve_source
-from topology.schedule import SCHEDULES, plan, submission_order, theoretical_bubble
+from topology.schedule import LR_SCHEDULES, SCHEDULES, deal, lr_at, plan, submission_order, theoretical_bubble
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+MAX_REDOS = 3  # a step redone this often after failures before the trainer gives up
+LOSSLESS = ("auto", "none")
 
 
 @dataclass
 class StepResult:
     loss: float  # the global mean loss of this step's forward pass, before the update
     tokens: int  # target tokens in the batch
-    micro_batches: int
+    micro_batches: int  # over all copies
     seconds: float = 0.0  # wall time of the step
-    bubble: float = 0.0  # measured idle fraction: 1 - stages' compute / (stages x wall time)
-    theoretical_bubble: float = 0.0  # (S - 1) / (M + S - 1)
-
-
-class TrainStage:
-    """One stage's layers with gradients, its optimizer, and the micro-batches in flight (a Ray actor)."""
-
-    def __init__(self, source: str, layers: list[int], embed: bool, head: bool, dtype: str,
-                 optimizer: dict[str, Any], threads: int = 1) -> None:
-        torch.set_num_threads(threads)
-        self.model = load_stage(source, layers, dtype, embed=embed, head=head).train()
-        for p in self.model.parameters():
-            p.requires_grad_(True)
-        opt = dict(optimizer)
-        cls = OPTIMIZERS[opt.pop("name", "adamw")]
-        if "betas" in opt:
-            opt["betas"] = tuple(opt["betas"])
-        self.optimizer = cls([p for p in self.model.parameters()], **opt)
-        self.inflight: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # micro -> (input, output)
-        self.busy_s = 0.0  # compute since the last optimizer step
-
-    def forward(self, micro: int, x: torch.Tensor, rows: int, cols: int,
-                targets: torch.Tensor | None = None, train: bool = True) -> torch.Tensor | float:
-        """A micro-batch of `rows` sequences of `cols` tokens: hidden states on, or (last) its summed loss.
-        `train=False` (evaluation) keeps nothing for a backward."""
-        b = Batch.build([str(i) for i in range(rows)], [0] * rows, [cols] * rows)
-        if not train:
-            with torch.no_grad():
-                out = self.model.train_forward(x, b, targets)
-            return float(out) if self.model.is_last else out
-        t0 = time.perf_counter()
-        inp = None
-        if not self.model.is_first:
-            inp = x.detach().requires_grad_(True)
-            x = inp
-        out = self.model.train_forward(x, b, targets)
-        self.inflight[micro] = (inp, out)
-        self.busy_s += time.perf_counter() - t0
-        return float(out.detach()) if self.model.is_last else out.detach()
-
-    def backward(self, micro: int, grad: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor | None:
-        """The micro-batch's backward: from its loss x `scale` (last) or the next stage's gradient; returns
-        the gradient of its input (None on the first stage)."""
-        t0 = time.perf_counter()
-        inp, out = self.inflight.pop(micro)
-        if self.model.is_last:
-            (out * scale).backward()
-        else:
-            out.backward(grad)
-        self.busy_s += time.perf_counter() - t0
-        return None if inp is None else inp.grad
-
-    def tied_grad(self) -> torch.Tensor | None:
-        """The gradient of this stage's copy of a tied embedding (first: the embedding, last: the head)."""
-        w = self.model.tok_embeddings if self.model.is_first else self.model.output
-        return None if w is None or w.weight.grad is None else w.weight.grad.clone()
-
-    def add_tied_grad(self, grad: torch.Tensor) -> None:
-        w = self.model.tok_embeddings if self.model.is_first else self.model.output
-        w.weight.grad += grad
-
-    def grad_sq(self, skip_tied: bool = False) -> float:
-        """The sum of squared gradients (a tied head's copy left out: the first stage counts the tensor)."""
-        skip = self.model.output.weight if skip_tied and self.model.output is not None else None
-        return float(sum((p.grad.double() ** 2).sum() for p in self.model.parameters()
-                         if p.grad is not None and p is not skip))
-
-    def scale_grads(self, factor: float) -> None:
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(factor)
-
-    def step(self) -> float:
-        """The optimizer step; returns the seconds this stage computed since the last one."""
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        busy, self.busy_s = self.busy_s, 0.0
-        return busy
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if not k.startswith("rope_")}
-
-    def checkpoint(self) -> dict[str, Any]:
-        """This stage's weights and optimizer state (a step boundary)."""
-        return {"model": self.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+    bubble: float = 0.0  # measured idle fraction: 1 - stages' compute / (stages x copies x wall time)
+    theoretical_bubble: float = 0.0  # (S - 1) / (M + S - 1), M the micro-batches a copy runs
+    lr: float | None = None  # the learning rate this step used (None: the optimizer's own)
+    redone: int = 0  # times the step was redone after a stage died
 
 
 class PipelineTrainer:
     """Trains a model split into stage actors along a schedule's plan; `step(batch)` is one optimizer step."""
 
-    def __init__(self, stages: list[Any], schedule: str, micro_batches: int, seq_len: int, tied: bool,
-                 grad_clip: float | None = None, source: str | None = None) -> None:
-        self.stages, self.schedule, self.micro_batches, self.seq_len = stages, schedule, micro_batches, seq_len
-        self.tied = tied and len(stages) > 1
-        self.grad_clip = grad_clip  # global gradient norm over every stage, as torch's clip_grad_norm_
-        self.source = source  # the model (its tokenizer and EOS for text data)
-        self.config: dict[str, Any] = {}  # what `deploy` was given (`save` keeps it for `resume`)
+    def __init__(self, config: dict[str, Any], grid: list[list[Any]], spawn: Callable[[int, int], Any],
+                 tied: bool, key: bytes | None) -> None:
+        self.config = config  # what `deploy` was given (`save` keeps it for `resume`)
+        self.grid = grid  # grid[copy][stage]: the actors
+        self._spawn = spawn  # (copy, stage) -> a new actor for that place
+        self.schedule, self.micro_batches = config["schedule"], config["micro_batches"]
+        self.seq_len, self.source = config["seq_len"], config["source"]
+        self.tied = tied and len(grid[0]) > 1
+        self.key = key  # the wire key (encrypted links), derived for this deployment
         self.steps = 0  # optimizer steps taken
+        self.speeds = [1.0] * len(grid)  # each copy's rows a second, measured ("speed" balance)
+        self.redone = 0  # steps redone after failures, over the run
+        self._links = self._plan_links()
+        self._boundary = self._snapshot()
+
+    @property
+    def stages(self) -> list[Any]:
+        """Copy 0's stage actors."""
+        return self.grid[0]
 
     @classmethod
-    def deploy(cls, source: str, num_stages: int = 2, schedule: str = "1f1b", micro_batches: int = 4,
-               optimizer: dict[str, Any] | None = None, dtype: str = "float32", seq_len: int | None = None,
-               name: str = "train", stage_resources: dict[str, Any] | None = None,
-               grad_clip: float | None = None) -> PipelineTrainer:
-        """Starts one training actor per stage (layers split by compute, as `Pipeline.deploy` does)."""
+    def deploy(cls, source: str, num_stages: int = 2, *, layers_per_stage: int | None = None,
+               data_parallel: int = 1, schedule: str = "1f1b", micro_batches: int = 4,
+               optimizer: dict[str, Any] | None = None, lr_schedule: dict[str, Any] | None = None,
+               grad_clip: float | None = None, lora: dict[str, Any] | None = None, dtype: str = "float32",
+               seq_len: int | None = None, name: str = "train", balance: str = "even", seed: int = 0,
+               stage_resources: dict[str, Any] | None = None, wire: dict[str, Any] | None = None) -> PipelineTrainer:
+        """Starts D x S training actors (layers split by compute, as `Pipeline.deploy` does; one GPU each by
+        default, CPUs when the cluster has none) and forms each stage's data-parallel group."""
         import ray
 
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"schedule {schedule!r}: choose one of {SCHEDULES}")
-        if micro_batches < 1:
-            raise ConfigError(f"micro_batches={micro_batches}: give at least 1")
-        if grad_clip is not None and not grad_clip > 0:
-            raise ConfigError(f"grad_clip={grad_clip}: give a positive norm, or None for no clipping")
-        opt = dict(optimizer or {"name": "adamw"})
-        if opt.get("name", "adamw") not in OPTIMIZERS:
-            raise ConfigError(f"optimizer {opt.get('name')!r}: choose one of {sorted(OPTIMIZERS)}")
+        from actors.config import WireOptions
+        from actors.pipeline import stage_resources as choose_resources
+
+        config = dict(source=source, num_stages=num_stages, layers_per_stage=layers_per_stage,
+                      data_parallel=data_parallel, schedule=schedule, micro_batches=micro_batches,
+                      optimizer=dict(optimizer or {"name": "adamw"}), lr_schedule=lr_schedule, grad_clip=grad_clip,
+                      lora=lora, dtype=dtype, seq_len=seq_len, name=name, balance=balance, seed=seed,
+                      stage_resources=stage_resources, wire=wire)
+        w = WireOptions(**(wire or {}))
         path = str(resolve_source(source))
         cfg = read_config(path)
-        if seq_len is not None and not 1 < seq_len <= cfg.max_seq_len:
-            raise ConfigError(f"seq_len={seq_len}: give 2..{cfg.max_seq_len} (the model's context)")
+        _check(config, cfg.max_seq_len, w.codec)
+        if lora is not None:
+            from models.lora import LoraConfig
+
+            LoraConfig.from_dict(lora)  # a bad key or value fails here, before any actor starts
+        if layers_per_stage is not None:
+            num_stages = -(-cfg.n_layers // layers_per_stage)
         specs = partition(cfg, num_stages)
-        resources = stage_resources or {"num_gpus": 1, "num_cpus": 0.25}
+        D, S = data_parallel, len(specs)
+        resources = choose_resources(D * S, stage_resources)  # fails fast when the cluster lacks GPUs
+        key = load_key(w.encryption_key.get_secret_value() if w.encryption_key else None) \
+            if w.encryption != "never" else None
+        wire_key = subkey(key, f"wire:train:{name}") if key is not None else None
         actor = ray.remote(TrainStage)
-        stages = [actor.options(name=f"meshpipe/{name}/train-stage-{sp.index}", namespace=NAMESPACE,
-                                max_restarts=0, **resources).remote(path, list(sp.layers), sp.embed, sp.head, dtype,
-                                                                     opt)
-                  for sp in specs]
-        tr = cls(stages, schedule, micro_batches, seq_len or cfg.max_seq_len, cfg.tie_embeddings, grad_clip, path)
-        tr.config = {"source": path, "num_stages": num_stages, "schedule": schedule, "micro_batches": micro_batches,
-                     "optimizer": opt, "dtype": dtype, "seq_len": seq_len, "name": name, "grad_clip": grad_clip,
-                     "stage_resources": stage_resources}
+
+        def spawn(copy: int, s: int) -> Any:
+            sp = specs[s]
+            return actor.options(name=train_stage_name(name, s, copy), namespace=NAMESPACE, max_restarts=0,
+                                 **resources).remote(path, list(sp.layers), sp.embed, sp.head, dtype,
+                                                     config["optimizer"], name, s, copy, wire_key, lora, seed,
+                                                     max_retransmits=w.max_retransmits)
+
+        grid = [[spawn(d, s) for s in range(S)] for d in range(D)]
+        config.update(source=path, seq_len=seq_len or cfg.max_seq_len, wire_options=w)
+        try:
+            tr = cls(config, grid, spawn, cfg.tie_embeddings, wire_key)
+            tr._form_groups()
+        except Exception:
+            for row in grid:
+                for a in row:
+                    ray.kill(a)
+            raise
         return tr
 
+    # ---------- links, groups, boundaries ----------
+
+    def _plan_links(self) -> list[list[LinkCodec]]:
+        """Per copy, the link into each stage (links[0]: from the driver) and out of the last (unused)."""
+        import ray
+
+        w = self.config["wire_options"]
+        out = []
+        for row in self.grid:
+            hosts = ray.get([a.node_id.remote() for a in row])
+            into = [LinkCodec(encrypt=w.encryption == "always")]  # token ids from the driver
+            for a, b in zip(hosts, hosts[1:]):
+                into.append(choose_link(LinkInfo(same_host=a == b, bandwidth_gbps=None), w.codec, w.compress,
+                                        w.encryption, block=w.int8_block))
+            out.append([*into, LinkCodec()])
+        return out
+
+    def _form_groups(self) -> None:
+        """Each stage's copies form (or re-form) their all-reduce group."""
+        import ray
+
+        D = len(self.grid)
+        if D < 2:
+            return
+        calls = []
+        for s in range(len(self.grid[0])):
+            addr, port = ray.get(self.grid[0][s].group_address.remote())
+            calls += [self.grid[d][s].join_group.remote(addr, port, d, D) for d in range(D)]
+        ray.get(calls)
+
+    def _snapshot(self) -> tuple[list[Any], list[list[Any]]]:
+        """The step boundary: copy 0's trainable state per stage, every actor's RNG (references only)."""
+        return ([a.checkpoint.remote() for a in self.grid[0]],
+                [[a.rng_state.remote() for a in row] for row in self.grid])
+
+    def _recover(self, error: Exception) -> None:
+        """Replaces dead actors, returns every stage to the last boundary and re-forms the groups."""
+        import ray
+
+        log.warning("a training step failed (%s): replacing dead stages and redoing it", type(error).__name__)
+        for d, row in enumerate(self.grid):
+            for s, a in enumerate(row):
+                try:
+                    ray.get(a.node_id.remote(), timeout=30)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    log.warning("%s is dead: starting a replacement", train_stage_name(self.config["name"], s, d))
+                    ray.kill(a)
+                    row[s] = self._respawn(d, s)
+        states, rngs = self._boundary
+        ray.get([a.restore.remote(states[s], rngs[d][s]) for d, row in enumerate(self.grid) for s, a in enumerate(row)])
+        self._links = self._plan_links()
+        self._form_groups()
+
+    def _respawn(self, copy: int, stage: int) -> Any:
+        deadline = time.monotonic() + 30
+        while True:  # the dead actor's name is released a moment after it dies
+            try:
+                return self._spawn(copy, stage)
+            except ValueError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    # ---------- steps ----------
+
+    def _rows(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch as [rows, tokens] ids and each row's next-token targets (-100 after the last)."""
+        ids = torch.as_tensor(batch, dtype=torch.long)
+        if ids.dim() != 2 or ids.shape[1] < 2 or ids.shape[0] < 1:
+            raise ConfigError(f"a batch is [rows, tokens] with at least 2 tokens a row, got shape {tuple(ids.shape)}")
+        if ids.shape[1] > self.seq_len:
+            raise ConfigError(f"rows of {ids.shape[1]} tokens are longer than seq_len={self.seq_len}")
+        targets = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -100)], 1)
+        return ids, targets
+
+    def _split(self, ids: torch.Tensor, targets: torch.Tensor) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per copy, its micro-batches (ids, flat targets): D x M micro-batches dealt by the copies' speeds."""
+        D = len(self.grid)
+        n = min(D * self.micro_batches, ids.shape[0])
+        parts = list(zip(torch.tensor_split(ids, n), torch.tensor_split(targets, n)))
+        counts = deal(n, self.speeds if self.config["balance"] == "speed" else [1.0] * D)
+        out, at = [], 0
+        for c in counts:
+            out.append([(i, t.reshape(-1)) for i, t in parts[at:at + c]])
+            at += c
+        return out
+
+    def _ids_message(self, ids: torch.Tensor, link: LinkCodec) -> Envelope:
+        rows = ids.shape[0]
+        header = Header("train", self.steps, 0, 0, "driver", [f"r{i}" for i in range(rows)], [0] * rows,
+                        [ids.shape[1]] * rows)
+        return Envelope.seal(header, ids.reshape(-1), link, self.key if link.encrypt else None)
+
+    def _submit(self, copy: int, micros: list[tuple[torch.Tensor, torch.Tensor]], total: int) -> tuple[list, list]:
+        """Submits one copy's plan; returns (loss refs, first-stage backward refs)."""
+        row, links = self.grid[copy], self._links[copy]
+        S, M = len(row), len(micros)
+        if M == 0:
+            return [], []
+        acts: dict[tuple[int, int], Any] = {}
+        grads: dict[tuple[int, int], Any] = {}
+        losses = []
+        for s, a in submission_order(plan(self.schedule, S, M)):
+            m, st = a.micro, row[s]
+            rows, cols = micros[m][0].shape
+            io = (links[s], links[s + 1])
+            if a.kind == "F":
+                x = self._ids_message(micros[m][0], links[0]) if s == 0 else acts[(s - 1, m)]
+                acts[(s, m)] = st.forward.remote(self.steps, m, x, rows, cols, io,
+                                                 micros[m][1] if s == S - 1 else None)
+                if s == S - 1:
+                    losses.append(acts[(s, m)])
+            else:
+                grads[(s, m)] = st.backward.remote(self.steps, m, None if s == S - 1 else grads[(s + 1, m)], io,
+                                                   1.0 / total)
+        return losses, [grads[(0, m)] for m in range(M)]
+
+    def step(self, batch: Any) -> StepResult:
+        """One optimizer step on `batch` (token-id rows of equal length, a list or a [B, T] tensor)."""
+        import ray
+
+        ids, targets = self._rows(batch)
+        total = int((targets != -100).sum())
+        for redo in range(MAX_REDOS + 1):
+            try:
+                result = self._step(ids, targets, total)
+                result.redone = redo
+                return result
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                if isinstance(e, ray.exceptions.RayTaskError) and not _lost_peer(e):
+                    raise e.as_instanceof_cause() from None
+                if redo == MAX_REDOS:
+                    raise StageFailedError(f"training step {self.steps + 1} failed {redo + 1} times (last: "
+                                           f"{type(e).__name__}): check the stage actors' logs") from None
+                self.redone += 1
+                self._recover(e)
+        raise AssertionError("unreachable")
+
+    def _step(self, ids: torch.Tensor, targets: torch.Tensor, total: int) -> StepResult:
+        import ray
+
+        t0 = time.perf_counter()
+        shares = self._split(ids, targets)
+        subs = [self._submit(d, micros, total) for d, micros in enumerate(shares)]
+        losses = ray.get([r for lo, _ in subs for r in lo])
+        ray.get([r for _, g in subs for r in g])
+        if self.tied:
+            for row in self.grid:
+                g0, gl = row[0].tied_grad.remote(), row[-1].tied_grad.remote()
+                ray.get([row[0].add_tied_grad.remote(gl), row[-1].add_tied_grad.remote(g0)])
+        if len(self.grid) > 1:
+            ray.get([a.all_reduce.remote() for row in self.grid for a in row])
+        if self.config["grad_clip"] is not None:  # torch.nn.utils.clip_grad_norm_ over the whole model
+            S = len(self.grid[0])
+            norm = sum(ray.get([a.grad_sq.remote(self.tied and i == S - 1) for i, a in enumerate(self.grid[0])]))
+            factor = min(1.0, self.config["grad_clip"] / (norm ** 0.5 + 1e-6))
+            ray.get([a.scale_grads.remote(factor) for row in self.grid for a in row])
+        lr = self._lr(self.steps + 1)
+        loss = sum(losses) / total
+        busy = [ray.get([a.busy.remote() for a in row]) for row in self.grid]
+        S, D = len(self.grid[0]), len(self.grid)
+        wall = time.perf_counter() - t0
+        bubble = max(0.0, 1.0 - sum(map(sum, busy)) / (S * D * wall))
+        ray.get([a.step.remote(lr, {"loss": loss, "tokens": _tokens(micros), "seconds": wall, "bubble": bubble})
+                 for row, micros in zip(self.grid, shares) for a in row])
+        self.steps += 1
+        self._boundary = self._snapshot()
+        for d, (b, micros) in enumerate(zip(busy, shares)):
+            rows = sum(m[0].shape[0] for m in micros)
+            if rows and sum(b) > 0:
+                self.speeds[d] = rows / sum(b)
+        return StepResult(loss, total, sum(len(m) for m in shares), wall, bubble,
+                          theoretical_bubble(S, max(len(m) for m in shares)), lr)
+
+    def _lr(self, step: int) -> float | None:
+        sched = self.config["lr_schedule"]
+        if not sched:
+            return None
+        base = self.config["optimizer"].get("lr", 1e-3)
+        return lr_at(step, base, **sched)
+
+    def evaluate(self, batch: Any) -> float:
+        """The mean loss of `batch` with the current weights (no update); perplexity is its exp."""
+        import ray
+
+        ids, targets = self._rows(batch)
+        total = int((targets != -100).sum())
+        row, links = self.grid[0], self._links[0]
+        sums = []
+        for m, (i, t) in enumerate(zip(torch.tensor_split(ids, min(self.micro_batches, ids.shape[0])),
+                                       torch.tensor_split(targets, min(self.micro_batches, ids.shape[0])))):
+            x: Any = self._ids_message(i, links[0])
+            for s, st in enumerate(row):
+                x = st.forward.remote(self.steps, m, x, *i.shape, (links[s], links[s + 1]),
+                                      t.reshape(-1) if s == len(row) - 1 else None, False)
+            sums.append(x)
+        return sum(ray.get(sums)) / total
+
+    def fit(self, data: Any, steps: int, batch_size: int = 8, held_out: float = 0.1, eval_every: int = 0,
+            seed: int = 0, on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+        """Trains `steps` steps on `data` (a text file, texts or token-id lists: `models.data`), packed in
+        `seq_len` windows, `batch_size` windows a step drawn with `seed`; every `eval_every` steps the
+        held-out windows' loss too (and before the first, as step 0). Returns one record a step: step, loss,
+        tokens, seconds (and eval_loss); `on_step` sees each training step's record as it comes (a progress bar)."""
+        from models.data import load_documents, pack_windows, split_held_out
+
+        if steps < 1 or batch_size < 1:
+            raise ConfigError(f"steps={steps} and batch_size={batch_size} must be at least 1")
+        tokenizer, eos = self._tokenizer()
+        train, held = split_held_out(pack_windows(load_documents(data), self.seq_len, tokenizer, eos), held_out, seed)
+        gen = torch.Generator().manual_seed(seed)
+        history: list[dict[str, float]] = []
+        if eval_every and len(held):  # where the held-out loss starts
+            history.append({"step": 0, "eval_loss": self.evaluate(held)})
+        for i in range(1, steps + 1):
+            r = self.step(train[torch.randint(len(train), (batch_size,), generator=gen)])
+            rec: dict[str, float] = {"step": i, "loss": r.loss, "tokens": r.tokens, "seconds": r.seconds}
+            if eval_every and i % eval_every == 0 and len(held):
+                rec["eval_loss"] = self.evaluate(held)
+            history.append(rec)
+            if on_step is not None:
+                on_step(rec)
+        return history
+
+    def _tokenizer(self) -> tuple[Any, int | None]:
+        from models.tokenizer import load_tokenizer
+
+        cfg = read_config(self.source)
+        return load_tokenizer(resolve_source(self.source)), (cfg.eos_ids[0] if cfg.eos_ids else None)
+
+    # ---------- state ----------
+
     def save(self, folder: str) -> str:
-        """Weights and optimizer state of every stage and the step count, to `folder` (`resume` reads it)."""
+        """Weights, optimizer state and RNG of every stage, and the step count, to `folder` (`resume` reads it)."""
         import json
         from pathlib import Path
 
@@ -183,14 +372,18 @@ class PipelineTrainer:
 
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        for k, state in enumerate(ray.get([st.checkpoint.remote() for st in self.stages])):
-            torch.save(state, out / f"stage-{k}.pt")
-        (out / "trainer.json").write_text(json.dumps({**self.config, "steps": self.steps}, indent=2))
+        states, rngs = self._boundary
+        for s, state in enumerate(ray.get(states)):
+            torch.save(state, out / f"stage-{s}.pt")
+        torch.save([ray.get(row) for row in rngs], out / "rng.pt")  # [copy][stage]
+        meta = {k: v for k, v in self.config.items() if k != "wire_options"}
+        (out / "trainer.json").write_text(json.dumps({**meta, "steps": self.steps, "speeds": self.speeds},
+                                                     indent=2))
         return str(out)
 
     @classmethod
     def resume(cls, folder: str, name: str | None = None) -> PipelineTrainer:
-        """A trainer deployed as the saved one was, its stages at the saved weights and optimizer state."""
+        """A trainer deployed as the saved one was, its stages at the saved weights, optimizer state and RNG."""
         import json
         from pathlib import Path
 
@@ -200,135 +393,105 @@ class PipelineTrainer:
         if not (src / "trainer.json").is_file():
             raise ConfigError(f"{folder} holds no trainer checkpoint (trainer.json): give a folder `save` wrote")
         meta = json.loads((src / "trainer.json").read_text())
-        steps = meta.pop("steps")
+        steps, speeds = meta.pop("steps"), meta.pop("speeds")
         if name is not None:
             meta["name"] = name
         tr = cls.deploy(meta.pop("source"), **meta)
-        ray.get([st.restore.remote(torch.load(src / f"stage-{k}.pt", weights_only=True))
-                 for k, st in enumerate(tr.stages)])
-        tr.steps = steps
+        saved = [torch.load(src / f"stage-{s}.pt", weights_only=True) for s in range(len(tr.grid[0]))]
+        rngs = torch.load(src / "rng.pt", weights_only=True)
+        ray.get([a.restore.remote(saved[s], rngs[d][s]) for d, row in enumerate(tr.grid) for s, a in enumerate(row)])
+        tr.steps, tr.speeds = steps, speeds
+        tr._boundary = tr._snapshot()
         return tr
 
-    def _micro_batches(self, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-        """The batch's micro-batches, each row's next-token targets (packed, -100 after the last), the
-        target count."""
-        ids = torch.as_tensor(batch, dtype=torch.long)
-        if ids.dim() != 2 or ids.shape[1] < 2 or ids.shape[0] < 1:
-            raise ConfigError(f"a batch is [rows, tokens] with at least 2 tokens a row, got shape {tuple(ids.shape)}")
-        if ids.shape[1] > self.seq_len:
-            raise ConfigError(f"rows of {ids.shape[1]} tokens are longer than seq_len={self.seq_len}")
-        micros = list(torch.tensor_split(ids, min(self.micro_batches, ids.shape[0])))
-        targets = [torch.cat([m[:, 1:], torch.full((m.shape[0], 1), -100)], 1).reshape(-1) for m in micros]
-        return micros, targets, int(sum((t != -100).sum() for t in targets))
-
-    def evaluate(self, batch: Any) -> float:
-        """The mean loss of `batch` with the current weights (no update); perplexity is its exp."""
+    def export(self, folder: str, adapter: bool = False) -> str:
+        """The trained model as a Hugging Face folder (config.json + safetensors in the training dtype,
+        transformers' names; LoRA merged; the source's tokenizer): transformers and
+        `Pipeline.deploy` load it. `adapter=True` (LoRA): a peft adapter folder instead."""
         import ray
 
-        micros, targets, total = self._micro_batches(batch)
-        last = len(self.stages) - 1
-        sums = []
-        for m, (ids, tg) in enumerate(zip(micros, targets)):
-            x: Any = ids.reshape(-1)
-            for s, st in enumerate(self.stages):
-                x = st.forward.remote(m, x, *ids.shape, tg if s == last else None, False)
-            sums.append(x)
-        return sum(ray.get(sums)) / total
+        if adapter:
+            if self.config["lora"] is None:
+                raise ConfigError("export(adapter=True) needs a LoRA trainer: this one trains every weight")
+            from models.lora import LoraConfig, save_peft_adapter
 
-    def step(self, batch: Any) -> StepResult:
-        """One optimizer step on `batch` (token-id rows of equal length, a list or a [B, T] tensor)."""
-        import ray
-
-        micros, targets, total = self._micro_batches(batch)
-        M = len(micros)
-        t0 = time.perf_counter()
-        acts: dict[tuple[int, int], Any] = {}
-        grads: dict[tuple[int, int], Any] = {}
-        losses = []
-        last = len(self.stages) - 1
-        for s, a in submission_order(plan(self.schedule, len(self.stages), M)):
-            m, st = a.micro, self.stages[s]
-            rows, cols = micros[m].shape
-            if a.kind == "F":
-                x = micros[m].reshape(-1) if s == 0 else acts[(s - 1, m)]
-                acts[(s, m)] = st.forward.remote(m, x, rows, cols, targets[m] if s == last else None)
-                if s == last:
-                    losses.append(acts[(s, m)])
-            else:
-                grads[(s, m)] = st.backward.remote(m, None if s == last else grads[(s + 1, m)], 1.0 / total)
-        ray.get([grads[(0, m)] for m in range(M)])
-        if self.tied:
-            first, lastst = self.stages[0], self.stages[-1]
-            g0, gl = first.tied_grad.remote(), lastst.tied_grad.remote()
-            ray.get([first.add_tied_grad.remote(gl), lastst.add_tied_grad.remote(g0)])
-        if self.grad_clip is not None:  # torch.nn.utils.clip_grad_norm_ over the whole model
-            last_i = len(self.stages) - 1
-            norm = sum(ray.get([st.grad_sq.remote(self.tied and i == last_i) for i, st in enumerate(self.stages)]))
-            factor = min(1.0, self.grad_clip / (norm ** 0.5 + 1e-6))
-            ray.get([st.scale_grads.remote(factor) for st in self.stages])
-        busy = ray.get([st.step.remote() for st in self.stages])
-        wall = time.perf_counter() - t0
-        self.steps += 1
-        S = len(self.stages)
-        return StepResult(sum(ray.get(losses)) / total, total, M, wall, max(0.0, 1.0 - sum(busy) / (S * wall)),
-                          theoretical_bubble(S, M))
-
-    def fit(self, data: Any, steps: int, batch_size: int = 8, held_out: float = 0.1, eval_every: int = 0,
-            seed: int = 0) -> list[dict[str, float]]:
-        """Trains `steps` steps on `data` (a text file, texts or token-id lists: `models.data`), packed in
-        `seq_len` windows, `batch_size` windows a step drawn with `seed`; every `eval_every` steps the
-        held-out windows' loss too. Returns one record a step: step, loss (and eval_loss)."""
-        from models.data import load_documents, pack_windows, split_held_out
-
-        if steps < 1 or batch_size < 1:
-            raise ConfigError(f"steps={steps} and batch_size={batch_size} must be at least 1")
-        tokenizer, eos = self._tokenizer()
-        train, held = split_held_out(pack_windows(load_documents(data), self.seq_len, tokenizer, eos), held_out, seed)
-        gen = torch.Generator().manual_seed(seed)
-        history: list[dict[str, float]] = []
-        for i in range(1, steps + 1):
-            rec: dict[str, float] = {"step": i, "loss": self.step(train[torch.randint(len(train), (batch_size,),
-                                                                                        generator=gen)]).loss}
-            if eval_every and i % eval_every == 0 and len(held):
-                rec["eval_loss"] = self.evaluate(held)
-            history.append(rec)
-        return history
-
-    def _tokenizer(self) -> tuple[Any, int | None]:
+            tensors: dict[str, torch.Tensor] = {}
+            for sd in ray.get([a.state_dict.remote(False) for a in self.grid[0]]):
+                tensors.update(sd)
+            return str(save_peft_adapter(folder, LoraConfig.from_dict(self.config["lora"]), tensors))
+        from models.loading import save_hf
         from models.tokenizer import load_tokenizer
 
-        if self.source is None:
-            return None, None
-        cfg = read_config(self.source)
-        return load_tokenizer(resolve_source(self.source)), (cfg.eos_ids[0] if cfg.eos_ids else None)
-
-    def export(self, folder: str) -> str:
-        """The trained model as a Hugging Face folder (config.json + safetensors in the training dtype,
-        transformers' names; the tokenizer files of an HF source are copied): transformers and
-        `Pipeline.deploy` load it."""
-        import shutil
-        from pathlib import Path
-
-        from models.loading import save_hf
-
         out = save_hf(folder, read_config(self.source), self.state_dict())
-        src = Path(self.source)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-            if src.is_dir() and (src / name).is_file():
-                shutil.copy(src / name, out / name)
+        tokenizer = load_tokenizer(self.source)
+        if tokenizer is not None:  # a GGUF's tokenizer too: the folder stands on its own
+            tokenizer.save(out)
         return str(out)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every stage's parameters under the model's names (a tied head appears as `output.weight` too)."""
+        """Every stage's parameters under the model's names, LoRA merged (a tied head as `output.weight` too)."""
         import ray
 
         out: dict[str, torch.Tensor] = {}
-        for sd in ray.get([st.state_dict.remote() for st in self.stages]):
+        for sd in ray.get([a.state_dict.remote() for a in self.grid[0]]):
             out.update(sd)
         return out
+
+    def inject(self, stage: int, kind: str, count: int = 1, micro: int = 0, copy: int = 0) -> None:
+        """Test hook: a fault in one stage actor (`TrainStage.inject`: "corrupt" messages or a "crash")."""
+        import ray
+
+        ray.get(self.grid[copy][stage].inject.remote(kind, count, micro))
+
+    def stats(self) -> list[list[dict[str, Any]]]:
+        """Per copy and stage: the actor's name, message counters and trainable parameter count."""
+        import ray
+
+        return [ray.get([a.stats.remote() for a in row]) for row in self.grid]
 
     def shutdown(self) -> None:
         import ray
 
-        for st in self.stages:
-            ray.kill(st)
+        for row in self.grid:
+            for a in row:
+                ray.kill(a)
+
+
+def _check(config: dict[str, Any], max_seq_len: int, codec: str) -> None:
+    """Deploy's arguments, before any actor starts (ConfigError naming the bad one)."""
+    if config["schedule"] not in SCHEDULES:
+        raise ConfigError(f"schedule {config['schedule']!r}: choose one of {SCHEDULES}")
+    for key in ("micro_batches", "data_parallel", "num_stages"):
+        if not isinstance(config[key], int) or config[key] < 1:
+            raise ConfigError(f"{key}={config[key]!r}: give at least 1")
+    if config["layers_per_stage"] is not None and config["layers_per_stage"] < 1:
+        raise ConfigError(f"layers_per_stage={config['layers_per_stage']!r}: give at least 1")
+    if config["grad_clip"] is not None and not config["grad_clip"] > 0:
+        raise ConfigError(f"grad_clip={config['grad_clip']}: give a positive norm, or None for no clipping")
+    if config["optimizer"].get("name", "adamw") not in OPTIMIZERS:
+        raise ConfigError(f"optimizer {config['optimizer'].get('name')!r}: choose one of {sorted(OPTIMIZERS)}")
+    if config["balance"] not in ("even", "speed"):
+        raise ConfigError(f"balance={config['balance']!r}: choose even or speed")
+    seq_len = config["seq_len"]
+    if seq_len is not None and not 1 < seq_len <= max_seq_len:
+        raise ConfigError(f"seq_len={seq_len}: give 2..{max_seq_len} (the model's context)")
+    if config["dtype"] == "float64" and codec not in LOSSLESS:
+        raise ConfigError(f"wire codec {codec!r} is lossy: float64 training keeps its messages exact "
+                          f"(codec auto or none; the codecs: {codec_names()})")
+    sched = config["lr_schedule"]
+    if sched is not None:
+        unknown = set(sched) - {"name", "warmup", "total", "min_lr"}
+        if unknown or sched.get("name", "constant") not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule {sched!r}: give name ({', '.join(LR_SCHEDULES)}), warmup, total, "
+                              "min_lr")
+
+
+def _tokens(micros: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return int(sum((t != -100).sum() for _, t in micros))
+
+
+def _lost_peer(e: Exception) -> bool:
+    """A task failed because a peer died (a collective lost its member, or an argument's owner died)."""
+    text = str(e)
+    return any(s in text for s in ("RayActorError", "ActorDiedError", "Connection closed by peer",
+                                   "Connection reset", "gloo", "NCCL", "ObjectLost", "OwnerDied"))

@@ -148,6 +148,19 @@ class Tokenizer:
         except jinja2.exceptions.TemplateError as e:
             raise InvalidRequestError(f"the chat template rejected the messages: {e}") from e
 
+    def save(self, folder: str | Path) -> None:
+        """Writes `tokenizer.json` and `tokenizer_config.json` into a Hugging Face folder (what
+        `load_tokenizer` and transformers read back: special ids, BOS rule and chat template included)."""
+        import json
+
+        folder = Path(folder)
+        self.backend.save(str(folder / "tokenizer.json"))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,
+               "bos_token": self.bos_token, "eos_token": self.eos_token, "model_max_length": 1 << 30}
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
 
 # --------------------------------------------------------------------------- builders
 

@@ -116,3 +116,40 @@ def simulate(actions: list[list[Action]], forward_s: float = 1.0, backward_s: fl
     makespan = max(clock)
     busy = sum(forward_s if a.kind == "F" else backward_s for acts in actions for a in acts)
     return makespan, 1.0 - busy / (S * makespan)
+
+
+def deal(micro_batches: int, speeds: list[float]) -> list[int]:
+    """How many of `micro_batches` each data-parallel copy runs: in proportion to its speed (largest
+    remainder; equal speeds deal evenly, earlier copies take the remainder), every copy at least one
+    while there are enough."""
+    if not speeds or any(not v > 0 for v in speeds):
+        raise ValueError(f"speeds must be positive, got {speeds}")
+    D = len(speeds)
+    floor = 1 if micro_batches >= D else 0
+    rest = micro_batches - floor * D
+    share = [rest * v / sum(speeds) for v in speeds]
+    counts = [int(x) for x in share]
+    order = sorted(range(D), key=lambda d: (-(share[d] - counts[d]), d))
+    for d in order[:rest - sum(counts)]:
+        counts[d] += 1
+    return [floor + c for c in counts]
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_at(step: int, base_lr: float, name: str = "constant", warmup: int = 0, total: int = 0,
+          min_lr: float = 0.0) -> float:
+    """The learning rate of optimizer step `step` (1-based): linear warmup over `warmup` steps, then
+    constant, or a linear / cosine decay to `min_lr` at step `total`."""
+    import math
+
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule {name!r}: choose one of {LR_SCHEDULES}")
+    if warmup and step <= warmup:
+        return base_lr * step / warmup
+    if name == "constant" or total <= warmup:
+        return base_lr
+    frac = min(1.0, (step - warmup) / (total - warmup))
+    decay = 1 - frac if name == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+    return min_lr + (base_lr - min_lr) * decay

@@ -167,6 +167,34 @@ def bench_prefix_cmd(
     _emit(bench_prefix(SMOLLM2_NAME, stages, system_tokens, requests, long_tokens, chunk))
 
 
+@bench_app.command("train")
+@_handles_errors
+def bench_train_cmd(
+    model: Annotated[str, typer.Option()] = SMOLLM2_NAME,
+    stages: Annotated[int, typer.Option(min=1)] = 2,
+    copies: Annotated[str, typer.Option(help="Data-parallel copies, comma-separated.")] = "1,2",
+    micro_batches: Annotated[int, typer.Option(min=1, help="Micro-batches a copy, a step.")] = 4,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps (after one warm-up).")] = 3,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    seq_len: Annotated[int, typer.Option(min=2)] = 64,
+    lora_r: Annotated[int, typer.Option(min=0, help="LoRA rank (0: every weight trains).")] = 0,
+) -> None:
+    """Training tokens/s through the stage actors (S x D) beside one process, and the bubble fraction."""
+    import ray
+
+    from actors.bench.train import bench_train
+
+    if model == SMOLLM2_NAME:
+        _ensure_model(model)
+    counts = _parse_ints(copies, "--copies") or [1, 2]
+    ray.init(address="local", num_gpus=stages * max(counts), log_to_driver=False, include_dashboard=False)
+    try:
+        lora = {"r": lora_r, "alpha": 2.0 * lora_r} if lora_r else None
+        _emit(bench_train(model, stages, tuple(counts), micro_batches, steps, batch_size, seq_len, lora=lora))
+    finally:
+        ray.shutdown()
+
+
 @bench_app.command("codecs")
 @_handles_errors
 def bench_codecs_cmd(

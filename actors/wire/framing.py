@@ -39,7 +39,8 @@ from actors.wire.quant import block_problem, decode_tensor, effective_codec, enc
 
 __all__ = ["ALIGN", "CHECKSUM_SIZE", "KINDS", "PREFIX_SIZE", "Header", "pack", "peek_header", "unpack"]
 
-KINDS = ("step", "retransmit", "rebuild", "tokens")  # "tokens": a decode ring's sampled tokens, last stage -> first
+KINDS = ("step", "retransmit", "rebuild", "tokens", "train", "grad")  # "tokens": a decode ring's sampled
+# tokens, last stage -> first; "train" / "grad": a training step's activations forward / their gradients back
 MAGIC = b"MPM1"
 VERSION = 1
 _PREFIX = struct.Struct("<4sBBHIQ")  # magic, version, flags, reserved, header length, payload length

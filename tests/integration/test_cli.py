@@ -92,3 +92,32 @@ def test_bench_gpu_help_lists_its_options() -> None:
     for command in ("pipeline", "planner", "placement", "simulate", "calibrate", "overhead", "codecs",
                     "channels", "http", "gpu"):
         assert command in r.stdout, command
+
+
+@pytest.mark.smollm2
+@pytest.mark.timeout(900)
+def test_train_lora_in_2_stages_x_2_copies_then_generate_serves_the_result(tmp_path: Path) -> None:
+    """`meshpipe train` (SmolLM2, LoRA r=8, S=2 x D=2, three steps on the shipped text) writes a Hugging Face
+    folder with its loss history and curve; `meshpipe generate --model DIR` serves it."""
+    smollm2_gguf_path()
+    data = Path(__file__).resolve().parents[2] / "notebooks" / "finetune.txt"
+    out = tmp_path / "tuned"
+    r = meshpipe("train", "--data", str(data), "--out", str(out), "--stages", "2", "--data-parallel", "2",
+                 "--lora-r", "8", "--steps", "3", "--seq-len", "32", "--batch-size", "4", "--eval-every", "3",
+                 "--lr", "3e-3", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trained 3 steps" in r.stdout and "training" in r.stderr  # the tqdm bar on stderr
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history] == [0, 1, 2, 3] and history[-1]["eval_loss"] < history[0]["eval_loss"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    g = meshpipe("generate", "--model", str(out), "--prompt", "Day 7. The pipeline served", "--max-new-tokens",
+                 "4", "--json")
+    assert g.returncode == 0, g.stderr[-3000:]
+    assert len(json.loads(g.stdout.strip().splitlines()[-1])["token_ids"]) == 4
+
+
+def test_train_with_a_missing_data_file_is_a_clear_error(tmp_path: Path) -> None:
+    r = meshpipe("train", "--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o"), timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: --data") and "none.txt is not a file" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

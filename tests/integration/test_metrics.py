@@ -50,3 +50,29 @@ def test_a_generation_shows_up_in_rays_metrics_export_with_stage_tags(tiny_ckpt:
         assert re.search(r'ray_meshpipe_hop_bytes_total\{[^}]*stage="0"', text)  # stage 0 sends on; the last samples
     finally:
         pipe.shutdown()
+
+
+def test_training_steps_show_up_with_stage_and_copy_tags(tiny_ckpt: Path) -> None:
+    from actors import PipelineTrainer
+
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=2, micro_batches=2, name="metrics-train")
+    try:
+        steps = [tr.step([[5, 6, 7, 8, 9]] * 4) for _ in range(2)]
+        wanted = ["ray_meshpipe_train_loss", "ray_meshpipe_train_tokens", "ray_meshpipe_train_step_seconds",
+                  "ray_meshpipe_train_bubble_fraction"]
+        deadline = time.monotonic() + 60
+        text = ""
+        while time.monotonic() < deadline:
+            text = _scrape()
+            if all(w in text for w in wanted) and 'deployment="metrics-train"' in text:
+                break
+            time.sleep(1)
+        assert not [w for w in wanted if w not in text], text[-2000:]
+        tokens = [float(m) for m in re.findall(r'^ray_meshpipe_train_tokens_total\{[^}]*copy="0"[^}]*'
+                                               r'deployment="metrics-train"[^}]*stage="1"[^}]*\} ([0-9.e+]+)', text, re.M)]
+        assert tokens == [2 * 4 * 4]  # two steps of 4 rows x 4 targets
+        loss = [float(m) for m in re.findall(r'^ray_meshpipe_train_loss\{[^}]*deployment="metrics-train"[^}]*\} '
+                                             r'([0-9.e+-]+)', text, re.M)]
+        assert loss and all(abs(v - steps[-1].loss) < 1e-6 for v in loss)
+    finally:
+        tr.shutdown()

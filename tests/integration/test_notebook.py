@@ -1,4 +1,4 @@
-"""notebooks/quickstart.ipynb runs top to bottom, headless, in a fresh kernel with its own local Ray.
+"""notebooks/quickstart.ipynb and finetune.ipynb run top to bottom, headless, in a fresh kernel with its own local Ray.
 
 Not on the session `ray_cluster`: the notebook calls `ray.init()` itself, inside the kernel process.
 The kernel gets RAY_ADDRESS=local so that `ray.init()` always starts a new Ray and never joins a
@@ -8,6 +8,8 @@ cluster left running on this machine.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -55,16 +57,18 @@ def _outputs(cell: dict) -> tuple[str, set[str]]:
     return "".join(text), mimes
 
 
-@pytest.mark.smollm2
-@pytest.mark.timeout(900)
-def test_quickstart_notebook_runs_top_to_bottom(tmp_path: Path) -> None:
+def _run(notebook: Path, tmp_path: Path) -> list[dict]:
+    """Executes `notebook` in a fresh kernel whose working folder is `tmp_path` (the notebook's own folder's
+    text files copied there); checks its Ray is gone afterwards; returns the executed code cells."""
     smollm2_gguf_path()  # skips without the SmolLM2 wheel
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
     pytest.importorskip("matplotlib")
 
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for data in notebook.parent.glob("*.txt"):
+        shutil.copy(data, tmp_path / data.name)
+    nb = nbformat.read(notebook, as_version=4)
     assert nb.metadata["kernelspec"]["name"] == "python3"
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     stripped = all(not c.get("outputs") and c.get("execution_count") is None for c in code_cells)
@@ -93,11 +97,16 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path: Path) -> None:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-    print(f"notebook ran in {time.perf_counter() - t0:.1f} s")
+    print(f"{notebook.name} ran in {time.perf_counter() - t0:.1f} s")
     assert session, "the probe cell did not name the kernel's Ray session"
     assert not stray, f"processes of the kernel's Ray outlived it: {stray}"
+    return [c for c in nb.cells if c.cell_type == "code"]
 
-    code = [c for c in nb.cells if c.cell_type == "code"]
+
+@pytest.mark.smollm2
+@pytest.mark.timeout(900)
+def test_quickstart_notebook_runs_top_to_bottom(tmp_path: Path) -> None:
+    code = _run(NOTEBOOK, tmp_path)
     texts = [_outputs(c)[0] for c in code]
     images = [c for c in code if "image/png" in _outputs(c)[1]]
     assert any("Paris" in t for t in texts), "no output mentions Paris"
@@ -105,3 +114,16 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path: Path) -> None:
     recovery = next((t for t in texts if "killed stage 1" in t), "")
     assert "recovered in" in recovery and "same text as a fault-free run" in recovery, recovery
     assert any(t.lstrip().startswith("graph LR") for t in texts), "no Mermaid chart printed"
+
+
+@pytest.mark.smollm2
+@pytest.mark.timeout(900)
+def test_finetune_notebook_trains_lora_and_the_held_out_loss_falls_by_a_fifth(tmp_path: Path) -> None:
+    code = _run(ROOT / "notebooks" / "finetune.ipynb", tmp_path)
+    texts = [_outputs(c)[0] for c in code]
+    fell = next(t for t in texts if "held-out loss" in t)
+    start, end = (float(x) for x in re.search(r"held-out loss ([\d.]+) -> ([\d.]+)", fell).groups())
+    assert end <= 0.8 * start, fell
+    assert any("image/png" in _outputs(c)[1] for c in code), "no loss curve drawn"
+    after = next(t for t in texts if "after:" in t)
+    assert "before:" in after and (tmp_path / "finetuned" / "config.json").is_file(), after

@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from actors.errors import InsufficientResourcesError
 from actors.trainer import PipelineTrainer
-from models import ConfigError
+from models import ConfigError, InvalidRequestError
 from models.loading import _source_name
 from tests.checkpoints import make_tiny_llama
+from tests.hf_float64 import hf_llama_float64
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -22,25 +24,10 @@ def _reference_steps(ckpt: Path, batch: torch.Tensor, steps: int, lr: float,
     """transformers' model trained in one process, its RMSNorm and RoPE tables computed in the model's
     float64 (transformers computes both in float32 whatever the dtype: that alone moves the loss ~1e-6)."""
     from transformers import LlamaForCausalLM
-    from transformers.models.llama import modeling_llama as hf_llama
 
-    def norm(self, h: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    def rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-        dim = self.inv_freq.numel() * 2
-        theta = self.config.rope_parameters["rope_theta"]
-        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        emb = torch.cat([position_ids[..., None].double() * inv_freq] * 2, dim=-1)
-        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
-
-    saved = hf_llama.LlamaRMSNorm.forward, hf_llama.LlamaRotaryEmbedding.forward
-    hf_llama.LlamaRMSNorm.forward, hf_llama.LlamaRotaryEmbedding.forward = norm, rope
-    try:
+    with hf_llama_float64():
         return _train_reference(LlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float64), batch, steps, lr,
                                 clip)
-    finally:
-        hf_llama.LlamaRMSNorm.forward, hf_llama.LlamaRotaryEmbedding.forward = saved
 
 
 def _train_reference(hf: torch.nn.Module, batch: torch.Tensor, steps: int, lr: float,
@@ -63,21 +50,77 @@ def _max_param_diff(ours: dict, theirs: dict) -> float:
     return max((v - theirs[_source_name(k, 1)]).abs().max().item() for k, v in ours.items())
 
 
-@pytest.mark.parametrize(("stages", "schedule"), [(2, "1f1b"), (2, "gpipe"), (4, "1f1b"), (4, "gpipe")])
-def test_three_adamw_steps_equal_transformers(tiny_ckpt: Path, stages: int, schedule: str) -> None:
+@pytest.mark.parametrize(("stages", "copies", "schedule"),
+                         [(2, 1, "1f1b"), (2, 1, "gpipe"), (4, 1, "1f1b"), (4, 1, "gpipe"),
+                          (2, 2, "1f1b"), (2, 2, "gpipe"), (4, 2, "1f1b"), (4, 2, "gpipe")])
+def test_three_adamw_steps_equal_transformers(tiny_ckpt: Path, stages: int, copies: int, schedule: str) -> None:
+    """S stages x D data-parallel copies (gloo all-reduce), M = 4 micro-batches a copy: the same losses and,
+    after three steps, the same parameters as one process."""
     batch = torch.randint(3, 250, (8, 12), generator=torch.Generator().manual_seed(stages))
     want_losses, want = _reference_steps(tiny_ckpt, batch, 3, 1e-3)
-    tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=stages, schedule=schedule, micro_batches=4,
-                                optimizer={"name": "adamw", "lr": 1e-3}, dtype="float64", name=f"tr-{stages}-{schedule}")
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=stages, data_parallel=copies, schedule=schedule,
+                                micro_batches=4, optimizer={"name": "adamw", "lr": 1e-3}, dtype="float64",
+                                name=f"tr-{stages}-{copies}-{schedule}")
     try:
         before = tr.evaluate(batch)
         got = [tr.step(batch) for _ in range(3)]
         assert abs(before - want_losses[0]) < 1e-9  # evaluate: the loss of the current weights, no update
-        assert [r.micro_batches for r in got] == [4] * 3 and got[0].tokens == 8 * 11
+        assert [r.micro_batches for r in got] == [4 * copies] * 3 and got[0].tokens == 8 * 11
         assert got[0].theoretical_bubble == pytest.approx((stages - 1) / (4 + stages - 1))
         assert all(0.0 <= r.bubble < 1.0 and r.seconds > 0 for r in got)
         assert max(abs(r.loss - w) for r, w in zip(got, want_losses)) < 1e-9
         assert _max_param_diff(tr.state_dict(), want) <= 1e-9  # measured: ~5e-15
+        names = [st["name"] for row in tr.stats() for st in row]
+        assert names == [f"meshpipe/tr-{stages}-{copies}-{schedule}/copy-{d}/train-stage-{s}"
+                         for d in range(copies) for s in range(stages)]
+    finally:
+        tr.shutdown()
+
+
+def test_a_stage_killed_mid_step_is_replaced_and_the_run_ends_with_the_undisturbed_weights(tiny_ckpt: Path) -> None:
+    """Copy 1's stage 1 dies at micro-batch 1 of step 2 (its process exits): a replacement joins, every stage
+    returns to the step-1 boundary kept in the object store, and the step is redone. Corrupted messages on
+    the way are resent. Same weights as a run without faults, to the bit."""
+    batch = torch.randint(3, 250, (8, 12), generator=torch.Generator().manual_seed(3))
+    opts = {"num_stages": 2, "data_parallel": 2, "micro_batches": 2, "dtype": "float64",
+            "optimizer": {"name": "adamw", "lr": 1e-2}, "lr_schedule": {"name": "cosine", "warmup": 1, "total": 4}}
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-calm", **opts)
+    try:
+        calm = [tr.step(batch).loss for _ in range(3)]
+        want = tr.state_dict()
+    finally:
+        tr.shutdown()
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-faulty", **opts)
+    try:
+        first = tr.step(batch)
+        victim = tr.grid[1][1]
+        tr.inject(1, "crash", micro=1, copy=1)
+        tr.inject(0, "corrupt", count=2)  # copy 0's activations fail their checksum twice: resent
+        second = tr.step(batch)
+        assert second.redone == 1 and tr.grid[1][1] is not victim
+        third = tr.step(batch)
+        assert [first.loss, second.loss, third.loss] == calm
+        assert [r.lr for r in (first, second, third)] == pytest.approx([1e-2, 1e-2 * 0.75, 1e-2 * 0.25])
+        got = tr.state_dict()
+        assert max((got[k] - want[k]).abs().max().item() for k in want) == 0.0
+        assert sum(st["retransmits_asked"] for st in tr.stats()[0]) >= 1
+    finally:
+        tr.shutdown()
+
+
+def test_encrypted_links_and_speed_balance_keep_the_gradients_exact(tiny_ckpt: Path) -> None:
+    """Every message AES-GCM sealed, and the copies dealt micro-batches by measured speed: still one
+    process's parameters."""
+    batch = torch.randint(3, 250, (8, 12), generator=torch.Generator().manual_seed(5))
+    _, want = _reference_steps(tiny_ckpt, batch, 3, 1e-3)
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=2, data_parallel=2, micro_batches=4, dtype="float64",
+                                optimizer={"name": "adamw", "lr": 1e-3}, name="tr-sealed", balance="speed",
+                                wire={"encryption": "always", "encryption_key": "ab" * 32})
+    try:
+        got = [tr.step(batch) for _ in range(3)]
+        assert got[-1].micro_batches == 8
+        assert _max_param_diff(tr.state_dict(), want) <= 1e-9
+        assert all(v > 0 for v in tr.speeds)
     finally:
         tr.shutdown()
 
@@ -109,9 +152,9 @@ def test_fit_packs_the_data_the_loss_falls_and_the_export_loads_in_transformers(
                                 optimizer={"name": "adamw", "lr": 1e-2}, name="tr-fit")
     try:
         history = tr.fit(docs, steps=12, batch_size=4, held_out=0.2, eval_every=6)
-        assert [h["step"] for h in history] == list(range(1, 13)) and "eval_loss" in history[5]
-        assert history[-1]["loss"] < 0.5 * history[0]["loss"]
-        assert history[-1]["eval_loss"] < 0.5 * history[0]["loss"]
+        assert [h["step"] for h in history] == list(range(13)) and "eval_loss" in history[6]
+        assert history[-1]["loss"] < 0.5 * history[1]["loss"]
+        assert history[-1]["eval_loss"] < 0.5 * history[0]["eval_loss"]  # step 0: before training
         folder = tr.export(str(tmp_path / "trained"))  # transformers and our loader read the same model
         from transformers import LlamaForCausalLM
 
@@ -167,3 +210,57 @@ def test_bad_training_input_is_refused_by_name(tiny_ckpt: Path) -> None:
         PipelineTrainer.deploy(str(tiny_ckpt), grad_clip=0)
     with pytest.raises(ConfigError, match="schedule"):
         PipelineTrainer.deploy(str(tiny_ckpt), schedule="zb")
+    with pytest.raises(ConfigError, match="lossy"):
+        PipelineTrainer.deploy(str(tiny_ckpt), dtype="float64", wire={"codec": "int8"})
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        PipelineTrainer.deploy(str(tiny_ckpt), lr_schedule={"name": "step"})
+    with pytest.raises(ConfigError, match="wq_proj"):
+        PipelineTrainer.deploy(str(tiny_ckpt), lora={"r": 4, "targets": ["wq_proj"]})
+    with pytest.raises(InsufficientResourcesError, match="40 stage actors"):
+        PipelineTrainer.deploy(str(tiny_ckpt), num_stages=4, data_parallel=10)  # 32 logical GPUs
+    with pytest.raises(InvalidRequestError, match="empty"):
+        tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=1, name="tr-empty")
+        try:
+            tr.fit([], steps=1)
+        finally:
+            tr.shutdown()
+
+
+@pytest.mark.parametrize(("stages", "copies"), [(2, 1), (4, 1), (2, 2), (4, 2)])
+def test_lora_training_equals_peft_and_its_adapter_loads_in_peft(tiny_ckpt: Path, tmp_path: Path, stages: int,
+                                                                 copies: int) -> None:
+    """LoRA (r=4 on q_proj, v_proj; A seeded per layer and module, so every split starts alike) trained in
+    S x D actors: after three AdamW steps the merged weights equal peft's on transformers' model trained in
+    one process, and the exported adapter gives peft's logits."""
+    from peft import LoraConfig as PeftConfig
+    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+    from transformers import LlamaForCausalLM
+
+    from models import load_model
+    from models.lora import LoraConfig, apply_lora, peft_adapter_state
+
+    lora = {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}
+    batch = torch.randint(3, 250, (8, 12), generator=torch.Generator().manual_seed(9))
+    start = load_model(tiny_ckpt, dtype="float64")
+    apply_lora(start, LoraConfig.from_dict(lora), seed=0)  # the trainer's init (seed=0)
+    with hf_llama_float64():
+        pm = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_ckpt, torch_dtype=torch.float64),
+                            PeftConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        set_peft_model_state_dict(pm, peft_adapter_state(start))
+        _train_reference(pm, batch, 3, 1e-2, None)
+        want_logits = pm(batch).logits.detach()
+        want = {k: v.detach() for k, v in pm.merge_and_unload().state_dict().items()}
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=stages, data_parallel=copies, micro_batches=4, lora=lora,
+                                optimizer={"name": "adamw", "lr": 1e-2}, dtype="float64", name=f"tr-lora-{stages}-{copies}")
+    try:
+        for _ in range(3):
+            tr.step(batch)
+        assert _max_param_diff(tr.state_dict(), want) <= 1e-9
+        assert sum(st["trainable"] for st in tr.stats()[0]) == 4 * (4 * (64 + 64) + 4 * (64 + 32))  # A, B of q, v
+        folder = tr.export(str(tmp_path / "adapter"), adapter=True)
+    finally:
+        tr.shutdown()
+    with hf_llama_float64():
+        loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_ckpt, torch_dtype=torch.float64),
+                                           folder)
+        assert (loaded(batch).logits - want_logits).abs().max().item() <= 1e-9

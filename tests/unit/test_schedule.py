@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from topology.schedule import Action, check, peak_in_flight, plan, simulate, theoretical_bubble
+from topology.schedule import Action, check, deal, lr_at, peak_in_flight, plan, simulate, theoretical_bubble
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
@@ -48,3 +48,25 @@ def test_a_slower_backward_grows_the_step_not_the_order() -> None:
     makespan, bubble = simulate(plan("1f1b", 2, 4), forward_s=1.0, backward_s=2.0)
     assert makespan == pytest.approx(3 * 4 + 3)  # M (F + B) on the last stage plus one F and one B of fill
     assert 0 < bubble < theoretical_bubble(2, 4) + 0.05
+
+
+def test_deal_gives_faster_copies_proportionally_more_micro_batches() -> None:
+    assert deal(8, [1.0, 1.0]) == [4, 4]
+    assert deal(7, [1.0, 1.0]) == [4, 3]
+    assert deal(8, [3.0, 1.0]) == [6, 2]
+    assert deal(8, [100.0, 1.0]) == [7, 1]  # each copy keeps at least one
+    assert deal(1, [1.0, 1.0]) == [1, 0]  # too few: the rest idle
+    assert sum(deal(13, [0.3, 2.0, 1.1])) == 13
+    with pytest.raises(ValueError, match="positive"):
+        deal(4, [1.0, 0.0])
+
+
+def test_lr_schedules_warm_up_then_decay_to_the_floor() -> None:
+    assert lr_at(1, 1.0) == 1.0
+    assert [lr_at(s, 1.0, "constant", warmup=4) for s in (1, 2, 4, 5)] == [0.25, 0.5, 1.0, 1.0]
+    assert lr_at(10, 1.0, "linear", warmup=0, total=10, min_lr=0.1) == pytest.approx(0.1)
+    assert lr_at(5, 1.0, "linear", total=10) == pytest.approx(0.5)
+    assert lr_at(6, 1.0, "cosine", warmup=2, total=10) == pytest.approx(0.5)
+    assert lr_at(50, 1.0, "cosine", total=10, min_lr=0.2) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="choose one of"):
+        lr_at(1, 1.0, "step")
