@@ -1,4 +1,4 @@
-"""The `meshpipe` command line: demo, generate, serve, pull, route, bench, chaos, train.
+"""The `meshpipe` command line: demo, generate, serve, watch, pull, route, bench, chaos, train.
 
 The only place in meshpipe that prints. Errors meshpipe raises on purpose (`MeshpipeError`) end
 the command with one `error: ...` line on stderr and exit status 2, no traceback.
@@ -19,7 +19,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from actors.bench.cli import bench_app
-from actors.cli_helpers import _emit, _ensure_model, _handles_errors, err, out
+from actors.cli_helpers import _emit, _ensure_model, _handles_errors, dashboard_hint, err, out
 from actors.cli_train import train
 from models import ModelNotInstalledError
 from models.loading import SMOLLM2_NAME
@@ -41,7 +41,7 @@ def _setup(
                         handlers=[RichHandler(console=err, show_path=False)], force=True)
 
 
-def _init_ray(address: str | None, num_gpus: int) -> bool:
+def _init_ray(address: str | None, num_gpus: int, dashboard: bool = False) -> bool:
     """Attaches to `address`, or starts a local Ray with `num_gpus` logical GPUs. True if local."""
     import ray
 
@@ -54,7 +54,7 @@ def _init_ray(address: str | None, num_gpus: int) -> bool:
             raise DeploymentError(f"no Ray cluster at --address {address}: {e} Start one "
                                   "(`ray start --head`) or leave --address out to deploy locally.") from None
         return False
-    ray.init(address="local", num_gpus=num_gpus, log_to_driver=False, include_dashboard=False)
+    ray.init(address="local", num_gpus=num_gpus, log_to_driver=False, include_dashboard=dashboard)
     return True
 
 
@@ -87,7 +87,8 @@ def demo(
 
     _ensure_model(SMOLLM2_NAME)
     with err.status("starting Ray ..."):
-        _init_ray(address, max(4, stages))
+        _init_ray(address, max(4, stages), dashboard=True)
+    dashboard_hint()
     pipe = None
     try:
         t0 = time.perf_counter()
@@ -260,7 +261,7 @@ def serve(
 
             resolve_source(model)  # fail fast, before starting Ray
         with err.status("starting Ray ..." if not address else f"connecting to {address} ..."):
-            _init_ray(address, max(4, stages))
+            _init_ray(address, max(4, stages), dashboard=True)
         if model:
             pipe = _deploy(model, stages, names[0])
         with err.status("starting the HTTP server (Ray Serve) ..."):
@@ -269,6 +270,8 @@ def serve(
         served = True
         out.print(f"serving {', '.join(names)} at [bold]{url}[/] (OpenAI-compatible: /completions, "
                   "/chat/completions, /models)" + ("" if detach else "; Ctrl-C stops"))
+        out.print(f"live page: [bold]{url.removesuffix('/v1')}/dashboard[/]" + (" (sign in with an API key)" if keys else ""))
+        dashboard_hint()
         sys.stdout.flush()
         if detach:
             return
@@ -287,6 +290,45 @@ def serve(
             pipe.shutdown()
         if ray.is_initialized() and not keep:
             ray.shutdown()
+
+
+# --------------------------------------------------------------------------- watch
+
+
+@app.command()
+@_handles_errors
+def watch(
+    name: Annotated[list[str], typer.Option(help="Deployment(s) to show (repeat the option).")],
+    address: Annotated[str, typer.Option(help="The Ray cluster the deployments run in.")] = "auto",
+    host: Annotated[str, typer.Option(help="Address the page listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8266,
+    api_key: Annotated[list[str] | None, typer.Option(
+        help="Keys the page's login form accepts (default $MESHPIPE_API_KEY; none: open on loopback).",
+        show_default=False)] = None,
+) -> None:
+    """A live page of running deployments (replicas, route, throughput, recoveries, training) and its
+    status JSON, without the HTTP API: http://HOST:PORT/dashboard. Ctrl-C stops."""
+    import ray
+
+    from actors import serve as http
+    from actors.dashboard import watch as page
+    from actors.pipeline import Pipeline
+
+    keys = tuple(api_key or [k for k in os.environ.get("MESHPIPE_API_KEY", "").split(",") if k.strip()])
+    if not keys and not http._loopback(host):
+        raise typer.BadParameter(f"--host {host} without an API key would show the cluster to anyone who reaches "
+                                 "it: give --api-key KEY (or MESHPIPE_API_KEY)")
+    with err.status(f"connecting to {address} ..."):
+        _init_ray(address, 0)
+    try:
+        for n in name:
+            Pipeline.connect(n)  # fails fast, naming a missing deployment
+        out.print(f"live page of {', '.join(name)}: [bold]http://{host}:{port}/dashboard[/]; Ctrl-C stops")
+        sys.stdout.flush()
+        dashboard_hint()
+        page.run(list(name), host, port, keys)
+    finally:
+        ray.shutdown()
 
 
 # --------------------------------------------------------------------------- pull

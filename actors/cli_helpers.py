@@ -89,3 +89,25 @@ def _rounded(v: Any) -> Any:
     if isinstance(v, list):
         return [_rounded(x) for x in v]
     return v
+
+
+def dashboard_hint() -> None:
+    """Where the Ray dashboard of the connected cluster is, and how to get its token (stderr)."""
+    import ray
+
+    try:
+        url = ray._private.worker.get_dashboard_url()
+    except Exception:  # noqa: BLE001 - no dashboard process: nothing to point at
+        url = ""
+    if not url:
+        return
+    err.print(f"Ray dashboard: [bold]http://{url}[/] (Metrics: the meshpipe_* series; `meshpipe grafana` adds "
+              "meshpipe's Grafana dashboards)")
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        token = is_token_auth_enabled()
+    except Exception:  # noqa: BLE001 - an older Ray: no token auth
+        token = False
+    if token:
+        err.print("  it asks for Ray's auth token: run [bold]ray get-auth-token[/] on a cluster node and paste it")

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from actors.cli_helpers import _ensure_model, err, out
+from actors.cli_helpers import _ensure_model, dashboard_hint, err, out
 from models import InvalidRequestError
 from models.loading import SMOLLM2_NAME
 
@@ -56,7 +56,8 @@ def train(
         lora = {"r": lora_r, "alpha": lora_alpha or 2.0 * lora_r,
                 "targets": [t.strip() for t in lora_targets.split(",") if t.strip()]}
     with err.status("starting Ray ..."):
-        _init_ray(address, max(4, stages * data_parallel))
+        _init_ray(address, max(4, stages * data_parallel), dashboard=True)
+    dashboard_hint()
     tr = None
     try:
         err.print(f"deploying {model} for training: {stages} stages x {data_parallel} copies as {name!r} ...")

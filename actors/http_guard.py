@@ -2,10 +2,11 @@
 
 - Bodies over `max_body_bytes` are refused with 413 from their `Content-Length`, or as soon as a
   streamed body passes the limit, before the JSON is parsed.
-- With API keys set, every path but the open ones (`/health`, `/openapi.json`) needs
-  `Authorization: Bearer KEY`, as OpenAI's clients send it. Keys are held only as SHA-256 digests
-  (`hash_key`), compared in constant time against each; a wrong or missing key is a 401 in
-  OpenAI's error shape, which never echoes what was sent.
+- With API keys set, every path but the open ones (`/health`, `/openapi.json`, the dashboard's page,
+  its static files and its login form) needs `Authorization: Bearer KEY`, as OpenAI's clients send it,
+  or the dashboard's session cookie (`session_cookie`: an expiry signed with HMAC by a key's digest,
+  set by the login form). Keys are held only as SHA-256 digests (`hash_key`), compared in constant time
+  against each; a wrong or missing key is a 401 in OpenAI's error shape, which never echoes what was sent.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
-OPEN_PATHS = frozenset({"/health", "/openapi.json"})
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/dashboard", "/dashboard/login"})
+OPEN_PREFIXES = ("/dashboard/static/",)
+SESSION_COOKIE = "meshpipe_session"
+SESSION_S = 12 * 3600  # a dashboard login lasts this long
 DEFAULT_MAX_BODY = 8 << 20  # 8 MiB
 
 Scope = dict[str, Any]
@@ -56,6 +60,39 @@ def error_body(message: str, type_: str, code: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
 
 
+def session_cookie(digest: str, now: float | None = None) -> str:
+    """A dashboard session: `<expiry>.<HMAC-SHA256(digest, expiry)>` (no key or digest in it)."""
+    import time
+
+    expiry = str(int((time.time() if now is None else now) + SESSION_S))
+    return f"{expiry}.{hmac.new(digest.encode(), expiry.encode(), hashlib.sha256).hexdigest()}"
+
+
+def session_valid(cookie: str | None, digests: Iterable[str], now: float | None = None) -> bool:
+    """Whether a session cookie was signed by one of the keys' digests and has not expired."""
+    import time
+
+    expiry, _, mac = (cookie or "").partition(".")
+    if not expiry.isdigit() or len(expiry) > 12 or int(expiry) < (time.time() if now is None else now):
+        return False
+    ok = False
+    for d in digests:  # every digest compared, in constant time
+        ok |= hmac.compare_digest(mac, hmac.new(d.encode(), expiry.encode(), hashlib.sha256).hexdigest())
+    return ok
+
+
+def _cookie(header: str | None, name: str) -> str | None:
+    for part in (header or "").split(";"):
+        k, _, v = part.strip().partition("=")
+        if k == name:
+            return v
+    return None
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
 class HttpGuard:
     """ASGI middleware: the body limit and the API key check, from `config()` (read per request)."""
 
@@ -68,8 +105,9 @@ class HttpGuard:
             return
         cfg = self.config()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if cfg.key_digests and scope.get("path", "") not in OPEN_PATHS and \
-                not key_matches(headers.get("authorization"), cfg.key_digests):
+        if cfg.key_digests and not is_open(scope.get("path", "")) and \
+                not key_matches(headers.get("authorization"), cfg.key_digests) and \
+                not session_valid(_cookie(headers.get("cookie"), SESSION_COOKIE), cfg.key_digests):
             await _reply(send, 401, error_body(
                 "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
                 "invalid_request_error", "invalid_api_key"), {"www-authenticate": "Bearer"})

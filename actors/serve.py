@@ -19,10 +19,13 @@ from typing import Any
 import ray
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from actors.dashboard import routes as dashboard_routes
+from actors.dashboard.status import PipelineStatus
 from actors.http_guard import DEFAULT_MAX_BODY, GuardConfig, HttpGuard, hash_key
 from actors.openai_api import (
     ERROR_STATUSES,
@@ -149,6 +152,7 @@ class OpenAIServer:
         self.names = list(deployments)
         self._pipes: dict[str, tuple[Pipeline, dict]] = {}  # name -> (handle, its describe())
         self.request_timeout_s = request_timeout_s  # every request's deadline: then 504, its caches freed
+        self.board = dashboard_routes.StatusBoard(self.names)  # the dashboard's collectors
         app.state.guard = GuardConfig(max_body_bytes, frozenset(key_digests))  # SHA-256 digests, never keys
 
     async def _deployment(self, model: str | None) -> tuple[str, Pipeline, dict]:
@@ -182,6 +186,30 @@ class OpenAIServer:
             if err.status >= 500:
                 log.error("request failed: %s", e, exc_info=err.status == 500)
             raise err from None
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard(self) -> Any:
+        return dashboard_routes.page()
+
+    @app.get("/dashboard/static/{name}", include_in_schema=False)
+    async def dashboard_static(self, name: str) -> Any:
+        return dashboard_routes.static(name)
+
+    @app.post("/dashboard/login", include_in_schema=False)
+    async def dashboard_login(self, request: Request) -> Any:
+        return await dashboard_routes.login(request, app.state.guard.key_digests)
+
+    @app.get("/v1/pipeline/status", response_model=PipelineStatus, responses=ERRORS)
+    async def pipeline_status(self, deployment: str | None = None) -> PipelineStatus:
+        """The live status of a deployment (the dashboard page draws it): replicas, route, throughput,
+        events, training runs. `deployment` may be left out when the server shows one."""
+        name = self.board.pick(deployment)
+        if name is None:
+            raise ApiError(404 if deployment else 400, f"give ?deployment= one of {self.names}", param="deployment")
+        try:
+            return await self.board.status(name)
+        except Exception as e:  # noqa: BLE001 - every error gets a JSON body
+            raise api_error(e) from None
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:

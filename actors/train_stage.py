@@ -11,6 +11,7 @@ the global mean loss, whatever the copies' shares.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 import logging
 import os
 import socket
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 GROUP_TIMEOUT_S = 120.0  # a collective waits this long for its peers before failing the step
 SENT_KEPT = 64  # outgoing messages kept for a resend
+HISTORY = 1000  # step reports kept for the dashboard
 
 
 def train_stage_name(deployment: str, stage: int, copy: int) -> str:
@@ -78,6 +80,7 @@ class TrainStage:
         self.counters = {"retransmits_asked": 0, "resent": 0}
         self.faults: list[tuple[str, int | None]] = []  # test hooks: ("corrupt", None) | ("crash", micro)
         self.group = 0  # data-parallel peers (0: none)
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)  # the last steps' reports (dashboards)
 
     # ---------- messages ----------
 
@@ -179,15 +182,16 @@ class TrainStage:
 
     # ---------- tied embeddings, data parallelism, clipping, the step ----------
 
-    def tied_grad(self) -> torch.Tensor | None:
-        """The gradient of this stage's copy of a tied embedding (first: the embedding, last: the head)."""
+    def tied_grad(self) -> Any:
+        """The gradient of this stage's copy of a tied embedding (first: the embedding, last: the head), as
+        numpy (`to_numpy`)."""
         w = self.model.tok_embeddings if self.model.is_first else self.model.output
-        return None if w is None or w.weight.grad is None else w.weight.grad.detach().cpu().clone()
+        return None if w is None or w.weight.grad is None else to_numpy(w.weight.grad)
 
-    def add_tied_grad(self, grad: torch.Tensor | None) -> None:
+    def add_tied_grad(self, grad: Any) -> None:
         w = self.model.tok_embeddings if self.model.is_first else self.model.output
         if grad is not None and w.weight.grad is not None:
-            w.weight.grad += grad.to(self.device)
+            w.weight.grad += to_torch(grad).to(self.device)
 
     def group_address(self) -> tuple[str, int]:
         """This node's address and a free port: rank 0 hosts the copies' rendezvous there."""
@@ -244,7 +248,8 @@ class TrainStage:
         """The optimizer step (at learning rate `lr` when a schedule sets it). `report`: the step's loss,
         tokens, seconds and bubble fraction, for the metrics."""
         if report is not None:
-            self.metrics.step(**report)
+            self.metrics.step(report["loss"], report["tokens"], report["seconds"], report["bubble"])
+            self.history.append(report)
         if lr is not None:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
@@ -259,7 +264,8 @@ class TrainStage:
         return ray.get_runtime_context().get_node_id()
 
     def stats(self) -> dict[str, Any]:
-        return {"name": self.name, **self.counters, "trainable": sum(p.numel() for p in self.params)}
+        return {"name": self.name, **self.counters, "trainable": sum(p.numel() for p in self.params),
+                "history": list(self.history)}
 
     # ---------- state ----------
 
@@ -275,17 +281,19 @@ class TrainStage:
         return {k: v.detach().cpu().clone() for k, v in sd.items() if not k.startswith("rope_")}
 
     def checkpoint(self) -> dict[str, Any]:
-        """What training changes (trainable tensors, optimizer state): a step boundary to return to. The
-        copies of a stage hold the same; each keeps its own RNG (`rng_state`)."""
+        """What training changes (trainable tensors, optimizer state): a step boundary to return to, as numpy
+        arrays (Ray stores them with one copy, no pickling of tensors). The copies of a stage hold the
+        same; each keeps its own RNG (`rng_state`)."""
         names = {id(p): n for n, p in self.model.named_parameters()}
-        return {"params": {names[id(p)]: p.detach().cpu().clone() for p in self.params},
-                "optimizer": self.optimizer.state_dict()}
+        return to_numpy({"params": {names[id(p)]: p.detach() for p in self.params},
+                         "optimizer": self.optimizer.state_dict()})
 
     def rng_state(self) -> torch.Tensor:
         return torch.get_rng_state()
 
     def restore(self, state: dict[str, Any], rng: torch.Tensor | None = None) -> None:
         """Back to a `checkpoint` (and RNG state): nothing in flight."""
+        state = to_torch(state)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for n, t in state["params"].items():
@@ -296,3 +304,30 @@ class TrainStage:
         self.optimizer.zero_grad(set_to_none=True)
         self.inflight.clear()
         self.busy_s = 0.0
+
+
+def to_numpy(tree: Any) -> Any:
+    """Tensors in nested dicts / lists as numpy arrays (bfloat16 as ("bfloat16", its bits as int16))."""
+    if isinstance(tree, torch.Tensor):
+        t = tree.detach().cpu()
+        return ("bfloat16", t.view(torch.int16).numpy()) if t.dtype == torch.bfloat16 else t.numpy()
+    if isinstance(tree, dict):
+        return {k: to_numpy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [to_numpy(v) for v in tree]
+    return tree
+
+
+def to_torch(tree: Any) -> Any:
+    """`to_numpy`'s inverse (the arrays are copied: Ray's are read-only)."""
+    import numpy as np
+
+    if isinstance(tree, np.ndarray):
+        return torch.from_numpy(tree.copy())
+    if isinstance(tree, tuple) and len(tree) == 2 and tree[0] == "bfloat16":
+        return torch.from_numpy(tree[1].copy()).view(torch.bfloat16)
+    if isinstance(tree, dict):
+        return {k: to_torch(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [to_torch(v) for v in tree]
+    return tree

@@ -18,6 +18,7 @@ an undisturbed run has.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch
 from actors.errors import StageFailedError
 from actors.layout import partition
 from actors.naming import NAMESPACE
-from actors.train_stage import OPTIMIZERS, TrainStage, train_stage_name
+from actors.train_stage import OPTIMIZERS, TrainStage, to_torch, train_stage_name
 from actors.wire import Envelope, Header, LinkCodec, LinkInfo, choose_link, codec_names, load_key, subkey
 from models import ConfigError
 from models.loading import read_config, resolve_source
@@ -111,13 +112,15 @@ class PipelineTrainer:
             if w.encryption != "never" else None
         wire_key = subkey(key, f"wire:train:{name}") if key is not None else None
         actor = ray.remote(TrainStage)
+        # CPU stages share the machine's cores (torch's own count, not Ray's logical CPUs); a GPU stage needs one
+        threads = 1 if resources.get("num_gpus", 0) else max(1, (os.cpu_count() or 1) // (D * S))
 
         def spawn(copy: int, s: int) -> Any:
             sp = specs[s]
             return actor.options(name=train_stage_name(name, s, copy), namespace=NAMESPACE, max_restarts=0,
                                  **resources).remote(path, list(sp.layers), sp.embed, sp.head, dtype,
                                                      config["optimizer"], name, s, copy, wire_key, lora, seed,
-                                                     max_retransmits=w.max_retransmits)
+                                                     threads=threads, max_retransmits=w.max_retransmits)
 
         grid = [[spawn(d, s) for s in range(S)] for d in range(D)]
         config.update(source=path, seq_len=seq_len or cfg.max_seq_len, wire_options=w)
@@ -294,7 +297,8 @@ class PipelineTrainer:
         S, D = len(self.grid[0]), len(self.grid)
         wall = time.perf_counter() - t0
         bubble = max(0.0, 1.0 - sum(map(sum, busy)) / (S * D * wall))
-        ray.get([a.step.remote(lr, {"loss": loss, "tokens": _tokens(micros), "seconds": wall, "bubble": bubble})
+        ray.get([a.step.remote(lr, {"step": self.steps + 1, "loss": loss, "tokens": _tokens(micros), "seconds": wall,
+                                    "bubble": bubble, "batch_tokens": total, "at": time.time()})
                  for row, micros in zip(self.grid, shares) for a in row])
         self.steps += 1
         self._boundary = self._snapshot()
@@ -374,7 +378,7 @@ class PipelineTrainer:
         out.mkdir(parents=True, exist_ok=True)
         states, rngs = self._boundary
         for s, state in enumerate(ray.get(states)):
-            torch.save(state, out / f"stage-{s}.pt")
+            torch.save(to_torch(state), out / f"stage-{s}.pt")
         torch.save([ray.get(row) for row in rngs], out / "rng.pt")  # [copy][stage]
         meta = {k: v for k, v in self.config.items() if k != "wire_options"}
         (out / "trainer.json").write_text(json.dumps({**meta, "steps": self.steps, "speeds": self.speeds},

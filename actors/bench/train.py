@@ -42,7 +42,7 @@ def one_process(model: str, batches: list[torch.Tensor], dtype: str, lr: float, 
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(loss.item())
     return _row("one-process", batches, times[1:], losses, 1, 1, 1)
 
 

@@ -229,17 +229,30 @@ def test_meshpipe_serve_cli_deploys_serves_and_stops_on_sigint(gguf: Path) -> No
     try:
         line = proc.stdout.readline()  # printed once the server answers
         assert f"http://127.0.0.1:{port}/v1" in line, proc.stderr.read() if proc.poll() is not None else line
+        assert f"http://127.0.0.1:{port}/dashboard" in proc.stdout.readline()  # the live page
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
         want = load_model(gguf).generate("hello", max_new_tokens=5)[0].text
         assert c.completions.create(model="cli-http", prompt="hello", max_tokens=5, temperature=0).choices[0].text \
             == want
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
-        assert "reading weights" in proc.stderr.read()  # the progress bars went to stderr
+        errors = proc.stderr.read()
+        assert "reading weights" in errors  # the progress bars went to stderr
+        assert "Ray dashboard: http://" in errors and "ray get-auth-token" in errors  # Ray 2.60 asks for a token
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_the_dashboard_page_and_status_are_served_beside_the_api(server: dict) -> None:
+    base = server["url"].removesuffix("/v1")
+    page = httpx.get(f"{base}/dashboard", timeout=30)
+    assert page.status_code == 200 and 'id="route-graph"' in page.text
+    status = httpx.get(f"{base}/v1/pipeline/status", timeout=60).json()
+    assert status["deployment"] == NAME and len(status["replicas"]) == 2 and status["route"]
+    missing = httpx.get(f"{base}/v1/pipeline/status", params={"deployment": "nope"}, timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "deployment"
 
 
 def test_meshpipe_serve_attaches_to_running_deployments_and_detaches(server: dict, ray_cluster: dict) -> None:

@@ -1,0 +1,1 @@
+"""The dashboard: a live page of a deployment, its status JSON, Grafana dashboards."""
