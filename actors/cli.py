@@ -1,4 +1,4 @@
-"""The `meshpipe` command line: demo, generate, serve, watch, pull, route, bench, chaos, train.
+"""The `meshpipe` command line: demo, generate, serve, watch, grafana, pull, route, bench, chaos, train.
 
 The only place in meshpipe that prints. Errors meshpipe raises on purpose (`MeshpipeError`) end
 the command with one `error: ...` line on stderr and exit status 2, no traceback.
@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -290,6 +291,24 @@ def serve(
             pipe.shutdown()
         if ray.is_initialized() and not keep:
             ray.shutdown()
+
+
+# --------------------------------------------------------------------------- grafana
+
+
+@app.command()
+@_handles_errors
+def grafana(
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Folder to write the dashboards to (created if missing).")] = None,
+    ray_dir: Annotated[bool, typer.Option(
+        "--ray-dir", help="Into the running Ray session's Grafana dashboards folder (Ray's Grafana provisioning "
+        "loads it; run on the head node).")] = False,
+) -> None:
+    """Writes meshpipe's Grafana dashboards (serving, training) and says how to view them. No Ray needed."""
+    from actors.grafana import grafana_command
+
+    out.print(grafana_command(out_dir, ray_dir), markup=False)
 
 
 # --------------------------------------------------------------------------- watch
