@@ -122,9 +122,13 @@ def test_the_page_shows_replicas_throughput_the_route_and_a_recovery_in_a_real_b
 def test_the_status_json_follows_its_schema_and_names_the_deployment(tiny_ckpt: Path) -> None:
     import jsonschema
 
+    from actors import PipelineTrainer
+
     pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="dash-json", micro_batches=1)
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=2, micro_batches=2, name="dash-train")
     try:
         pipe.generate([[1, 2, 3]], max_new_tokens=8, ignore_eos=True)
+        losses = [tr.step([[5, 6, 7, 8, 9]] * 4).loss for _ in range(2)]
         with watch_server(["dash-json"]) as url:
             with urllib.request.urlopen(f"{url}/v1/pipeline/status", timeout=30) as r:
                 body = json.load(r)
@@ -133,8 +137,12 @@ def test_the_status_json_follows_its_schema_and_names_the_deployment(tiny_ckpt: 
             assert [r["name"] for r in body["replicas"]] == [f"meshpipe/dash-json/stage-{k}/replica-0" for k in (0, 1)]
             assert body["route"] == [r["name"] for r in body["replicas"]] and body["mermaid"].startswith("graph LR")
             assert body["tokens_generated"] >= 8
+            run = next(r for r in body["training"] if r["name"] == "dash-train")  # a trainer in the cluster
+            assert run["stages"] == 2 and run["steps"] == 2 and run["tokens_per_s"] > 0
+            assert [loss for _, loss in run["loss"]] == pytest.approx(losses)
             with pytest.raises(urllib.error.HTTPError) as e:
                 urllib.request.urlopen(f"{url}/v1/pipeline/status?deployment=other", timeout=30)
             assert e.value.code == 404 and "dash-json" in e.value.read().decode()
     finally:
+        tr.shutdown()
         pipe.shutdown()
