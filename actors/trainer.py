@@ -66,6 +66,7 @@ class PipelineTrainer:
         self.tied = tied and len(grid[0]) > 1
         self.key = key  # the wire key (encrypted links), derived for this deployment
         self.steps = 0  # optimizer steps taken
+        self.data: dict[str, int] = {}  # fit's stream of batches: seed, batch_size, batches drawn (saved)
         self.speeds = [1.0] * len(grid)  # each copy's rows a second, measured ("speed" balance)
         self.redone = 0  # steps redone after failures, over the run
         self._links = self._plan_links()
@@ -346,11 +347,17 @@ class PipelineTrainer:
         tokenizer, eos = self._tokenizer()
         train, held = split_held_out(pack_windows(load_documents(data), self.seq_len, tokenizer, eos), held_out, seed)
         gen = torch.Generator().manual_seed(seed)
+        if self.data.get("seed") != seed or self.data.get("batch_size") != batch_size:
+            self.data = {"seed": seed, "batch_size": batch_size, "batches": 0}  # a new stream of batches
+        for _ in range(self.data["batches"]):  # a resumed run continues its stream where it stopped
+            torch.randint(len(train), (batch_size,), generator=gen)
         history: list[dict[str, float]] = []
         if eval_every and len(held):  # where the held-out loss starts
-            history.append({"step": 0, "eval_loss": self.evaluate(held)})
-        for i in range(1, steps + 1):
+            history.append({"step": self.steps, "eval_loss": self.evaluate(held)})
+        for _ in range(steps):
             r = self.step(train[torch.randint(len(train), (batch_size,), generator=gen)])
+            self.data["batches"] += 1
+            i = self.steps
             rec: dict[str, float] = {"step": i, "loss": r.loss, "tokens": r.tokens, "seconds": r.seconds}
             if eval_every and i % eval_every == 0 and len(held):
                 rec["eval_loss"] = self.evaluate(held)
@@ -368,7 +375,8 @@ class PipelineTrainer:
     # ---------- state ----------
 
     def save(self, folder: str) -> str:
-        """Weights, optimizer state and RNG of every stage, and the step count, to `folder` (`resume` reads it)."""
+        """Weights, optimizer state and RNG of every stage, the step count and fit's data position, to
+        `folder` (`resume` reads it)."""
         import json
         from pathlib import Path
 
@@ -381,7 +389,7 @@ class PipelineTrainer:
             torch.save(to_torch(state), out / f"stage-{s}.pt")
         torch.save([ray.get(row) for row in rngs], out / "rng.pt")  # [copy][stage]
         meta = {k: v for k, v in self.config.items() if k != "wire_options"}
-        (out / "trainer.json").write_text(json.dumps({**meta, "steps": self.steps, "speeds": self.speeds},
+        (out / "trainer.json").write_text(json.dumps({**meta, "steps": self.steps, "speeds": self.speeds, "data": self.data},
                                                      indent=2))
         return str(out)
 
@@ -397,14 +405,14 @@ class PipelineTrainer:
         if not (src / "trainer.json").is_file():
             raise ConfigError(f"{folder} holds no trainer checkpoint (trainer.json): give a folder `save` wrote")
         meta = json.loads((src / "trainer.json").read_text())
-        steps, speeds = meta.pop("steps"), meta.pop("speeds")
+        steps, speeds, data = meta.pop("steps"), meta.pop("speeds"), meta.pop("data", {})
         if name is not None:
             meta["name"] = name
         tr = cls.deploy(meta.pop("source"), **meta)
         saved = [torch.load(src / f"stage-{s}.pt", weights_only=True) for s in range(len(tr.grid[0]))]
         rngs = torch.load(src / "rng.pt", weights_only=True)
         ray.get([a.restore.remote(saved[s], rngs[d][s]) for d, row in enumerate(tr.grid) for s, a in enumerate(row)])
-        tr.steps, tr.speeds = steps, speeds
+        tr.steps, tr.speeds, tr.data = steps, speeds, data
         tr._boundary = tr._snapshot()
         return tr
 

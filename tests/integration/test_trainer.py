@@ -201,6 +201,34 @@ def test_save_and_resume_continue_as_if_never_stopped(tiny_ckpt: Path, tmp_path:
         PipelineTrainer.resume(str(tmp_path))
 
 
+def test_a_resumed_fit_continues_its_data_stream(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """fit 2 steps, save, resume, fit 1 more: the same losses and weights as fit 3 in one run (the saved data
+    position makes the third batch the one an unbroken run draws)."""
+    docs = [list(range(5, 200))] * 3
+    opts = {"num_stages": 2, "micro_batches": 2, "seq_len": 12, "optimizer": {"name": "adamw", "lr": 1e-2},
+            "dtype": "float64"}
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-fit-whole", **opts)
+    try:
+        whole = [h["loss"] for h in tr.fit(docs, steps=3, batch_size=2, seed=4)]
+        want = tr.state_dict()
+    finally:
+        tr.shutdown()
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-fit-part", **opts)
+    try:
+        part = [h["loss"] for h in tr.fit(docs, steps=2, batch_size=2, seed=4)]
+        folder = tr.save(str(tmp_path / "fit-ckpt"))
+    finally:
+        tr.shutdown()
+    tr = PipelineTrainer.resume(folder, name="tr-fit-resumed")
+    try:
+        rest = tr.fit(docs, steps=1, batch_size=2, seed=4)
+        assert [h["step"] for h in rest] == [3] and part + [rest[0]["loss"]] == whole
+        got = tr.state_dict()
+        assert max((got[k] - want[k]).abs().max().item() for k in want) == 0.0
+    finally:
+        tr.shutdown()
+
+
 def test_bad_training_input_is_refused_by_name(tiny_ckpt: Path) -> None:
     with pytest.raises(ConfigError, match="micro_batches"):
         PipelineTrainer.deploy(str(tiny_ckpt), micro_batches=0)
