@@ -113,7 +113,13 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path: Path) -> None:
     assert len(images) >= 3, f"{len(images)} cells drew a figure (routes, recovery, throughput)"
     recovery = next((t for t in texts if "killed stage 1" in t), "")
     assert "recovered in" in recovery and "same text as a fault-free run" in recovery, recovery
-    assert any(t.lstrip().startswith("graph LR") for t in texts), "no Mermaid chart printed"
+    mermaid = next((t for t in texts if t.lstrip().startswith("graph LR")), "")
+    assert "s0r1" in mermaid and "s1r1" in mermaid, f"not 2 replicas per stage: {mermaid!r}"
+    taken = [int(n) for t in texts for n in re.findall(r"^(\d+) requests: stage-0/", t, re.M)]
+    assert sum(taken) == 8, taken  # the routes the 2x2 deployment's 8 requests took
+    rates = [line for t in texts for line in t.splitlines() if line.startswith("batch ")]
+    assert len(rates) == 3 and all(re.search(r"pipeline [\d.]+ tokens/s, one process [\d.]+ tokens/s", line)
+                                   for line in rates), rates  # the single-process baseline beside each bar
 
 
 @pytest.mark.smollm2
