@@ -183,15 +183,28 @@ class TrainStage:
     # ---------- tied embeddings, data parallelism, clipping, the step ----------
 
     def tied_grad(self) -> Any:
-        """The gradient of this stage's copy of a tied embedding (first: the embedding, last: the head), as
-        numpy (`to_numpy`)."""
+        """The gradient of this stage's copy of a tied embedding, as numpy (`to_numpy`): the head's is dense
+        (last stage); the embedding's (first) has rows only for the batch's tokens, so only those travel,
+        as (row ids, rows)."""
         w = self.model.tok_embeddings if self.model.is_first else self.model.output
-        return None if w is None or w.weight.grad is None else to_numpy(w.weight.grad)
+        if w is None or w.weight.grad is None:
+            return None
+        g = w.weight.grad
+        if self.model.is_first:
+            rows = g.ne(0).any(dim=1).nonzero().squeeze(1)  # (R,) rows some token of the batch touched
+            return to_numpy({"rows": rows, "values": g.index_select(0, rows)})
+        return to_numpy(g)
 
     def add_tied_grad(self, grad: Any) -> None:
+        """Adds the other stage's `tied_grad` (adding the zero rows left out would change nothing)."""
         w = self.model.tok_embeddings if self.model.is_first else self.model.output
-        if grad is not None and w.weight.grad is not None:
-            w.weight.grad += to_torch(grad).to(self.device)
+        if grad is None or w.weight.grad is None:
+            return
+        grad = to_torch(grad)
+        if isinstance(grad, dict):
+            w.weight.grad.index_add_(0, grad["rows"].to(self.device), grad["values"].to(self.device))
+        else:
+            w.weight.grad += grad.to(self.device)
 
     def group_address(self) -> tuple[str, int]:
         """This node's address and a free port: rank 0 hosts the copies' rendezvous there."""

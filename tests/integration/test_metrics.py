@@ -30,17 +30,23 @@ def _scrape() -> str:
     return text
 
 
+def scrape_until(wanted: list[str], deployment: str, timeout: float = 60) -> str:
+    """Ray's export once every `wanted` series of `deployment` is in it (or the last scrape at the timeout)."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = _scrape()
+        if all(w in text for w in wanted) and f'deployment="{deployment}"' in text:
+            break
+        time.sleep(1)
+    return text
+
+
 def test_a_generation_shows_up_in_rays_metrics_export_with_stage_tags(tiny_ckpt: Path) -> None:
     pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="metrics", micro_batches=1)
     try:
         pipe.generate([[1, 2, 3], [4, 5]], max_new_tokens=8, ignore_eos=True)
-        deadline = time.monotonic() + 60
-        text = ""
-        while time.monotonic() < deadline:
-            text = _scrape()
-            if all(w in text for w in WANTED) and 'deployment="metrics"' in text:
-                break
-            time.sleep(1)
+        text = scrape_until(WANTED, "metrics")
         missing = [w for w in WANTED if w not in text]
         assert not missing, missing
         tokens = [float(m) for m in re.findall(
@@ -60,13 +66,7 @@ def test_training_steps_show_up_with_stage_and_copy_tags(tiny_ckpt: Path) -> Non
         steps = [tr.step([[5, 6, 7, 8, 9]] * 4) for _ in range(2)]
         wanted = ["ray_meshpipe_train_loss", "ray_meshpipe_train_tokens", "ray_meshpipe_train_step_seconds",
                   "ray_meshpipe_train_bubble_fraction"]
-        deadline = time.monotonic() + 60
-        text = ""
-        while time.monotonic() < deadline:
-            text = _scrape()
-            if all(w in text for w in wanted) and 'deployment="metrics-train"' in text:
-                break
-            time.sleep(1)
+        text = scrape_until(wanted, "metrics-train")
         assert not [w for w in wanted if w not in text], text[-2000:]
         tokens = [float(m) for m in re.findall(r'^ray_meshpipe_train_tokens_total\{[^}]*copy="0"[^}]*'
                                                r'deployment="metrics-train"[^}]*stage="1"[^}]*\} ([0-9.e+]+)', text, re.M)]
