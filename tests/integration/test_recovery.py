@@ -117,8 +117,10 @@ def test_a_stage_killed_during_prefill_restarts_and_the_generation_is_identical(
         handle = ray.get_actor("meshpipe/prefill-kill/stage-1/replica-0", namespace="meshpipe")
         before = pipe.stats()["router"]["tokens_generated"]
 
-        def kill() -> None:
-            time.sleep(0.3)
+        def kill() -> None:  # once the prefill is sent (under load the router may take a while to send it)
+            first = ray.get_actor("meshpipe/prefill-kill/stage-0/replica-0", namespace="meshpipe")
+            wait_for(lambda: ray.get(first.stats.remote())["steps"] > 0, 30, "stage 0 to pass the prefill on")
+            time.sleep(0.3)  # stage 1 holds it for 1 s
             assert pipe.stats()["router"]["tokens_generated"] == before  # still in the prefill
             ray.kill(handle, no_restart=False)
 

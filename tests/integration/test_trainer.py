@@ -278,9 +278,11 @@ def test_lora_training_equals_peft_and_its_adapter_loads_in_peft(tiny_ckpt: Path
         _train_reference(pm, batch, 3, 1e-2, None)
         want_logits = pm(batch).logits.detach()
         want = {k: v.detach() for k, v in pm.merge_and_unload().state_dict().items()}
-    tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=stages, data_parallel=copies, micro_batches=4, lora=lora,
+    split = {"layers_per_stage": 1} if stages == 4 else {"num_stages": stages}  # 4 layers: one a stage
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), data_parallel=copies, micro_batches=4, lora=lora, **split,
                                 optimizer={"name": "adamw", "lr": 1e-2}, dtype="float64", name=f"tr-lora-{stages}-{copies}")
     try:
+        assert len(tr.stages) == stages
         for _ in range(3):
             tr.step(batch)
         assert _max_param_diff(tr.state_dict(), want) <= 1e-9

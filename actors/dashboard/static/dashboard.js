@@ -77,12 +77,13 @@ function drawTable(s) {
 
 function drawThroughput(s) {
   const t = s.throughput.map((p) => p.t), tps = s.throughput.map((p) => p.tokens_per_s);
-  const act = s.throughput.map((p) => p.active);
-  const data = [t, tps, act];
+  const act = s.throughput.map((p) => p.active), queued = s.throughput.map((p) => p.queued);
+  const data = [t, tps, act, queued];
   const box = document.getElementById("throughput-chart");
   if (!chart) {
     chart = new uPlot({ width: Math.min(1100, box.clientWidth || 900), height: 200,
-      series: [{}, { label: "tokens/s", stroke: "#e4572e", width: 2 }, { label: "active sequences", stroke: "#456", scale: "n" }],
+      series: [{}, { label: "tokens/s", stroke: "#e4572e", width: 2 }, { label: "active sequences", stroke: "#456", scale: "n" },
+        { label: "queued requests", stroke: "#9a7", scale: "n", dash: [4, 3] }],
       axes: [{}, { label: "tokens/s" }, { side: 1, scale: "n", grid: { show: false } }] }, data, box);
   } else chart.setData(data);
 }
