@@ -325,8 +325,8 @@ class PipelineTrainer:
         total = int((targets != -100).sum())
         row, links = self.grid[0], self._links[0]
         sums = []
-        for m, (i, t) in enumerate(zip(torch.tensor_split(ids, min(self.micro_batches, ids.shape[0])),
-                                       torch.tensor_split(targets, min(self.micro_batches, ids.shape[0])))):
+        n = min(self.micro_batches, ids.shape[0])
+        for m, (i, t) in enumerate(zip(torch.tensor_split(ids, n), torch.tensor_split(targets, n))):
             x: Any = self._ids_message(i, links[0])
             for s, st in enumerate(row):
                 x = st.forward.remote(self.steps, m, x, *i.shape, (links[s], links[s + 1]),

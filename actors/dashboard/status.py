@@ -160,6 +160,7 @@ class StatusCollector:
         self._status: PipelineStatus | None = None
         self._task: asyncio.Task | None = None
         self._asked = 0.0
+        self._polls = 0
 
     async def status(self) -> PipelineStatus:
         """The latest status (polls now when there is none; keeps polling while asked)."""
@@ -186,8 +187,9 @@ class StatusCollector:
             self._pipe = Pipeline.connect(self.deployment)
             self._info = None
         pipe = self._pipe
-        if self._info is None or len(self.samples) % 30 == 0:
-            self._info = await pipe.acall("describe")  # the route and replicas (re-read now and then)
+        self._polls += 1
+        if self._info is None or self._polls % 30 == 0:  # the route and replicas, re-read every 30 polls
+            self._info = await pipe.acall("describe")
         stats, stages = await asyncio.gather(pipe.acall("stats"), pipe.acall("stage_stats"))
         decisions = await asyncio.to_thread(pipe.autoscaler_decisions)
         training = await asyncio.to_thread(training_runs)
@@ -201,8 +203,9 @@ class StatusCollector:
             seen.restarts = {**self._prev.restarts, **seen.restarts}
         self.events.extend(changes(self._prev, seen, now))
         self._prev = seen
-        busy_now = {_name(s, [r for st in stats["replicas"] for r in st]): float(s.get("busy_s", 0.0))
-                    for s in stages if "down" not in s}
+        reps = [r for st in stats["replicas"] for r in st]
+        by_name = {_name(s, reps): s for s in stages}
+        busy_now = {n: float(s.get("busy_s", 0.0)) for n, s in by_name.items() if "down" not in s}
         tokens = int(stats.get("tokens_generated", 0))
         rate, busy = 0.0, {}
         if self._last is not None and now > self._last[0]:
@@ -212,7 +215,6 @@ class StatusCollector:
         self._last = (now, tokens, busy_now)
         self.samples.append(Sample(t=now, tokens_per_s=rate, active=int(stats.get("active", 0)),
                                    queued=int(stats.get("queued", 0))))
-        by_name = {_name(s, [r for st in stats["replicas"] for r in st]): s for s in stages}
         placed = {f"stage-{s['stage']}/replica-{s['replica']}": s for s in info["stages"]}
         route = list(info.get("route", []))
         replicas = []
