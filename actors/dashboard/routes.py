@@ -37,7 +37,10 @@ def static(name: str) -> Response:
 
 async def login(request: Request, digests: frozenset[str]) -> Response:
     """The login form: a key that matches sets the session cookie; either way back to the page."""
-    form = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=4)
+    try:
+        form = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=4)
+    except ValueError:  # more fields than a login form has: refused like a wrong key
+        form = {}
     key = (form.get("key") or [""])[0][:MAX_KEY]
     digest = hash_key(key)
     if not any([hmac.compare_digest(digest, d) for d in digests]):  # each compared in constant time

@@ -43,6 +43,9 @@ def test_the_status_needs_a_key_or_the_login_cookie() -> None:
     wrong = client.post("/dashboard/login", content="key=nope", headers={"content-type": "application/x-www-form-urlencoded"})
     assert wrong.status_code == 303 and wrong.headers["location"] == "/dashboard?denied=1"
     assert SESSION_COOKIE not in wrong.cookies
+    stuffed = client.post("/dashboard/login", content="&".join(f"f{i}=1" for i in range(10)),
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert stuffed.status_code == 303 and stuffed.headers["location"] == "/dashboard?denied=1"
     right = client.post("/dashboard/login", content="key=s3cret",
                         headers={"content-type": "application/x-www-form-urlencoded"})
     assert right.status_code == 303 and right.headers["location"] == "/dashboard"
