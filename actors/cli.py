@@ -230,6 +230,11 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Larger request bodies get 413.")] = 8 << 20,
     request_timeout: Annotated[float, typer.Option(
         min=0.001, help="Seconds a request may run; then 504 and its caches are freed.")] = 600.0,
+    tls_cert: Annotated[Path | None, typer.Option(
+        help="PEM certificate (chain): serve HTTPS (with --tls-key).", show_default=False)] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        help="PEM private key of --tls-cert (unencrypted; keep it readable by its owner only).",
+        show_default=False)] = None,
 ) -> None:
     """OpenAI-compatible HTTP endpoint (/v1/completions, /v1/chat/completions, /v1/models) on Ray Serve.
 
@@ -248,6 +253,7 @@ def serve(
     if not keys and not insecure and not http._loopback(host):
         raise typer.BadParameter(f"--host {host} without an API key would let anyone who reaches it use the "
                                  "deployments: give --api-key KEY (or MESHPIPE_API_KEY), or --insecure")
+    http.tls_options(tls_cert and str(tls_cert), tls_key and str(tls_key))  # fails before Ray starts
     names = name or ["default"]
     if not address:
         model = model or SMOLLM2_NAME
@@ -267,7 +273,8 @@ def serve(
             pipe = _deploy(model, stages, names[0])
         with err.status("starting the HTTP server (Ray Serve) ..."):
             url = http.start(names, host=host, port=port, replicas=replicas, api_keys=keys, insecure=insecure,
-                             max_body_bytes=max_body_bytes, request_timeout_s=request_timeout)
+                             max_body_bytes=max_body_bytes, request_timeout_s=request_timeout,
+                             tls_cert=tls_cert and str(tls_cert), tls_key=tls_key and str(tls_key))
         served = True
         out.print(f"serving {', '.join(names)} at [bold]{url}[/] (OpenAI-compatible: /completions, "
                   "/chat/completions, /models)" + ("" if detach else "; Ctrl-C stops"))

@@ -158,6 +158,12 @@ class RequestJournal:
         return n
 
 
+def incarnation_of(restarts: int | None) -> int:
+    """A router's incarnation from Ray's restart count: 0 only on a first start, the one case that clears
+    the journal. An unknown count (the GCS could not say) counts as a restart: fail closed, keep it."""
+    return 1 if restarts is None else restarts
+
+
 def record_of(req: Request, completion: Any = None) -> RequestRecord:
     """The journal's record of a request now (its deadline as wall-clock time)."""
     deadline = None if req.deadline is None else time.time() + (req.deadline - time.monotonic())

@@ -25,7 +25,7 @@ from actors.errors import BackPressureError, DeploymentError, RequestCancelledEr
 from actors.gcs import own_restarts
 from actors.hooks import FaultHooks, ScalingHooks
 from actors.jobs import Jobs
-from actors.journal import RequestJournal, resume
+from actors.journal import incarnation_of, RequestJournal, resume
 from actors.metrics import RouterMetrics
 from actors.pool import ReplicaPool
 from actors.prefix import KvBudget, PrefixCache, expected_steps
@@ -70,8 +70,7 @@ class RouterActor(FaultHooks, ScalingHooks):
         self.requests: OrderedDict[str, Request] = OrderedDict()
         self.waiting: deque[Request] = deque()
         self.lanes = [Lane(i) for i in range(self.rc.micro_batches or 1)]
-        restarts = own_restarts()  # > 0: Ray restarted this router; accepted requests are in the journal
-        self.incarnation = 1 if restarts is None else restarts  # unknown: as after a restart (keep the journal)
+        self.incarnation = incarnation_of(own_restarts())  # > 0: accepted requests are in the journal
         self.rings = RingDriver(spec.deployment, self.pool, ray.get_runtime_context().current_actor, len(self.lanes),
                                 self.incarnation, frozenset(self.cfg.eos_ids), self.cfg.max_seq_len, self._fallback,
                                 self.rc.prefill_chunk) \

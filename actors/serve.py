@@ -303,21 +303,27 @@ class OpenAIServer:
 
 def start(deployments: list[str], host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
           api_keys: tuple[str, ...] = (), insecure: bool = False, max_body_bytes: int = DEFAULT_MAX_BODY,
-          request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> str:
+          request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, tls_cert: str | None = None,
+          tls_key: str | None = None) -> str:
     """Runs the OpenAI-compatible app on Ray Serve in the connected Ray cluster; returns its base URL.
 
     Every name must be a running deployment (DeploymentError otherwise). With `api_keys`, requests need
     `Authorization: Bearer KEY` (the app keeps their SHA-256 digests); a host other than loopback
-    without a key is refused unless `insecure`."""
+    without a key is refused unless `insecure`. With `tls_cert` and `tls_key` (PEM files, readable where
+    Serve's proxies run) the server speaks HTTPS."""
     if not api_keys and not insecure and not _loopback(host):
         raise DeploymentError(f"serving on {host} without an API key would let anyone who reaches it use the "
                               "deployments: give --api-key KEY (or MESHPIPE_API_KEY), or --insecure to do it anyway")
+    tls = tls_options(tls_cert, tls_key)
     if not ray.is_initialized():
         raise DeploymentError("connect to Ray first (ray.init(address=...)): the server attaches to deployments")
     for name in deployments:
         Pipeline.connect(name)  # fails fast, naming the missing deployment
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port, **tls})
     http = serve.context._get_global_client().http_config  # Serve already running keeps its own options
+    if tls and not http.ssl_certfile:
+        raise DeploymentError("Ray Serve already runs in this cluster without TLS: its HTTP options are set when "
+                              "it starts; `serve shutdown` it first, or serve without --tls-cert")
     if (http.host, http.port) != (host, port):
         log.warning("Ray Serve was already running on %s:%d in this cluster: serving there, not on %s:%d",
                     http.host, http.port, host, port)
@@ -325,9 +331,31 @@ def start(deployments: list[str], host: str = "127.0.0.1", port: int = 8000, rep
     serve.run(OpenAIServer.options(num_replicas=replicas).bind(list(deployments), digests, max_body_bytes,
                                                                request_timeout_s), name=APP_NAME,
               route_prefix="/", blocking=False)
-    url = f"http://{http.host}:{http.port}/v1"
+    url = f"{'https' if http.ssl_certfile else 'http'}://{http.host}:{http.port}/v1"
     log.info("serving %s at %s", deployments, url)
     return url
+
+
+def tls_options(cert: str | None, key: str | None) -> dict[str, str]:
+    """Serve's HTTP options for HTTPS from a PEM certificate (chain) and its private key; {} for neither.
+
+    Both files are checked here, so a typo fails before Serve starts (a proxy that cannot read them
+    would fail later, on its node)."""
+    if cert is None and key is None:
+        return {}
+    if cert is None or key is None:
+        raise DeploymentError("TLS needs both a certificate and its private key: give --tls-cert and --tls-key")
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ValueError) as e:
+        reason = "not PEM, or a key that does not match" if isinstance(e, ssl.SSLError) or not \
+            isinstance(e, OSError) else (e.strerror or "unreadable").lower()
+        raise DeploymentError(f"the TLS certificate or key cannot be used ({reason}): give --tls-cert a PEM "
+                              "certificate and --tls-key the unencrypted PEM private key that matches it") from None
+    return {"ssl_certfile": str(Path(cert).resolve()), "ssl_keyfile": str(Path(key).resolve())}
 
 
 def _loopback(host: str) -> bool:

@@ -62,6 +62,12 @@ def test_serve_with_an_unknown_model_is_one_error_line_before_any_ray(tmp_path: 
     assert "Started a local Ray" not in r.stderr
     r = meshpipe("serve", "--detach", timeout=60)
     assert r.returncode == 2 and "--detach needs --address" in r.stderr
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    for tls in (["--tls-cert", str(tmp_path / "cert.pem")],
+                ["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "cert.pem")]):
+        r = meshpipe("serve", *tls, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and "--tls-" in r.stderr, r.stderr
+        assert "Started a local Ray" not in r.stderr and "not a certificate" not in r.stderr
 
 
 def test_prompt_and_prompt_ids_are_exclusive() -> None:

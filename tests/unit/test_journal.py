@@ -71,3 +71,24 @@ def test_subkeys_are_per_purpose_and_deterministic() -> None:
     sealed = seal_record("k", {"rid": "x"}, subkey(root, "journal:d1"))
     with pytest.raises(ValueError, match="authentication"):
         open_record("k", sealed, subkey(root, "journal:d2"))
+
+
+def test_an_unknown_restart_count_keeps_the_journal_and_ids_never_repeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail closed: when the GCS cannot say how often the router restarted, it acts as restarted (keeps the
+    journal, resets nothing); request ids of two router processes never collide, whatever they know."""
+    import ray
+
+    from actors import gcs
+    from actors.journal import incarnation_of
+    from actors.request import RequestIds
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("C", (), {"get_actor_id": lambda self: "ab"})())
+    monkeypatch.setattr(gcs, "actor_record", lambda actor: ("UNKNOWN", 0))
+    assert gcs.own_restarts() is None and incarnation_of(gcs.own_restarts()) == 1
+    monkeypatch.setattr(gcs, "actor_record", lambda actor: ("ALIVE", 0))
+    assert incarnation_of(gcs.own_restarts()) == 0  # a first start: the only case that clears the journal
+    monkeypatch.setattr(gcs, "actor_record", lambda actor: ("ALIVE", 3))
+    assert incarnation_of(gcs.own_restarts()) == 3
+    first, second = RequestIds("dep"), RequestIds("dep")
+    a, b = {first() for _ in range(1000)}, {second() for _ in range(1000)}
+    assert len(a) == len(b) == 1000 and not a & b and all(i.startswith("dep-") for i in a | b)
