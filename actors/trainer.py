@@ -503,7 +503,15 @@ def _tokens(micros: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
 
 
 def _lost_peer(e: Exception) -> bool:
-    """A task failed because a peer died (a collective lost its member, or an argument's owner died)."""
-    text = str(e)
+    """A task failed because a peer died (a collective lost its member, or an argument's owner died):
+    by the cause's type where Ray and torch.distributed give one, else by gloo's plain RuntimeError text
+    (a peer's socket closing mid-collective has no type of its own)."""
+    import ray
+    import torch.distributed as dist
+
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, dist.DistError)):
+        return True
+    text = f"{e} {cause}"
     return any(s in text for s in ("RayActorError", "ActorDiedError", "Connection closed by peer",
                                    "Connection reset", "gloo", "NCCL", "ObjectLost", "OwnerDied"))
