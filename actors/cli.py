@@ -253,7 +253,8 @@ def serve(
     if not keys and not insecure and not http._loopback(host):
         raise typer.BadParameter(f"--host {host} without an API key would let anyone who reaches it use the "
                                  "deployments: give --api-key KEY (or MESHPIPE_API_KEY), or --insecure")
-    http.tls_options(tls_cert and str(tls_cert), tls_key and str(tls_key))  # fails before Ray starts
+    tls = {"tls_cert": tls_cert and str(tls_cert), "tls_key": tls_key and str(tls_key)}
+    http.tls_options(*tls.values())  # fails before Ray starts
     names = name or ["default"]
     if not address:
         model = model or SMOLLM2_NAME
@@ -273,8 +274,7 @@ def serve(
             pipe = _deploy(model, stages, names[0])
         with err.status("starting the HTTP server (Ray Serve) ..."):
             url = http.start(names, host=host, port=port, replicas=replicas, api_keys=keys, insecure=insecure,
-                             max_body_bytes=max_body_bytes, request_timeout_s=request_timeout,
-                             tls_cert=tls_cert and str(tls_cert), tls_key=tls_key and str(tls_key))
+                             max_body_bytes=max_body_bytes, request_timeout_s=request_timeout, **tls)
         served = True
         out.print(f"serving {', '.join(names)} at [bold]{url}[/] (OpenAI-compatible: /completions, "
                   "/chat/completions, /models)" + ("" if detach else "; Ctrl-C stops"))

@@ -350,9 +350,9 @@ def tls_options(cert: str | None, key: str | None) -> dict[str, str]:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(cert, key)
-    except (OSError, ValueError) as e:
-        reason = "not PEM, or a key that does not match" if isinstance(e, ssl.SSLError) or not \
-            isinstance(e, OSError) else (e.strerror or "unreadable").lower()
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: bad content, not a missing file
+        unreadable = isinstance(e, OSError) and not isinstance(e, ssl.SSLError)
+        reason = (e.strerror or "unreadable").lower() if unreadable else "not PEM, or a key that does not match"
         raise DeploymentError(f"the TLS certificate or key cannot be used ({reason}): give --tls-cert a PEM "
                               "certificate and --tls-key the unencrypted PEM private key that matches it") from None
     return {"ssl_certfile": str(Path(cert).resolve()), "ssl_keyfile": str(Path(key).resolve())}
