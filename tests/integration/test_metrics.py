@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,13 +31,15 @@ def _scrape() -> str:
     return text
 
 
-def scrape_until(wanted: list[str], deployment: str, timeout: float = 60) -> str:
-    """Ray's export once every `wanted` series of `deployment` is in it (or the last scrape at the timeout)."""
+def scrape_until(wanted: list[str], deployment: str, timeout: float = 60,
+                 done: Callable[[str], bool] = lambda text: True) -> str:
+    """Ray's export once every `wanted` series of `deployment` is in it and `done(text)` holds (or the last
+    scrape at the timeout): Ray exports every few seconds, so a series may show an earlier value first."""
     deadline = time.monotonic() + timeout
     text = ""
     while time.monotonic() < deadline:
         text = _scrape()
-        if all(w in text for w in wanted) and f'deployment="{deployment}"' in text:
+        if all(w in text for w in wanted) and f'deployment="{deployment}"' in text and done(text):
             break
         time.sleep(1)
     return text
@@ -66,10 +69,15 @@ def test_training_steps_show_up_with_stage_and_copy_tags(tiny_ckpt: Path) -> Non
         steps = [tr.step([[5, 6, 7, 8, 9]] * 4) for _ in range(2)]
         wanted = ["ray_meshpipe_train_loss", "ray_meshpipe_train_tokens", "ray_meshpipe_train_step_seconds",
                   "ray_meshpipe_train_bubble_fraction"]
-        text = scrape_until(wanted, "metrics-train")
+
+        def train_tokens(text: str) -> list[float]:
+            return [float(m) for m in re.findall(r'^ray_meshpipe_train_tokens_total\{[^}]*copy="0"[^}]*'
+                                                 r'deployment="metrics-train"[^}]*stage="1"[^}]*\} ([0-9.e+]+)',
+                                                 text, re.M)]
+
+        text = scrape_until(wanted, "metrics-train", done=lambda text: train_tokens(text) == [2 * 4 * 4])
         assert not [w for w in wanted if w not in text], text[-2000:]
-        tokens = [float(m) for m in re.findall(r'^ray_meshpipe_train_tokens_total\{[^}]*copy="0"[^}]*'
-                                               r'deployment="metrics-train"[^}]*stage="1"[^}]*\} ([0-9.e+]+)', text, re.M)]
+        tokens = train_tokens(text)
         assert tokens == [2 * 4 * 4]  # two steps of 4 rows x 4 targets
         loss = [float(m) for m in re.findall(r'^ray_meshpipe_train_loss\{[^}]*deployment="metrics-train"[^}]*\} '
                                              r'([0-9.e+-]+)', text, re.M)]
