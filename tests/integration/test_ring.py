@@ -114,7 +114,7 @@ def test_sampled_tokens_with_drafts_follow_the_model_softmax(tiny_ckpt: Path, lo
     assert propose_drafts(prompt, 4)[0] == c
     pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="ring-chi2")
     try:
-        outs = [o for _ in range(6) for o in pipe.generate([prompt] * 250, max_new_tokens=2, temperature=1.0,
+        outs = [o for _ in range(8) for o in pipe.generate([prompt] * 250, max_new_tokens=2, temperature=1.0,
                                                               ignore_eos=True, speculative=4)]
     finally:
         pipe.shutdown()
