@@ -44,8 +44,8 @@ class Recovery:
         self.key = key
         self.reschedule = reschedule  # the router schedules waiting requests again (a replica came back)
         self.actor_state = actor_state  # Ray's record of an actor: (state, restarts)
-        # per recovered step: (time.time() at its end, seconds in all, seconds of them failing over or
-        # waiting for a restart; the rest rebuilt caches and re-ran the step)
+        # per recovered step, or ring broken by a failure once its requests stepped again: (time.time() at
+        # its end, seconds in all, seconds of them failing over or waiting for a restart)
         self.recoveries: list[tuple[float, float, float]] = []
         self.copied_positions = 0  # KV positions copied to standbys (replicate_every)
         self.rebuilt_positions = 0  # KV positions recomputed by recoveries
@@ -133,9 +133,20 @@ class Recovery:
                 if not self.recoverable(e) or time.monotonic() >= deadline:
                     raise
                 log.warning("recovery of step %d interrupted (%s): again", step, type(e).__name__)
-        self.recoveries.append((time.time(), time.monotonic() - t0, waited))
-        self.metrics.recovered(time.monotonic() - t0)
+        self.resumed(reqs, t0, waited)
         return out
+
+    def resumed(self, reqs: list[Request], t0: float | None = None, waited: float = 0.0) -> None:
+        """Records one recovery of these requests, from `t0` or the break of the ring they were on (whichever
+        came first) to now; nothing when neither (a plain step)."""
+        since = [r.broken_at for r in reqs if r.broken_at is not None] + ([] if t0 is None else [t0])
+        if not since:
+            return
+        for r in reqs:
+            r.broken_at = None
+        took = time.monotonic() - min(since)
+        self.recoveries.append((time.time(), took, waited))
+        self.metrics.recovered(took)
 
     def standbys(self, reqs: list[Request]) -> dict[int, int]:
         """Per stage, the standby replica holding copies for most of these sequences."""

@@ -30,6 +30,7 @@ class Request:
     journaled: int = 0  # generated tokens in its journal record
     copies: dict[int, tuple[int, int]] = field(default_factory=dict)  # stage -> (standby replica, positions copied)
     chunk: int = 0  # Ray-call path: prompt tokens of a chunk in flight (0: its whole next input)
+    broken_at: float | None = None  # time.monotonic() its ring broke under a failure, until it steps again
 
 
 @dataclass

@@ -188,7 +188,7 @@ class RingDriver:
                         (r.rid, r.seq.prompt + r.seq.generated, r.seq.cached, len(r.seq.generated), r.seq.params)
                         for r in admits if not r.future.done()])
         except Exception as e:  # noqa: BLE001 - a member is gone: recovery takes over
-            await self.break_ring(ring.ring_id, f"admission failed: {type(e).__name__}: {e}")
+            await self.break_ring(ring.ring_id, f"admission failed: {type(e).__name__}: {e}", failure=True)
         finally:
             ring.flushing = False
             if ring.state == "ready" and (ring.admits or ring.cancels):
@@ -201,10 +201,11 @@ class RingDriver:
         for ring in list(self.rings.values()):
             reps = self.pool.table.on_route(ring.route)
             if any(r.gone or self.pool.down_event(r).is_set() for r in reps):
-                self.jobs.spawn(self.break_ring(ring.ring_id, "a replica died"))
+                self.jobs.spawn(self.break_ring(ring.ring_id, "a replica died", failure=True))
 
-    async def break_ring(self, ring_id: str, why: str) -> None:
-        """Stops the ring everywhere, rewinds what the router never saw, hands its requests to `fallback`."""
+    async def break_ring(self, ring_id: str, why: str, failure: bool = False) -> None:
+        """Stops the ring everywhere, rewinds what the router never saw, hands its requests to `fallback`.
+        `failure`: a member died or failed; its requests' next step ends a recovery (`Recovery.resumed`)."""
         ring = self.by_id.pop(ring_id, None)
         if ring is None or ring.state == "broken":
             return
@@ -215,6 +216,8 @@ class RingDriver:
         self.broken.append((time.time(), ring_id, why))
         del self.broken[:-64]
         reqs = [r for r in ring.lane.seqs if not r.future.done()]
+        for r in reqs if failure else []:
+            r.broken_at = time.monotonic()
         log.warning("ring %s broke (%s): %d sequences continue through Ray calls", ring_id, why, len(reqs))
         await self._each(ring, lambda h: h.ring_stop.remote(ring_id))
         lengths = {r.rid: r.seq.cached for r in reqs}

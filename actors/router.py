@@ -384,6 +384,7 @@ class RouterActor(FaultHooks, ScalingHooks):
         """A step's sampled tokens: appended to their sequences; finished ones complete."""
         self.pool.table.observe_trace(out.trace, n_tokens)
         self.metrics.step(len(reqs), out.trace, out.retransmits)
+        self.recovery.resumed(reqs)  # a ring broke under them: their first step since ends the recovery
         if self.rc.replicate_every and lane.step % self.rc.replicate_every == 0:
             self.jobs.spawn(self.recovery.replicate(reqs, reqs[0].route))
         for r, token, lp in zip(reqs, out.sampled, out.logprobs):
@@ -439,7 +440,7 @@ class RouterActor(FaultHooks, ScalingHooks):
         """A ring member's loop failed (a channel closed, a message stayed corrupt): recover its requests."""
         if self.rings:
             log.warning("ring %s: %s failed: %s", ring_id, member, reason)
-            await self.rings.break_ring(ring_id, f"{member}: {reason}")
+            await self.rings.break_ring(ring_id, f"{member}: {reason}", failure=True)
 
     # ---------- ending requests ----------
 

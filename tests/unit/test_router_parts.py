@@ -168,6 +168,22 @@ def test_watcher_marks_dead_replicas_and_takes_restarted_ones_back() -> None:
     assert not pool.down_event(rep).is_set() and rep.alive and rep.restarts_seen == 1 and scheduled
 
 
+def test_a_ring_broken_by_a_failure_counts_one_recovery_when_its_requests_step_again() -> None:
+    rec, _ = make_recovery(make_pool([1]), {})
+    plain, broken = make_request("p", [1, 2]), [make_request(f"b{i}", [1, 2]) for i in range(2)]
+    rec.resumed([plain])
+    assert rec.recoveries == []  # a plain step is no recovery
+    broken[0].broken_at, broken[1].broken_at = time.monotonic() - 2.0, time.monotonic() - 1.0
+    rec.resumed(broken)
+    assert len(rec.recoveries) == 1 and 2.0 <= rec.recoveries[0][1] < 3.0  # from the earliest break
+    assert all(r.broken_at is None for r in broken)
+    rec.resumed(broken)
+    assert len(rec.recoveries) == 1  # counted once
+    broken[0].broken_at = time.monotonic() - 5.0  # broke, then a step failed: recover() counts from the break
+    rec.resumed(broken, t0=time.monotonic(), waited=0.5)
+    assert len(rec.recoveries) == 2 and rec.recoveries[1][1] >= 5.0 and rec.recoveries[1][2] == 0.5
+
+
 def test_failover_moves_only_the_dead_stage_to_its_standby() -> None:
     pool = make_pool([2, 2])
     route = pool.plan()
