@@ -117,14 +117,14 @@ def demo(
         ray.shutdown()
 
 
-def _deploy(model: str, stages: int, name: str) -> Any:
-    """Pipeline.deploy with progress bars (weights read, stages up) on stderr."""
+def _deploy(model: str, stages: int, name: str, **options: Any) -> Any:
+    """Pipeline.deploy (with `options`) and progress bars (weights read, stages up) on stderr."""
     from actors import Pipeline, TqdmProgress
 
     err.print(f"deploying {model} in {stages} stages as {name!r} ...")
     bars = TqdmProgress(file=sys.stderr)
     try:
-        return Pipeline.deploy(model, num_stages=stages, name=name, progress=bars)
+        return Pipeline.deploy(model, num_stages=stages, name=name, progress=bars, **options)
     finally:
         bars.close()
 
@@ -161,7 +161,10 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     speculative: Annotated[int, typer.Option(
-        min=0, help="Prompt-lookup drafts verified a pass (0 = off); the output is unchanged.")] = 0,
+        min=0, help="Drafts verified a pass (0 = off); the output is unchanged.")] = 0,
+    draft_model: Annotated[str | None, typer.Option(
+        help="A small model with the same tokenizer that drafts for --speculative (default: prompt "
+             "lookup).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of the text.")] = False,
 ) -> None:
     """Generates a completion: deploys locally, or attaches to a running named deployment."""
@@ -172,20 +175,22 @@ def generate(
 
     if (prompt is None) == (prompt_ids is None):
         raise typer.BadParameter("give exactly one of --prompt and --prompt-ids")
-    if address and model:
-        raise typer.BadParameter("give --model (deploy locally) or --address (attach to a deployment), "
-                                 "not both")
+    if address and (model or draft_model):
+        raise typer.BadParameter("give --model/--draft-model (deploy locally) or --address (attach to a "
+                                 "deployment), not both")
     the_prompt: str | list[int] = prompt if prompt is not None else _parse_ids(prompt_ids or "")
     model = model or SMOLLM2_NAME
     if not address:
-        resolve_source(model)  # fail fast, before starting Ray
+        for source in (model, draft_model):
+            if source:
+                resolve_source(source)  # fail fast, before starting Ray
     pipe = None
     local = False
     try:
         with err.status("starting Ray ..." if not address else f"connecting to {address} ..."):
             local = _init_ray(address, max(4, stages))
         if local:
-            pipe = _deploy(model, stages, f"cli-{os.getpid()}")
+            pipe = _deploy(model, stages, f"cli-{os.getpid()}", draft_model=draft_model)
         else:
             pipe = Pipeline.connect(name)
         with err.status("generating ..."):
@@ -213,6 +218,9 @@ def serve(
     model: Annotated[str | None, typer.Option(
         help=f"Deploy this model and serve it (default without --address: {SMOLLM2_NAME}).")] = None,
     stages: Annotated[int, typer.Option(min=1, help="Stages of the deployment it makes.")] = 2,
+    draft_model: Annotated[str | None, typer.Option(
+        help="A small model with the same tokenizer that drafts for speculative requests (default: "
+             "prompt lookup).")] = None,
     address: Annotated[str | None, typer.Option(
         help="A running Ray cluster (e.g. auto): serve its deployments, or deploy --model there.")] = None,
     name: Annotated[list[str] | None, typer.Option(
@@ -268,10 +276,16 @@ def serve(
             from models.loading import resolve_source
 
             resolve_source(model)  # fail fast, before starting Ray
+        if draft_model:
+            if not model:
+                raise typer.BadParameter("--draft-model goes with the deployment --model makes")
+            from models.loading import resolve_source
+
+            resolve_source(draft_model)
         with err.status("starting Ray ..." if not address else f"connecting to {address} ..."):
             _init_ray(address, max(4, stages), dashboard=True)
         if model:
-            pipe = _deploy(model, stages, names[0])
+            pipe = _deploy(model, stages, names[0], draft_model=draft_model)
         with err.status("starting the HTTP server (Ray Serve) ..."):
             url = http.start(names, host=host, port=port, replicas=replicas, api_keys=keys, insecure=insecure,
                              max_body_bytes=max_body_bytes, request_timeout_s=request_timeout, **tls)

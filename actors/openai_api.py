@@ -116,7 +116,8 @@ class _Sampling(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False  # an extension: generate past EOS (benchmarks)
-    speculative: int = Field(0, ge=0, le=MAX_SPECULATIVE)  # an extension: prompt-lookup drafts a pass (lossless)
+    # an extension: drafts verified a pass (lossless): the deployment's draft model's, else prompt lookup
+    speculative: int = Field(0, ge=0, le=MAX_SPECULATIVE)
     user: str | None = None
 
     @field_validator("stop")

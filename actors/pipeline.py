@@ -95,6 +95,7 @@ class Pipeline:
 
         `options` are `DeployConfig`'s fields, plus `progress=`: a callable given a `DeployProgress` as
         weights are read and stages come up (`actors.TqdmProgress()` draws bars)."""
+        from models.drafter import check_draft
         from models.loading import read_config, resolve_source
 
         progress: ProgressFn | None = options.pop("progress", None)
@@ -109,6 +110,10 @@ class Pipeline:
             pass
         source = resolve_source(dc.model)
         cfg = read_config(source)
+        if dc.stage.draft_model is not None:  # checked before any actor starts; stages get its resolved path
+            draft = resolve_source(dc.stage.draft_model)
+            check_draft(cfg, read_config(draft), repr(dc.stage.draft_model))
+            dc = dc.model_copy(update={"stage": dc.stage.model_copy(update={"draft_model": str(draft)})})
         placement = None
         if dc.topology is not None:
             with topology_errors():

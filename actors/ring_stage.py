@@ -146,6 +146,8 @@ class RingMember:
         for t in self.threads:
             if t is not threading.current_thread():
                 t.join(timeout_s)
+        if self.is_head and self.stage.drafter is not None:  # the router rewinds; drafts start afresh
+            self.stage.drafter.release(list(self.seqs))
 
     def _guard(self, fn: Any) -> None:
         try:
@@ -234,7 +236,7 @@ class RingMember:
     def _head_step(self, lane: int, members: list[SeqState]) -> None:
         takes = plan_chunks([len(q.pending) for q in members], self.spec.prefill_chunk)
         members = [q for q, t in zip(members, takes) if t]  # prompts past this pass's budget wait a pass
-        partial = []
+        partial, wants = [], []
         for q, take in zip(members, [t for t in takes if t]):
             q.sent, q.drafts = take, []
             if take < len(q.pending):  # a prompt chunk: no drafts, nothing sampled
@@ -246,7 +248,9 @@ class RingMember:
                 if q.paused >= PROBE_AFTER:  # try one draft again: the text may have turned repetitive
                     q.budget, q.paused = 1, 0
                 k = min(k, q.budget)
-            q.drafts = propose_drafts(q.tokens, k) if k else []
+            if k:
+                wants.append((q, k))
+        self._draft(wants)
         inputs = [q.pending[:q.sent] + q.drafts for q in members]
         spec = any(q.drafts for q in members)
         self.step += 1
@@ -256,12 +260,25 @@ class RingMember:
                         lengths=[len(x) for x in inputs], release=self.release, lane=lane,
                         drafts=[list(q.drafts) for q in members] if spec else [],
                         tokens=[t for xs in inputs for t in xs], partial=partial)
+        if self.release and self.stage.drafter is not None:
+            self.stage.drafter.release(self.release)
         self.release = []
         if members:
             self.in_flight.add(lane)
         header.lanes = max(1, len(self.in_flight))
         x = torch.tensor(header.tokens, dtype=torch.long)  # (N,)
         self.stage.compute.run(self._compute_and_pass, header, x)
+
+    def _draft(self, wants: list[tuple[SeqState, int]]) -> None:
+        """Each sequence's drafts (up to its k): the stage's draft model's greedy ones, else prompt lookup."""
+        drafter = self.stage.drafter
+        if drafter is None or not wants:
+            for q, k in wants:
+                q.drafts = propose_drafts(q.tokens, k)
+            return
+        drafts = self.stage.compute.run(drafter.propose, [(q.rid, q.tokens, k) for q, k in wants])
+        for (q, _), d in zip(wants, drafts):
+            q.drafts = d
 
     # ---------- every member: receive, compute, send ----------
 

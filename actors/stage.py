@@ -49,6 +49,7 @@ from models import (
     load_stage,
     sample,
 )
+from models.drafter import ModelDrafter
 from topology.split import StageSpec
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,8 @@ class StageActor:
                                           embed=spec.embed, head=spec.head)
         self.cache = self.compute.run(self.model.new_cache, self._pool_tokens(setup, cfg), setup.stage.kv_block_size,
                                       setup.stage.prefix_caching)
+        # the first stage heads decode rings: it drafts for speculative sequences (a draft model, or prompt lookup)
+        self.drafter = self.compute.run(self._drafter, setup) if spec.index == 0 and setup.stage.draft_model else None
         # more threads pay off only for a stage with real work (a tiny test model's ops stay serial, and
         # idle OpenMP workers spinning in 4 processes on 2 cores cost it 3x): ~1M parameters and up
         self.adaptive = self.adaptive and sum(p.numel() for p in self.model.parameters()) >= 2**20
@@ -171,6 +174,10 @@ class StageActor:
         self.metrics.refresh(0)
         log.info("%s replica %d ready on %s (%d threads) in %.1f s", spec.label, replica, self.device,
                  torch.get_num_threads(), self.load_s)
+
+    def _drafter(self, setup: StageSetup) -> ModelDrafter:
+        model = load_stage(setup.stage.draft_model, dtype=setup.stage.dtype, device=self.device)
+        return ModelDrafter(model, max_sequences=setup.max_sequences)
 
     def _pool_tokens(self, setup: StageSetup, cfg: ModelConfig) -> int:
         """The KV pool's size: kv_cache_tokens, else `default_pool_tokens` for this device."""
@@ -568,4 +575,5 @@ class StageActor:
             "load_s": round(self.load_s, 3),
             "restarts": self.restarts,
             **self.counters,
+            **({"draft_model_passes": self.drafter.passes} if self.drafter is not None else {}),
         }

@@ -23,6 +23,7 @@ from models.speculative import speculative_step
 
 if TYPE_CHECKING:
     from models.cache import KVCache
+    from models.drafter import ModelDrafter, check_draft
     from models.model import Transformer
     from models.tokenizer import Tokenizer
 
@@ -170,14 +171,20 @@ _ids = itertools.count()
 
 @torch.inference_mode()
 def generate_local(model: Transformer, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 16,
-                   **sampling: Any) -> list[Completion]:
+                   draft_model: Transformer | ModelDrafter | None = None, **sampling: Any) -> list[Completion]:
     """The single-process reference: every prompt in one continuous batch on one whole-model module.
 
     Takes `Pipeline.generate`'s keywords (`SamplingParams`' fields: temperature, top_k, top_p, seed,
     stop, logprobs, ignore_eos, speculative); str prompts need `model.tokenizer` (`models.load_model`
-    sets it). `speculative=k` verifies up to k prompt-lookup drafts per pass (`models.speculative`):
-    the same tokens in fewer passes.
+    sets it). `speculative=k` verifies up to k drafts per pass (`models.speculative`): the same tokens
+    in fewer passes. Drafts come from prompt lookup, or from `draft_model` (a small model with the
+    same tokenizer, `models.drafter`) when given.
     """
+    from models.drafter import ModelDrafter, check_draft
+
+    drafter = draft_model if draft_model is None or isinstance(draft_model, ModelDrafter) else ModelDrafter(draft_model)
+    if drafter is not None:
+        check_draft(model.cfg, drafter.model.cfg)
     params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
     tokenizer = getattr(model, "tokenizer", None)
     plist = list(prompts) if is_batch(prompts) else [prompts]
@@ -194,9 +201,13 @@ def generate_local(model: Transformer, prompts: Prompt | Sequence[Prompt], max_n
     device = next(model.parameters()).device
     active = list(states)
     while active:
-        step = speculative_step if params.speculative else plain_step
-        step(model, cache, active, tokenizer, device)
+        if params.speculative:
+            speculative_step(model, cache, active, tokenizer, device, drafter)
+        else:
+            plain_step(model, cache, active, tokenizer, device)
         cache.free(s.seq_id for s in active if s.done)
+        if drafter is not None:
+            drafter.release(s.seq_id for s in active if s.done)
         active = [s for s in active if not s.done]
     return [s.completion(tokenizer) for s in states]
 

@@ -25,6 +25,7 @@ from models.sampling import SamplingParams, TokenLogprob, sample
 
 if TYPE_CHECKING:
     from models.cache import KVCache
+    from models.drafter import ModelDrafter
     from models.generation import Prompt, SequenceState
     from models.model import Transformer
     from models.tokenizer import Tokenizer
@@ -140,10 +141,15 @@ def verify(logits: torch.Tensor, states: Sequence[SequenceState], drafts: Sequen
 
 
 def speculative_step(model: Transformer, cache: KVCache, active: Sequence[SequenceState],
-                     tokenizer: Tokenizer | None, device: torch.device) -> list[PassResult]:
-    """One verification pass for every active sequence (prefills included): drafts, forward, accept,
-    emit through SequenceState.add (stop rules per token), rewind the cache to the kept positions."""
-    drafts = [propose_drafts(s.prompt + s.generated, draft_budget(s)) for s in active]
+                     tokenizer: Tokenizer | None, device: torch.device,
+                     drafter: ModelDrafter | None = None) -> list[PassResult]:
+    """One verification pass for every active sequence (prefills included): drafts (prompt lookup, or
+    `drafter`'s), forward, accept, emit through SequenceState.add (stop rules per token), rewind the
+    cache to the kept positions."""
+    if drafter is None:
+        drafts = [propose_drafts(s.prompt + s.generated, draft_budget(s)) for s in active]
+    else:
+        drafts = drafter.propose([(s.seq_id, s.prompt + s.generated, draft_budget(s)) for s in active])
     inputs = [s.next_input() + d for s, d in zip(active, drafts)]
     lengths = [len(x) for x in inputs]
     batch = Batch.build([s.seq_id for s in active], [s.cached for s in active], lengths)
