@@ -142,12 +142,14 @@ def bench_spec_cmd(
     new_tokens: Annotated[int, typer.Option(min=1)] = 160,
     k: Annotated[int, typer.Option(min=1, max=16, help="Drafts a pass.")] = 4,
     repeats: Annotated[int, typer.Option(min=1)] = 2,
+    draft_model: Annotated[str | None, typer.Option(
+        help="Draft from this model (same tokenizer as SmolLM2) instead of prompt lookup.")] = None,
 ) -> None:
     """Speculative decoding through the pipeline: a "Repeat exactly" prompt and a story, with and without drafts."""
     from actors.bench.spec import bench_spec
 
     _ensure_model(SMOLLM2_NAME)
-    _emit(bench_spec(SMOLLM2_NAME, stages, new_tokens, k, repeats))
+    _emit(bench_spec(SMOLLM2_NAME, stages, new_tokens, k, repeats, draft_model=draft_model))
 
 
 @bench_app.command("prefix")

@@ -1,10 +1,11 @@
 """`meshpipe bench spec`: speculative decoding through a pipeline, with and without drafts, in one run.
 
 One deployment (S stages, batch 1, greedy, `ignore_eos=True`) answers two fixed chat prompts, each
-timed without speculation and with `speculative=k` (prompt-lookup drafts), alternating so both see
-the same machine: a "Repeat exactly" request over a ~200-token passage (the answer copies the
-prompt, so drafts hit) and a story request (little to copy: speculation must not cost much). Rows
-carry the prompts, tokens/s, tokens a pass, the speedup and whether both runs' tokens are identical.
+timed without speculation and with `speculative=k` (prompt-lookup drafts, or a draft model's),
+alternating so both see the same machine: a "Repeat exactly" request over a ~200-token passage (the
+answer copies the prompt, so drafts hit) and a story request (little to copy: speculation must not
+cost much). Rows carry the prompts, tokens/s, tokens a pass, the speedup and whether both runs'
+tokens are identical.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ PROMPTS = {
 
 
 def bench_spec(model: str = "smollm2-135m", stages: int = 4, new_tokens: int = 160, k: int = 4,
-               repeats: int = 2) -> Iterator[dict[str, Any]]:
-    """One row per prompt: plain and speculative tokens/s through one deployment, best of `repeats`."""
+               repeats: int = 2, draft_model: str | None = None) -> Iterator[dict[str, Any]]:
+    """One row per prompt: plain and speculative tokens/s through one deployment, best of `repeats`;
+    drafts from prompt lookup, or from `draft_model` (deployed with it)."""
     import ray
 
     from actors.bench.pipeline import machine
@@ -45,7 +47,7 @@ def bench_spec(model: str = "smollm2-135m", stages: int = 4, new_tokens: int = 1
     if started:
         ray.init(address="local", num_gpus=stages, include_dashboard=False, log_to_driver=False)
     info = machine()
-    pipe = Pipeline.deploy(model, num_stages=stages, name=f"bench-spec-{stages}")
+    pipe = Pipeline.deploy(model, num_stages=stages, name=f"bench-spec-{stages}", draft_model=draft_model)
     try:
         for label, text in PROMPTS.items():
             messages = [{"role": "user", "content": text}]
@@ -71,7 +73,7 @@ def bench_spec(model: str = "smollm2-135m", stages: int = 4, new_tokens: int = 1
                    "spec_tokens_per_s": round(m / spec_s, 2), "speedup": round((m / spec_s) / (n / plain_s), 3),
                    "tokens_per_pass": round(m / drafts["passes"], 3) if drafts["passes"] else None,
                    "accepted": drafts["accepted"], "identical": spec.token_ids == plain.token_ids,
-                   "model": model, "machine": info}
+                   "drafter": draft_model or "prompt lookup", "model": model, "machine": info}
     finally:
         pipe.shutdown()
         if started:
