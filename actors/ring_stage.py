@@ -12,9 +12,10 @@ does; stop strings and deadlines are the router's, which cancels at the head.
 
 Every message is an `actors.wire` message (checksum, per-link codec and encryption); a corrupted
 one is asked again from its sender (a Ray call, off the per-token path). Speculative sequences
-send drafts (prompt lookup, or the stage's draft model); the tail samples every drafted position with its own seeded draw and
-keeps drafts while they agree, so tokens equal plain decoding's; rejected positions are rewound
-(only positions a pass drafted may be rewritten: anything else is still a replay).
+send drafts (prompt lookup, or the stage's draft model); the tail samples every drafted position
+with its own seeded draw and keeps drafts while they agree, so tokens equal plain decoding's;
+rejected positions are rewound (only positions a pass drafted may be rewritten: anything else is
+still a replay).
 """
 
 from __future__ import annotations
