@@ -34,27 +34,32 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in at least float32 (as HF Llama does), then scale in the model's dtype
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # normalise in at least float32 (as HF Llama does), then scale in the model's dtype; one fused
+        # op in float32/64 (the same bits as the op-by-op form), and HF's rounding before the scale below
+        if x.dtype in (torch.float32, torch.float64):
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def rope_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables, (max_seq_len, head_dim), in float64 so every dtype rounds them once."""
+    """cos and signed sin tables, (max_seq_len, head_dim), in float64 so every dtype rounds them once.
+
+    HF's rotate_half layout; the sin table's first half is negated, so that `apply_rope` rotates with
+    one roll instead of two slices, a negation and a concatenation (the same bits: -a*b == a*-b)."""
     hd = cfg.head_dim
     cpu = torch.device("cpu")  # real tensors even when the module is built on the meta device
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=cpu) / hd))
     angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64, device=cpu), inv_freq)
-    emb = torch.cat([angles, angles], dim=-1)  # (L, hd), HF's rotate_half layout
-    return emb.cos().to(device), emb.sin().to(device)
+    emb = torch.cat([angles, angles], dim=-1)  # (L, hd)
+    sin = emb.sin()
+    sin[:, :hd // 2].neg_()
+    return emb.cos().to(device), sin.to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (N, heads, hd); cos/sin: (N, 1, hd)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    # x: (N, heads, hd); cos/sin: (N, 1, hd), sin signed (`rope_tables`); roll(x) = [x2, x1], and
+    # [x2, x1] * [-sin1, sin2] = rotate_half(x) * sin
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class Attention(nn.Module):
@@ -139,7 +144,7 @@ class Transformer(nn.Module):
         self.tokenizer: Tokenizer | None = None  # set by `load_model`; turns str prompts into ids
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)  # signed: see rope_tables
 
     @property
     def is_first(self) -> bool:

@@ -45,6 +45,34 @@ def test_greedy_matches_transformers_generate(tiny_ckpt: Path, hf_tiny) -> None:
         assert out.finish_reason == "length"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_norm_and_rope_equal_transformers_bit_for_bit(dtype: torch.dtype) -> None:
+    """The fused RMSNorm and the one-roll RoPE give exactly transformers' Llama bits (CPU), every dtype."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    from models.config import ModelConfig
+    from models.model import RMSNorm, apply_rope, rope_tables
+
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(576, 1e-5), LlamaRMSNorm(576, eps=1e-5)
+    w = (1 + 0.1 * torch.randn(576)).to(dtype)
+    ours.weight.data, ref.weight.data = w, w.clone()
+    x = (3 * torch.randn(33, 576)).to(dtype)
+    if dtype != torch.float64:  # transformers normalises float64 in float32; ours stays in float64
+        assert torch.equal(ours(x), ref(x))
+
+    cfg = ModelConfig(dim=576, n_layers=1, n_heads=9, n_kv_heads=3, hidden_dim=64, vocab_size=8, max_seq_len=128)
+    cos, sin = rope_tables(cfg)
+    pos = torch.randint(0, 128, (40,))
+    q, k = torch.randn(40, 9, 64).to(dtype), torch.randn(40, 3, 64).to(dtype)
+    c, s = cos[pos].to(dtype)[:, None], sin[pos].to(dtype)[:, None]
+    # transformers' tables: plain sin, rotate_half in the function
+    plain = torch.cat([-s[..., :32], s[..., 32:]], -1)
+    rq, rk = apply_rotary_pos_emb(q.transpose(0, 1), k.transpose(0, 1), c[:, 0], plain[:, 0], unsqueeze_dim=0)
+    assert torch.equal(apply_rope(q, c, s), rq.transpose(0, 1))
+    assert torch.equal(apply_rope(k, c, s), rk.transpose(0, 1))
+
+
 def test_ragged_batch_equals_one_at_a_time(tiny_ckpt: Path) -> None:
     """Packed prefills of different lengths plus decodes in one step change nothing (float64)."""
     model = load_model(tiny_ckpt, dtype="float64")
