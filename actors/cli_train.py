@@ -40,6 +40,11 @@ def train(
     seed: Annotated[int, typer.Option(help="Data order and LoRA initialisation.")] = 0,
     address: Annotated[str | None, typer.Option(help="An existing Ray cluster (default: local).")] = None,
     name: Annotated[str, typer.Option(help="Training deployment name.")] = "train",
+    checkpoint_every: Annotated[int, typer.Option(min=0, help="Save a checkpoint every N steps (0: never).")] = 0,
+    checkpoint: Annotated[Path | None, typer.Option(help="Where checkpoints go (default: OUT/checkpoint).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue a checkpointed run to --steps in all, with the "
+                                                     "checkpoint's deployment options and the same --data, "
+                                                     "--batch-size and --seed.")] = None,
 ) -> None:
     """Fine-tunes a model through stage actors (LoRA or full), then exports it for `meshpipe generate --model`."""
     import ray
@@ -47,7 +52,7 @@ def train(
     from actors.cli import _init_ray
     from actors.trainer import PipelineTrainer
 
-    if model == SMOLLM2_NAME:
+    if model == SMOLLM2_NAME and resume is None:
         _ensure_model(model)
     if not data.is_file():
         raise InvalidRequestError(f"--data {data} is not a file: give a text file (documents split on blank lines)")
@@ -60,12 +65,20 @@ def train(
     dashboard_hint()
     tr = None
     try:
-        err.print(f"deploying {model} for training: {stages} stages x {data_parallel} copies as {name!r} ...")
-        tr = PipelineTrainer.deploy(model, num_stages=stages, data_parallel=data_parallel, schedule=schedule,
-                                    micro_batches=micro_batches, optimizer={"name": "adamw", "lr": lr}, lora=lora,
-                                    dtype=dtype, seq_len=seq_len, name=name, seed=seed)
-        history = tr.fit(str(data), steps=steps, batch_size=batch_size, eval_every=eval_every or steps, seed=seed,
-                         on_step=_ProgressBar(steps))
+        if resume is not None:
+            err.print(f"resuming the run checkpointed in {resume} as {name!r} ...")
+            tr = PipelineTrainer.resume(str(resume), name=name)
+        else:
+            err.print(f"deploying {model} for training: {stages} stages x {data_parallel} copies as {name!r} ...")
+            tr = PipelineTrainer.deploy(model, num_stages=stages, data_parallel=data_parallel, schedule=schedule,
+                                        micro_batches=micro_batches, optimizer={"name": "adamw", "lr": lr},
+                                        lora=lora, dtype=dtype, seq_len=seq_len, name=name, seed=seed)
+        todo = steps - tr.steps
+        if todo < 1:
+            raise InvalidRequestError(f"the checkpoint is at step {tr.steps}, --steps {steps}: give more steps in all")
+        history = tr.fit(str(data), steps=todo, batch_size=batch_size, eval_every=eval_every or steps, seed=seed,
+                         on_step=_ProgressBar(todo), checkpoint_every=checkpoint_every,
+                         checkpoint_dir=str(checkpoint or out_dir / "checkpoint"))
         t0 = time.perf_counter()
         folder = Path(tr.export(str(out_dir)))
         export_s = time.perf_counter() - t0
@@ -77,7 +90,7 @@ def train(
     plot_losses(history, folder / "loss.png")
     first, last = next(h for h in history if "loss" in h), history[-1]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    out.print(f"[bold]trained[/] {steps} steps: loss {first['loss']:.3f} -> {last['loss']:.3f}"
+    out.print(f"[bold]trained[/] {todo} step{'s' * (todo != 1)} ({steps} in all): loss {first['loss']:.3f} -> {last['loss']:.3f}"
               + (f", held-out {evals[-1]:.3f}" if evals else ""))
     out.print(f"wrote {folder} ({export_s:.1f} s): model, history.json, loss.png")
     out.print(f"serve it: meshpipe generate --model {folder} --prompt '...'")

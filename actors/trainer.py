@@ -335,15 +335,22 @@ class PipelineTrainer:
         return sum(ray.get(sums)) / total
 
     def fit(self, data: Any, steps: int, batch_size: int = 8, held_out: float = 0.1, eval_every: int = 0,
-            seed: int = 0, on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+            seed: int = 0, on_step: Callable[[dict[str, float]], None] | None = None,
+            checkpoint_every: int = 0, checkpoint_dir: str | None = None) -> list[dict[str, float]]:
         """Trains `steps` steps on `data` (a text file, texts or token-id lists: `models.data`), packed in
         `seq_len` windows, `batch_size` windows a step drawn with `seed`; every `eval_every` steps the
         held-out windows' loss too (and before the first, as step 0). Returns one record a step: step, loss,
-        tokens, seconds (and eval_loss); `on_step` sees each training step's record as it comes (a progress bar)."""
+        tokens, seconds (and eval_loss); `on_step` sees each training step's record as it comes (a progress bar).
+        Every `checkpoint_every` steps (the trainer's step count) it `save`s to `checkpoint_dir`, replacing
+        the previous checkpoint whole: `resume` it and `fit` the rest with the same data and seed, and the
+        run continues as if never stopped."""
         from models.data import load_documents, pack_windows, split_held_out
 
         if steps < 1 or batch_size < 1:
             raise ConfigError(f"steps={steps} and batch_size={batch_size} must be at least 1")
+        if checkpoint_every < 0 or checkpoint_every and not checkpoint_dir:
+            raise ConfigError(f"checkpoint_every={checkpoint_every}: give a number of steps >= 0, and a "
+                              "checkpoint_dir to save in when it is above 0")
         tokenizer, eos = self._tokenizer()
         train, held = split_held_out(pack_windows(load_documents(data), self.seq_len, tokenizer, eos), held_out, seed)
         gen = torch.Generator().manual_seed(seed)
@@ -362,6 +369,8 @@ class PipelineTrainer:
             if eval_every and i % eval_every == 0 and len(held):
                 rec["eval_loss"] = self.evaluate(held)
             history.append(rec)
+            if checkpoint_every and i % checkpoint_every == 0:
+                self.save(str(checkpoint_dir))
             if on_step is not None:
                 on_step(rec)
         return history
@@ -376,21 +385,31 @@ class PipelineTrainer:
 
     def save(self, folder: str) -> str:
         """Weights, optimizer state and RNG of every stage, the step count and fit's data position, to
-        `folder` (`resume` reads it)."""
+        `folder` (`resume` reads it). Written beside it and swapped in: a crash mid-save leaves the
+        previous checkpoint whole."""
         import json
+        import shutil
         from pathlib import Path
 
         import ray
 
         out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp, old = out.with_name(out.name + ".saving"), out.with_name(out.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         states, rngs = self._boundary
         for s, state in enumerate(ray.get(states)):
-            torch.save(to_torch(state), out / f"stage-{s}.pt")
-        torch.save([ray.get(row) for row in rngs], out / "rng.pt")  # [copy][stage]
+            torch.save(to_torch(state), tmp / f"stage-{s}.pt")
+        torch.save([ray.get(row) for row in rngs], tmp / "rng.pt")  # [copy][stage]
         meta = {k: v for k, v in self.config.items() if k != "wire_options"}
-        (out / "trainer.json").write_text(json.dumps({**meta, "steps": self.steps, "speeds": self.speeds, "data": self.data},
+        (tmp / "trainer.json").write_text(json.dumps({**meta, "steps": self.steps, "speeds": self.speeds, "data": self.data},
                                                      indent=2))
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
         return str(out)
 
     @classmethod
@@ -402,6 +421,8 @@ class PipelineTrainer:
         import ray
 
         src = Path(folder)
+        if not (src / "trainer.json").is_file() and (src.with_name(src.name + ".old") / "trainer.json").is_file():
+            src = src.with_name(src.name + ".old")  # a save stopped between its two renames
         if not (src / "trainer.json").is_file():
             raise ConfigError(f"{folder} holds no trainer checkpoint (trainer.json): give a folder `save` wrote")
         meta = json.loads((src / "trainer.json").read_text())

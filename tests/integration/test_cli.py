@@ -112,11 +112,19 @@ def test_train_lora_in_2_stages_x_2_copies_then_generate_serves_the_result(tmp_p
     out = tmp_path / "tuned"
     r = meshpipe("train", "--model", str(gguf), "--data", str(data), "--out", str(out), "--stages", "2",
                  "--data-parallel", "2", "--lora-r", "8", "--steps", "3", "--seq-len", "32", "--batch-size", "4",
-                 "--eval-every", "3", "--lr", "1e-2", timeout=600)
+                 "--eval-every", "3", "--lr", "1e-2", "--checkpoint-every", "2", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "trained 3 steps" in r.stdout and "training" in r.stderr  # the tqdm bar on stderr
+    assert "trained 3 steps (3 in all)" in r.stdout and "training" in r.stderr  # the tqdm bar on stderr
     history = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in history] == [0, 1, 2, 3] and history[-1]["eval_loss"] < history[0]["eval_loss"]
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["steps"] == 2
+    # the run stopped at its checkpoint, resumed: step 3 draws the same batch and reaches the same loss
+    again = meshpipe("train", "--resume", str(out / "checkpoint"), "--data", str(data), "--out", str(tmp_path / "t2"),
+                     "--steps", "3", "--batch-size", "4", "--eval-every", "3", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "trained 1 step (3 in all)" in again.stdout
+    rest = json.loads((tmp_path / "t2" / "history.json").read_text())
+    assert [h["step"] for h in rest] == [2, 3] and abs(rest[-1]["loss"] - history[-1]["loss"]) < 1e-5
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     g = meshpipe("generate", "--model", str(out), "--prompt", "Day 7. The pipeline served", "--max-new-tokens",

@@ -185,8 +185,9 @@ def test_save_and_resume_continue_as_if_never_stopped(tiny_ckpt: Path, tmp_path:
     tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-part", **opts)
     try:
         tr.step(batch)
+        tr.save(str(tmp_path / "ckpt"))
         tr.step(batch)
-        folder = tr.save(str(tmp_path / "ckpt"))
+        folder = tr.save(str(tmp_path / "ckpt"))  # replaces step 1's checkpoint whole
     finally:
         tr.shutdown()
     tr = PipelineTrainer.resume(folder, name="tr-resumed")
@@ -202,27 +203,25 @@ def test_save_and_resume_continue_as_if_never_stopped(tiny_ckpt: Path, tmp_path:
 
 
 def test_a_resumed_fit_continues_its_data_stream(tiny_ckpt: Path, tmp_path: Path) -> None:
-    """fit 2 steps, save, resume, fit 1 more: the same losses and weights as fit 3 in one run (the saved data
-    position makes the third batch the one an unbroken run draws)."""
+    """fit 3 steps checkpointing every 2; resume the checkpoint (step 2) and fit 1 more: the third step's
+    loss and the weights of the unbroken run (the saved data position draws the same third batch)."""
     docs = [list(range(5, 200))] * 3
     opts = {"num_stages": 2, "micro_batches": 2, "seq_len": 12, "optimizer": {"name": "adamw", "lr": 1e-2},
             "dtype": "float64"}
+    ckpt = tmp_path / "fit-ckpt"
     tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-fit-whole", **opts)
     try:
-        whole = [h["loss"] for h in tr.fit(docs, steps=3, batch_size=2, seed=4)]
+        whole = [h["loss"] for h in tr.fit(docs, steps=3, batch_size=2, seed=4, checkpoint_every=2,
+                                           checkpoint_dir=str(ckpt))]
         want = tr.state_dict()
     finally:
         tr.shutdown()
-    tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-fit-part", **opts)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit-ckpt"]  # swapped in whole, nothing left over
+    tr = PipelineTrainer.resume(str(ckpt), name="tr-fit-resumed")
     try:
-        part = [h["loss"] for h in tr.fit(docs, steps=2, batch_size=2, seed=4)]
-        folder = tr.save(str(tmp_path / "fit-ckpt"))
-    finally:
-        tr.shutdown()
-    tr = PipelineTrainer.resume(folder, name="tr-fit-resumed")
-    try:
+        assert tr.steps == 2
         rest = tr.fit(docs, steps=1, batch_size=2, seed=4)
-        assert [h["step"] for h in rest] == [3] and part + [rest[0]["loss"]] == whole
+        assert [h["step"] for h in rest] == [3] and rest[0]["loss"] == whole[2]
         got = tr.state_dict()
         assert max((got[k] - want[k]).abs().max().item() for k in want) == 0.0
     finally:
@@ -246,12 +245,14 @@ def test_bad_training_input_is_refused_by_name(tiny_ckpt: Path) -> None:
         PipelineTrainer.deploy(str(tiny_ckpt), lora={"r": 4, "targets": ["wq_proj"]})
     with pytest.raises(InsufficientResourcesError, match="40 stage actors"):
         PipelineTrainer.deploy(str(tiny_ckpt), num_stages=4, data_parallel=10)  # 32 logical GPUs
-    with pytest.raises(InvalidRequestError, match="empty"):
-        tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=1, name="tr-empty")
-        try:
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=1, name="tr-empty")
+    try:
+        with pytest.raises(InvalidRequestError, match="empty"):
             tr.fit([], steps=1)
-        finally:
-            tr.shutdown()
+        with pytest.raises(ConfigError, match="checkpoint_dir"):
+            tr.fit([list(range(5, 50))], steps=1, checkpoint_every=5)
+    finally:
+        tr.shutdown()
 
 
 @pytest.mark.parametrize(("stages", "copies"), [(2, 1), (4, 1), (2, 2), (4, 2)])
