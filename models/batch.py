@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,27 +23,32 @@ class Batch:
     block_table: torch.Tensor | None = None  # (B, blocks) each sequence's KV blocks, padded with block 0
     token_block: torch.Tensor | None = None  # (N,) the block each packed token's keys and values go to
     token_offset: torch.Tensor | None = None  # (N,) the position within that block
+    # (starts, lengths, positions) as Python ints, kept by `build` (no device sync to read them back)
+    host: tuple[list[int], list[int], list[int]] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, seq_ids: Sequence[str], starts: Sequence[int], lengths: Sequence[int]) -> Batch:
-        # plain Python, then one tensor per field: a decode step's handful of ints costs ~5 small
-        # tensors instead of a dozen torch ops (this runs on every stage at every step)
+        # plain Python, then one tensor whose slices are the fields: a decode step's handful of ints
+        # costs one small tensor instead of a dozen torch ops (this runs on every stage at every step)
         starts, lengths = [int(s) for s in starts], [int(n) for n in lengths]
         token_seq = [i for i, n in enumerate(lengths) for _ in range(n)]  # (N,)
         token_t = [t for n in lengths for t in range(n)]  # (N,)
+        positions = [starts[i] + t for i, t in zip(token_seq, token_t)]  # (N,)
         last, ends = 0, []
         for n in lengths:
             last += n
             ends.append(last - 1)
-        return cls(
-            seq_ids=list(seq_ids),
-            starts=torch.tensor(starts, dtype=torch.long),
-            lengths=torch.tensor(lengths, dtype=torch.long),
-            token_seq=torch.tensor(token_seq, dtype=torch.long),
-            token_t=torch.tensor(token_t, dtype=torch.long),
-            positions=torch.tensor([starts[i] + t for i, t in zip(token_seq, token_t)], dtype=torch.long),
-            last_token=torch.tensor(ends, dtype=torch.long),
-        )
+        B, N = len(lengths), len(token_seq)
+        a = torch.tensor(starts + lengths + ends + token_seq + token_t + positions, dtype=torch.long)
+        return cls(seq_ids=list(seq_ids), starts=a[:B], lengths=a[B:2 * B], last_token=a[2 * B:3 * B],
+                   token_seq=a[3 * B:3 * B + N], token_t=a[3 * B + N:3 * B + 2 * N], positions=a[3 * B + 2 * N:],
+                   host=(starts, lengths, positions))
+
+    def host_lists(self) -> tuple[list[int], list[int], list[int]]:
+        """(starts, lengths, positions) as Python ints (no device sync where `build` made them)."""
+        if self.host is not None:
+            return self.host
+        return self.starts.tolist(), self.lengths.tolist(), self.positions.tolist()
 
     def to(self, device: torch.device) -> Batch:
         if torch.device(device) == self.starts.device:

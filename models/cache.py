@@ -81,7 +81,8 @@ class KVCache:
     def prepare(self, b: Batch) -> None:
         """Checks each step follows its sequence's cache, rewinds re-applied positions, takes the blocks
         the new positions need; sets b.block_table, b.token_block and b.token_offset."""
-        for sid, start, n in zip(b.seq_ids, b.starts.tolist(), b.lengths.tolist()):
+        starts, lengths, positions = b.host_lists()
+        for sid, start, n in zip(b.seq_ids, starts, lengths):
             have = self.length_of.get(sid)
             if have is None and start > 0 or have is not None and start > have:
                 raise CacheMissError(
@@ -97,11 +98,19 @@ class KVCache:
             self.length_of[sid] = start + n
         tables = [self.table[sid] for sid in b.seq_ids]
         width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)  # (B, blocks)
-        pos = b.positions.cpu()
-        b.block_table = table.to(self.device)
-        b.token_block = table[b.token_seq.cpu(), pos // self.bs].to(self.device)  # (N,)
-        b.token_offset = (pos % self.bs).to(self.device)  # (N,)
+        flat = [i for t in tables for i in t + [0] * (width - len(t))]  # (B * blocks)
+        bs, row = self.bs, 0
+        blocks, offsets = [], []
+        for t, n in zip(tables, lengths):  # each packed token's block and offset, in Python (a handful of ints)
+            for p in positions[row:row + n]:
+                blocks.append(t[p // bs])
+                offsets.append(p % bs)
+            row += n
+        a = torch.tensor(flat + blocks + offsets, dtype=torch.long).to(self.device)  # one tensor, sliced
+        B, N = len(tables), len(positions)
+        b.block_table = a[:B * width].view(B, width)  # (B, blocks)
+        b.token_block = a[B * width:B * width + N]  # (N,)
+        b.token_offset = a[B * width + N:]  # (N,)
 
     def write(self, layer: int, b: Batch, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v: (N, KV, hd) for the packed tokens of this step
@@ -121,7 +130,8 @@ class KVCache:
         if not self.prefix_caching:
             return
         row = 0
-        for i, (sid, start, n) in enumerate(zip(b.seq_ids, b.starts.tolist(), b.lengths.tolist())):
+        starts, lengths, _ = b.host_lists()
+        for i, (sid, start, n) in enumerate(zip(b.seq_ids, starts, lengths)):
             toks, row = (None if tokens is None else list(tokens[row:row + n])), row + n
             rec, chain = self.recent.get(sid), self.hashes[sid]
             base = len(chain) * self.bs

@@ -225,9 +225,12 @@ class Transformer(nn.Module):
 
 def attention_mask(b: Batch) -> torch.Tensor:
     """(B, 1, T, L) bool: query t of sequence i sees key j iff j <= starts[i] + t."""
-    T = int(b.lengths.max())
-    L = int((b.starts + b.lengths).max())
-    t = torch.arange(T, device=b.starts.device)
+    starts, lengths, _ = b.host_lists()
+    T = max(lengths)
+    L = max(s + n for s, n in zip(starts, lengths))
     j = torch.arange(L, device=b.starts.device)
+    if T == 1:  # decode: one query a sequence, at its start
+        return (j[None, :] <= b.starts[:, None])[:, None, None]
+    t = torch.arange(T, device=b.starts.device)
     limit = b.starts[:, None] + t[None, :]  # (B, T)
     return (j[None, None, :] <= limit[:, :, None])[:, None]  # padded rows still see key 0: no NaN
