@@ -90,8 +90,8 @@ def train(
     plot_losses(history, folder / "loss.png")
     first, last = next(h for h in history if "loss" in h), history[-1]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    out.print(f"[bold]trained[/] {todo} step{'s' * (todo != 1)} ({steps} in all): loss {first['loss']:.3f} -> {last['loss']:.3f}"
-              + (f", held-out {evals[-1]:.3f}" if evals else ""))
+    out.print(f"[bold]trained[/] {todo} step{'s' * (todo != 1)} ({steps} in all): "
+              f"loss {first['loss']:.3f} -> {last['loss']:.3f}" + (f", held-out {evals[-1]:.3f}" if evals else ""))
     out.print(f"wrote {folder} ({export_s:.1f} s): model, history.json, loss.png")
     out.print(f"serve it: meshpipe generate --model {folder} --prompt '...'")
 

@@ -405,8 +405,8 @@ class PipelineTrainer:
         meta = {k: v for k, v in self.config.items() if k != "wire_options"}
         (tmp / "trainer.json").write_text(json.dumps({**meta, "steps": self.steps, "speeds": self.speeds, "data": self.data},
                                                      indent=2))
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
+        if out.exists():  # else a save stopped between its renames: `old` stays the checkpoint until `tmp` lands
+            shutil.rmtree(old, ignore_errors=True)
             out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
@@ -421,8 +421,9 @@ class PipelineTrainer:
         import ray
 
         src = Path(folder)
-        if not (src / "trainer.json").is_file() and (src.with_name(src.name + ".old") / "trainer.json").is_file():
-            src = src.with_name(src.name + ".old")  # a save stopped between its two renames
+        old = src.with_name(src.name + ".old")
+        if not (src / "trainer.json").is_file() and (old / "trainer.json").is_file():
+            src = old  # a save stopped between its two renames
         if not (src / "trainer.json").is_file():
             raise ConfigError(f"{folder} holds no trainer checkpoint (trainer.json): give a folder `save` wrote")
         meta = json.loads((src / "trainer.json").read_text())
