@@ -17,6 +17,8 @@ an undisturbed run has.
 
 from __future__ import annotations
 
+import inspect
+
 import logging
 import os
 import time
@@ -426,13 +428,18 @@ class PipelineTrainer:
             src = old  # a save stopped between its two renames
         if not (src / "trainer.json").is_file():
             raise ConfigError(f"{folder} holds no trainer checkpoint (trainer.json): give a folder `save` wrote")
-        meta = json.loads((src / "trainer.json").read_text())
+        meta = _checkpoint_meta(src, set(inspect.signature(cls.deploy).parameters))
         steps, speeds, data = meta.pop("steps"), meta.pop("speeds"), meta.pop("data", {})
         if name is not None:
             meta["name"] = name
         tr = cls.deploy(meta.pop("source"), **meta)
-        saved = [torch.load(src / f"stage-{s}.pt", weights_only=True) for s in range(len(tr.grid[0]))]
-        rngs = torch.load(src / "rng.pt", weights_only=True)
+        try:
+            saved = [torch.load(src / f"stage-{s}.pt", weights_only=True) for s in range(len(tr.grid[0]))]
+            rngs = torch.load(src / "rng.pt", weights_only=True)
+        except (OSError, RuntimeError, ValueError, EOFError) as e:
+            tr.shutdown()
+            raise ConfigError(f"{folder}: a checkpoint file is missing or unreadable ({type(e).__name__}): "
+                              "give a folder `save` wrote") from None
         ray.get([a.restore.remote(saved[s], rngs[d][s]) for d, row in enumerate(tr.grid) for s, a in enumerate(row)])
         tr.steps, tr.speeds, tr.data = steps, speeds, data
         tr._boundary = tr._snapshot()
@@ -537,3 +544,26 @@ def _lost_peer(e: Exception) -> bool:
     text = f"{e} {cause}"
     return any(s in text for s in ("RayActorError", "ActorDiedError", "Connection closed by peer",
                                    "Connection reset", "gloo", "NCCL", "ObjectLost", "OwnerDied"))
+
+
+def _checkpoint_meta(src: Any, deploy_keys: set[str]) -> dict[str, Any]:
+    """trainer.json of a checkpoint folder, its fields checked before anything is deployed from it."""
+    import json
+
+    path = src / "trainer.json"
+    if path.stat().st_size > 1 << 20:
+        raise ConfigError(f"{path} is over 1 MiB: not a trainer checkpoint")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(f"{path} is not valid JSON: give a folder `save` wrote") from None
+    own = {"steps", "speeds", "data"}
+    if not isinstance(meta, dict) or not {"source", "steps", "speeds"} <= set(meta):
+        raise ConfigError(f"{path} lacks source, steps or speeds: give a folder `save` wrote")
+    unknown = sorted(set(meta) - deploy_keys - own)
+    if unknown:
+        raise ConfigError(f"{path} has fields deploy does not take: {unknown}; was it written by another release?")
+    if not (type(meta["steps"]) is int and meta["steps"] >= 0 and isinstance(meta.get("data", {}), dict)
+            and (meta["speeds"] is None or isinstance(meta["speeds"], list))):
+        raise ConfigError(f"{path}: steps must be an int >= 0, speeds a list or null, data an object")
+    return meta
