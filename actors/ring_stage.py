@@ -26,7 +26,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -334,14 +334,13 @@ class RingMember:
 
     def _send(self, header: Header, y: torch.Tensor, trace: list[list[float]]) -> Any:
         """Encodes and sends to the next member; returns the encoded message."""
-        nxt = (self.spec.index + 1) % self.spec.size
-        out = replace(header, attempt=0, sender=self.name, trace=trace)  # pack fills shape, dtype, codec
-        link = self.spec.links[nxt]
+        link = self.spec.links[(self.spec.index + 1) % self.spec.size]
+        mine = {"attempt": 0, "sender": self.name, "trace": trace}  # pack fills shape, dtype, codec
         try:
-            wire = pack(out, y, link, self.stage.key)
+            wire = pack(header, y, link, self.stage.key, **mine)
         except ValueError:  # int8 cannot carry inf/NaN: this one goes lossless
-            wire = pack(out, y, LinkCodec(encrypt=link.encrypt), self.stage.key)
-        self.sent[out.msg_id] = wire
+            wire = pack(header, y, LinkCodec(encrypt=link.encrypt), self.stage.key, **mine)
+        self.sent[header.msg_id] = wire
         while len(self.sent) > SENT_KEPT:
             self.sent.popitem(last=False)
         bad = self.stage._inject(wire)

@@ -56,6 +56,12 @@ class Batch:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
         return Batch(**moved)
 
+    def span(self) -> tuple[int, int, int]:
+        """(B, T, L): sequences, the most new tokens of one (attention's query rows) and the longest
+        cached length after the step (its key columns)."""
+        starts, lengths, _ = self.host_lists()
+        return len(lengths), max(lengths), max(s + n for s, n in zip(starts, lengths))
+
     @property
     def decode_only(self) -> bool:
         return bool((self.lengths == 1).all())

@@ -73,7 +73,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, b: Batch, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache | None, mask: torch.Tensor) -> torch.Tensor:
+                cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         N = x.shape[0]
         q = self.wq(x).view(N, self.n_heads, self.hd)  # (N, H, hd)
         k = self.wk(x).view(N, self.n_kv, self.hd)  # (N, KV, hd)
@@ -81,13 +81,13 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        B, T = mask.shape[0], mask.shape[2]
+        B, T, L = b.span()
         if cache is None:  # training: whole sequences from position 0, their own keys and values
             keys = k.new_zeros(B, T, self.n_kv, self.hd).index_put((b.token_seq, b.token_t), k).transpose(1, 2)
             values = v.new_zeros(B, T, self.n_kv, self.hd).index_put((b.token_seq, b.token_t), v).transpose(1, 2)
         else:
             cache.write(self.layer_id, b, k, v)
-            keys, values = cache.read(self.layer_id, b, mask.shape[-1])  # (B, KV, L, hd) each
+            keys, values = cache.read(self.layer_id, b, L)  # (B, KV, L, hd) each
 
         if T == 1:  # decode: one token per sequence, already in batch order
             qp = q.view(B, 1, self.n_heads, self.hd)
@@ -122,7 +122,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, b: Batch, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache | None, mask: torch.Tensor) -> torch.Tensor:
+                cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), b, rope, cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -195,7 +195,8 @@ class Transformer(nn.Module):
         logits = self.output(x)  # (B or M, vocab)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
-    def _inputs(self, x: torch.Tensor, b: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _inputs(self, x: torch.Tensor, b: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor],
+                                                          torch.Tensor | None]:
         """The embedded tokens (first stage), each token's RoPE rows (N, 1, hd) and the mask (B, 1, T, L)."""
         if self.tok_embeddings is not None:
             x = self.tok_embeddings(x)  # (N, dim)
@@ -223,11 +224,12 @@ class Transformer(nn.Module):
         return generate_local(self, prompts, max_new_tokens, **sampling)
 
 
-def attention_mask(b: Batch) -> torch.Tensor:
-    """(B, 1, T, L) bool: query t of sequence i sees key j iff j <= starts[i] + t."""
-    starts, lengths, _ = b.host_lists()
-    T = max(lengths)
-    L = max(s + n for s, n in zip(starts, lengths))
+def attention_mask(b: Batch) -> torch.Tensor | None:
+    """(B, 1, T, L) bool: query t of sequence i sees key j iff j <= starts[i] + t. None for one
+    sequence decoding one token: its query sees every key (attention skips building and adding a mask)."""
+    B, T, L = b.span()
+    if B == 1 and T == 1:
+        return None
     j = torch.arange(L, device=b.starts.device)
     if T == 1:  # decode: one query a sequence, at its start
         return (j[None, :] <= b.starts[:, None])[:, None, None]

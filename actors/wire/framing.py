@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -81,66 +81,81 @@ class Header:
     encrypted: bool = False  # payload is AES-GCM ciphertext
 
 
-_HEADER_KEYS = frozenset(Header.__dataclass_fields__)
+_HEADER_FIELDS = tuple(Header.__dataclass_fields__)  # in declaration order (the JSON's order)
+_HEADER_KEYS = frozenset(_HEADER_FIELDS)
 
 
-def _header_problem(h: Header) -> str | None:
-    """What is wrong with the header's fields (None when nothing)."""
-    if h.kind not in KINDS:
-        return f"kind must be one of {KINDS}, got {h.kind!r}"
+def _ints(v: object) -> bool:
+    """A list of ints (not bools) >= 0."""
+    if not isinstance(v, list):
+        return False
+    if all(type(i) is int for i in v):  # the common case, without a call per element
+        return not v or min(v) >= 0
+    return all(is_int(i) and i >= 0 for i in v)
+
+
+def _strs(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+def _trace_ok(v: object) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(t, list) and len(t) == 5 and all(isinstance(x, (int, float)) for x in t) for t in v)
+
+
+def _fields_problem(d: dict[str, Any]) -> str | None:
+    """What is wrong with a header's fields, given as a dict of every field (None when nothing)."""
+    if d["kind"] not in KINDS:
+        return f"kind must be one of {KINDS}, got {d['kind']!r}"
     for name in ("step", "msg_id", "attempt"):
-        v = getattr(h, name)
+        v = d[name]
         if not is_int(v) or v < 0:
             return f"{name} must be an int >= 0, got {v!r}"
-    if not isinstance(h.sender, str):
-        return f"sender must be a str, got {type(h.sender).__name__}"
+    if not isinstance(d["sender"], str):
+        return f"sender must be a str, got {type(d['sender']).__name__}"
     for name in ("seq_ids", "release", "partial"):
-        v = getattr(h, name)
-        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        if not _strs(d[name]):
             return f"{name} must be a list of str"
     for name in ("starts", "lengths"):
-        v = getattr(h, name)
-        if not isinstance(v, list) or not all(is_int(i) and i >= 0 for i in v):
+        if not _ints(d[name]):
             return f"{name} must be a list of ints >= 0"
-    if not is_int(h.lane) or h.lane < 0:
-        return f"lane must be an int >= 0, got {h.lane!r}"
-    if not is_int(h.lanes) or not 1 <= h.lanes <= 1024:
-        return f"lanes must be an int in [1, 1024], got {h.lanes!r}"
-    if not isinstance(h.drafts, list) or not all(
-            isinstance(d, list) and all(is_int(i) and i >= 0 for i in d) for d in h.drafts) or \
-            (h.drafts and (len(h.drafts) != len(h.seq_ids) or any(len(d) >= n for d, n in zip(h.drafts, h.lengths)))):
+    seq_ids, lengths, drafts, tokens = d["seq_ids"], d["lengths"], d["drafts"], d["tokens"]
+    if not is_int(d["lane"]) or d["lane"] < 0:
+        return f"lane must be an int >= 0, got {d['lane']!r}"
+    if not is_int(d["lanes"]) or not 1 <= d["lanes"] <= 1024:
+        return f"lanes must be an int in [1, 1024], got {d['lanes']!r}"
+    if not isinstance(drafts, list) or not all(_ints(x) for x in drafts) or \
+            (drafts and (len(drafts) != len(seq_ids) or any(len(x) >= n for x, n in zip(drafts, lengths)))):
         return "drafts must be [] or one list of token ids per sequence, shorter than its input"
-    if not isinstance(h.tokens, list) or not all(is_int(i) and i >= 0 for i in h.tokens) or \
-            (h.tokens and len(h.tokens) != sum(h.lengths)):
+    if not _ints(tokens) or (tokens and len(tokens) != sum(lengths)):
         return "tokens must be [] or one token id (int >= 0) per packed input token"
-    if not isinstance(h.trace, list) or not all(
-            isinstance(t, list) and len(t) == 5 and all(isinstance(v, (int, float)) for v in t) for t in h.trace):
+    if not _trace_ok(d["trace"]):
         return "trace must be a list of [stage, replica, inbound_ms, compute_ms, resends]"
-    if not len(h.seq_ids) == len(h.starts) == len(h.lengths):
+    if not len(seq_ids) == len(d["starts"]) == len(lengths):
         return (f"seq_ids, starts and lengths must have one entry per sequence, got lengths "
-                f"{len(h.seq_ids)}, {len(h.starts)}, {len(h.lengths)}")
-    if not isinstance(h.shape, (list, tuple)) or not all(is_int(d) and d >= 0 for d in h.shape):
-        return f"shape must be a list of ints >= 0, got {h.shape!r}"
-    if not isinstance(h.dtype, str) or h.dtype not in DTYPES:
-        return f"dtype must be one of {tuple(DTYPES)}, got {h.dtype!r}"
+                f"{len(seq_ids)}, {len(d['starts'])}, {len(lengths)}")
+    shape, dtype = d["shape"], d["dtype"]
+    if not isinstance(shape, (list, tuple)) or not all(is_int(n) and n >= 0 for n in shape):
+        return f"shape must be a list of ints >= 0, got {shape!r}"
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        return f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}"
     try:
-        check_codec(h.codec)
-        if h.codec != "none" and not DTYPES[h.dtype][2]:
-            return f"codec {h.codec!r} applies to floating tensors only, got dtype {h.dtype}"
-        check_compress(h.compress)
+        check_codec(d["codec"])
+        if d["codec"] != "none" and not DTYPES[dtype][2]:
+            return f"codec {d['codec']!r} applies to floating tensors only, got dtype {dtype}"
+        check_compress(d["compress"])
     except ValueError as e:
         return str(e)
-    problem = block_problem(h.block)
+    problem = block_problem(d["block"])
     if problem:
         return f"block {problem}"
-    if not isinstance(h.encrypted, bool):
-        return f"encrypted must be a bool, got {h.encrypted!r}"
+    if not isinstance(d["encrypted"], bool):
+        return f"encrypted must be a bool, got {d['encrypted']!r}"
     return None
 
 
-def _header_bytes(h: Header) -> bytes:
-    """Compact JSON, padded with spaces so that the payload after it starts ALIGN-aligned."""
-    d = {k: getattr(h, k) for k in Header.__dataclass_fields__}
+def _header_bytes(d: dict[str, Any]) -> bytes:
+    """Compact JSON of every field, padded with spaces so that the payload after it starts ALIGN-aligned."""
     raw = json.dumps(d, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     pad = -(PREFIX_SIZE + len(raw)) % ALIGN
     return raw + b" " * pad
@@ -153,15 +168,15 @@ def _parse_header(buf: np.ndarray, flags: int) -> Header:
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise MessageError(f"message header is not valid JSON ({type(e).__name__}): the sender is not "
                            "meshpipe or a different version; check both ends run the same release") from None
-    if not isinstance(d, dict) or set(d) != _HEADER_KEYS:
+    if not isinstance(d, dict) or d.keys() != _HEADER_KEYS:
         keys = sorted(d) if isinstance(d, dict) else type(d).__name__
         raise MessageError(f"message header has fields {keys}, expected {sorted(_HEADER_KEYS)}: "
                            "check both ends run the same meshpipe release")
-    h = Header(**d)
-    problem = _header_problem(h)
+    problem = _fields_problem(d)
     if problem:
         raise MessageError(f"message header is invalid: {problem}; check both ends run the same release")
-    h.shape = tuple(h.shape)
+    d["shape"] = tuple(d["shape"])
+    h = Header(**d)
     compressed = h.compress is not None
     if h.encrypted != bool(flags & FLAG_ENCRYPTED) or compressed != bool(flags & FLAG_COMPRESSED):
         raise MessageError(f"message flags {flags:#x} disagree with its header (encrypted={h.encrypted}, "
@@ -179,22 +194,26 @@ def _frame(hbytes: bytes, flags: int, plen: int) -> tuple[np.ndarray, int]:
 
 
 def pack(header: Header, tensor: torch.Tensor, link: LinkCodec = LinkCodec(),
-         key: bytes | None = None) -> np.ndarray:
+         key: bytes | None = None, **fields: Any) -> np.ndarray:
     """The whole wire message for `tensor` as a 1-D np.uint8 array (header is not modified).
 
-    Fills shape/dtype/codec/compress/block/encrypted of a copy of `header`. Raises ValueError
-    for a bad header or tensor, KeyConfigError when link.encrypt and the key is missing or malformed.
+    The message's header is `header` with `fields` replaced (say `attempt=0, sender=...`) and
+    shape/dtype/codec/compress/block/encrypted filled in. Raises ValueError for a bad header or
+    tensor, KeyConfigError when link.encrypt and the key is missing or malformed.
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"pack needs a torch.Tensor, got {type(tensor).__name__}")
     if not isinstance(link, LinkCodec):
         raise TypeError(f"link must be a LinkCodec, got {type(link).__name__}")
+    if not fields.keys() <= _HEADER_KEYS:
+        raise TypeError(f"pack got unknown header fields {sorted(fields.keys() - _HEADER_KEYS)}")
     t = tensor.detach()
     dtype = dtype_name(t)
-    codec = effective_codec(dtype, link.codec)
-    h = replace(header, shape=tuple(t.shape), dtype=dtype, codec=codec, compress=link.compress,
-                block=link.block, encrypted=link.encrypt)
-    problem = _header_problem(h)
+    d = {k: getattr(header, k) for k in _HEADER_FIELDS}  # a plain dict: no dataclass copy
+    d.update(fields)
+    d.update(shape=tuple(t.shape), dtype=dtype, codec=effective_codec(dtype, link.codec),
+             compress=link.compress, block=link.block, encrypted=link.encrypt)
+    problem = _fields_problem(d)
     if problem:
         raise ValueError(f"Header.{problem}")
     k = None
@@ -203,16 +222,16 @@ def pack(header: Header, tensor: torch.Tensor, link: LinkCodec = LinkCodec(),
             raise KeyConfigError("this link encrypts but no key was given: set MESHPIPE_KEY on every node "
                                  f"({crypto.NEW_KEY_HINT}) or turn encryption off for the link")
         k = crypto.key_bytes(key)
-    hbytes = _header_bytes(h)
+    hbytes = _header_bytes(d)
     flags = (FLAG_ENCRYPTED if link.encrypt else 0) | (FLAG_COMPRESSED if link.compress else 0)
-    size = encoded_size(t.numel(), dtype, codec, link.block)
+    size = encoded_size(t.numel(), dtype, d["codec"], link.block)
 
     if not link.compress and not link.encrypt:  # encode straight into the wire: no intermediate copy
         wire, off = _frame(hbytes, flags, size)
-        encode_into(t, dtype, codec, link.block, wire[off: off + size])
+        encode_into(t, dtype, d["codec"], link.block, wire[off: off + size])
     else:
         raw = np.empty(size, dtype=np.uint8)
-        encode_into(t, dtype, codec, link.block, raw)
+        encode_into(t, dtype, d["codec"], link.block, raw)
         data: Any = compression.compress(raw, link.compress) if link.compress else raw
         plen = len(data) + (crypto.OVERHEAD if k is not None else 0)
         wire, off = _frame(hbytes, flags, plen)
