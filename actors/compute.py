@@ -11,14 +11,51 @@ torch thread count set there (OpenMP keeps that count per thread too).
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 T = TypeVar("T")
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def usable_cores(cgroup: Path = CGROUP) -> int:
+    """The cores this process may use: its CPU affinity (a container's cpuset, `taskset`), capped by a
+    cgroup CPU quota (v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`; a Kubernetes CPU
+    limit), rounded up; never below 1. Not `os.cpu_count()`, which counts the host's cores, and not
+    Ray's logical CPUs, which are a scheduling label."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity API (macOS)
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota)) if quota else cores)
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """The cgroup's CPU quota in cores (None: none set, or no cgroup files to read)."""
+    def read(name: str) -> list[str]:
+        try:
+            with open(root / name, encoding="ascii") as f:
+                return f.read(64).split()  # a line of two numbers: a bounded read
+        except (OSError, ValueError):
+            return []
+
+    for words in (read("cpu.max"), read("cpu/cpu.cfs_quota_us") + read("cpu/cpu.cfs_period_us")):
+        try:
+            quota, period = float(words[0]), float(words[1])
+        except (IndexError, ValueError):  # "max", missing or garbled: no quota here
+            continue
+        if quota > 0 and period > 0:
+            return quota / period
+    return None
 
 
 class ComputeThread:

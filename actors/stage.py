@@ -31,7 +31,7 @@ from actors.wire import (
     subkey,
     pack,
 )
-from actors.compute import ComputeThread
+from actors.compute import ComputeThread, usable_cores
 from actors.gcs import own_restarts
 from actors.history import OutputHistory
 from actors.naming import NAMESPACE, stage_name
@@ -71,7 +71,7 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def default_threads(num_stages: int, device: str) -> int:
+def default_threads(num_stages: int, device: str, cores: int) -> int:
     """Torch threads per stage, chosen by measurement (README, Performance).
 
     On CPUs the stages share the machine's cores: one stage gets them all; several get one thread
@@ -80,7 +80,7 @@ def default_threads(num_stages: int, device: str) -> int:
     """
     if not device.startswith("cpu"):
         return 1
-    return max(1, (os.cpu_count() or 1) // num_stages)
+    return max(1, cores // num_stages)
 
 
 def _locked(method: Any) -> Any:
@@ -126,7 +126,8 @@ class StageActor:
         self.max_retransmits = setup.wire.max_retransmits
         self.encrypt_always = setup.wire.encryption == "always"  # then plaintext is refused on every link
         self.device = pick_device()
-        self.threads = setup.stage.threads_per_stage or default_threads(setup.num_stages, str(self.device))
+        self.cores = usable_cores()  # this process's cores (affinity, cgroup quota), not Ray's logical CPUs
+        self.threads = setup.stage.threads_per_stage or default_threads(setup.num_stages, str(self.device), self.cores)
         # on CPUs without a set count, a ring pass takes the cores the stages computing at once leave it
         self.adaptive = setup.stage.threads_per_stage is None and str(self.device).startswith("cpu")
         self.num_stages = setup.num_stages
@@ -314,7 +315,7 @@ class StageActor:
     def _threads_for(self, lanes: int) -> None:
         """Torch threads for a ring pass with `lanes` micro-batches in flight: a lone lane has one stage
         computing at a time, which may take every core; more share them (measured: README)."""
-        want = max(1, (os.cpu_count() or 1) // max(1, min(lanes, self.num_stages)))
+        want = max(1, self.cores // max(1, min(lanes, self.num_stages)))
         if want != torch.get_num_threads():
             torch.set_num_threads(want)
 

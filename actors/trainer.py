@@ -20,7 +20,6 @@ from __future__ import annotations
 import inspect
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from actors.compute import usable_cores
 from actors.errors import StageFailedError
 from actors.layout import partition
 from actors.naming import NAMESPACE
@@ -116,7 +116,7 @@ class PipelineTrainer:
         wire_key = subkey(key, f"wire:train:{name}") if key is not None else None
         actor = ray.remote(TrainStage)
         # CPU stages share the machine's cores (torch's own count, not Ray's logical CPUs); a GPU stage needs one
-        threads = 1 if resources.get("num_gpus", 0) else max(1, (os.cpu_count() or 1) // (D * S))
+        threads = 1 if resources.get("num_gpus", 0) else max(1, usable_cores() // (D * S))
 
         def spawn(copy: int, s: int) -> Any:
             sp = specs[s]
@@ -417,7 +417,6 @@ class PipelineTrainer:
     @classmethod
     def resume(cls, folder: str, name: str | None = None) -> PipelineTrainer:
         """A trainer deployed as the saved one was, its stages at the saved weights, optimizer state and RNG."""
-        import json
         from pathlib import Path
 
         import ray
