@@ -25,6 +25,7 @@ class Batch:
     token_offset: torch.Tensor | None = None  # (N,) the position within that block
     # (starts, lengths, positions) as Python ints, kept by `build` (no device sync to read them back)
     host: tuple[list[int], list[int], list[int]] | None = field(default=None, repr=False)
+    dims: tuple[int, int, int] | None = field(default=None, repr=False)  # `span()`, once computed
 
     @classmethod
     def build(cls, seq_ids: Sequence[str], starts: Sequence[int], lengths: Sequence[int]) -> Batch:
@@ -59,8 +60,10 @@ class Batch:
     def span(self) -> tuple[int, int, int]:
         """(B, T, L): sequences, the most new tokens of one (attention's query rows) and the longest
         cached length after the step (its key columns)."""
-        starts, lengths, _ = self.host_lists()
-        return len(lengths), max(lengths), max(s + n for s, n in zip(starts, lengths))
+        if self.dims is None:  # once per step, not once per layer
+            starts, lengths, _ = self.host_lists()
+            self.dims = len(lengths), max(lengths), max(s + n for s, n in zip(starts, lengths))
+        return self.dims
 
     @property
     def decode_only(self) -> bool:

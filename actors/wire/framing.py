@@ -87,11 +87,7 @@ _HEADER_KEYS = frozenset(_HEADER_FIELDS)
 
 def _ints(v: object) -> bool:
     """A list of ints (not bools) >= 0."""
-    if not isinstance(v, list):
-        return False
-    if all(type(i) is int for i in v):  # the common case, without a call per element
-        return not v or min(v) >= 0
-    return all(is_int(i) and i >= 0 for i in v)
+    return isinstance(v, list) and all(is_int(i) and i >= 0 for i in v)
 
 
 def _strs(v: object) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ssl
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -33,12 +34,17 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
                           chat_template=TINY_CHAT_TEMPLATE)
     cert, key = self_signed_tls(folder)
     pipe = Pipeline.deploy(str(gguf), num_stages=2, dtype="float64", name=NAME)
-    url = http.start([NAME], port=free_port(), api_keys=(KEY,), max_body_bytes=64 << 10, request_timeout_s=3.0,
-                     tls_cert=str(cert), tls_key=str(key))
+    url = _serve(free_port(), cert, key, request_timeout_s=3.0)
     with httpx.Client(verify=ssl.create_default_context(cafile=cert), timeout=30) as client:
         yield {"url": url, "pipe": pipe, "cert": cert, "key": key, "http": client}
     serve.shutdown()
     pipe.shutdown()
+
+
+def _serve(port: int, cert: Path, key: Path, request_timeout_s: float) -> str:
+    """The module's app (key, body limit, TLS) on `port`, with its request deadline; its base URL."""
+    return http.start([NAME], port=port, api_keys=(KEY,), max_body_bytes=64 << 10,
+                      request_timeout_s=request_timeout_s, tls_cert=str(cert), tls_key=str(key))
 
 
 def _post(server: dict, path: str, body: dict, **kw: object) -> httpx.Response:
@@ -160,8 +166,7 @@ def test_a_schema_driven_fuzz_run_finds_no_5xx_and_no_undocumented_status(server
     base, har = server["url"].removesuffix("/v1"), tmp_path / "fuzz.har"
     # the same app redeployed with a deadline far past any fuzzed request's work (8 prompts x n=12 on the
     # tiny model takes seconds on a slow machine): a 504 here would be the module's 3 s deadline, not a bug
-    http.start([NAME], port=int(base.rsplit(":", 1)[1]), api_keys=(KEY,), max_body_bytes=64 << 10,
-               request_timeout_s=50.0, tls_cert=str(server["cert"]), tls_key=str(server["key"]))
+    _serve(int(base.rsplit(":", 1)[1]), server["cert"], server["key"], request_timeout_s=50.0)
     wait_for(lambda: server["http"].get(base + "/health").status_code == 200, 30, "the redeployed app serving")
     examples = int(os.environ.get("MESHPIPE_FUZZ_EXAMPLES", "15"))
     out = subprocess.run([st, "run", f"{base}/openapi.json", "--url", base, "--checks",
