@@ -268,7 +268,7 @@ class RingMember:
             self.in_flight.add(lane)
         header.lanes = max(1, len(self.in_flight))
         x = torch.tensor(header.tokens, dtype=torch.long)  # (N,)
-        self.stage.compute.run(self._compute_and_pass, header, x)
+        self.stage.compute.run(self._compute_and_pass, header, x, time.time())
 
     def _draft(self, wants: list[tuple[SeqState, int]]) -> None:
         """Each sequence's drafts (up to its k): the stage's draft model's greedy ones, else prompt lookup."""
@@ -286,16 +286,17 @@ class RingMember:
     def _reader(self) -> None:
         while not self.stopped:
             header, x = self._open(self.inbound.recv_bytes())
+            received = time.time()
             if self.is_head:  # the tail's tokens: the next step leaves from this thread (no hand-over)
                 with self.head_lock:
                     self._handle(("tokens", (header, x.tolist())))
                     self._pump()
             else:
-                self.stage.compute.run(self._compute_and_pass, header, x)
+                self.stage.compute.run(self._compute_and_pass, header, x, received)
 
-    def _compute_and_pass(self, header: Header, x: torch.Tensor) -> None:
+    def _compute_and_pass(self, header: Header, x: torch.Tensor, received: float) -> None:
         st = self.stage
-        inbound_ms = st._arrive(0.0)  # the slow-link test hook applies on rings too
+        inbound_ms = st._arrive(received)  # its wait since it arrived (the slow-link test hook's delay too)
         t0 = time.perf_counter()
         if self.is_tail:
             for rid in header.release:

@@ -54,15 +54,15 @@ def main(ckpt: str) -> dict:
 
             pipe.set_hop_delay(1, 0.3, replica=0)
 
-            def slow_noticed() -> bool:
-                return pipe.stats()["router"]["replicas"][1][0]["inbound_ms"] > 100
+            def slow_noticed() -> bool:  # 300 ms probes into a moving average: 90, 153, 197, 228 ms...
+                return pipe.stats()["router"]["replicas"][1][0]["inbound_ms"] > 200
 
             wait_for(slow_noticed, 30, "the router to notice the slow replica")
             before = pipe.stats()["router"]["replicas"][1][0]["served"]
             outs2 = pipe.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
             assert [o.token_ids for o in outs2] == [o.token_ids for o in ref]
             routes2 = sorted({n for o in outs2 for n in o.route})
-            assert all(o.route[1].endswith("stage-1/replica-1") for o in outs2), routes2
+            assert all(o.route[1].endswith("stage-1/replica-1") for o in outs2), (routes2, pipe.stats()["router"]["replicas"])
             assert pipe.stats()["router"]["replicas"][1][0]["served"] == before
         finally:
             pipe.shutdown()
