@@ -83,3 +83,15 @@ class ComputeThread:
         if self.inline or threading.get_ident() == self._ident:
             return fn(*args, **kwargs)
         return self._pool.submit(fn, *args, **kwargs).result()
+
+
+def default_threads(num_stages: int, device: str, cores: int) -> int:
+    """Torch threads per stage, chosen by measurement (README, Performance).
+
+    On CPUs the stages share the machine's cores: one stage gets them all; several get one thread
+    each, since OpenMP's barriers collapse when threads outnumber free cores (a 2-stage pipeline
+    with 2 threads each ran 2-10x slower than with 1 under any other load). A GPU stage needs one.
+    """
+    if not device.startswith("cpu"):
+        return 1
+    return max(1, cores // num_stages)

@@ -31,7 +31,7 @@ from actors.wire import (
     subkey,
     pack,
 )
-from actors.compute import ComputeThread, usable_cores
+from actors.compute import ComputeThread, default_threads, usable_cores
 from actors.gcs import own_restarts
 from actors.history import OutputHistory
 from actors.naming import NAMESPACE, stage_name
@@ -69,18 +69,6 @@ def pick_device() -> torch.device:
     if gpu_ids and torch.cuda.is_available():
         return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU
     return torch.device("cpu")
-
-
-def default_threads(num_stages: int, device: str, cores: int) -> int:
-    """Torch threads per stage, chosen by measurement (README, Performance).
-
-    On CPUs the stages share the machine's cores: one stage gets them all; several get one thread
-    each, since OpenMP's barriers collapse when threads outnumber free cores (a 2-stage pipeline
-    with 2 threads each ran 2-10x slower than with 1 under any other load). A GPU stage needs one.
-    """
-    if not device.startswith("cpu"):
-        return 1
-    return max(1, cores // num_stages)
 
 
 def _locked(method: Any) -> Any:

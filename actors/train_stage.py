@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from actors.compute import default_threads, usable_cores
 from actors.wire import ChecksumError, Envelope, Header, LinkCodec, MessageError
 from models import Batch, load_stage
 
@@ -51,15 +52,16 @@ class TrainStage:
 
     def __init__(self, source: str, layers: list[int], embed: bool, head: bool, dtype: str,
                  optimizer: dict[str, Any], deployment: str, stage: int, copy: int = 0, key: bytes | None = None,
-                 lora: dict[str, Any] | None = None, seed: int = 0, threads: int = 1, max_retransmits: int = 3) -> None:
+                 lora: dict[str, Any] | None = None, seed: int = 0, sharing: int = 1, max_retransmits: int = 3) -> None:
         from actors.metrics import TrainMetrics
 
-        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # this node's cores (affinity, cgroup quota), split among the `sharing` stages of the job
+        torch.set_num_threads(default_threads(sharing, self.device.type, usable_cores()))
         torch.manual_seed(seed * 7919 + copy * 131 + stage)  # LoRA dropout draws here: a stream per copy and stage
         self.name = train_stage_name(deployment, stage, copy)
         self.key, self.max_retransmits = key, max_retransmits
         self.metrics = TrainMetrics(deployment, stage, copy)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_stage(source, layers, dtype, device=self.device, embed=embed, head=head).train()
         self.lora = None
         if lora is not None:

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from actors.compute import usable_cores
 from actors.errors import StageFailedError
 from actors.layout import partition
 from actors.naming import NAMESPACE
@@ -115,15 +114,13 @@ class PipelineTrainer:
             if w.encryption != "never" else None
         wire_key = subkey(key, f"wire:train:{name}") if key is not None else None
         actor = ray.remote(TrainStage)
-        # CPU stages share the machine's cores (torch's own count, not Ray's logical CPUs); a GPU stage needs one
-        threads = 1 if resources.get("num_gpus", 0) else max(1, usable_cores() // (D * S))
 
         def spawn(copy: int, s: int) -> Any:
             sp = specs[s]
             return actor.options(name=train_stage_name(name, s, copy), namespace=NAMESPACE, max_restarts=0,
                                  **resources).remote(path, list(sp.layers), sp.embed, sp.head, dtype,
                                                      config["optimizer"], name, s, copy, wire_key, lora, seed,
-                                                     threads=threads, max_retransmits=w.max_retransmits)
+                                                     sharing=D * S, max_retransmits=w.max_retransmits)
 
         grid = [[spawn(d, s) for s in range(S)] for d in range(D)]
         config.update(source=path, seq_len=seq_len or cfg.max_seq_len, wire_options=w)

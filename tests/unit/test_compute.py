@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.compute import ComputeThread, usable_cores
-from actors.stage import default_threads
+from actors.compute import ComputeThread, default_threads, usable_cores
 
 
 def _affinity() -> int:
