@@ -84,3 +84,31 @@ def test_no_file_cites_a_document_outside_the_project() -> None:
              if ".git" not in p.parts and "site-packages" not in p.parts]
     marker = "DESIGN" + ".md"
     assert [str(p.relative_to(ROOT)) for p in files if marker in p.read_text(errors="replace")] == []
+
+
+def test_a_stage_process_imports_only_what_it_runs() -> None:
+    """A deployment starts one process per stage: they load the stage's code, not the driver's side
+    (the planner and networkx, the pipeline facade, the router, Serve, the trainer)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, actors.stage, actors.ring_stage, actors.train_stage\n"
+             "print(sorted(m for m in ('networkx', 'topology.graph', 'topology.planner', 'actors.pipeline', "
+             "'actors.router', 'actors.trainer', 'ray.serve') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
+
+
+def test_the_public_names_resolve_and_an_unknown_one_is_an_attribute_error() -> None:
+    import pytest
+
+    import actors
+    import topology
+
+    for package in (actors, topology):
+        assert set(package.__all__) <= set(dir(package))
+        for name in package.__all__:
+            assert getattr(package, name).__name__ == name
+        with pytest.raises(AttributeError, match="no attribute 'nope'"):
+            package.nope  # noqa: B018
