@@ -7,8 +7,9 @@ processes starts faster.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from topology.lazy import lazy_exports
 
 _WHERE = {
     "BackPressureError": "actors.errors", "DeploymentError": "actors.errors",
@@ -23,19 +24,7 @@ __all__ = [
     "PipelineTrainer", "RequestCancelledError", "RequestTimeoutError", "StageFailedError", "StepResult", "StreamChunk",
     "TqdmProgress",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'actors' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
-
+__getattr__, __dir__ = lazy_exports(globals(), _WHERE)
 
 if TYPE_CHECKING:
     from actors.config import DeployConfig

@@ -6,10 +6,10 @@ The graph's and the planner's names load on first use (PEP 562): a stage process
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from topology.errors import NoRouteError, SplitError, TopologyError
+from topology.lazy import lazy_exports
 from topology.split import StageCostModel, StageSpec, min_max_cuts, split
 
 _WHERE = {
@@ -25,19 +25,7 @@ __all__ = [
     "SplitError", "StageCostModel", "StagePlacement", "StageSpec", "Topology", "TopologyError",
     "gpus_from_topology", "min_max_cuts", "place", "plan", "route_cost", "route_to_mermaid", "split", "transfer_ms",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'topology' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
-
+__getattr__, __dir__ = lazy_exports(globals(), _WHERE)
 
 if TYPE_CHECKING:
     from topology.graph import Topology, transfer_ms
