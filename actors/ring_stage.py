@@ -286,13 +286,12 @@ class RingMember:
     def _reader(self) -> None:
         while not self.stopped:
             header, x = self._open(self.inbound.recv_bytes())
-            received = time.time()
             if self.is_head:  # the tail's tokens: the next step leaves from this thread (no hand-over)
                 with self.head_lock:
                     self._handle(("tokens", (header, x.tolist())))
                     self._pump()
             else:
-                self.stage.compute.run(self._compute_and_pass, header, x, received)
+                self.stage.compute.run(self._compute_and_pass, header, x, time.time())
 
     def _compute_and_pass(self, header: Header, x: torch.Tensor, received: float) -> None:
         st = self.stage
