@@ -20,7 +20,15 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from actors.bench.cli import bench_app
-from actors.cli_helpers import _emit, _ensure_model, _handles_errors, dashboard_hint, err, out
+from actors.cli_helpers import (
+    _emit,
+    _ensure_model,
+    _handles_errors,
+    dashboard_hint,
+    err,
+    keep_stdout_for_results,
+    out,
+)
 from actors.cli_train import train
 from models import ModelNotInstalledError
 from models.loading import SMOLLM2_NAME
@@ -40,6 +48,7 @@ def _setup(
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False)], force=True)
+    keep_stdout_for_results()  # Ray's background threads print to stdout: results stay parseable
 
 
 def _init_ray(address: str | None, num_gpus: int, dashboard: bool = False) -> bool:

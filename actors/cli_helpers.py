@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,6 +21,34 @@ out = Console(highlight=False, soft_wrap=True)  # results
 err = Console(stderr=True, highlight=False)  # progress, logs, errors
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CallerStdout:
+    """sys.stdout for the thread that made it, stderr for every other thread.
+
+    Ray's driver prints the cluster's error messages (a worker that died, say) to sys.stdout from a
+    background thread, whatever `log_to_driver` says: one such line after `--json` output breaks a
+    pipe into `jq`. The command line prints from its own thread only, so nothing of its moves.
+    """
+
+    def __init__(self, stdout: Any, stderr: Any) -> None:
+        self._out, self._err, self._owner = stdout, stderr, threading.get_ident()
+
+    def write(self, text: str) -> int:
+        return (self._out if threading.get_ident() == self._owner else self._err).write(text)
+
+    def flush(self) -> None:
+        self._out.flush()
+        self._err.flush()
+
+    def __getattr__(self, name: str) -> Any:  # encoding, isatty, fileno, buffer ...: the real stdout's
+        return getattr(self._out, name)
+
+
+def keep_stdout_for_results() -> None:
+    """From now on only this thread writes to stdout; other threads' prints go to stderr."""
+    if not isinstance(sys.stdout, CallerStdout):
+        sys.stdout = CallerStdout(sys.stdout, sys.stderr)
 
 
 def _meshpipe_error(e: BaseException) -> MeshpipeError | None:
