@@ -510,10 +510,14 @@ def choose_stage_resources(num_actors: int, total_gpus: float, free_gpus: float,
 
 
 def default_micro_batches(stages: list[dict[str, Any]]) -> int:
-    """Lanes in flight (`stages`: each stage's `ready()` info). On GPUs one per stage keeps every stage
-    busy. CPU stages on one node share its cores and memory bandwidth: one lane lets each pass take
-    them all and read the weights once for the whole batch (measured on 2 cores, SmolLM2, S = 2,
-    batch 16: 81 ms a step with one lane, 139 with two); so one lane per node the stages occupy."""
+    """Lanes in flight (`stages`: each stage's `ready()` info): one per piece of hardware the stages
+    occupy, so that each works while the others do. CPU stages on one node share its cores and memory
+    bandwidth: one lane lets each pass take them all and read the weights once for the whole batch
+    (measured on 2 cores, SmolLM2, S = 2, batch 16: 81 ms a step with one lane, 139 with two). GPU
+    stages: one lane per GPU; stages sharing a GPU (fractional `num_gpus`) take turns on it, and a lane
+    each would only multiply its kernel launches (README: GPU benchmark)."""
     if all(x["device"].startswith("cpu") for x in stages):
-        return max(1, min(len(stages), len({x.get("node_id") for x in stages})))
-    return len(stages)
+        units = {x.get("node_id") for x in stages}
+    else:
+        units = {(x.get("node_id"), tuple(x["gpu_ids"])) if x.get("gpu_ids") else i for i, x in enumerate(stages)}
+    return max(1, min(len(stages), len(units)))

@@ -315,7 +315,7 @@ class RingMember:
             st.account(time.perf_counter() - t0, y, wire)
             return
         urgent = any(self.tail_seqs[rid].fresh for rid in header.seq_ids if rid not in header.partial)  # a first token
-        tokens, done, lengths, reports = self._sample(header, y.cpu())
+        tokens, done, lengths, reports = self._sample(header, y)
         hop[3] = (time.perf_counter() - t0) * 1e3
         trace = [*header.trace, hop]
         out = Header(kind="tokens", step=header.step, msg_id=header.msg_id, attempt=0, sender=self.name,

@@ -199,6 +199,7 @@ class StageActor:
             "node_id": ctx.get_node_id(),
             "pid": os.getpid(),
             "device": str(self.device),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],  # stages with the same ids share a GPU
             "threads": self.threads,  # Ray-call steps; ring passes: the cores left them when adaptive
             "threads_adaptive": self.adaptive,
             "load_s": round(self.load_s, 3),
@@ -240,7 +241,7 @@ class StageActor:
         if self.model.is_last:
             out = Envelope(None, header.msg_id, **control)
             positions = [s + n for s, n in zip(header.starts, header.lengths)]
-            out.sampled, out.logprobs = sample(y.cpu(), params or env.params, positions)
+            out.sampled, out.logprobs = sample(y, params or env.params, positions)
             out.params = None
         else:
             link = self._link(env.links)

@@ -220,7 +220,7 @@ def plain_step(model: Transformer, cache: KVCache, active: Sequence[SequenceStat
     x = torch.tensor([t for xs in inputs for t in xs], dtype=torch.long, device=device)  # (N,)
     logits = model(x, batch.to(device), cache)  # (B, vocab)
     positions = [s.cached + len(x) for s, x in zip(active, inputs)]
-    tokens, lps = sample(logits.cpu(), [s.params for s in active], positions)
+    tokens, lps = sample(logits, [s.params for s in active], positions)
     for s, t, lp in zip(active, tokens, lps):
         s.add(t, lp, tokenizer)
 

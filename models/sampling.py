@@ -71,14 +71,22 @@ def _generator(seed: int, position: int) -> torch.Generator:
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            positions: Sequence[int]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits: (B, vocab) float32. positions: where each new token will sit (seeds the draw)."""
+    """logits: (B, vocab) float32 on any device. positions: where each new token will sit (seeds the draw).
+
+    Greedy rows take their argmax where the logits are (a GPU's logits never cross to the host whole);
+    the rows that draw or want logprobs are copied to the CPU, whose seeded generator makes each draw
+    the same on every device.
+    """
     tokens = logits.argmax(-1).tolist()  # greedy for everyone; sampled rows overwrite below
-    want_lp = any(p.logprobs is not None for p in params)
-    logp = torch.log_softmax(logits, -1) if want_lp else None
+    host = [i for i, p in enumerate(params) if not p.greedy or p.logprobs is not None]
+    if not host:
+        return tokens, [None] * len(params)
+    rows = dict(zip(host, logits[host].cpu()))  # (len(host), vocab)
+    logp = {i: torch.log_softmax(rows[i], -1) for i in host if params[i].logprobs is not None}
     out_lp: list[TokenLogprob | None] = []
     for i, p in enumerate(params):
         if not p.greedy:
-            row = logits[i] / p.temperature
+            row = rows[i] / p.temperature
             if p.top_k is not None and p.top_k < row.numel():
                 kth = torch.topk(row, p.top_k).values[-1]
                 row = row.masked_fill(row < kth, float("-inf"))
@@ -96,5 +104,5 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         if p.logprobs > 0:
             vals, idx = torch.topk(logp[i], p.logprobs)
             top = dict(zip(idx.tolist(), vals.tolist()))
-        out_lp.append(TokenLogprob(tokens[i], float(logp[i, tokens[i]]), top))
+        out_lp.append(TokenLogprob(tokens[i], float(logp[i][tokens[i]]), top))
     return tokens, out_lp

@@ -157,7 +157,7 @@ def speculative_step(model: Transformer, cache: KVCache, active: Sequence[Sequen
     at = tail_index(lengths, [len(d) + 1 for d in drafts]).to(device)  # (M,)
     logits = model(x, batch.to(device), cache, logits_at=at)  # (M, vocab)
     results = []
-    for s, d, (tokens, lps, n_acc) in zip(active, drafts, verify(logits.cpu(), active, drafts, inputs)):
+    for s, d, (tokens, lps, n_acc) in zip(active, drafts, verify(logits, active, drafts, inputs)):
         emitted = 0
         for t, lp in zip(tokens, lps):
             s.add(t, lp, tokenizer)

@@ -120,6 +120,14 @@ def summary_row(rows: Sequence[dict[str, Any]], elapsed_s: float, stages: int, b
             "errors": [_label(r) for r in rows if r.get("row") == "error"]}
 
 
+def stage_ms(replicas: Sequence[Sequence[dict[str, Any]]]) -> list[list[float | None]]:
+    """Each stage's first replica's measured [compute ms a step, ms its inputs waited]: where a step goes."""
+    def r(v: Any) -> float | None:
+        return None if v is None else round(float(v), 2)
+
+    return [[r(stage[0].get("compute_ms")), r(stage[0].get("inbound_ms"))] for stage in replicas if stage]
+
+
 def _label(row: dict[str, Any]) -> str:
     return " ".join(f"{k}={row[k]}" for k in ("what", "stages", "batch") if k in row)
 
@@ -294,9 +302,11 @@ def _deployment(folder: str, stages: int, dtype: str, batches: Sequence[int], pr
                 run = partial(pipe.generate, prompts[b], max_new_tokens=new_tokens, ignore_eos=True)
                 local_s = local(b)  # beside it, the deployment idle
                 run()  # warm
-                return throughput_row(stages, b, new_tokens, _best_s(run, repeats, sync), local_s,
-                                      deploy_s=deploy_s, stage_device=info["stages"][0]["device"],
-                                      micro_batches=info.get("router", {}).get("micro_batches"))
+                best = _best_s(run, repeats, sync)
+                return throughput_row(stages, b, new_tokens, best, local_s, deploy_s=deploy_s,
+                                      stage_device=info["stages"][0]["device"],
+                                      micro_batches=info.get("router", {}).get("micro_batches"),
+                                      stage_ms=stage_ms(pipe.stats()["router"]["replicas"]))
 
             yield _guarded({"stages": stages, "batch": b, "what": "generate"}, measure)
     finally:

@@ -17,6 +17,7 @@ from actors.bench.gpu import (
     default_shape,
     parity_row,
     prompts_for,
+    stage_ms,
     stage_resources_for,
     summary_row,
     throughput_row,
@@ -86,3 +87,9 @@ def test_throughput_row_and_summary() -> None:
     missing = summary_row(rows[:2], 10.0, stages=4, batch=64)
     assert missing["target_met"] is None and missing["efficiency"] is None
     assert summary_row([throughput_row(4, 64, 64, 2.0, 1.0)], 1.0, 4, 64)["target_met"] is False
+
+
+def test_stage_ms_takes_each_stages_first_replica() -> None:
+    replicas = [[{"compute_ms": 3.14159, "inbound_ms": 0.5}, {"compute_ms": 9.0, "inbound_ms": 9.0}],
+                [{"compute_ms": None, "inbound_ms": 1}], []]
+    assert stage_ms(replicas) == [[3.14, 0.5], [None, 1.0]]

@@ -344,3 +344,17 @@ def test_a_stage_refuses_plaintext_on_a_link_that_encrypts() -> None:
     StageActor._expect_sealed(stage, Header(**{**{f: getattr(plain, f) for f in Header.__dataclass_fields__},
                                                "encrypted": True}), True)
     assert stage.counters["rejected"] == 2
+
+
+def test_lanes_default_to_one_per_piece_of_hardware_the_stages_occupy() -> None:
+    from actors.pipeline import default_micro_batches
+
+    def gpu(node: str, *ids: str) -> dict[str, Any]:
+        return {"device": "cuda:0", "node_id": node, "gpu_ids": list(ids)}
+
+    assert default_micro_batches([gpu("a", "0"), gpu("a", "1"), gpu("b", "0"), gpu("b", "1")]) == 4
+    assert default_micro_batches([gpu("a", "0")] * 4) == 1  # fractional GPUs: the stages take turns
+    assert default_micro_batches([gpu("a", "0"), gpu("a", "0"), gpu("a", "1"), gpu("a", "1")]) == 2
+    assert default_micro_batches([{"device": "cuda:0", "node_id": "a"}] * 3) == 3  # ids unknown: distinct
+    cpu = [{"device": "cpu", "node_id": n, "gpu_ids": []} for n in ("a", "a", "b")]
+    assert default_micro_batches(cpu) == 2 and default_micro_batches(cpu[:1]) == 1
