@@ -8,8 +8,9 @@ on the same GPU in this process (eager: no compile, no CUDA graphs). Rows, in or
 - ``parity``: a tiny random Llama in float32 on the device, the pipeline (S = 2) greedy against
   transformers' `LlamaForCausalLM` greedy on the same folder: agreement fraction, identical.
 - ``model``: the benchmark checkpoint (shape, parameters, seconds to write and load it).
-- ``throughput``: per (S, batch), pipeline tokens/s beside one-process tokens/s measured right
-  before it; ``efficiency`` = their ratio.
+- ``throughput``: per (S, batch), largest first, pipeline tokens/s beside one-process tokens/s
+  measured right before it; ``efficiency`` = their ratio; ``stage_ms``: each stage's compute and
+  inbound wait, ms a step.
 - ``summary``: elapsed seconds and the target (largest S at the largest batch ≥ 0.8×).
 
 ``device="cpu"`` with a tiny shape runs the same code on CPUs (a smoke test of the command).
@@ -126,6 +127,12 @@ def stage_ms(replicas: Sequence[Sequence[dict[str, Any]]]) -> list[list[float | 
         return None if v is None else round(float(v), 2)
 
     return [[r(stage[0].get("compute_ms")), r(stage[0].get("inbound_ms"))] for stage in replicas if stage]
+
+
+def measurement_order(stages: Sequence[int], batches: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """Deployments and their batches, largest first: the target's cell (the most stages at the largest
+    batch) is measured before `budget_s` can run out (a run on a slow machine once skipped it)."""
+    return [(s, sorted(set(batches), reverse=True)) for s in sorted(set(stages), reverse=True)]
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -248,8 +255,8 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
             def over_budget() -> bool:
                 return time.monotonic() - t_start > budget_s
 
-            for s in stages:
-                for row in _deployment(str(folder), s, dtype, batches, prompts, new_tokens, repeats, local, sync,
+            for s, bs in measurement_order(stages, batches):
+                for row in _deployment(str(folder), s, dtype, bs, prompts, new_tokens, repeats, local, sync,
                                        over_budget):
                     yield emit(row)
         yield emit(summary_row(rows, time.monotonic() - t_start, max(stages), max(batches)))

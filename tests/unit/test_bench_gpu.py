@@ -15,6 +15,7 @@ from actors.bench.gpu import (
     LlamaShape,
     default_dtype,
     default_shape,
+    measurement_order,
     parity_row,
     prompts_for,
     stage_ms,
@@ -93,3 +94,8 @@ def test_stage_ms_takes_each_stages_first_replica() -> None:
     replicas = [[{"compute_ms": 3.14159, "inbound_ms": 0.5}, {"compute_ms": 9.0, "inbound_ms": 9.0}],
                 [{"compute_ms": None, "inbound_ms": 1}], []]
     assert stage_ms(replicas) == [[3.14, 0.5], [None, 1.0]]
+
+
+def test_the_targets_cell_is_measured_first() -> None:
+    assert measurement_order([1, 2, 4], [1, 16, 64]) == [(4, [64, 16, 1]), (2, [64, 16, 1]), (1, [64, 16, 1])]
+    assert measurement_order([2, 2], [8]) == [(2, [8])]
