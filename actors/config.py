@@ -28,7 +28,7 @@ class RouterOptions(_Section):
     max_active_sequences: int = Field(64, ge=1)  # sequences decoding at once
     max_queued: int = Field(256, ge=0)  # admitted requests waiting for a slot; beyond this -> BackPressureError
     prefill_chunk: int = Field(512, ge=1)  # prompt tokens per step: a long prompt shares steps with running decodes
-    micro_batches: int | None = Field(None, ge=1)  # lanes in flight (None: one per GPU, or CPU node, the stages occupy)
+    micro_batches: int | None = Field(None, ge=1)  # lanes in flight (None: one per GPU or CPU node in use)
     data_path: str = Field("ring", pattern="^(ring|calls)$")  # "ring": stages loop on their own over TCP; "calls": Ray calls
     hop_mode: str = Field("router", pattern="^(router|push)$")  # calls path: "router" chains ObjectRefs; "push": k calls k+1
     finished_kept: int = Field(1024, ge=0)  # finished requests remembered for late `result`/`stream_next` calls

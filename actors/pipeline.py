@@ -518,6 +518,7 @@ def default_micro_batches(stages: list[dict[str, Any]]) -> int:
     each would only multiply its kernel launches (README: GPU benchmark)."""
     if all(x["device"].startswith("cpu") for x in stages):
         units = {x.get("node_id") for x in stages}
-    else:
-        units = {(x.get("node_id"), tuple(x["gpu_ids"])) if x.get("gpu_ids") else i for i, x in enumerate(stages)}
+    else:  # a GPU is (node, Ray's GPU ids); a stage whose ids are unknown counts as its own
+        units = {(x.get("node_id"), tuple(x["gpu_ids"])) if x.get("gpu_ids") else i
+                 for i, x in enumerate(stages)}
     return max(1, min(len(stages), len(units)))
