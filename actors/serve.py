@@ -110,6 +110,18 @@ class _Owned:
         weakref.finalize(self, _cancel_all, pipe.router, list(rids))
 
 
+class _ClosingStream(StreamingResponse):
+    """A StreamingResponse that closes its body however the response ends. Starlette leaves a body cut
+    short at a `send` (the client left) to the garbage collector, which a traceback's reference cycle
+    can delay for long: the body's `finally`, which cancels the requests, must run now."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[union-attr] - always our async generator
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -258,7 +270,7 @@ class OpenAIServer:
                                      else _cancel_all(pipe.router, t.result()))
             raise
         if body.stream:
-            return StreamingResponse(self._stream(reply, pipe, _Owned(pipe, rids), n, body.include_usage()),
+            return _ClosingStream(self._stream(reply, pipe, _Owned(pipe, rids), n, body.include_usage()),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:

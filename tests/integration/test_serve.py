@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -291,3 +292,42 @@ def test_smollm2_over_http_answers_as_the_python_api_does(server: dict) -> None:
     finally:
         http.start([NAME])
         smol.shutdown()
+
+
+@pytest.mark.parametrize("asgi", ["2.3", "2.4"])
+def test_a_stream_cut_short_at_a_send_closes_its_body_at_once(asgi: str) -> None:
+    """A client that leaves while a chunk is being sent: Starlette drops the body generator where it
+    stands, and only the garbage collector would run its `finally` (which cancels the requests); the
+    response closes it at once, while the response object still holds it."""
+    import asyncio
+    import contextlib
+
+    closed = []
+
+    async def body() -> Any:
+        try:
+            for i in range(100):
+                yield f"data: {i}\n\n"
+        finally:
+            closed.append(True)
+
+    sends = 0
+
+    async def send(message: dict) -> None:
+        nonlocal sends
+        sends += 1
+        if sends == 3:
+            raise asyncio.CancelledError  # the server cancels the handler: the client went away
+
+    async def receive() -> dict:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    response = http._ClosingStream(body(), media_type="text/event-stream")
+    scope = {"type": "http", "asgi": {"spec_version": asgi}}
+    async def serve_it() -> list[bool]:
+        with contextlib.suppress(asyncio.CancelledError):  # raised (ASGI 2.4) or taken by the task group (2.3)
+            await response(scope, receive, send)
+        return list(closed)  # before asyncio.run's own clean-up closes whatever generators are left
+
+    assert asyncio.run(serve_it()) == [True]
