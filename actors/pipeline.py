@@ -224,7 +224,7 @@ class Pipeline:
         plist = list(prompts) if is_batch(prompts) else [prompts]
         rids = self._router("submit_many", plist, params, timeout_s, retry=False)
         try:
-            return [self.result(rid) for rid in rids]
+            return self._router("results", rids)  # one call, not one per request
         except BaseException:  # one failed (or the caller went away): the rest are not wanted
             for rid in rids:
                 try:

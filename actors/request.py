@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from actors.errors import BackPressureError
 from models import InvalidRequestError, ModelConfig, SamplingParams, SequenceState
 from topology.planner import Route
 
@@ -41,6 +42,16 @@ class Lane:
     seqs: list[Request] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     step: int = 0  # steps run so far
+
+
+def check_room(deployment: str, active: int, queued: int, n: int, max_active: int, max_queued: int) -> None:
+    """BackPressureError unless `n` more requests fit the active slots and the queue."""
+    limit = max_active + max_queued
+    if active + queued + n > limit:
+        raise BackPressureError(
+            f"pipeline {deployment!r} is full: {active} active and {queued} queued requests, {n} more would "
+            f"pass the limit of {limit} (max_active_sequences={max_active} + max_queued={max_queued}); retry later"
+        )
 
 
 def new_request(rid: str, ids: list[int], params: SamplingParams, timeout_s: float | None, cfg: ModelConfig,

@@ -31,7 +31,7 @@ from actors.pool import ReplicaPool
 from actors.prefix import KvBudget, PrefixCache, expected_steps
 from actors.probe import LinkProber
 from actors.recovery import Recovery
-from actors.request import Lane, Request, RequestIds, new_request
+from actors.request import Lane, Request, RequestIds, check_room, new_request
 from actors import router_views
 from actors.ring import RingDriver, RingLane
 from actors.sender import StepSender
@@ -103,8 +103,7 @@ class RouterActor(FaultHooks, ScalingHooks):
                        timeout_s: float | None = None) -> list[Completion]:
         """Admits all prompts at once (all or none) and returns their completions in order."""
         await self._resume()
-        reqs = await self._new_requests(prompts, [params] * len(prompts), timeout_s)
-        self._admit(reqs)
+        reqs = await self._admit_new(prompts, [params] * len(prompts), timeout_s)
         try:
             return [await self._await(r) for r in reqs]
         except BaseException:  # one failed (or the caller went away): the rest are not wanted
@@ -122,9 +121,7 @@ class RouterActor(FaultHooks, ScalingHooks):
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise InvalidRequestError(f"{len(plist)} sampling params for {len(prompts)} prompts: give one or one each")
-        reqs = await self._new_requests(prompts, plist, timeout_s)
-        self._admit(reqs)
-        return [r.rid for r in reqs]
+        return [r.rid for r in await self._admit_new(prompts, plist, timeout_s)]
 
     async def submit_chat(self, messages: list[dict], params: SamplingParams, timeout_s: float | None = None) -> str:
         """Applies the chat template and admits the request; returns its id."""
@@ -144,6 +141,11 @@ class RouterActor(FaultHooks, ScalingHooks):
     async def result(self, rid: str) -> Completion:
         await self._resume()
         return await self._await(self._get(rid))
+
+    async def results(self, rids: list[str]) -> list[Completion]:
+        """Each request's completion, in order, in one call (a batch's B calls cost B round trips)."""
+        await self._resume()
+        return [await self._await(self._get(rid)) for rid in rids]
 
     async def stream_next(self, rid: str, cursor: int, wait_s: float = 10.0) -> dict[str, Any]:
         """Tokens past `cursor` (waits up to `wait_s` for some); `done` with the completion at the end."""
@@ -175,9 +177,7 @@ class RouterActor(FaultHooks, ScalingHooks):
 
     def routes_mermaid(self) -> str:
         """The replicas as a layered graph, the route a new request would take drawn thick."""
-        from topology.planner import route_to_mermaid
-
-        return route_to_mermaid(self.pool.plan(), self.pool.table.states(), self.pool.table.num_stages)
+        return router_views.routes_mermaid(self)
 
     def resend(self, msg_id: int) -> Any:
         """A stage asks again for a step's first message that failed its checksum."""
@@ -196,14 +196,22 @@ class RouterActor(FaultHooks, ScalingHooks):
 
     # ---------- admission ----------
 
-    async def _new_requests(self, prompts: list[Any], plist: list[SamplingParams],
-                            timeout_s: float | None) -> list[Request]:
-        """Checked requests: room for all first, then tokenised off the event loop (all or none)."""
+    async def _admit_new(self, prompts: list[Any], plist: list[SamplingParams],
+                         timeout_s: float | None) -> list[Request]:
         if self._closed:
             raise DeploymentError(f"deployment {self.deployment!r} is shut down")
         self._room(len(prompts))  # before any tokenisation: a request too big for the queue costs nothing
         ids = await asyncio.to_thread(lambda: [encode_prompt(p, self.cfg, self.tokenizer) for p in prompts])
-        return [new_request(self._rid(), i, sp, timeout_s, self.cfg, self.kv) for i, sp in zip(ids, plist)]
+        reqs = [new_request(self._rid(), i, sp, timeout_s, self.cfg, self.kv) for i, sp in zip(ids, plist)]
+        self._admit(reqs)  # they start now; the caller hears of them once journaled
+        try:
+            await self.journal.flush()
+        except Exception as e:  # noqa: BLE001 - fail closed: a request no restart could resume is not accepted
+            err = DeploymentError(f"the request journal (GCS key-value store) failed: {type(e).__name__}; retry later")
+            for r in reqs:
+                self._end(r, err)
+            raise err from None
+        return reqs
 
     async def _resume(self) -> None:
         """After a restart: frees every stage's orphaned caches and re-admits the journal's requests."""
@@ -223,16 +231,8 @@ class RouterActor(FaultHooks, ScalingHooks):
         return [r for lane in self.lanes for r in lane.seqs] + (self.rings.running() if self.rings else [])
 
     def _room(self, n: int) -> None:
-        """BackPressureError unless `n` more requests fit the active slots and the queue."""
-        active = self._active()
-        limit = self.rc.max_active_sequences + self.rc.max_queued
-        if active + len(self.waiting) + n > limit:
-            raise BackPressureError(
-                f"pipeline {self.deployment!r} is full: {active} active and {len(self.waiting)} queued "
-                f"requests, {n} more would pass the limit of {limit} "
-                f"(max_active_sequences={self.rc.max_active_sequences} + max_queued={self.rc.max_queued}); "
-                "retry later"
-            )
+        check_room(self.deployment, self._active(), len(self.waiting), n, self.rc.max_active_sequences,
+                   self.rc.max_queued)
 
     def _admit(self, reqs: list[Request]) -> None:
         self._ensure_started()

@@ -33,6 +33,13 @@ def describe(router: RouterActor) -> dict[str, Any]:
     }
 
 
+def routes_mermaid(router: RouterActor) -> str:
+    """The replicas as a layered graph, the route a new request would take drawn thick."""
+    from topology.planner import route_to_mermaid
+
+    return route_to_mermaid(router.pool.plan(), router.pool.table.states(), router.pool.table.num_stages)
+
+
 def stats(router: RouterActor) -> dict[str, Any]:
     rec, rings = router.recovery, router.rings
     ring_info = rings.describe() if rings else []

@@ -298,6 +298,9 @@ def bench_gpu_cmd(
     budget_s: Annotated[float, typer.Option(
         min=0, help="Seconds: deployments and batches that would start later are skipped.")] = 400,
     work_dir: Annotated[str | None, typer.Option(help="Where to write the checkpoints (default: temp).")] = None,
+    actor_baseline: Annotated[bool, typer.Option(
+        "--actor-baseline/--no-actor-baseline",
+        help="Also time one process inside a Ray actor (its task thread, its own thread).")] = True,
 ) -> None:
     """One GPU: a random ~1.1 B Llama as 1, 2, 4 stage actors (fractional GPUs) vs one process; parity."""
     from dataclasses import replace
@@ -323,4 +326,4 @@ def bench_gpu_cmd(
             raise typer.BadParameter("torch sees no CUDA device: --device cpu runs the smoke test",
                                      param_hint="--device")
     _emit(bench_gpu(stage_list, _parse_ints(batches, "--batches") or [1, 16, 64], new_tokens, prompt_tokens,
-                    device, shape, dtype, repeats, parity, budget_s, work_dir))
+                    device, shape, dtype, repeats, parity, budget_s, work_dir, actor_baseline))

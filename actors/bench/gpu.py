@@ -196,7 +196,7 @@ def bench_parity(folder: Path, device: str, new_tokens: int, batch: int = 4, pro
 def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16, 64), new_tokens: int = 64,
               prompt_tokens: int = 16, device: str = "cuda", shape: LlamaShape | None = None,
               dtype: str | None = None, repeats: int = 2, parity: bool = True, budget_s: float = 400.0,
-              work_dir: str | None = None) -> Iterator[dict[str, Any]]:
+              work_dir: str | None = None, actor_baseline: bool = True) -> Iterator[dict[str, Any]]:
     """The rows described above, one Ray session (started here unless one is running).
 
     `budget_s`: a deployment or batch that would start after this many seconds is skipped (a
@@ -255,6 +255,9 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
             def over_budget() -> bool:
                 return time.monotonic() - t_start > budget_s
 
+            if actor_baseline:
+                yield emit(_guarded({"what": "one process in an actor"}, lambda: bench_in_actor(
+                    folder, dtype, device, sorted({min(batches), max(batches)}), prompts, new_tokens, repeats, local)))
             for s, bs in measurement_order(stages, batches):
                 for row in _deployment(str(folder), s, dtype, bs, prompts, new_tokens, repeats, local, sync,
                                        over_budget):
@@ -263,6 +266,57 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
     finally:
         if started:
             ray.shutdown()
+
+
+class LocalInActor:
+    """`generate_local` in a Ray worker process on the same GPU: the one-process baseline where a stage
+    runs, called from the actor's task thread or from a thread of its own (as a stage computes)."""
+
+    def __init__(self, folder: str, dtype: str, device: str) -> None:
+        from models import load_model
+
+        self.device = device
+        self.model = load_model(folder, dtype=dtype, device=device)
+
+    def best_s(self, prompts: list[list[int]], new_tokens: int, repeats: int, own_thread: bool) -> float:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        from models import generate_local
+
+        sync = torch.cuda.synchronize if self.device != "cpu" else (lambda: None)
+        run = partial(generate_local, self.model, prompts, new_tokens, ignore_eos=True)
+        if not own_thread:
+            run()  # warm
+            return _best_s(run, repeats, sync)
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(run).result()
+            return pool.submit(_best_s, run, repeats, sync).result()
+
+
+def bench_in_actor(folder: Path, dtype: str, device: str, batches: Sequence[int], prompts: dict[int, list[list[int]]],
+                   new_tokens: int, repeats: int, local: Callable[[int], float]) -> dict[str, Any]:
+    """ms a step of one process in this driver, in an actor's task thread and in an actor's own thread,
+    alternating at each batch: whether a Ray worker process alone makes the same steps slower."""
+    import ray
+
+    from actors.bench.pipeline import _wait_for_gpus
+
+    free_before = ray.available_resources().get("GPU", 0)
+    actor = ray.remote(num_gpus=1, num_cpus=0)(LocalInActor).remote(str(folder), dtype, device)
+    out: dict[str, Any] = {"bench": "gpu", "row": "one_process_in_actor", "new_tokens": new_tokens}
+    try:
+        for b in batches:
+            driver_s = local(b)
+            main_s = ray.get(actor.best_s.remote(prompts[b], new_tokens, repeats, False))
+            thread_s = ray.get(actor.best_s.remote(prompts[b], new_tokens, repeats, True))
+            out[f"batch_{b}_ms_per_step"] = {k: round(v * 1e3 / new_tokens, 2) for k, v in
+                                             (("driver", driver_s), ("actor", main_s), ("actor_own_thread", thread_s))}
+    finally:
+        ray.kill(actor)
+        _wait_for_gpus(free_before)
+    return out
 
 
 def _guarded(what: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:

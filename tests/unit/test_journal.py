@@ -3,8 +3,10 @@ new tokens only, finished records bounded. No Ray (a dict stands in for the GCS 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+from typing import Any
 
 import pytest
 
@@ -92,3 +94,87 @@ def test_an_unknown_restart_count_keeps_the_journal_and_ids_never_repeat(monkeyp
     first, second = RequestIds("dep"), RequestIds("dep")
     a, b = {first() for _ in range(1000)}, {second() for _ in range(1000)}
     assert len(a) == len(b) == 1000 and not a & b and all(i.startswith("dep-") for i in a | b)
+
+
+class AsyncKV(DictKV):
+    """The GCS store's async side: each write takes a moment; counts how many are in flight at once."""
+
+    def __init__(self, fail: str | None = None) -> None:
+        super().__init__()
+        self.in_flight = self.most_in_flight = 0
+        self.log: list[tuple[str, str]] = []
+        self.fail = fail  # writes of keys containing this raise
+
+    async def _op(self, name: str, key: str, apply: Any) -> None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        await asyncio.sleep(0.01)
+        self.in_flight -= 1
+        if self.fail and self.fail in key:
+            raise ConnectionError("GCS unreachable")
+        self.log.append((name, key))
+        apply()
+
+    async def put_async(self, key: str, value: bytes) -> None:
+        await self._op("put", key, lambda: self.put(key, value))
+
+    async def delete_async(self, key: str, by_prefix: bool = False) -> None:
+        await self._op("delete", key, lambda: self.delete(key, by_prefix))
+
+
+def test_writes_leave_the_event_loop_go_out_together_and_keep_each_requests_order() -> None:
+    """Under a running loop nothing blocks on the store: 50 admissions are in flight at once, `flush`
+    waits for them, and a request's finish lands after its checkpoint and before its chunks' deletion."""
+    async def main() -> AsyncKV:
+        kv = AsyncKV()
+        journal = RequestJournal("d", kv, finished_kept=100)
+        reqs = [make_request(f"r{i}", [1, 2]) for i in range(50)]
+        for r in reqs:
+            journal.admit(r)
+        assert kv.data == {}  # queued, not written: admit returned at once
+        await journal.flush()
+        assert len(kv.data) == 50 and kv.most_in_flight == 50
+        a = reqs[0]
+        a.seq.add(7, None, None)
+        journal.checkpoint([a])
+        journal.finish(a, Completion("", [7], "length", {}, None))
+        await journal.flush()
+        mine = [op for op in kv.log if op[1].startswith("meshpipe/d/requests/r0/") or op[1] == "meshpipe/d/requests/r0"]
+        assert [op[0] for op in mine] == ["put", "put", "put", "delete"]  # admit, chunk, finished record, chunks
+        assert "meshpipe/d/requests/r0/t/000000000" not in kv.data
+        (rec,) = [r for r in RequestJournal("d", kv).load() if r.rid == "r0"]
+        assert rec.completion.token_ids == [7]
+        return kv
+
+    kv = asyncio.run(main())
+    assert len(kv.data) == 50
+
+
+def test_a_failed_admission_write_fails_the_flush_and_other_failures_are_only_logged() -> None:
+    async def main() -> None:
+        kv = AsyncKV(fail="bad")
+        journal = RequestJournal("d", kv)
+        journal.admit(make_request("ok", [1]))
+        journal.admit(make_request("bad", [1]))
+        with pytest.raises(ConnectionError, match="unreachable"):
+            await journal.flush()
+        await journal.flush()  # raised once
+        assert list(kv.data) == ["meshpipe/d/requests/ok"]
+        journal.finish(make_request("bad2", [1]), Completion("", [], "stop", {}, None))
+        await journal.flush()  # a finished record that could not be written is logged, not raised
+        assert journal.writer.failures == 2
+
+    asyncio.run(main())
+
+
+def test_a_request_dropped_after_its_record_was_evicted_costs_no_more_writes() -> None:
+    kv = DictKV()
+    journal = RequestJournal("d", kv, finished_kept=1)
+    for rid in ("a", "b"):
+        req = make_request(rid, [1])
+        journal.admit(req)
+        journal.finish(req, Completion("", [], "stop", {}, None))
+    assert list(kv.data) == ["meshpipe/d/requests/b"] and journal.evicted == {"a"}
+    kv.delete = None  # any delete now fails the test
+    journal.drop("a")
+    assert journal.evicted == set()
