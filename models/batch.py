@@ -26,6 +26,7 @@ class Batch:
     # (starts, lengths, positions) as Python ints, kept by `build` (no device sync to read them back)
     host: tuple[list[int], list[int], list[int]] | None = field(default=None, repr=False)
     dims: tuple[int, int, int] | None = field(default=None, repr=False)  # `span()`, once computed
+    packed: torch.Tensor | None = field(default=None, repr=False)  # (3B + 3N,) the tensor `build` sliced
 
     @classmethod
     def build(cls, seq_ids: Sequence[str], starts: Sequence[int], lengths: Sequence[int]) -> Batch:
@@ -41,9 +42,14 @@ class Batch:
             ends.append(last - 1)
         B, N = len(lengths), len(token_seq)
         a = torch.tensor(starts + lengths + ends + token_seq + token_t + positions, dtype=torch.long)
-        return cls(seq_ids=list(seq_ids), starts=a[:B], lengths=a[B:2 * B], last_token=a[2 * B:3 * B],
+        return cls._sliced(list(seq_ids), a, B, N, (starts, lengths, positions))
+
+    @classmethod
+    def _sliced(cls, seq_ids: list[str], a: torch.Tensor, B: int, N: int,
+                host: tuple[list[int], list[int], list[int]]) -> Batch:
+        return cls(seq_ids=seq_ids, starts=a[:B], lengths=a[B:2 * B], last_token=a[2 * B:3 * B],
                    token_seq=a[3 * B:3 * B + N], token_t=a[3 * B + N:3 * B + 2 * N], positions=a[3 * B + 2 * N:],
-                   host=(starts, lengths, positions))
+                   host=host, packed=a)
 
     def host_lists(self) -> tuple[list[int], list[int], list[int]]:
         """(starts, lengths, positions) as Python ints (no device sync where `build` made them)."""
@@ -54,7 +60,10 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         if torch.device(device) == self.starts.device:
             return self
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        if self.packed is not None and self.host is not None and self.block_table is None:  # one copy, not six
+            return Batch._sliced(self.seq_ids, self.packed.to(device), len(self.seq_ids), self.token_seq.numel(),
+                                 self.host)
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items() if k != "packed"}
         return Batch(**moved)
 
     def span(self) -> tuple[int, int, int]:

@@ -141,3 +141,18 @@ def test_bfloat16_runs(tiny_ckpt: Path) -> None:
     model = load_model(tiny_ckpt, dtype="bfloat16")
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     assert len(model.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True)[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_a_batch_moves_to_a_device_as_one_tensor(device: str) -> None:
+    """`Batch.to` copies build's one tensor (one host-to-device copy a step, not six) and slices it there."""
+    b = Batch.build(["a", "b", "c"], [3, 0, 7], [1, 4, 2])
+    m = b.to(device)
+    assert m.packed is not None and m.packed.device.type == device and m.host == b.host
+    for name in ("starts", "lengths", "last_token", "token_seq", "token_t", "positions"):
+        got, want = getattr(m, name), getattr(b, name)
+        assert got.device.type == device and got.shape == want.shape, name
+        if device != "meta":
+            assert got.tolist() == want.tolist(), name
+    assert m.span() == b.span() == (3, 4, 9)
