@@ -2,9 +2,9 @@
 
 A ring runs one route's replicas as a loop (`actors.ring_stage`): stage 0 feeds its lanes, each
 stage passes its output to the next over TCP, the last stage samples and sends the tokens back to
-stage 0 and, in batches, to the router. The router admits sequences into the ring of their route
-(the tail learns their sampling options first), receives their tokens, and cancels at the head
-(stop strings, deadlines, cancel). A ring starts when its route first gets a sequence and stays
+stage 0 and, in batches, to the router (a socket per ring, `actors.reports`). The router admits
+sequences into the ring of their route (the tail learns their sampling options first), receives their
+tokens, and cancels at the head (stop strings, deadlines, cancel). A ring starts when its route first gets a sequence and stays
 up while its replicas live; a ring that breaks (a replica died, a channel failed) is stopped on
 every member, each live stage forgets the positions the router never saw, and its sequences go
 on through the Ray-call path (`StepSender`) whose recovery (failover, restart, KV rebuild) gives
@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.jobs import Jobs
+from actors.channels import node_ip
 from actors.pool import ReplicaPool
+from actors.reports import ReportServer
 from actors.request import Lane, Request
 from actors.ring_stage import RingSpec
 from topology.planner import Route
@@ -61,7 +63,7 @@ class RingDriver:
 
     def __init__(self, deployment: str, pool: ReplicaPool, router: Any, lanes: int, incarnation: int,
                  eos_ids: frozenset[int], max_seq_len: int, fallback: Callable[[list[Request]], None],
-                 prefill_chunk: int = 1 << 30) -> None:
+                 prefill_chunk: int = 1 << 30, on_report: Callable[[str, list, list], None] | None = None) -> None:
         self.deployment, self.pool, self.router = deployment, pool, router
         self.lanes, self.incarnation = lanes, incarnation
         self.eos_ids, self.max_seq_len = eos_ids, max_seq_len
@@ -75,6 +77,8 @@ class RingDriver:
         self.passes = 0  # every ring's passes, broken ones' included (a monotonic step count)
         self._ids = itertools.count()
         self.jobs = Jobs(f"rings of {deployment!r}")
+        # the tails' token reports: a socket per ring into the router's event loop (None: Ray calls)
+        self.reports = ReportServer(on_report, node_ip()) if on_report is not None else None
 
     # ---------- admitting and leaving ----------
 
@@ -145,9 +149,12 @@ class RingDriver:
     async def _setup(self, ring: Ring, names: list[str]) -> None:
         size, secret = len(ring.handles), secrets.token_bytes(32)
         links = self.pool.ring_links(ring.route)
-        specs = [RingSpec(ring.ring_id, k, size, links, self.router, ring.handles, names, secret,
-                          self.eos_ids, self.max_seq_len, self.prefill_chunk) for k in range(size)]
         try:
+            reports = None if self.reports is None else await self.reports.address()
+            if reports is not None:
+                self.reports.allow(ring.ring_id, secret)
+            specs = [RingSpec(ring.ring_id, k, size, links, self.router, ring.handles, names, secret,
+                              self.eos_ids, self.max_seq_len, self.prefill_chunk, reports) for k in range(size)]
             addrs = await asyncio.wait_for(asyncio.gather(
                 *[h.ring_open.remote(spec, self.lanes) for h, spec in zip(ring.handles, specs)]), SETUP_TIMEOUT_S)
             await asyncio.wait_for(asyncio.gather(
@@ -220,6 +227,8 @@ class RingDriver:
             r.broken_at = time.monotonic()
         log.warning("ring %s broke (%s): %d sequences continue through Ray calls", ring_id, why, len(reqs))
         await self._each(ring, lambda h: h.ring_stop.remote(ring_id))
+        if self.reports is not None:  # after the stops: a tail still reporting is not a failure of its own
+            self.reports.forget(ring_id)
         lengths = {r.rid: r.seq.cached for r in reqs}
         if lengths:
             await self._each(ring, lambda h: h.rewind.remote(lengths))
@@ -238,3 +247,5 @@ class RingDriver:
     def stop_all(self) -> None:
         for ring in list(self.rings.values()):
             self.jobs.spawn(self.break_ring(ring.ring_id, "shutdown"))
+        if self.reports is not None:
+            self.reports.close()

@@ -3,7 +3,8 @@
 The router (`actors.ring.RingDriver`) starts a ring over one route's replicas. Member k receives
 from member k-1 and sends to member k+1 over a `TcpChannel` (blocking reads, no spinning); the
 last member samples, sends the tokens straight back to member 0 and reports them to the router
-in batches (one report call in flight; tokens sampled meanwhile ride in the next). Member 0, the
+in batches (one report in flight; tokens sampled meanwhile ride in the next) over a socket of its own
+(`actors.reports`; a Ray call where that socket cannot be set up). Member 0, the
 *head*, owns the sequences: it feeds each lane (micro-batch) its next tokens as soon as the
 lane's tokens come back, lets admitted sequences join and cancelled or finished ones leave
 between steps, and frees their caches down the ring with the next message (`release`). The
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from actors.channels import TcpChannel, TcpListener, node_ip
+from actors.reports import ReportSender
 from actors.wire import ChecksumError, Header, LinkCodec, pack, peek_header, unpack
 from models import SamplingParams
 from models.generation import plan_chunks
@@ -62,6 +64,7 @@ class RingSpec:
     eos_ids: frozenset[int] = frozenset()
     max_seq_len: int = 0
     prefill_chunk: int = 1 << 30  # prompt tokens a pass may carry (chunked prefill)
+    reports: tuple[str, int] | None = None  # the router's `ReportServer` (None: reports are Ray calls)
 
 
 @dataclass
@@ -109,6 +112,7 @@ class RingMember:
         self.report_now = False  # a sequence's first token or its end is waiting: no batching delay
         self.last_report = 0.0
         self.retransmits = 0  # resends this member asked since its last message
+        self.report_out: ReportSender | None = None  # tail: the socket its reports take
 
     def address(self) -> tuple[str, int] | None:
         return None if self.listener is None else (self.listener.host, self.listener.port)
@@ -123,6 +127,11 @@ class RingMember:
             self.outbound = TcpChannel.connect(self.name, nxt, *next_addr, secret=s.secret, timeout_s=timeout_s)
             self.inbound = self.listener.accept(s.secret, self.name, prev, timeout_s)
             self.listener.close()
+        if self.is_tail and s.reports is not None:
+            try:
+                self.report_out = ReportSender(*s.reports, s.ring_id, s.secret, timeout_s)
+            except OSError as e:  # the router's port is unreachable from here: reports go as Ray calls
+                log.warning("%s: ring %s reports by Ray call (no socket to the router: %s)", self.name, s.ring_id, e)
         loops = [self._head_loop] if self.is_head else []
         if s.size > 1:
             loops.append(self._reader)
@@ -137,7 +146,7 @@ class RingMember:
         """Ends the threads (no failure report); the stage keeps its caches for the router to rewind."""
         self.stopped = True
         self.inbox.put(STOP)
-        for ch in (self.inbound, self.outbound):
+        for ch in (self.inbound, self.outbound, self.report_out):
             if ch is not None:
                 ch.close()
         if self.listener is not None:
@@ -437,7 +446,10 @@ class RingMember:
                     return
                 batch, self.reports, self.report_now = self.reports, [], False
                 trace = self.report_trace
-            ray.get(self.spec.router.ring_tokens.remote(self.spec.ring_id, batch, trace))
+            if self.report_out is not None:
+                self.report_out.send(batch, trace)
+            else:
+                ray.get(self.spec.router.ring_tokens.remote(self.spec.ring_id, batch, trace))
             self.last_report = time.monotonic()
 
 

@@ -73,7 +73,7 @@ class RouterActor(FaultHooks, ScalingHooks):
         self.incarnation = incarnation_of(own_restarts())  # > 0: accepted requests are in the journal
         self.rings = RingDriver(spec.deployment, self.pool, ray.get_runtime_context().current_actor, len(self.lanes),
                                 self.incarnation, frozenset(self.cfg.eos_ids), self.cfg.max_seq_len, self._fallback,
-                                self.rc.prefill_chunk) \
+                                self.rc.prefill_chunk, self.ring_tokens) \
             if self.rc.data_path == "ring" and not self.rc.replicate_every else None
         infos = [i for stage in replica_info for i in stage]
         pool_tokens, block = min(i["kv_cache_tokens"] for i in infos), infos[0]["kv_block_size"]

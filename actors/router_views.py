@@ -57,6 +57,9 @@ def stats(router: RouterActor) -> dict[str, Any]:
         "speculation": router.metrics.speculation(),  # passes, drafted, accepted, tokens_per_pass
         "rings": ring_info,  # decode rings: replicas, state, sequences, passes
         "rings_broken": [] if rings is None else [{"at": t, "ring": r, "why": w} for t, r, w in rings.broken],
+        # token reports the tails sent over their sockets, and connections refused (bad secret or frame)
+        "ring_reports": {} if rings is None or rings.reports is None else
+        {"by_socket": rings.reports.received, "refused": rings.reports.refused},
         "incarnation": router.incarnation,  # router restarts so far
         "replacements": rec.replacements,  # replicas placed anew after a node loss
         "resumed": router.resumed,  # requests re-admitted from the journal after a restart

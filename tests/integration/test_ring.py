@@ -64,6 +64,8 @@ def test_sequences_join_and_leave_a_ring_with_the_tokens_of_one_process(tiny_ckp
             tokens(generate_local(local, PROMPTS, 24, ignore_eos=True))  # all at once too
         rings, broken = _rings(pipe)
         assert rings and sum(r["passes"] for r in rings) > 0 and not broken  # the ring carried them
+        reports = pipe.stats()["router"]["ring_reports"]  # the tail's reports took its socket, none refused
+        assert reports["by_socket"] > 0 and reports["refused"] == 0
         assert pipe.stats()["router"]["lanes"] == [0] * len(pipe.stats()["router"]["lanes"])
         wait_for(lambda: all(s["sequences"] == 0 for s in pipe.stats()["stages"]), what="caches freed")
     finally:

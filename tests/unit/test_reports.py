@@ -1,0 +1,135 @@
+"""A ring tail's token reports to the router over a socket (`actors.reports`), without Ray: reports arrive
+in order and intact; a wrong secret, an unknown ring, a replayed, tampered or oversized frame is refused
+and ends the connection; nothing of a refused connection reaches the router."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from actors.reports import MAX_FRAME, ReportSender, ReportServer, decode_report, encode_report, hello_of
+from models import TokenLogprob
+
+SECRET = b"r" * 32
+BATCH = [("req-1", [5, 6], [TokenLogprob(5, -0.25, {5: -0.25, 9: -2.0}), TokenLogprob(6, -1.5, {})], 1, 3),
+         ("req-2", [7], [None], 0, 0)]
+TRACE = [[0, 0, 0.1, 0.5, 0], [1, 0, 0.2, 0.4, 1]]
+
+
+def run(body: Callable[[ReportServer, list, tuple[str, int]], Awaitable[None]]) -> list:
+    """Runs `body(server, got, address)` on an event loop with a server for ring "ring-a"; what it got."""
+    got: list = []
+
+    async def main() -> None:
+        server = ReportServer(lambda ring, batch, trace: got.append((ring, batch, trace)), "127.0.0.1")
+        server.allow("ring-a", SECRET)
+        addr = await server.address()
+        try:
+            await body(server, got, addr)
+        finally:
+            server.close()
+
+    asyncio.run(main())
+    return got
+
+
+async def until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def test_reports_arrive_in_order_with_their_logprobs() -> None:
+    async def body(server: ReportServer, got: list, addr: tuple[str, int]) -> None:
+        sender = await asyncio.to_thread(ReportSender, *addr, "ring-a", SECRET)
+        for i in range(50):
+            await asyncio.to_thread(sender.send, [(f"r{i}", [i], [None], 0, i)], TRACE)
+        sender.send(BATCH, TRACE)
+        await until(lambda: len(got) == 51)
+        sender.close()
+
+    got = run(body)
+    assert [b[0][0] for _, b, _ in got[:50]] == [f"r{i}" for i in range(50)]
+    assert got[-1] == ("ring-a", BATCH, TRACE)
+
+
+def raw_client(addr: tuple[str, int], hello: bytes) -> socket.socket:
+    s = socket.create_connection(addr)
+    s.sendall(hello)
+    return s
+
+
+def closed(s: socket.socket) -> bool:
+    s.settimeout(5)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.parametrize("hello", [hello_of("ring-a", b"x" * 32), hello_of("ring-b", SECRET), b"GET / HTTP/1.1\r\n\r\n"])
+def test_a_hello_without_a_known_rings_secret_is_refused(hello: bytes) -> None:
+    async def body(server: ReportServer, got: list, addr: tuple[str, int]) -> None:
+        s = await asyncio.to_thread(raw_client, addr, hello)
+        assert await asyncio.to_thread(closed, s)
+        assert server.refused == 1
+        s.close()
+
+    assert run(body) == []
+
+
+def test_replayed_tampered_and_oversized_frames_end_the_connection() -> None:
+    async def body(server: ReportServer, got: list, addr: tuple[str, int]) -> None:
+        sender = await asyncio.to_thread(ReportSender, *addr, "ring-a", SECRET)
+        sender.send(BATCH, TRACE)
+        await until(lambda: len(got) == 1)
+        sent: list[bytes] = []  # the same frame, as the sender sealed it (its counter back at 0)
+        sender.counter, real = 0, sender.sock
+        sender.sock = type("Capture", (), {"sendall": lambda self, data: sent.append(bytes(data))})()
+        sender.send(BATCH, TRACE)
+        sender.sock = real
+        for bad in (sent[0],  # a replay of the first frame
+                    sent[0][:-1] + bytes([sent[0][-1] ^ 1]),  # a flipped bit
+                    struct.pack("<Q", MAX_FRAME + 1)):  # more than a report may be
+            s = await asyncio.to_thread(raw_client, addr, hello_of("ring-a", SECRET))
+            if bad is not sent[0]:  # a fresh connection's first frame: counter 1 is new there
+                s.sendall(bad)
+            else:
+                s.sendall(bad + bad)  # the second copy replays the first
+            assert await asyncio.to_thread(closed, s)
+            s.close()
+        assert server.refused == 3
+
+    got = run(body)
+    assert len(got) == 2  # the sender's one, and the first copy on the replay's connection (new there)
+
+
+def test_a_forgotten_ring_is_cut_off_and_its_reports_are_dropped() -> None:
+    async def body(server: ReportServer, got: list, addr: tuple[str, int]) -> None:
+        sender = await asyncio.to_thread(ReportSender, *addr, "ring-a", SECRET)
+        sender.send(BATCH, TRACE)
+        await until(lambda: len(got) == 1)
+        server.forget("ring-a")
+        with pytest.raises(OSError):
+            for _ in range(100):  # the closed socket fails a send soon (the first may still be buffered)
+                await asyncio.to_thread(sender.send, BATCH, TRACE)
+                await asyncio.sleep(0.01)
+
+    assert len(run(body)) == 1
+
+
+@pytest.mark.parametrize("raw", [b"[]", b'[[["r", [1], [], 0, 0]], [[1, 2]]]', b'[[["r", [-1], [], 0, 0]], []]',
+                                 b'[[["r", [1], [[1, NaN, []]], 0, 0]], []]', b"\xff", b'[[["r", [true], [], 0, 0]], []]'])
+def test_malformed_reports_are_refused_by_name(raw: bytes) -> None:
+    with pytest.raises(ValueError, match="report"):
+        decode_report(raw)
+
+
+def test_a_report_survives_encoding() -> None:
+    assert decode_report(encode_report(BATCH, TRACE)) == (BATCH, TRACE)
