@@ -320,11 +320,15 @@ class RingMember:
             return
         if not self.is_tail:
             hop[3] = (time.perf_counter() - t0) * 1e3
+            t1 = time.perf_counter()
             wire = self._send(header, y, [*header.trace, hop])
+            st.phase("send", time.perf_counter() - t1)
             st.account(time.perf_counter() - t0, y, wire)
             return
         urgent = any(self.tail_seqs[rid].fresh for rid in header.seq_ids if rid not in header.partial)  # a first token
+        t1 = time.perf_counter()
         tokens, done, lengths, reports = self._sample(header, y)
+        st.phase("sample", time.perf_counter() - t1)
         hop[3] = (time.perf_counter() - t0) * 1e3
         trace = [*header.trace, hop]
         out = Header(kind="tokens", step=header.step, msg_id=header.msg_id, attempt=0, sender=self.name,

@@ -156,6 +156,7 @@ class StageActor:
         self.steps = 0
         self.busy_s = 0.0
         self.step_ema_s = 0.0
+        self.phases_ms: dict[str, float] = {}  # a step's parts, moving averages (`phase`)
         self.load_s = time.perf_counter() - t0
         self.metrics = StageMetrics(deployment, spec.index, replica)
         self.restarts = own_restarts() or 0  # fixed for this process: a restart is a new process
@@ -287,8 +288,10 @@ class StageActor:
                 return x
             b = Batch.build(header.seq_ids, header.starts, header.lengths).to(self.device)
             x = x.to(self.device) if self.model.is_first else x.to(self.device, self.dtype)
+            t0 = time.perf_counter()
             y = self.model(x, b, self.cache, **({"logits_at": logits_at.to(self.device)} if logits_at is not None
                                                  else {}))
+            self.phase("forward", time.perf_counter() - t0)
             self.cache.commit(b, header.tokens or None, [len(d) for d in header.drafts] if header.drafts else None)
             if self.step_time_s or self.token_time_s:  # test hook: emulated accelerator time, counted as compute
                 time.sleep(self.step_time_s + self.token_time_s * sum(header.lengths))
@@ -307,6 +310,13 @@ class StageActor:
         want = max(1, self.cores // max(1, min(lanes, self.num_stages)))
         if want != torch.get_num_threads():
             torch.set_num_threads(want)
+
+    def phase(self, name: str, seconds: float) -> None:
+        """A part of a step into its moving average: "forward" (the layers' call: on a GPU, launching them),
+        "sample" (the last stage's sampling: on a GPU it waits for the step's kernels), "send" (encoding and
+        sending on: on a GPU the copy to the host waits for them)."""
+        ms, old = seconds * 1e3, self.phases_ms.get(name)
+        self.phases_ms[name] = ms if old is None else 0.9 * old + 0.1 * ms
 
     def account(self, dt: float, y: torch.Tensor, wire: np.ndarray | None = None) -> None:
         """One step's time and sizes into the stats and metrics."""
@@ -559,6 +569,7 @@ class StageActor:
             "steps": self.steps,
             "busy_s": self.busy_s,
             "step_ema_ms": self.step_ema_s * 1e3,
+            "phases_ms": {k: round(v, 3) for k, v in self.phases_ms.items()},
             "sequences": len(self.cache),
             "tokens_cached": self.cache.tokens_held(),
             **self.cache.stats(),

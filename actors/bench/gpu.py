@@ -10,7 +10,8 @@ on the same GPU in this process (eager: no compile, no CUDA graphs). Rows, in or
 - ``model``: the benchmark checkpoint (shape, parameters, seconds to write and load it).
 - ``throughput``: per (S, batch), largest first, pipeline tokens/s beside one-process tokens/s
   measured right before it; ``efficiency`` = their ratio; ``stage_ms``: each stage's compute and
-  inbound wait, ms a step.
+  inbound wait, ms a step; ``phases_ms``: each stage's forward call (on a GPU: launching the kernels),
+  sampling and sending (on a GPU: both wait for the kernels), ms a step.
 - ``summary``: elapsed seconds and the target (largest S at the largest batch ≥ 0.8×).
 
 ``device="cpu"`` with a tiny shape runs the same code on CPUs (a smoke test of the command).
@@ -127,6 +128,12 @@ def stage_ms(replicas: Sequence[Sequence[dict[str, Any]]]) -> list[list[float | 
         return None if v is None else round(float(v), 2)
 
     return [[r(stage[0].get("compute_ms")), r(stage[0].get("inbound_ms"))] for stage in replicas if stage]
+
+
+def phases_ms(stages: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
+    """Each stage's first replica's step parts, ms (forward launch, sampling, sending: `StageActor.phase`)."""
+    return [dict(s.get("phases_ms", {})) for s in sorted(stages, key=lambda s: s.get("stage", 0))
+            if s.get("replica", 0) == 0]
 
 
 def measurement_order(stages: Sequence[int], batches: Sequence[int]) -> list[tuple[int, list[int]]]:
@@ -367,7 +374,8 @@ def _deployment(folder: str, stages: int, dtype: str, batches: Sequence[int], pr
                 return throughput_row(stages, b, new_tokens, best, local_s, deploy_s=deploy_s,
                                       stage_device=info["stages"][0]["device"],
                                       micro_batches=info.get("router", {}).get("micro_batches"),
-                                      stage_ms=stage_ms(pipe.stats()["router"]["replicas"]))
+                                      stage_ms=stage_ms(pipe.stats()["router"]["replicas"]),
+                                      phases_ms=phases_ms(pipe.stats()["stages"]))
 
             yield _guarded({"stages": stages, "batch": b, "what": "generate"}, measure)
     finally:

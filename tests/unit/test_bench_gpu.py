@@ -17,6 +17,7 @@ from actors.bench.gpu import (
     default_shape,
     measurement_order,
     parity_row,
+    phases_ms,
     prompts_for,
     stage_ms,
     stage_resources_for,
@@ -99,3 +100,11 @@ def test_stage_ms_takes_each_stages_first_replica() -> None:
 def test_the_targets_cell_is_measured_first() -> None:
     assert measurement_order([1, 2, 4], [1, 16, 64]) == [(4, [64, 16, 1]), (2, [64, 16, 1]), (1, [64, 16, 1])]
     assert measurement_order([2, 2], [8]) == [(2, [8])]
+
+
+def test_phases_are_the_first_replicas_in_stage_order() -> None:
+    stages = [{"stage": 1, "replica": 0, "phases_ms": {"forward": 2.0, "sample": 1.0}},
+              {"stage": 0, "replica": 1, "phases_ms": {"forward": 9.0}},
+              {"stage": 0, "replica": 0, "phases_ms": {"forward": 1.5, "send": 0.5}},
+              {"stage": 2, "replica": 0, "down": "RayActorError"}]
+    assert phases_ms(stages) == [{"forward": 1.5, "send": 0.5}, {"forward": 2.0, "sample": 1.0}, {}]
