@@ -252,11 +252,16 @@ class TcpChannel(Channel):
 
     def close(self) -> None:
         self.broken = self.broken or "closed"
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        close_socket(self.sock)
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Shuts a connected socket down both ways (a peer blocked reading it wakes at once), then closes it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 class Mailbox:

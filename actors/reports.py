@@ -26,6 +26,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from actors.channels import close_socket
 from models import TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -114,11 +115,7 @@ class ReportSender:
         self.sock.sendall(_LEN.pack(len(body)) + body)
 
     def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        close_socket(self.sock)
 
 
 class ReportServer:
