@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -94,14 +95,15 @@ class JournalWriter:
 
     One GCS round trip per record used to block the router's loop: ~3 per request, ~200 a batch of 64.
     Without a running event loop (tests, tools), or a store without `put_async`, a write happens at once.
-    `flush()` waits for every write queued so far and raises the first failure among those that had to land
-    (`must`: an admission, which its caller may only confirm once it is journaled)."""
+    `flush(rids)` waits for every write queued so far and raises if a write of those requests that had to
+    land failed (`must`: an admission, which its caller may only confirm once it is journaled); each
+    caller hears of its own requests' failures only."""
 
     def __init__(self, kv: Any) -> None:
         self.kv = kv
         self.queue: list[tuple[str, str, tuple, bool]] = []  # (request id, op, args, must)
         self.task: asyncio.Task | None = None
-        self.failure: BaseException | None = None  # a `must` write that failed, for the next flush
+        self.failed: dict[str, BaseException] = {}  # request id -> why its `must` write failed (until flushed)
         self.failures = 0  # writes that failed (logged)
 
     def put(self, rid: str, key: str, blob: bytes, must: bool = False) -> None:
@@ -122,12 +124,12 @@ class JournalWriter:
         if self.task is None or self.task.done():
             self.task = loop.create_task(self._drain())
 
-    async def flush(self) -> None:
+    async def flush(self, rids: Iterable[str] = ()) -> None:
         while self.task is not None and not self.task.done():
             await asyncio.shield(self.task)
-        failure, self.failure = self.failure, None
-        if failure is not None:
-            raise failure
+        errors = [e for e in (self.failed.pop(rid, None) for rid in rids) if e is not None]
+        if errors:
+            raise errors[0]
 
     async def _drain(self) -> None:
         while self.queue:
@@ -135,17 +137,17 @@ class JournalWriter:
             per_request: dict[str, list[tuple[str, tuple, bool]]] = {}
             for rid, op, args, must in batch:
                 per_request.setdefault(rid, []).append((op, args, must))
-            await asyncio.gather(*(self._in_order(ops) for ops in per_request.values()))
+            await asyncio.gather(*(self._in_order(rid, ops) for rid, ops in per_request.items()))
 
-    async def _in_order(self, ops: list[tuple[str, tuple, bool]]) -> None:
+    async def _in_order(self, rid: str, ops: list[tuple[str, tuple, bool]]) -> None:
         for op, args, must in ops:
             try:
                 await getattr(self.kv, f"{op}_async")(*args)
             except Exception as e:  # noqa: BLE001 - the GCS is unreachable or slow: said, and raised on flush if must
                 self.failures += 1
                 log.warning("journal %s of %r failed: %s", op, args[0], e)
-                if must and self.failure is None:
-                    self.failure = e
+                if must:
+                    self.failed.setdefault(rid, e)
 
 
 class RequestJournal:
@@ -167,9 +169,10 @@ class RequestJournal:
         self.writer.put(rid, self.prefix + name, blob, must)
         return len(blob)
 
-    async def flush(self) -> None:
-        """Waits until every record written so far is in the store; raises if an admission's failed."""
-        await self.writer.flush()
+    async def flush(self, rids: Iterable[str] = ()) -> None:
+        """Waits until every record written so far is in the store; raises if the admission of one of
+        `rids` failed."""
+        await self.writer.flush(rids)
 
     def drop(self, rid: str) -> None:
         if rid in self.evicted:  # its record went with the oldest finished ones: nothing left to delete

@@ -205,7 +205,7 @@ class RouterActor(FaultHooks, ScalingHooks):
         reqs = [new_request(self._rid(), i, sp, timeout_s, self.cfg, self.kv) for i, sp in zip(ids, plist)]
         self._admit(reqs)  # they start now; the caller hears of them once journaled
         try:
-            await self.journal.flush()
+            await self.journal.flush([r.rid for r in reqs])
         except Exception as e:  # noqa: BLE001 - fail closed: a request no restart could resume is not accepted
             err = DeploymentError(f"the request journal (GCS key-value store) failed: {type(e).__name__}; retry later")
             for r in reqs:

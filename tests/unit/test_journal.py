@@ -132,7 +132,7 @@ def test_writes_leave_the_event_loop_go_out_together_and_keep_each_requests_orde
         for r in reqs:
             journal.admit(r)
         assert kv.data == {}  # queued, not written: admit returned at once
-        await journal.flush()
+        await journal.flush([r.rid for r in reqs])
         assert len(kv.data) == 50 and kv.most_in_flight == 50
         a = reqs[0]
         a.seq.add(7, None, None)
@@ -156,9 +156,10 @@ def test_a_failed_admission_write_fails_the_flush_and_other_failures_are_only_lo
         journal = RequestJournal("d", kv)
         journal.admit(make_request("ok", [1]))
         journal.admit(make_request("bad", [1]))
+        await journal.flush(["ok"])  # a concurrent caller's own requests landed: no error of others for it
         with pytest.raises(ConnectionError, match="unreachable"):
-            await journal.flush()
-        await journal.flush()  # raised once
+            await journal.flush(["bad"])
+        await journal.flush(["bad"])  # raised once
         assert list(kv.data) == ["meshpipe/d/requests/ok"]
         journal.finish(make_request("bad2", [1]), Completion("", [], "stop", {}, None))
         await journal.flush()  # a finished record that could not be written is logged, not raised
