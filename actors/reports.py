@@ -45,11 +45,16 @@ def report_key(secret: bytes) -> bytes:
     return hmac.new(secret, b"meshpipe ring reports v1", hashlib.sha256).digest()
 
 
+def _hello_mac(secret: bytes, rid: bytes) -> bytes:
+    """What proves a tail knows its ring's secret: an HMAC-SHA256 of the ring id."""
+    return hmac.new(secret, MAGIC + rid, hashlib.sha256).digest()
+
+
 def hello_of(ring_id: str, secret: bytes) -> bytes:
     rid = ring_id.encode()
     if len(rid) > MAX_RING_ID:
         raise ValueError(f"ring id of {len(rid)} bytes: at most {MAX_RING_ID}")
-    return MAGIC + struct.pack("<H", len(rid)) + rid + hmac.new(secret, MAGIC + rid, hashlib.sha256).digest()
+    return MAGIC + struct.pack("<H", len(rid)) + rid + _hello_mac(secret, rid)
 
 
 def encode_report(batch: list[tuple], trace: list[list[float]]) -> bytes:
@@ -199,6 +204,6 @@ class ReportServer:
         mac = await reader.readexactly(32)
         ring_id = rid.decode("utf-8", errors="replace")
         secret = self.keys.get(ring_id)
-        if secret is None or not hmac.compare_digest(mac, hmac.new(secret, MAGIC + rid, hashlib.sha256).digest()):
+        if secret is None or not hmac.compare_digest(mac, _hello_mac(secret, rid)):
             raise ValueError("a hello without a known ring's secret")
         return ring_id, AESGCM(report_key(secret))

@@ -3,9 +3,9 @@
 A ring runs one route's replicas as a loop (`actors.ring_stage`): stage 0 feeds its lanes, each
 stage passes its output to the next over TCP, the last stage samples and sends the tokens back to
 stage 0 and, in batches, to the router (a socket per ring, `actors.reports`). The router admits
-sequences into the ring of their route (the tail learns their sampling options first), receives their
-tokens, and cancels at the head (stop strings, deadlines, cancel). A ring starts when its route first gets a sequence and stays
-up while its replicas live; a ring that breaks (a replica died, a channel failed) is stopped on
+sequences into the ring of their route (the tail learns their sampling options first), receives
+their tokens, and cancels at the head (stop strings, deadlines, cancel). A ring starts when its
+route first gets a sequence and stays up while its replicas live; a ring that breaks (a replica died, a channel failed) is stopped on
 every member, each live stage forgets the positions the router never saw, and its sequences go
 on through the Ray-call path (`StepSender`) whose recovery (failover, restart, KV rebuild) gives
 the tokens a clean run gives. Routes whose ring cannot start use that path too.

@@ -3,9 +3,9 @@
 The router (`actors.ring.RingDriver`) starts a ring over one route's replicas. Member k receives
 from member k-1 and sends to member k+1 over a `TcpChannel` (blocking reads, no spinning); the
 last member samples, sends the tokens straight back to member 0 and reports them to the router
-in batches (one report in flight; tokens sampled meanwhile ride in the next) over a socket of its own
-(`actors.reports`; a Ray call where that socket cannot be set up). Member 0, the
-*head*, owns the sequences: it feeds each lane (micro-batch) its next tokens as soon as the
+in batches (one report in flight; tokens sampled meanwhile ride in the next) over a socket of its
+own (`actors.reports`; a Ray call where that socket cannot be set up). Member 0, the *head*, owns
+the sequences: it feeds each lane (micro-batch) its next tokens as soon as the
 lane's tokens come back, lets admitted sequences join and cancelled or finished ones leave
 between steps, and frees their caches down the ring with the next message (`release`). The
 tail decides end-of-sequence (EOS, max_new_tokens, context) exactly as `SequenceState.add`
@@ -319,17 +319,19 @@ class RingMember:
                 self._send(header, y, header.trace)
             return
         if not self.is_tail:
-            hop[3] = (time.perf_counter() - t0) * 1e3
             t1 = time.perf_counter()
+            hop[3] = (t1 - t0) * 1e3
             wire = self._send(header, y, [*header.trace, hop])
-            st.phase("send", time.perf_counter() - t1)
-            st.account(time.perf_counter() - t0, y, wire)
+            t2 = time.perf_counter()
+            st.phase("send", t2 - t1)
+            st.account(t2 - t0, y, wire)
             return
         urgent = any(self.tail_seqs[rid].fresh for rid in header.seq_ids if rid not in header.partial)  # a first token
         t1 = time.perf_counter()
         tokens, done, lengths, reports = self._sample(header, y)
-        st.phase("sample", time.perf_counter() - t1)
-        hop[3] = (time.perf_counter() - t0) * 1e3
+        t2 = time.perf_counter()
+        st.phase("sample", t2 - t1)
+        hop[3] = (t2 - t0) * 1e3
         trace = [*header.trace, hop]
         out = Header(kind="tokens", step=header.step, msg_id=header.msg_id, attempt=0, sender=self.name,
                      seq_ids=header.seq_ids, starts=header.starts, lengths=lengths, release=done,
