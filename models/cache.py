@@ -114,7 +114,11 @@ class KVCache:
 
     def write(self, layer: int, b: Batch, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v: (N, KV, hd) for the packed tokens of this step
-        self.kv[layer][b.token_block, b.token_offset] = torch.stack((k, v), 1)  # (N, 2, KV, hd)
+        self.write_packed(layer, b, torch.stack((k, v), 1))
+
+    def write_packed(self, layer: int, b: Batch, kv: torch.Tensor) -> None:
+        # kv: (N, 2, KV, hd), keys then values of the packed tokens of this step (one scatter)
+        self.kv[layer][b.token_block, b.token_offset] = kv
 
     def read(self, layer: int, b: Batch, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, KV, length, hd) keys and values of the batch's sequences, gathered through their tables."""

@@ -449,6 +449,12 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     return out
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """`t` in memory of its own (safetensors refuses tensors sharing storage, e.g. fused linears' views)."""
+    t = t.contiguous()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def save_hf(folder: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Path:
     """Writes a Hugging Face folder (config.json + model.safetensors, transformers' names) from our state
     dict; a tied head is left out, as transformers ties it to the embedding."""
@@ -458,7 +464,7 @@ def save_hf(folder: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor]
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {_source_name(k, 1): v.contiguous() for k, v in state.items()
+    tensors = {_source_name(k, 1): _own(v) for k, v in state.items()
                if not (k == "output.weight" and cfg.tie_embeddings)}
     dtype = next(iter(tensors.values())).dtype
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -62,6 +62,46 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` in place (the same ops in the same order: the same bits), for inference."""
+    rolled = x.roll(x.shape[-1] // 2, -1).mul_(sin)
+    return x.mul_(cos).add_(rolled)
+
+
+class FusedLinears:
+    """Several bias-free linears that read the same input, as one matmul whose output is their outputs side
+    by side (gpt-fast's wqkv): fewer, larger kernels a layer. The linears stay the modules (state dicts,
+    LoRA and training see them unchanged); at the first inference call their weights become row views of
+    one tensor, so nothing is held twice. Weights replaced or moved since (`load_weights`, `.to()`) are
+    fused again; `None` when any linear is not a plain `nn.Linear` (LoRA wraps them) or has a bias.
+
+    By default only on accelerators, where a decode step is bound by kernel launches; CPU weights stay as
+    loaded (stages share them zero-copy with the object store, and the matmuls are bound by memory
+    bandwidth, where fusing gains ~2 %: README). `Transformer.fuse_linears(True)` fuses on CPUs too."""
+
+    def __init__(self) -> None:
+        self.weight: torch.Tensor | None = None
+        self.ptrs: tuple[int, ...] = ()  # where the linears' weights started when `weight` was built
+        self.enabled: bool | None = None  # None: on accelerators only
+
+    def get(self, *linears: nn.Module) -> torch.Tensor | None:
+        """The fused weight of `linears` (the module's current ones, in output order), or None."""
+        if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+            return None
+        ws = [m.weight for m in linears]
+        if self.enabled is False or (self.enabled is None and ws[0].device.type == "cpu") or ws[0].is_meta:
+            return None
+        if self.weight is not None and tuple(w.data_ptr() for w in ws) == self.ptrs:
+            return self.weight
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors: training may use them later
+            fused = torch.cat([w.detach() for w in ws])  # (sum of out_features, in_features)
+            row = 0
+            for w in ws:
+                w.data, row = fused[row:row + w.shape[0]], row + w.shape[0]
+        self.weight, self.ptrs = fused, tuple(w.data_ptr() for w in ws)
+        return fused
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
@@ -71,34 +111,41 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
         self.wv = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
         self.wo = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
+        self.wqkv = FusedLinears()  # inference: one matmul for q, k and v
 
     def forward(self, x: torch.Tensor, b: Batch, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
-        N = x.shape[0]
-        q = self.wq(x).view(N, self.n_heads, self.hd)  # (N, H, hd)
-        k = self.wk(x).view(N, self.n_kv, self.hd)  # (N, KV, hd)
-        v = self.wv(x).view(N, self.n_kv, self.hd)  # (N, KV, hd)
+        N, H, KV, hd = x.shape[0], self.n_heads, self.n_kv, self.hd
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
         B, T, L = b.span()
-        if cache is None:  # training: whole sequences from position 0, their own keys and values
-            keys = k.new_zeros(B, T, self.n_kv, self.hd).index_put((b.token_seq, b.token_t), k).transpose(1, 2)
-            values = v.new_zeros(B, T, self.n_kv, self.hd).index_put((b.token_seq, b.token_t), v).transpose(1, 2)
-        else:
-            cache.write(self.layer_id, b, k, v)
+        wqkv = self.wqkv.get(self.wq, self.wk, self.wv) if cache is not None and not torch.is_grad_enabled() else None
+        if wqkv is not None:  # inference: q | k | v in one matmul, RoPE once in place, k | v cached as they lie
+            qkv = F.linear(x, wqkv)  # (N, (H + 2 KV) hd)
+            apply_rope_(qkv[:, :(H + KV) * hd].view(N, H + KV, hd), cos, sin)
+            q = qkv[:, :H * hd].view(N, H, hd)  # (N, H, hd)
+            cache.write_packed(self.layer_id, b, qkv[:, H * hd:].view(N, 2, KV, hd))
             keys, values = cache.read(self.layer_id, b, L)  # (B, KV, L, hd) each
+        else:
+            q = apply_rope(self.wq(x).view(N, H, hd), cos, sin)  # (N, H, hd)
+            k = apply_rope(self.wk(x).view(N, KV, hd), cos, sin)  # (N, KV, hd)
+            v = self.wv(x).view(N, KV, hd)  # (N, KV, hd)
+            if cache is None:  # training: whole sequences from position 0, their own keys and values
+                keys = k.new_zeros(B, T, KV, hd).index_put((b.token_seq, b.token_t), k).transpose(1, 2)
+                values = v.new_zeros(B, T, KV, hd).index_put((b.token_seq, b.token_t), v).transpose(1, 2)
+            else:
+                cache.write(self.layer_id, b, k, v)
+                keys, values = cache.read(self.layer_id, b, L)  # (B, KV, L, hd) each
 
         if T == 1:  # decode: one token per sequence, already in batch order
-            qp = q.view(B, 1, self.n_heads, self.hd)
+            qp = q.view(B, 1, H, hd)
         else:
-            qp = q.new_zeros(B, T, self.n_heads, self.hd)
+            qp = q.new_zeros(B, T, H, hd)
             qp[b.token_seq, b.token_t] = q
         out = F.scaled_dot_product_attention(
             qp.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True
         )  # (B, H, T, hd)
         out = out.transpose(1, 2)  # (B, T, H, hd)
-        out = out.reshape(N, self.n_heads * self.hd) if T == 1 else out[b.token_seq, b.token_t].reshape(N, -1)
+        out = out.reshape(N, H * hd) if T == 1 else out[b.token_seq, b.token_t].reshape(N, -1)
         return self.wo(out)
 
 
@@ -108,9 +155,14 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+        self.w13 = FusedLinears()  # inference: gate and up in one matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        w13 = None if torch.is_grad_enabled() else self.w13.get(self.w1, self.w3)
+        if w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = F.linear(x, w13).chunk(2, -1)  # (N, hidden) each
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -160,6 +212,14 @@ class Transformer(nn.Module):
         p = next(self.parameters())
         return KVCache(self.layer_ids, self.cfg.n_kv_heads, self.cfg.head_dim, p.dtype, p.device,
                        num_tokens or max(self.cfg.max_seq_len, 8192), block_size, prefix_caching)
+
+    def fuse_linears(self, enabled: bool | None) -> None:
+        """Inference's fused q|k|v and gate|up matmuls (`FusedLinears`): True everywhere, False never, None
+        (the default) on accelerators only."""
+        for m in self.modules():
+            for f in vars(m).values():
+                if isinstance(f, FusedLinears):
+                    f.enabled = enabled
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load a stage's tensors (`models.loading.load_state_dict`); a tied head takes the embedding."""
