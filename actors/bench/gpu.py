@@ -262,6 +262,8 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
             def over_budget() -> bool:
                 return time.monotonic() - t_start > budget_s
 
+            yield emit(_guarded({"what": "fused linears"}, lambda: bench_fused(
+                model, prompts, sorted({min(batches), max(batches)}), new_tokens, repeats, sync)))
             if actor_baseline:
                 yield emit(_guarded({"what": "one process in an actor"}, lambda: bench_in_actor(
                     folder, dtype, device, sorted({min(batches), max(batches)}), prompts, new_tokens, repeats, local)))
@@ -273,6 +275,28 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
     finally:
         if started:
             ray.shutdown()
+
+
+def bench_fused(model: Any, prompts: dict[int, list[list[int]]], batches: Sequence[int], new_tokens: int,
+                repeats: int, sync: Callable[[], None]) -> dict[str, Any]:
+    """ms a step of one process with each layer's q|k|v and gate|up matmuls fused and separate
+    (`Transformer.fuse_linears`), alternating at each batch; the model is left at its default."""
+    from models import generate_local
+
+    out: dict[str, Any] = {"bench": "gpu", "row": "fused_linears", "new_tokens": new_tokens}
+    try:
+        for b in batches:
+            run = partial(generate_local, model, prompts[b], new_tokens, ignore_eos=True)
+            best: dict[str, float] = {}
+            for _ in range(2):
+                for name, on in (("separate", False), ("fused", True)):
+                    model.fuse_linears(on)
+                    run()  # warm: fusing (or not) happens at the first step
+                    best[name] = min(best.get(name, float("inf")), _best_s(run, repeats, sync))
+            out[f"batch_{b}_ms_per_step"] = {k: round(v * 1e3 / new_tokens, 2) for k, v in best.items()}
+    finally:
+        model.fuse_linears(None)
+    return out
 
 
 class LocalInActor:

@@ -13,6 +13,7 @@ from actors.bench.gpu import (
     GPU_SHAPE,
     PARITY_SHAPE,
     LlamaShape,
+    bench_fused,
     default_dtype,
     default_shape,
     measurement_order,
@@ -108,3 +109,18 @@ def test_phases_are_the_first_replicas_in_stage_order() -> None:
               {"stage": 0, "replica": 0, "phases_ms": {"forward": 1.5, "send": 0.5}},
               {"stage": 2, "replica": 0, "down": "RayActorError"}]
     assert phases_ms(stages) == [{"forward": 1.5, "send": 0.5}, {"forward": 2.0, "sample": 1.0}, {}]
+
+
+def test_the_fused_linears_row_times_both_and_restores_the_default(tiny_ckpt: Path) -> None:
+    from models import load_model
+    from models.model import FusedLinears
+
+    model = load_model(tiny_ckpt, dtype="float32")
+    prompts = {b: prompts_for(b, 4, model.cfg.vocab_size) for b in (1, 2)}
+    row = bench_fused(model, prompts, [1, 2], new_tokens=3, repeats=1, sync=lambda: None)
+    assert row["row"] == "fused_linears"
+    for b in (1, 2):
+        assert set(row[f"batch_{b}_ms_per_step"]) == {"fused", "separate"}
+        assert all(v > 0 for v in row[f"batch_{b}_ms_per_step"].values())
+    fl = [f for m in model.modules() for f in vars(m).values() if isinstance(f, FusedLinears)]
+    assert fl and all(f.enabled is None for f in fl)
