@@ -64,3 +64,19 @@ def test_a_step_is_copied_once_and_each_sequence_reads_its_own_rows() -> None:
         hist.gather(["c"], [4], [1])
     with pytest.raises(CacheMissError, match="has 3 positions, a step starts at 6"):
         hist.record(["b"], [6], [1], torch.zeros(1, 2))
+
+
+def test_a_long_sequence_is_never_copied_again_once_joined() -> None:
+    """Rows are joined 64 at a time into blocks that later steps leave alone (joining into one growing
+    tensor copied every row again at each join: O(T^2) over a long generation)."""
+    hist = OutputHistory()
+    for pos in range(300):
+        hist.record(["a", "b"], [pos, pos], [1, 1], torch.full((2, 3), float(pos)))
+    blocks = hist._blocks["a"]
+    assert [b.shape[0] for b in blocks] == [64, 64, 64, 64]
+    ptrs = [b.data_ptr() for b in blocks]
+    for pos in range(300, 400):
+        hist.record(["a"], [pos], [1], torch.full((1, 3), float(pos)))
+    assert [b.data_ptr() for b in hist._blocks["a"][:4]] == ptrs
+    assert hist.gather(["a"], [0], [400])[:, 0].tolist() == [float(p) for p in range(400)]
+    assert hist.gather(["b"], [250], [50])[:, 0].tolist() == [float(p) for p in range(250, 300)]
