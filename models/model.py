@@ -79,20 +79,33 @@ class FusedLinears:
     loaded (stages share them zero-copy with the object store, and the matmuls are bound by memory
     bandwidth, where fusing gains ~2 %: README). `Transformer.fuse_linears(True)` fuses on CPUs too."""
 
-    def __init__(self) -> None:
+    def __init__(self, *names: str) -> None:
+        self.names = names  # the linears' attribute names in their module, in output order
         self.weight: torch.Tensor | None = None
         self.ptrs: tuple[int, ...] = ()  # where the linears' weights started when `weight` was built
         self.enabled: bool | None = None  # None: on accelerators only
+        self.declined = 0  # the first weight's address when fusing was declined for its device (CPU)
 
-    def get(self, *linears: nn.Module) -> torch.Tensor | None:
-        """The fused weight of `linears` (the module's current ones, in output order), or None."""
-        if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+    def get(self, owner: nn.Module) -> torch.Tensor | None:
+        """The fused weight of `owner`'s linears (its current ones), or None. Cheap when it has nothing to do
+        (it runs twice a layer and step): plain dict reads, no module attribute lookups."""
+        if self.enabled is False:
             return None
-        ws = [m.weight for m in linears]
-        if self.enabled is False or (self.enabled is None and ws[0].device.type == "cpu") or ws[0].is_meta:
+        mods = [owner._modules[n] for n in self.names]
+        if self.declined and type(mods[0]) is nn.Linear and mods[0]._parameters["weight"].data_ptr() == self.declined:
+            return None  # on a CPU, as before
+        ws = [m._parameters.get("weight") if type(m) is nn.Linear and m._parameters.get("bias") is None else None
+              for m in mods]
+        if any(w is None for w in ws):  # LoRA wraps one (its weight is its base's), or a bias
             return None
-        if self.weight is not None and tuple(w.data_ptr() for w in ws) == self.ptrs:
+        ptrs = tuple(w.data_ptr() for w in ws)
+        if ptrs == self.ptrs and self.weight is not None:
             return self.weight
+        if ptrs[0] == self.declined or ws[0].is_meta:
+            return None
+        if self.enabled is None and ws[0].device.type == "cpu":
+            self.declined = ptrs[0]
+            return None
         with torch.inference_mode(False), torch.no_grad():  # plain tensors: training may use them later
             fused = torch.cat([w.detach() for w in ws])  # (sum of out_features, in_features)
             row = 0
@@ -111,14 +124,14 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
         self.wv = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
         self.wo = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
-        self.wqkv = FusedLinears()  # inference: one matmul for q, k and v
+        self.wqkv = FusedLinears("wq", "wk", "wv")  # inference: one matmul for q, k and v
 
     def forward(self, x: torch.Tensor, b: Batch, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         N, H, KV, hd = x.shape[0], self.n_heads, self.n_kv, self.hd
         cos, sin = rope
         B, T, L = b.span()
-        wqkv = self.wqkv.get(self.wq, self.wk, self.wv) if cache is not None and not torch.is_grad_enabled() else None
+        wqkv = self.wqkv.get(self) if cache is not None and not torch.is_grad_enabled() else None
         if wqkv is not None:  # inference: q | k | v in one matmul, RoPE once in place, k | v cached as they lie
             qkv = F.linear(x, wqkv)  # (N, (H + 2 KV) hd)
             apply_rope_(qkv[:, :(H + KV) * hd].view(N, H + KV, hd), cos, sin)
@@ -155,10 +168,10 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
-        self.w13 = FusedLinears()  # inference: gate and up in one matmul
+        self.w13 = FusedLinears("w1", "w3")  # inference: gate and up in one matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w13 = None if torch.is_grad_enabled() else self.w13.get(self.w1, self.w3)
+        w13 = None if torch.is_grad_enabled() else self.w13.get(self)
         if w13 is None:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         gate, up = F.linear(x, w13).chunk(2, -1)  # (N, hidden) each
@@ -219,7 +232,7 @@ class Transformer(nn.Module):
         for m in self.modules():
             for f in vars(m).values():
                 if isinstance(f, FusedLinears):
-                    f.enabled = enabled
+                    f.enabled, f.declined = enabled, 0
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load a stage's tensors (`models.loading.load_state_dict`); a tied head takes the embedding."""

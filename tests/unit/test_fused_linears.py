@@ -65,6 +65,9 @@ def test_on_cpu_by_default_nothing_is_fused(tiny_ckpt: Path) -> None:
     model = load_model(tiny_ckpt, dtype="float32")
     model.generate([1, 2, 3], max_new_tokens=2)
     assert all(f.weight is None for f in _fused(model))
+    model.fuse_linears(True)  # asked for: the declined default does not stick
+    model.generate([1, 2, 3], max_new_tokens=2)
+    assert all(f.weight is not None for f in _fused(model))
 
 
 def test_replaced_or_updated_weights_are_followed(tiny_ckpt: Path) -> None:
