@@ -77,7 +77,7 @@ class FusedLinears:
 
     By default only on accelerators, where a decode step is bound by kernel launches; CPU weights stay as
     loaded (stages share them zero-copy with the object store, and the matmuls are bound by memory
-    bandwidth, where fusing gains ~2 %: README). `Transformer.fuse_linears(True)` fuses on CPUs too."""
+    bandwidth: SmolLM2 gained nothing measurable, README). `Transformer.fuse_linears(True)` fuses on CPUs too."""
 
     def __init__(self, *names: str) -> None:
         self.names = names  # the linears' attribute names in their module, in output order
@@ -93,7 +93,7 @@ class FusedLinears:
             return None
         mods = [owner._modules[n] for n in self.names]
         if self.declined and type(mods[0]) is nn.Linear and mods[0]._parameters["weight"].data_ptr() == self.declined:
-            return None  # on a CPU, as before
+            return None  # declined before: a CPU weight
         ws = [m._parameters.get("weight") if type(m) is nn.Linear and m._parameters.get("bias") is None else None
               for m in mods]
         if any(w is None for w in ws):  # LoRA wraps one (its weight is its base's), or a bias
