@@ -38,12 +38,17 @@ class KVCache:
         self.bs, self.prefix_caching = block_size, prefix_caching
         num_blocks = max(1, -(-num_tokens // block_size))
         shape = (num_blocks, block_size, 2, n_kv, head_dim)
-        self.kv = {i: torch.empty(shape, dtype=dtype, device=device) for i in self.layer_ids}
         self.blocks = BlockAllocator(num_blocks, block_size)
-        # never-used blocks hold whatever the memory held: zeroed on first use (masked positions are
-        # multiplied by 0 in attention, and 0 x NaN is NaN); block 0 also pads block tables
-        self.touched = bytearray(num_blocks)
-        self._zero(0)
+        # never-used blocks must hold zeros, not whatever the memory held (masked positions are multiplied
+        # by 0 in attention, and 0 x NaN is NaN); block 0 also pads block tables. An accelerator's pool is
+        # zeroed once here (its memory is taken anyway); a CPU pool's pages are committed and zeroed as blocks
+        # are first used, all of a step's at once (`_zero_pending`: one op a layer, not one a block and layer)
+        lazy = torch.device(device).type == "cpu"
+        make = torch.empty if lazy else torch.zeros
+        self.kv = {i: make(shape, dtype=dtype, device=device) for i in self.layer_ids}
+        self.touched = bytearray(num_blocks) if lazy else bytearray(b"\x01") * num_blocks
+        self.pending_zero: dict[int, None] = {} if not lazy else {0: None}  # first-used blocks, to zero before use
+        self._zero_pending()
         self.table: dict[str, list[int]] = {}  # sequence id -> its blocks, in position order
         self.length_of: dict[str, int] = {}  # sequence id -> tokens cached
         self.hashes: dict[str, list[bytes]] = {}  # sequence id -> hash chain of its registered leading blocks
@@ -81,6 +86,12 @@ class KVCache:
     def prepare(self, b: Batch) -> None:
         """Checks each step follows its sequence's cache, rewinds re-applied positions, takes the blocks
         the new positions need; sets b.block_table, b.token_block and b.token_offset."""
+        try:
+            self._prepare(b)
+        finally:
+            self._zero_pending()
+
+    def _prepare(self, b: Batch) -> None:
         starts, lengths, positions = b.host_lists()
         for sid, start, n in zip(b.seq_ids, starts, lengths):
             have = self.length_of.get(sid)
@@ -197,6 +208,7 @@ class KVCache:
             self._new(seq_id)
         self.recent[seq_id] = None  # copied positions come without their token ids
         self._reserve(seq_id, have, start + n)
+        self._zero_pending()
         pos = torch.arange(have, start + n)
         blk = torch.tensor(self.table[seq_id], dtype=torch.long)[pos // self.bs]
         off, skip = pos % self.bs, have - start
@@ -245,15 +257,24 @@ class KVCache:
             self.recent[sid] = self.recent[sid][:length - len(chain) * self.bs]
         self.length_of[sid] = min(self.length_of[sid], length)
 
-    def _zero(self, block: int) -> None:
-        if not self.touched[block]:
+    def _zero_pending(self) -> None:
+        """Zeros the blocks first used since the last call (before the step reads or writes them)."""
+        if self.pending_zero:
+            idx = torch.tensor(list(self.pending_zero), dtype=torch.long, device=self.device)
             for t in self.kv.values():
-                t[block].zero_()
-            self.touched[block] = 1
+                t.index_fill_(0, idx, 0)
+            for block in self.pending_zero:
+                self.touched[block] = 1
+            self.pending_zero.clear()
 
-    def _allocate(self) -> int:
+    def _allocate(self, overwritten: bool = False) -> int:
+        """A block for the caller; `overwritten`: its whole contents are about to be copied in (no zeroing)."""
         block = self.blocks.allocate()
-        self._zero(block)
+        if overwritten:
+            self.pending_zero.pop(block, None)
+            self.touched[block] = 1
+        elif not self.touched[block]:
+            self.pending_zero[block] = None
         return block
 
     def _reserve(self, sid: str, start: int, end: int) -> None:
@@ -263,7 +284,7 @@ class KVCache:
             table.append(self._allocate())
         for j in range(start // self.bs, -(-end // self.bs)):
             if self.blocks.immutable(table[j]):
-                fresh = self._allocate()
+                fresh = self._allocate(overwritten=True)
                 for t in self.kv.values():
                     t[fresh] = t[table[j]]
                 self.blocks.release(table[j])

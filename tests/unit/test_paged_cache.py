@@ -124,3 +124,45 @@ def test_export_and_load_through_block_tables(tiny_ckpt: Path) -> None:
     ours = _step(model, dst, "a", 18, [4])[0]
     ref = model(torch.tensor(p + [4]), Batch.build(["r"], [0], [19]), model.new_cache())[0]
     assert torch.allclose(ours, ref, atol=1e-10)
+
+
+def test_never_used_blocks_are_zeroed_before_use_even_if_memory_held_nan(tiny_ckpt: Path) -> None:
+    """A CPU pool's memory is whatever the OS gave: blocks are zeroed when first used (all of a step's
+    at once), before the step reads them, so NaN garbage never reaches attention; a block a copy fills
+    whole (copy on write of a shared prefix) is not zeroed after the copy."""
+    model = load_model(tiny_ckpt, dtype="float64")
+    cache = model.new_cache(512, block_size=4, prefix_caching=True)
+    for t in cache.kv.values():  # garbage in every block not yet used (block 0 is zeroed at creation)
+        t[1:].fill_(float("nan"))
+    ref = model.new_cache(512, block_size=4, prefix_caching=False)  # no garbage, no sharing
+    prompts = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [5, 6, 7, 8, 30], "c": [40, 41]}
+    for sid, p in prompts.items():  # b shares a's first block (prefix hit), then writes into it
+        if sid == "b":
+            assert cache.pin_prefix("b", chain_hashes(p, 4)) == 4
+        start = 2 if sid == "b" else 0  # b re-applies positions 2.. of the shared block: copied on write
+        b = Batch.build([sid], [start], [len(p) - start])
+        got = model(torch.tensor(p[start:]), b, cache)
+        cache.commit(b, p[start:])
+        want = model(torch.tensor(p), Batch.build([sid], [0], [len(p)]), ref)
+        assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-10), sid
+    both = Batch.build(["a", "b", "c"], [7, 5, 2], [1, 1, 1])
+    got = model(torch.tensor([1, 2, 3]), both, cache)
+    assert torch.isfinite(got).all() and not cache.pending_zero
+    kv = cache.export("a", 0)
+    fresh = model.new_cache(512, block_size=4)
+    for t in fresh.kv.values():
+        t[1:].fill_(float("nan"))
+    fresh.load("a", 0, kv)  # a copy of positions 0..7 into never-used blocks: the rest of its last block is zeros
+    assert all(torch.isfinite(t[fresh.table["a"]]).all() for t in fresh.kv.values())
+
+
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_an_accelerator_pool_is_zeroed_once_at_creation(device: str) -> None:
+    """No zeroing per block on an accelerator (each was a kernel launch per layer): the pool starts zeroed."""
+    cache = KVCache([0, 1], 2, 8, torch.float32, torch.device(device), num_tokens=256, block_size=16)
+    assert all(cache.touched) and not cache.pending_zero
+    cache.prepare(Batch.build(["a"], [0], [40]).to(device))
+    assert not cache.pending_zero
+    if device != "meta":
+        assert all(int(t.abs().sum()) == 0 for t in cache.kv.values())
