@@ -294,7 +294,10 @@ class RingMember:
 
     def _reader(self) -> None:
         while not self.stopped:
-            header, x = self._open(self.inbound.recv_bytes())
+            wire = self.inbound.recv_bytes()
+            t0 = time.perf_counter()
+            header, x = self._open(wire)
+            self.stage.phase("receive", time.perf_counter() - t0)
             if self.is_head:  # the tail's tokens: the next step leaves from this thread (no hand-over)
                 with self.head_lock:
                     self._handle(("tokens", (header, x.tolist())))

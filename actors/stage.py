@@ -286,17 +286,21 @@ class StageActor:
                     self.draft_from.pop(sid, None)
             if not header.seq_ids:
                 return x
+            t0 = time.perf_counter()
             b = Batch.build(header.seq_ids, header.starts, header.lengths).to(self.device)
             x = x.to(self.device) if self.model.is_first else x.to(self.device, self.dtype)
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             y = self.model(x, b, self.cache, **({"logits_at": logits_at.to(self.device)} if logits_at is not None
                                                  else {}))
-            self.phase("forward", time.perf_counter() - t0)
+            t2 = time.perf_counter()
+            self.phase("inputs", t1 - t0)
+            self.phase("forward", t2 - t1)
             self.cache.commit(b, header.tokens or None, [len(d) for d in header.drafts] if header.drafts else None)
-            if self.step_time_s or self.token_time_s:  # test hook: emulated accelerator time, counted as compute
-                time.sleep(self.step_time_s + self.token_time_s * sum(header.lengths))
             if not self.model.is_last:
                 self.history.record(header.seq_ids, header.starts, header.lengths, y)
+            self.phase("after", time.perf_counter() - t2)
+            if self.step_time_s or self.token_time_s:  # test hook: emulated accelerator time, counted as compute
+                time.sleep(self.step_time_s + self.token_time_s * sum(header.lengths))
             for i, sid in enumerate(header.seq_ids):  # positions a later step may rewrite: this pass's drafts
                 if header.drafts and header.drafts[i]:
                     self.draft_from[sid] = header.starts[i] + header.lengths[i] - len(header.drafts[i])
@@ -312,9 +316,11 @@ class StageActor:
             torch.set_num_threads(want)
 
     def phase(self, name: str, seconds: float) -> None:
-        """A part of a step into its moving average: "forward" (the layers' call: on a GPU, launching them),
-        "sample" (the last stage's sampling: on a GPU it waits for the step's kernels), "send" (encoding and
-        sending on: on a GPU the copy to the host waits for them)."""
+        """A part of a step into its moving average: "receive" (a ring message's checks and decoding),
+        "inputs" (the step's batch and input on the device), "forward" (the layers' call: on a GPU,
+        launching them), "after" (the KV cache's commit and the output history), "sample" (the last stage's
+        sampling: on a GPU it waits for the step's kernels), "send" (encoding and sending on: on a GPU the
+        copy to the host waits for them)."""
         ms, old = seconds * 1e3, self.phases_ms.get(name)
         self.phases_ms[name] = ms if old is None else 0.9 * old + 0.1 * ms
 

@@ -131,7 +131,7 @@ def stage_ms(replicas: Sequence[Sequence[dict[str, Any]]]) -> list[list[float | 
 
 
 def phases_ms(stages: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
-    """Each stage's first replica's step parts, ms (forward launch, sampling, sending: `StageActor.phase`)."""
+    """Each stage's first replica's step parts, ms (receive, inputs, forward launch, after, sample, send: `StageActor.phase`)."""
     return [dict(s.get("phases_ms", {})) for s in sorted(stages, key=lambda s: s.get("stage", 0))
             if s.get("replica", 0) == 0]
 
