@@ -338,6 +338,7 @@ def bench_in_actor(folder: Path, dtype: str, device: str, batches: Sequence[int]
     actor = ray.remote(num_gpus=1, num_cpus=0)(LocalInActor).remote(str(folder), dtype, device)
     out: dict[str, Any] = {"bench": "gpu", "row": "one_process_in_actor", "new_tokens": new_tokens}
     try:
+        ray.get(actor.__ray_ready__.remote())  # its start (imports, loading) must not overlap the driver's timing
         for b in batches:
             driver_s = local(b)
             main_s = ray.get(actor.best_s.remote(prompts[b], new_tokens, repeats, False))
