@@ -76,6 +76,9 @@ class StageOptions(_Section):
     # KV pool per stage replica, in tokens (None: 1 GiB on a CPU; on a GPU its share x 0.9 minus the weights)
     kv_cache_tokens: int | None = Field(None, ge=1)
     prefix_caching: bool = True  # full blocks of finished tokens are kept and shared by prompts that start alike
+    # inference's q|k|v and gate|up projections as one matmul each (None: on accelerators only, where a step
+    # is bound by kernel launches; CPU stages keep their zero-copy weights as loaded)
+    fuse_linears: bool | None = None
     # a small model with the same tokenizer (a name, .gguf or HF folder on every node): stage 0 drafts from it
     # for speculative requests (None: prompt-lookup drafts)
     draft_model: str | None = None

@@ -131,6 +131,7 @@ class StageActor:
         else:
             self.model = self.compute.run(load_stage, setup.source, spec.layers, dtype, self.device, cfg,
                                           embed=spec.embed, head=spec.head)
+        self.model.fuse_linears(setup.stage.fuse_linears)
         self.cache = self.compute.run(self.model.new_cache, self._pool_tokens(setup, cfg), setup.stage.kv_block_size,
                                       setup.stage.prefix_caching)
         # the first stage heads decode rings: it drafts for speculative sequences (a draft model, or prompt lookup)

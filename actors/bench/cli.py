@@ -301,6 +301,9 @@ def bench_gpu_cmd(
     actor_baseline: Annotated[bool, typer.Option(
         "--actor-baseline/--no-actor-baseline",
         help="Also time one process inside a Ray actor (its task thread, its own thread).")] = True,
+    fuse_linears: Annotated[bool | None, typer.Option(
+        "--fuse-linears/--no-fuse-linears",
+        help="q|k|v and gate|up as one matmul each, in the stages and the baselines (default: on a GPU).")] = None,
 ) -> None:
     """One GPU: a random ~1.1 B Llama as 1, 2, 4 stage actors (fractional GPUs) vs one process; parity."""
     from dataclasses import replace
@@ -326,4 +329,4 @@ def bench_gpu_cmd(
             raise typer.BadParameter("torch sees no CUDA device: --device cpu runs the smoke test",
                                      param_hint="--device")
     _emit(bench_gpu(stage_list, _parse_ints(batches, "--batches") or [1, 16, 64], new_tokens, prompt_tokens,
-                    device, shape, dtype, repeats, parity, budget_s, work_dir, actor_baseline))
+                    device, shape, dtype, repeats, parity, budget_s, work_dir, actor_baseline, fuse_linears))

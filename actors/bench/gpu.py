@@ -169,7 +169,7 @@ def machine(device: str) -> dict[str, Any]:
 
 
 def bench_parity(folder: Path, device: str, new_tokens: int, batch: int = 4, prompt_tokens: int = 8,
-                 stages: int = 2) -> dict[str, Any]:
+                 stages: int = 2, fuse_linears: bool | None = None) -> dict[str, Any]:
     """meshpipe's pipeline (float32, `stages` stages sharing the device) vs transformers, greedy."""
     import ray
     import torch
@@ -181,7 +181,7 @@ def bench_parity(folder: Path, device: str, new_tokens: int, batch: int = 4, pro
     prompts = prompts_for(batch, prompt_tokens, PARITY_SHAPE.vocab)
     free_before = ray.available_resources().get("GPU", 0)
     pipe = Pipeline.deploy(str(folder), num_stages=stages, dtype="float32", name="bench-gpu-parity",
-                           stage_resources=stage_resources_for(stages, os.cpu_count() or 1))
+                           stage_resources=stage_resources_for(stages, os.cpu_count() or 1), fuse_linears=fuse_linears)
     try:
         got = [c.token_ids for c in pipe.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)]
         used = pipe.describe()["stages"][0]["device"]
@@ -197,18 +197,20 @@ def bench_parity(folder: Path, device: str, new_tokens: int, batch: int = 4, pro
     want = out[:, prompt_tokens:].tolist()
     del hf
     return parity_row(got, want, stages=stages, dtype="float32", stage_device=used, transformers_device=device,
-                      new_tokens=new_tokens)
+                      new_tokens=new_tokens, fuse_linears=fuse_linears)
 
 
 def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16, 64), new_tokens: int = 64,
               prompt_tokens: int = 16, device: str = "cuda", shape: LlamaShape | None = None,
               dtype: str | None = None, repeats: int = 2, parity: bool = True, budget_s: float = 400.0,
-              work_dir: str | None = None, actor_baseline: bool = True) -> Iterator[dict[str, Any]]:
+              work_dir: str | None = None, actor_baseline: bool = True,
+              fuse_linears: bool | None = None) -> Iterator[dict[str, Any]]:
     """The rows described above, one Ray session (started here unless one is running).
 
     `budget_s`: a deployment or batch that would start after this many seconds is skipped (a
     ``skipped`` row), so that the whole run ends within about `budget_s` + one deployment's time. A
-    failure becomes an ``error`` row and the run goes on.
+    failure becomes an ``error`` row and the run goes on. `fuse_linears`: the stages' and the one-process
+    baselines' setting (`Transformer.fuse_linears`; None: the default, fused on a GPU).
     """
     import ray
     import torch
@@ -240,15 +242,17 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
                 folder = save_random_llama(Path(tmp) / "parity", **asdict(PARITY_SHAPE), init=PARITY_INIT,
                                            max_seq_len=512, seed=1)
                 yield emit(_guarded({"stages": 2, "what": "parity"},
-                                    lambda: bench_parity(folder, device, new_tokens=min(new_tokens, 32))))
+                                    lambda: bench_parity(folder, device, new_tokens=min(new_tokens, 32),
+                                                         fuse_linears=fuse_linears)))
             t0 = time.perf_counter()
             folder = save_random_llama(Path(tmp) / "model", **asdict(shape), max_seq_len=2048, dtype=torch_dtype)
             write_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             model = load_model(folder, dtype=dtype, device=device)
+            model.fuse_linears(fuse_linears)
             load_s = time.perf_counter() - t0
             yield emit({"bench": "gpu", "row": "model", **shape.describe(), "dtype": dtype, "write_s": write_s,
-                        "load_s": load_s, "prompt_tokens": prompt_tokens, "repeats": repeats, **machine(device)})
+                        "load_s": load_s, "fuse_linears": fuse_linears, "prompt_tokens": prompt_tokens, "repeats": repeats, **machine(device)})
             prompts = {b: prompts_for(b, prompt_tokens, shape.vocab) for b in batches}
 
             def local(b: int) -> float:
@@ -263,13 +267,14 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
                 return time.monotonic() - t_start > budget_s
 
             yield emit(_guarded({"what": "fused linears"}, lambda: bench_fused(
-                model, prompts, sorted({min(batches), max(batches)}), new_tokens, repeats, sync)))
+                model, prompts, sorted({min(batches), max(batches)}), new_tokens, repeats, sync, fuse_linears)))
             if actor_baseline:
                 yield emit(_guarded({"what": "one process in an actor"}, lambda: bench_in_actor(
-                    folder, dtype, device, sorted({min(batches), max(batches)}), prompts, new_tokens, repeats, local)))
+                    folder, dtype, device, sorted({min(batches), max(batches)}), prompts, new_tokens, repeats, local,
+                    fuse_linears)))
             for s, bs in measurement_order(stages, batches):
                 for row in _deployment(str(folder), s, dtype, bs, prompts, new_tokens, repeats, local, sync,
-                                       over_budget):
+                                       over_budget, fuse_linears):
                     yield emit(row)
         yield emit(summary_row(rows, time.monotonic() - t_start, max(stages), max(batches)))
     finally:
@@ -278,9 +283,9 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
 
 
 def bench_fused(model: Any, prompts: dict[int, list[list[int]]], batches: Sequence[int], new_tokens: int,
-                repeats: int, sync: Callable[[], None]) -> dict[str, Any]:
+                repeats: int, sync: Callable[[], None], restore: bool | None = None) -> dict[str, Any]:
     """ms a step of one process with each layer's q|k|v and gate|up matmuls fused and separate
-    (`Transformer.fuse_linears`), alternating at each batch; the model is left at its default."""
+    (`Transformer.fuse_linears`), alternating at each batch; the model is left at `restore`."""
     from models import generate_local
 
     out: dict[str, Any] = {"bench": "gpu", "row": "fused_linears", "new_tokens": new_tokens}
@@ -295,7 +300,7 @@ def bench_fused(model: Any, prompts: dict[int, list[list[int]]], batches: Sequen
                     best[name] = min(best.get(name, float("inf")), _best_s(run, repeats, sync))
             out[f"batch_{b}_ms_per_step"] = {k: round(v * 1e3 / new_tokens, 2) for k, v in best.items()}
     finally:
-        model.fuse_linears(None)
+        model.fuse_linears(restore)
     return out
 
 
@@ -303,11 +308,12 @@ class LocalInActor:
     """`generate_local` in a Ray worker process on the same GPU: the one-process baseline where a stage
     runs, called from the actor's task thread or from a thread of its own (as a stage computes)."""
 
-    def __init__(self, folder: str, dtype: str, device: str) -> None:
+    def __init__(self, folder: str, dtype: str, device: str, fuse_linears: bool | None = None) -> None:
         from models import load_model
 
         self.device = device
         self.model = load_model(folder, dtype=dtype, device=device)
+        self.model.fuse_linears(fuse_linears)
 
     def best_s(self, prompts: list[list[int]], new_tokens: int, repeats: int, own_thread: bool) -> float:
         from concurrent.futures import ThreadPoolExecutor
@@ -327,7 +333,8 @@ class LocalInActor:
 
 
 def bench_in_actor(folder: Path, dtype: str, device: str, batches: Sequence[int], prompts: dict[int, list[list[int]]],
-                   new_tokens: int, repeats: int, local: Callable[[int], float]) -> dict[str, Any]:
+                   new_tokens: int, repeats: int, local: Callable[[int], float],
+                   fuse_linears: bool | None = None) -> dict[str, Any]:
     """ms a step of one process in this driver, in an actor's task thread and in an actor's own thread,
     alternating at each batch: whether a Ray worker process alone makes the same steps slower."""
     import ray
@@ -335,7 +342,7 @@ def bench_in_actor(folder: Path, dtype: str, device: str, batches: Sequence[int]
     from actors.bench.pipeline import _wait_for_gpus
 
     free_before = ray.available_resources().get("GPU", 0)
-    actor = ray.remote(num_gpus=1, num_cpus=0)(LocalInActor).remote(str(folder), dtype, device)
+    actor = ray.remote(num_gpus=1, num_cpus=0)(LocalInActor).remote(str(folder), dtype, device, fuse_linears)
     out: dict[str, Any] = {"bench": "gpu", "row": "one_process_in_actor", "new_tokens": new_tokens}
     try:
         ray.get(actor.__ray_ready__.remote())  # its start (imports, loading) must not overlap the driver's timing
@@ -362,7 +369,7 @@ def _guarded(what: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str
 
 def _deployment(folder: str, stages: int, dtype: str, batches: Sequence[int], prompts: dict[int, list[list[int]]],
                 new_tokens: int, repeats: int, local: Callable[[int], float], sync: Callable[[], None],
-                over_budget: Callable[[], bool]) -> Iterator[dict[str, Any]]:
+                over_budget: Callable[[], bool], fuse_linears: bool | None = None) -> Iterator[dict[str, Any]]:
     """One deployment of `stages` stage actors sharing the GPU: a throughput row per batch (or why not)."""
     import ray
 
@@ -376,7 +383,7 @@ def _deployment(folder: str, stages: int, dtype: str, batches: Sequence[int], pr
     t0 = time.perf_counter()
     try:
         pipe = Pipeline.deploy(folder, num_stages=stages, dtype=dtype, name=f"bench-gpu-{stages}",
-                               stage_resources=stage_resources_for(stages, os.cpu_count() or 1))
+                               stage_resources=stage_resources_for(stages, os.cpu_count() or 1), fuse_linears=fuse_linears)
     except Exception as e:  # noqa: BLE001 - reported as a row
         log.exception("bench gpu: deploying %d stages failed", stages)
         yield {"bench": "gpu", "row": "error", "stages": stages, "what": "deploy",

@@ -187,3 +187,25 @@ def test_the_calls_data_path_gives_the_same_tokens(tiny_ckpt: Path, local: Trans
         assert _rings(pipe) == ([], [])
     finally:
         pipe.shutdown()
+
+
+def test_stages_with_fused_projections_give_the_same_tokens(tiny_ckpt: Path, local: Transformer) -> None:
+    """`fuse_linears=True` (the default on GPUs) on CPU stages: fused q|k|v and gate|up matmuls in every
+    stage, the same tokens as the unfused single-process model; False keeps every stage unfused."""
+    from actors.naming import NAMESPACE, stage_name
+
+    def fused(stage: object) -> list[bool]:
+        return [f.weight is not None for m in stage.model.modules() for f in vars(m).values()
+                if type(f).__name__ == "FusedLinears"]
+
+    for on in (True, False):
+        pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name=f"fused-{on}", fuse_linears=on)
+        try:
+            assert [o.token_ids for o in _staggered(pipe)] == \
+                [generate_local(local, p, n, ignore_eos=True)[0].token_ids for p, n in zip(PROMPTS, MAX_NEW)]
+            for k in range(2):
+                flags = ray.get(ray.get_actor(stage_name(f"fused-{on}", k, 0), namespace=NAMESPACE)
+                                .__ray_call__.remote(fused))
+                assert flags and all(flag == on for flag in flags)
+        finally:
+            pipe.shutdown()
