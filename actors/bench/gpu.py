@@ -8,10 +8,12 @@ on the same GPU in this process (eager: no compile, no CUDA graphs). Rows, in or
 - ``parity``: a tiny random Llama in float32 on the device, the pipeline (S = 2) greedy against
   transformers' `LlamaForCausalLM` greedy on the same folder: agreement fraction, identical.
 - ``model``: the benchmark checkpoint (shape, parameters, seconds to write and load it).
+- ``fused_linears``, ``one_process_in_actor``: one process with the projections fused and separate;
+  the one-process baseline in this driver and inside a Ray actor.
 - ``throughput``: per (S, batch), largest first, pipeline tokens/s beside one-process tokens/s
   measured right before it; ``efficiency`` = their ratio; ``stage_ms``: each stage's compute and
-  inbound wait, ms a step; ``phases_ms``: each stage's forward call (on a GPU: launching the kernels),
-  sampling and sending (on a GPU: both wait for the kernels), ms a step.
+  inbound wait, ms a step; ``phases_ms``: each stage's step parts, ms (receive, inputs, the forward
+  call, which on a GPU launches the kernels, after, and sample or send, which wait for them).
 - ``summary``: elapsed seconds and the target (largest S at the largest batch ≥ 0.8×).
 
 ``device="cpu"`` with a tiny shape runs the same code on CPUs (a smoke test of the command).
