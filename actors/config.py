@@ -79,6 +79,9 @@ class StageOptions(_Section):
     # inference's q|k|v and gate|up projections as one matmul each (None: on accelerators only, where a step
     # is bound by kernel launches; CPU stages keep their zero-copy weights as loaded)
     fuse_linears: bool | None = None
+    # decode steps replayed as CUDA graphs, one per (batch, blocks) bucket (None: on CUDA devices; True on a
+    # CPU runs the same padded step uncaptured, for tests)
+    cuda_graphs: bool | None = None
     # a small model with the same tokenizer (a name, .gguf or HF folder on every node): stage 0 drafts from it
     # for speculative requests (None: prompt-lookup drafts)
     draft_model: str | None = None

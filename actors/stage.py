@@ -132,6 +132,7 @@ class StageActor:
             self.model = self.compute.run(load_stage, setup.source, spec.layers, dtype, self.device, cfg,
                                           embed=spec.embed, head=spec.head)
         self.model.fuse_linears(setup.stage.fuse_linears)
+        self.model.cuda_graphs(setup.stage.cuda_graphs)
         self.cache = self.compute.run(self.model.new_cache, self._pool_tokens(setup, cfg), setup.stage.kv_block_size,
                                       setup.stage.prefix_caching)
         # the first stage heads decode rings: it drafts for speculative sequences (a draft model, or prompt lookup)
@@ -577,6 +578,7 @@ class StageActor:
             "busy_s": self.busy_s,
             "step_ema_ms": self.step_ema_s * 1e3,
             "phases_ms": {k: round(v, 3) for k, v in self.phases_ms.items()},
+            "cuda_graphs": self.model.graphs.stats() if self.model.graphs is not None else None,
             "sequences": len(self.cache),
             "tokens_cached": self.cache.tokens_held(),
             **self.cache.stats(),

@@ -21,8 +21,7 @@ class Batch:
     last_token: torch.Tensor  # (B,) packed index of each sequence's last new token
     # set by KVCache.prepare:
     block_table: torch.Tensor | None = None  # (B, blocks) each sequence's KV blocks, padded with block 0
-    token_block: torch.Tensor | None = None  # (N,) the block each packed token's keys and values go to
-    token_offset: torch.Tensor | None = None  # (N,) the position within that block
+    token_slot: torch.Tensor | None = None  # (N,) where each packed token's keys and values go: block x size + offset
     # (starts, lengths, positions) as Python ints, kept by `build` (no device sync to read them back)
     host: tuple[list[int], list[int], list[int]] | None = field(default=None, repr=False)
     dims: tuple[int, int, int] | None = field(default=None, repr=False)  # `span()`, once computed

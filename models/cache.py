@@ -55,6 +55,7 @@ class KVCache:
         self.recent: dict[str, list[int] | None] = {}  # token ids after those blocks (None: unknown, no more registering)
         self.provisional: set[str] = set()  # sequences holding only a pinned prefix, before their first step
         self.prefix = {"queried_tokens": 0, "hit_tokens": 0}
+        self.scratch: int | None = None  # `scratch_block`, once taken
 
     # ---------- sizes ----------
 
@@ -85,51 +86,60 @@ class KVCache:
 
     def prepare(self, b: Batch) -> None:
         """Checks each step follows its sequence's cache, rewinds re-applied positions, takes the blocks
-        the new positions need; sets b.block_table, b.token_block and b.token_offset."""
-        try:
-            self._prepare(b)
-        finally:
-            self._zero_pending()
-
-    def _prepare(self, b: Batch) -> None:
-        starts, lengths, positions = b.host_lists()
-        for sid, start, n in zip(b.seq_ids, starts, lengths):
-            have = self.length_of.get(sid)
-            if have is None and start > 0 or have is not None and start > have:
-                raise CacheMissError(
-                    f"sequence {sid!r}: step starts at position {start} but this stage caches "
-                    f"{have or 0} tokens; rebuild its cache from the sequence history"
-                )
-            if have is None:
-                self._new(sid)
-            elif start < have:  # re-applied positions (rejected drafts, a rebuild, a pinned prefix cut short)
-                self._truncate(sid, start)
-            self.provisional.discard(sid)
-            self._reserve(sid, start, start + n)
-            self.length_of[sid] = start + n
-        tables = [self.table[sid] for sid in b.seq_ids]
+        the new positions need; sets b.block_table and b.token_slot."""
+        tables = self.plan(b)
+        _, lengths, positions = b.host_lists()
         width = max(len(t) for t in tables)
         flat = [i for t in tables for i in t + [0] * (width - len(t))]  # (B * blocks)
         bs, row = self.bs, 0
-        blocks, offsets = [], []
-        for t, n in zip(tables, lengths):  # each packed token's block and offset, in Python (a handful of ints)
-            for p in positions[row:row + n]:
-                blocks.append(t[p // bs])
-                offsets.append(p % bs)
+        slots = []
+        for t, n in zip(tables, lengths):  # each packed token's slot, in Python (a handful of ints)
+            slots += [t[p // bs] * bs + p % bs for p in positions[row:row + n]]
             row += n
-        a = torch.tensor(flat + blocks + offsets, dtype=torch.long).to(self.device)  # one tensor, sliced
-        B, N = len(tables), len(positions)
+        a = torch.tensor(flat + slots, dtype=torch.long).to(self.device)  # one tensor, sliced
+        B = len(tables)
         b.block_table = a[:B * width].view(B, width)  # (B, blocks)
-        b.token_block = a[B * width:B * width + N]  # (N,)
-        b.token_offset = a[B * width + N:]  # (N,)
+        b.token_slot = a[B * width:]  # (N,)
+
+    def plan(self, b: Batch) -> list[list[int]]:
+        """The bookkeeping of `prepare` (no tensors): each sequence's block table after the step, in batch
+        order (the cache's own lists: read them, don't change them)."""
+        try:
+            starts, lengths, _ = b.host_lists()
+            for sid, start, n in zip(b.seq_ids, starts, lengths):
+                have = self.length_of.get(sid)
+                if have is None and start > 0 or have is not None and start > have:
+                    raise CacheMissError(
+                        f"sequence {sid!r}: step starts at position {start} but this stage caches "
+                        f"{have or 0} tokens; rebuild its cache from the sequence history"
+                    )
+                if have is None:
+                    self._new(sid)
+                elif start < have:  # re-applied positions (rejected drafts, a rebuild, a pinned prefix cut short)
+                    self._truncate(sid, start)
+                self.provisional.discard(sid)
+                self._reserve(sid, start, start + n)
+                self.length_of[sid] = start + n
+        finally:
+            self._zero_pending()
+        return [self.table[sid] for sid in b.seq_ids]
+
+    def scratch_block(self) -> int:
+        """A block no sequence ever holds, taken once: the padded rows of a static-shape step (`models.graphs`)
+        write their keys and values there and read only it."""
+        if self.scratch is None:
+            self.scratch = self._allocate()
+            self._zero_pending()
+        return self.scratch
 
     def write(self, layer: int, b: Batch, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v: (N, KV, hd) for the packed tokens of this step
         self.write_packed(layer, b, torch.stack((k, v), 1))
 
     def write_packed(self, layer: int, b: Batch, kv: torch.Tensor) -> None:
-        # kv: (N, 2, KV, hd), keys then values of the packed tokens of this step (one scatter)
-        self.kv[layer][b.token_block, b.token_offset] = kv
+        # kv: (N, 2, KV, hd), keys then values of the packed tokens of this step (one scatter, by slot:
+        # block x block_size + offset, into the pool seen as (blocks x block_size, 2, KV, hd))
+        self.kv[layer].view(-1, 2, self.n_kv, self.hd).index_copy_(0, b.token_slot, kv)
 
     def read(self, layer: int, b: Batch, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, KV, length, hd) keys and values of the batch's sequences, gathered through their tables."""

@@ -195,9 +195,13 @@ def generate_local(model: Transformer, prompts: Prompt | Sequence[Prompt], max_n
         sp = SamplingParams(**{**vars(params), "seed": seed})
         states.append(SequenceState(f"local-{next(_ids)}", encode_prompt(p, cfg, tokenizer), sp,
                                     frozenset(cfg.eos_ids), cfg.max_seq_len))
-    # a pool just big enough: every sequence's whole length (plus drafts), in whole blocks
+    # a pool just big enough: every sequence's whole length (plus drafts), in whole blocks, plus one block
+    # for the padded rows of decode graphs (`Transformer.cuda_graphs`)
     need = [min(len(s.prompt) + s.params.max_new_tokens, cfg.max_seq_len) + s.params.speculative + 1 for s in states]
-    cache = model.new_cache(sum(-(-n // DEFAULT_BLOCK) * DEFAULT_BLOCK for n in need))
+    tokens = sum(-(-n // DEFAULT_BLOCK) * DEFAULT_BLOCK for n in need) + DEFAULT_BLOCK
+    # with decode graphs, the last call's pool when it fits (the graphs were captured against it)
+    cache = model.graphs.spare_cache(tokens) if model.graphs is not None else None
+    cache = model.new_cache(tokens) if cache is None else cache  # (an empty cache is falsy: it has a len)
     device = next(model.parameters()).device
     active = list(states)
     while active:

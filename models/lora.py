@@ -178,6 +178,7 @@ def apply_lora(model: Transformer, cfg: LoraConfig, seed: int | None = None) -> 
             gen = None if seed is None else torch.Generator().manual_seed(_module_seed(seed, int(layer_id), target))
             setattr(parent, attr, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout, gen))
             count += 1
+    model.weights_changed()  # captured decode graphs called the plain linears
     return count
 
 

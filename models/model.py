@@ -22,6 +22,7 @@ from models.batch import Batch
 from models.cache import DEFAULT_BLOCK, KVCache
 from models.config import ModelConfig
 from models.generation import Completion, Prompt, generate_local
+from models.graphs import DecodeGraphs
 
 if TYPE_CHECKING:
     from models.tokenizer import Tokenizer
@@ -207,6 +208,7 @@ class Transformer(nn.Module):
         if head and embed and cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.tokenizer: Tokenizer | None = None  # set by `load_model`; turns str prompts into ids
+        self.graphs: DecodeGraphs | None = None  # decode steps as CUDA graphs (`cuda_graphs`); off by default
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)  # signed: see rope_tables
@@ -233,6 +235,21 @@ class Transformer(nn.Module):
             for f in vars(m).values():
                 if isinstance(f, FusedLinears):
                     f.enabled, f.declined = enabled, 0
+        self.weights_changed()
+
+    def cuda_graphs(self, enabled: bool | None) -> None:
+        """Decode steps as CUDA graphs (`models.graphs`): None on CUDA devices only, True on any device (a CPU
+        runs the padded static-shape step uncaptured: tests), False never (the default: eager)."""
+        self.graphs = None if enabled is False else DecodeGraphs(enabled)
+
+    def weights_changed(self) -> None:
+        """Weights were replaced (not updated in place): captured graphs read the old ones, drop them."""
+        if self.graphs is not None:
+            self.graphs.clear()
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Transformer:  # .to(), .cuda(), .half(): new weights
+        self.weights_changed()
+        return super()._apply(fn, *args, **kwargs)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load a stage's tensors (`models.loading.load_state_dict`); a tied head takes the embedding."""
@@ -241,6 +258,7 @@ class Transformer(nn.Module):
             state["output.weight"] = state["tok_embeddings.weight"]
         if self.tok_embeddings is None:
             state.pop("tok_embeddings.weight", None)
+        self.weights_changed()
         missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
         if self.output is not None and self.tok_embeddings is not None and self.cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -258,31 +276,40 @@ class Transformer(nn.Module):
         `logits_at`: (M,) packed token indices whose logits to return instead, (M, vocab)
         (speculative verification reads several positions per sequence).
         """
+        if self.graphs is not None and logits_at is None:
+            y = self.graphs.run(self, x, b, cache)  # a decode step, padded to its bucket's graph
+            if y is not None:
+                return y
         cache.prepare(b)
-        x, rope, mask = self._inputs(x, b)
+        return self.step(x, b, cache, attention_mask(b), b.last_token if logits_at is None else logits_at)
+
+    def step(self, x: torch.Tensor, b: Batch, cache: KVCache, mask: torch.Tensor | None,
+             rows: torch.Tensor) -> torch.Tensor:
+        """`forward` after the cache's bookkeeping (what a CUDA graph captures): `mask` (B, 1, T, L) or None,
+        `rows` the packed indices whose logits the last stage returns."""
+        x, rope = self._inputs(x, b)
         for layer in self.layers.values():
             x = layer(x, b, rope, cache, mask)
         if self.output is None:
             return x
-        x = self.norm(x[b.last_token if logits_at is None else logits_at])  # (B or M, dim)
+        x = self.norm(x[rows])  # (B or M, dim)
         logits = self.output(x)  # (B or M, vocab)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
-    def _inputs(self, x: torch.Tensor, b: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor],
-                                                          torch.Tensor | None]:
-        """The embedded tokens (first stage), each token's RoPE rows (N, 1, hd) and the mask (B, 1, T, L)."""
+    def _inputs(self, x: torch.Tensor, b: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The embedded tokens (first stage) and each token's RoPE rows (N, 1, hd)."""
         if self.tok_embeddings is not None:
             x = self.tok_embeddings(x)  # (N, dim)
         pos = b.positions
-        rope = (self.rope_cos[pos].to(x.dtype)[:, None, :], self.rope_sin[pos].to(x.dtype)[:, None, :])
-        return x, rope, attention_mask(b)
+        return x, (self.rope_cos[pos].to(x.dtype)[:, None, :], self.rope_sin[pos].to(x.dtype)[:, None, :])
 
     def train_forward(self, x: torch.Tensor, b: Batch, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Training (gradients, no cache): `b` holds whole sequences from position 0; x is (N,) ids on the
         first stage, else (N, dim) hidden states. Returns (N, dim) hidden states, or on the last stage the
         summed cross-entropy of each token's logits against `targets` (N,) (-100: not a target), in at
         least float32 (the caller divides by the batch's target count)."""
-        x, rope, mask = self._inputs(x, b)
+        x, rope = self._inputs(x, b)
+        mask = attention_mask(b)
         for layer in self.layers.values():
             x = layer(x, b, rope, None, mask)
         if self.output is None:

@@ -304,6 +304,9 @@ def bench_gpu_cmd(
     fuse_linears: Annotated[bool | None, typer.Option(
         "--fuse-linears/--no-fuse-linears",
         help="q|k|v and gate|up as one matmul each, in the stages and the baselines (default: on a GPU).")] = None,
+    cuda_graphs: Annotated[bool | None, typer.Option(
+        "--cuda-graphs/--no-cuda-graphs",
+        help="The stages' decode steps as CUDA graphs (default: on a GPU); the baselines stay eager.")] = None,
 ) -> None:
     """One GPU: a random ~1.1 B Llama as 1, 2, 4 stage actors (fractional GPUs) vs one process; parity."""
     from dataclasses import replace
@@ -329,4 +332,5 @@ def bench_gpu_cmd(
             raise typer.BadParameter("torch sees no CUDA device: --device cpu runs the smoke test",
                                      param_hint="--device")
     _emit(bench_gpu(stage_list, _parse_ints(batches, "--batches") or [1, 16, 64], new_tokens, prompt_tokens,
-                    device, shape, dtype, repeats, parity, budget_s, work_dir, actor_baseline, fuse_linears))
+                    device, shape, dtype, repeats, parity, budget_s, work_dir, actor_baseline, fuse_linears,
+                    cuda_graphs))

@@ -8,12 +8,14 @@ on the same GPU in this process (eager: no compile, no CUDA graphs). Rows, in or
 - ``parity``: a tiny random Llama in float32 on the device, the pipeline (S = 2) greedy against
   transformers' `LlamaForCausalLM` greedy on the same folder: agreement fraction, identical.
 - ``model``: the benchmark checkpoint (shape, parameters, seconds to write and load it).
-- ``fused_linears``, ``one_process_in_actor``: one process with the projections fused and separate;
-  the one-process baseline in this driver and inside a Ray actor.
+- ``fused_linears``, ``cuda_graphs``, ``one_process_in_actor``: one process with the projections fused
+  and separate; eager and with its decode steps as CUDA graphs; the one-process baseline in this driver and
+  inside a Ray actor.
 - ``throughput``: per (S, batch), largest first, pipeline tokens/s beside one-process tokens/s
   measured right before it; ``efficiency`` = their ratio; ``stage_ms``: each stage's compute and
   inbound wait, ms a step; ``phases_ms``: each stage's step parts, ms (receive, inputs, the forward
-  call, which on a GPU launches the kernels, after, and sample or send, which wait for them).
+  call, which on a GPU launches the kernels, after, and sample or send, which wait for them);
+  ``cuda_graphs``: each stage's graphs (captured, replays, steps run uncaptured, a capture's failure).
 - ``summary``: elapsed seconds and the target (largest S at the largest batch ≥ 0.8×).
 
 ``device="cpu"`` with a tiny shape runs the same code on CPUs (a smoke test of the command).
@@ -134,8 +136,12 @@ def stage_ms(replicas: Sequence[Sequence[dict[str, Any]]]) -> list[list[float | 
 
 def phases_ms(stages: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
     """Each stage's first replica's step parts, ms (receive, inputs, forward launch, after, sample, send: `StageActor.phase`)."""
-    return [dict(s.get("phases_ms", {})) for s in sorted(stages, key=lambda s: s.get("stage", 0))
-            if s.get("replica", 0) == 0]
+    return [dict(p or {}) for p in first_replicas(stages, "phases_ms")]
+
+
+def first_replicas(stages: Sequence[dict[str, Any]], key: str) -> list[Any]:
+    """`key` of each stage's first replica's stats, in stage order."""
+    return [s.get(key) for s in sorted(stages, key=lambda s: s.get("stage", 0)) if s.get("replica", 0) == 0]
 
 
 def measurement_order(stages: Sequence[int], batches: Sequence[int]) -> list[tuple[int, list[int]]]:
@@ -171,8 +177,9 @@ def machine(device: str) -> dict[str, Any]:
 
 
 def bench_parity(folder: Path, device: str, new_tokens: int, batch: int = 4, prompt_tokens: int = 8,
-                 stages: int = 2, fuse_linears: bool | None = None) -> dict[str, Any]:
-    """meshpipe's pipeline (float32, `stages` stages sharing the device) vs transformers, greedy."""
+                 stages: int = 2, **stage_options: Any) -> dict[str, Any]:
+    """meshpipe's pipeline (float32, `stages` stages sharing the device, `stage_options` such as
+    fuse_linears and cuda_graphs) vs transformers, greedy."""
     import ray
     import torch
     from transformers import LlamaForCausalLM
@@ -183,10 +190,11 @@ def bench_parity(folder: Path, device: str, new_tokens: int, batch: int = 4, pro
     prompts = prompts_for(batch, prompt_tokens, PARITY_SHAPE.vocab)
     free_before = ray.available_resources().get("GPU", 0)
     pipe = Pipeline.deploy(str(folder), num_stages=stages, dtype="float32", name="bench-gpu-parity",
-                           stage_resources=stage_resources_for(stages, os.cpu_count() or 1), fuse_linears=fuse_linears)
+                           stage_resources=stage_resources_for(stages, os.cpu_count() or 1), **stage_options)
     try:
         got = [c.token_ids for c in pipe.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)]
         used = pipe.describe()["stages"][0]["device"]
+        graphs = [s.get("cuda_graphs") for s in pipe.stats()["stages"]]
     finally:
         pipe.shutdown()
         _wait_for_gpus(free_before)
@@ -199,20 +207,21 @@ def bench_parity(folder: Path, device: str, new_tokens: int, batch: int = 4, pro
     want = out[:, prompt_tokens:].tolist()
     del hf
     return parity_row(got, want, stages=stages, dtype="float32", stage_device=used, transformers_device=device,
-                      new_tokens=new_tokens, fuse_linears=fuse_linears)
+                      new_tokens=new_tokens, stage_graphs=graphs, **stage_options)
 
 
 def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16, 64), new_tokens: int = 64,
               prompt_tokens: int = 16, device: str = "cuda", shape: LlamaShape | None = None,
               dtype: str | None = None, repeats: int = 2, parity: bool = True, budget_s: float = 400.0,
               work_dir: str | None = None, actor_baseline: bool = True,
-              fuse_linears: bool | None = None) -> Iterator[dict[str, Any]]:
+              fuse_linears: bool | None = None, cuda_graphs: bool | None = None) -> Iterator[dict[str, Any]]:
     """The rows described above, one Ray session (started here unless one is running).
 
     `budget_s`: a deployment or batch that would start after this many seconds is skipped (a
     ``skipped`` row), so that the whole run ends within about `budget_s` + one deployment's time. A
     failure becomes an ``error`` row and the run goes on. `fuse_linears`: the stages' and the one-process
-    baselines' setting (`Transformer.fuse_linears`; None: the default, fused on a GPU).
+    baselines' setting (`Transformer.fuse_linears`; None: the default, fused on a GPU). `cuda_graphs`: the
+    stages' (None: the default, on a GPU); the one-process baselines stay eager.
     """
     import ray
     import torch
@@ -231,6 +240,7 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
     if started:
         ray.init(address="local", num_gpus=1, include_dashboard=False, log_to_driver=False)
     rows: list[dict[str, Any]] = []
+    stage_options = {"fuse_linears": fuse_linears, "cuda_graphs": cuda_graphs}
 
     def emit(row: dict[str, Any]) -> dict[str, Any]:
         row = {**row, "elapsed_s": round(time.monotonic() - t_start, 1)}
@@ -245,7 +255,7 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
                                            max_seq_len=512, seed=1)
                 yield emit(_guarded({"stages": 2, "what": "parity"},
                                     lambda: bench_parity(folder, device, new_tokens=min(new_tokens, 32),
-                                                         fuse_linears=fuse_linears)))
+                                                         **stage_options)))
             t0 = time.perf_counter()
             folder = save_random_llama(Path(tmp) / "model", **asdict(shape), max_seq_len=2048, dtype=torch_dtype)
             write_s = time.perf_counter() - t0
@@ -254,7 +264,7 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
             model.fuse_linears(fuse_linears)
             load_s = time.perf_counter() - t0
             yield emit({"bench": "gpu", "row": "model", **shape.describe(), "dtype": dtype, "write_s": write_s,
-                        "load_s": load_s, "fuse_linears": fuse_linears, "prompt_tokens": prompt_tokens, "repeats": repeats, **machine(device)})
+                        "load_s": load_s, **stage_options, "prompt_tokens": prompt_tokens, "repeats": repeats, **machine(device)})
             prompts = {b: prompts_for(b, prompt_tokens, shape.vocab) for b in batches}
 
             def local(b: int) -> float:
@@ -268,15 +278,17 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
             def over_budget() -> bool:
                 return time.monotonic() - t_start > budget_s
 
+            ends = sorted({min(batches), max(batches)})
             yield emit(_guarded({"what": "fused linears"}, lambda: bench_fused(
-                model, prompts, sorted({min(batches), max(batches)}), new_tokens, repeats, sync, fuse_linears)))
+                model, prompts, ends, new_tokens, repeats, sync, fuse_linears)))
+            yield emit(_guarded({"what": "cuda graphs"}, lambda: bench_graphs(
+                model, prompts, ends, new_tokens, repeats, sync)))
             if actor_baseline:
                 yield emit(_guarded({"what": "one process in an actor"}, lambda: bench_in_actor(
-                    folder, dtype, device, sorted({min(batches), max(batches)}), prompts, new_tokens, repeats, local,
-                    fuse_linears)))
+                    folder, dtype, device, ends, prompts, new_tokens, repeats, local, fuse_linears)))
             for s, bs in measurement_order(stages, batches):
                 for row in _deployment(str(folder), s, dtype, bs, prompts, new_tokens, repeats, local, sync,
-                                       over_budget, fuse_linears):
+                                       over_budget, stage_options):
                     yield emit(row)
         yield emit(summary_row(rows, time.monotonic() - t_start, max(stages), max(batches)))
     finally:
@@ -284,26 +296,53 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
             ray.shutdown()
 
 
-def bench_fused(model: Any, prompts: dict[int, list[list[int]]], batches: Sequence[int], new_tokens: int,
-                repeats: int, sync: Callable[[], None], restore: bool | None = None) -> dict[str, Any]:
-    """ms a step of one process with each layer's q|k|v and gate|up matmuls fused and separate
-    (`Transformer.fuse_linears`), alternating at each batch; the model is left at `restore`."""
+def bench_variants(model: Any, prompts: dict[int, list[list[int]]], batches: Sequence[int], new_tokens: int,
+                   repeats: int, sync: Callable[[], None], row: str, variants: dict[str, Callable[[], None]],
+                   restore: Callable[[], None]) -> dict[str, Any]:
+    """ms a step of one process under each of `variants` (name -> a call setting the model up), alternating
+    at each batch, and whether their greedy tokens agree; `restore` sets the model back at the end."""
     from models import generate_local
 
-    out: dict[str, Any] = {"bench": "gpu", "row": "fused_linears", "new_tokens": new_tokens}
+    out: dict[str, Any] = {"bench": "gpu", "row": row, "new_tokens": new_tokens}
     try:
         for b in batches:
             run = partial(generate_local, model, prompts[b], new_tokens, ignore_eos=True)
             best: dict[str, float] = {}
+            tokens: dict[str, list[list[int]]] = {}
             for _ in range(2):
-                for name, on in (("separate", False), ("fused", True)):
-                    model.fuse_linears(on)
-                    run()  # warm: fusing (or not) happens at the first step
+                for name, setup in variants.items():
+                    setup()
+                    tokens[name] = [c.token_ids for c in run()]  # warm: fusing, capturing happen at first steps
                     best[name] = min(best.get(name, float("inf")), _best_s(run, repeats, sync))
             out[f"batch_{b}_ms_per_step"] = {k: round(v * 1e3 / new_tokens, 2) for k, v in best.items()}
+            out[f"batch_{b}_same_tokens"] = all(t == tokens[next(iter(tokens))] for t in tokens.values())
     finally:
-        model.fuse_linears(restore)
+        restore()
     return out
+
+
+def bench_fused(model: Any, prompts: dict[int, list[list[int]]], batches: Sequence[int], new_tokens: int,
+                repeats: int, sync: Callable[[], None], restore: bool | None = None) -> dict[str, Any]:
+    """One process with each layer's q|k|v and gate|up matmuls separate and fused (`Transformer.fuse_linears`);
+    the model is left at `restore`."""
+    return bench_variants(model, prompts, batches, new_tokens, repeats, sync, "fused_linears",
+                          {"separate": partial(model.fuse_linears, False), "fused": partial(model.fuse_linears, True)},
+                          partial(model.fuse_linears, restore))
+
+
+def bench_graphs(model: Any, prompts: dict[int, list[list[int]]], batches: Sequence[int], new_tokens: int,
+                 repeats: int, sync: Callable[[], None]) -> dict[str, Any]:
+    """One process eager and with its decode steps as CUDA graphs (`Transformer.cuda_graphs`): what graphs
+    give without a pipeline (the throughput rows' baseline stays eager); the model is left eager."""
+    stats: dict[str, Any] = {}
+
+    def restore() -> None:
+        stats.update(model.graphs.stats() if model.graphs is not None else {})
+        model.cuda_graphs(False)
+
+    out = bench_variants(model, prompts, batches, new_tokens, repeats, sync, "cuda_graphs",
+                         {"eager": partial(model.cuda_graphs, False), "graphs": partial(model.cuda_graphs, True)}, restore)
+    return {**out, "graphs": stats}
 
 
 class LocalInActor:
@@ -371,8 +410,9 @@ def _guarded(what: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str
 
 def _deployment(folder: str, stages: int, dtype: str, batches: Sequence[int], prompts: dict[int, list[list[int]]],
                 new_tokens: int, repeats: int, local: Callable[[int], float], sync: Callable[[], None],
-                over_budget: Callable[[], bool], fuse_linears: bool | None = None) -> Iterator[dict[str, Any]]:
-    """One deployment of `stages` stage actors sharing the GPU: a throughput row per batch (or why not)."""
+                over_budget: Callable[[], bool], stage_options: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """One deployment of `stages` stage actors sharing the GPU (`stage_options`: fuse_linears, cuda_graphs):
+    a throughput row per batch (or why not)."""
     import ray
 
     from actors import Pipeline
@@ -385,7 +425,7 @@ def _deployment(folder: str, stages: int, dtype: str, batches: Sequence[int], pr
     t0 = time.perf_counter()
     try:
         pipe = Pipeline.deploy(folder, num_stages=stages, dtype=dtype, name=f"bench-gpu-{stages}",
-                               stage_resources=stage_resources_for(stages, os.cpu_count() or 1), fuse_linears=fuse_linears)
+                               stage_resources=stage_resources_for(stages, os.cpu_count() or 1), **(stage_options or {}))
     except Exception as e:  # noqa: BLE001 - reported as a row
         log.exception("bench gpu: deploying %d stages failed", stages)
         yield {"bench": "gpu", "row": "error", "stages": stages, "what": "deploy",
@@ -409,7 +449,8 @@ def _deployment(folder: str, stages: int, dtype: str, batches: Sequence[int], pr
                                       stage_device=info["stages"][0]["device"],
                                       micro_batches=info.get("router", {}).get("micro_batches"),
                                       stage_ms=stage_ms(pipe.stats()["router"]["replicas"]),
-                                      phases_ms=phases_ms(pipe.stats()["stages"]))
+                                      phases_ms=phases_ms(pipe.stats()["stages"]),
+                                      cuda_graphs=first_replicas(pipe.stats()["stages"], "cuda_graphs"))
 
             yield _guarded({"stages": stages, "batch": b, "what": "generate"}, measure)
     finally:

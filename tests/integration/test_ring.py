@@ -189,6 +189,23 @@ def test_the_calls_data_path_gives_the_same_tokens(tiny_ckpt: Path, local: Trans
         pipe.shutdown()
 
 
+def test_stages_with_padded_decode_graphs_give_the_same_tokens(tiny_ckpt: Path, local: Transformer) -> None:
+    """`cuda_graphs=True` (the default on CUDA devices) on CPU stages: every stage's decode steps run padded to
+    their (batch, blocks) bucket on static buffers (uncaptured here), with sequences joining and leaving: the
+    single-process tokens."""
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="graphs", cuda_graphs=True)
+    try:
+        assert [o.token_ids for o in _staggered(pipe)] == \
+            [generate_local(local, p, n, ignore_eos=True)[0].token_ids for p, n in zip(PROMPTS, MAX_NEW)]
+        stages = pipe.stats()["stages"]
+        assert len(stages) == 2
+        for s in stages:
+            g = s["cuda_graphs"]
+            assert g["uncaptured"] > 0 and g["graphs"] == 0 and g["failed"] is None
+    finally:
+        pipe.shutdown()
+
+
 def test_stages_with_fused_projections_give_the_same_tokens(tiny_ckpt: Path, local: Transformer) -> None:
     """`fuse_linears=True` (the default on GPUs) on CPU stages: fused q|k|v and gate|up matmuls in every
     stage, the same tokens as the unfused single-process model; False keeps every stage unfused."""

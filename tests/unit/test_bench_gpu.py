@@ -14,6 +14,7 @@ from actors.bench.gpu import (
     PARITY_SHAPE,
     LlamaShape,
     bench_fused,
+    bench_graphs,
     default_dtype,
     default_shape,
     measurement_order,
@@ -122,5 +123,20 @@ def test_the_fused_linears_row_times_both_and_restores_the_default(tiny_ckpt: Pa
     for b in (1, 2):
         assert set(row[f"batch_{b}_ms_per_step"]) == {"fused", "separate"}
         assert all(v > 0 for v in row[f"batch_{b}_ms_per_step"].values())
+        assert row[f"batch_{b}_same_tokens"] is True
     fl = [f for m in model.modules() for f in vars(m).values() if isinstance(f, FusedLinears)]
     assert fl and all(f.enabled is None for f in fl)
+
+
+def test_the_cuda_graphs_row_times_both_and_leaves_the_model_eager(tiny_ckpt: Path) -> None:
+    """On a CPU the graphs variant runs padded, uncaptured steps: same tokens, and the baseline left eager."""
+    from models import load_model
+
+    model = load_model(tiny_ckpt, dtype="float32")
+    prompts = {b: prompts_for(b, 4, model.cfg.vocab_size) for b in (1, 3)}
+    row = bench_graphs(model, prompts, [1, 3], new_tokens=3, repeats=1, sync=lambda: None)
+    assert row["row"] == "cuda_graphs" and model.graphs is None
+    for b in (1, 3):
+        assert set(row[f"batch_{b}_ms_per_step"]) == {"eager", "graphs"}
+        assert row[f"batch_{b}_same_tokens"] is True
+    assert row["graphs"]["uncaptured"] > 0 and row["graphs"]["failed"] is None
