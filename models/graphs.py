@@ -119,6 +119,7 @@ class DecodeGraphs:
         g.x[:B].copy_(x)
         if new and capture and self.stats()["graphs"] < self.max_graphs:
             self._capture(model, cache, g)
+            self.ptrs = tuple(p.data_ptr() for p in self.params)  # first-use fusing may have moved them
         if g.graph is not None:
             g.graph.replay()
             self.counts["replays"] += 1

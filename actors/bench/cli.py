@@ -307,6 +307,8 @@ def bench_gpu_cmd(
     cuda_graphs: Annotated[bool | None, typer.Option(
         "--cuda-graphs/--no-cuda-graphs",
         help="The stages' decode steps as CUDA graphs (default: on a GPU); the baselines stay eager.")] = None,
+    micro_batches: Annotated[int | None, typer.Option(
+        min=1, help="Lanes in flight (default: one per GPU the stages occupy).")] = None,
 ) -> None:
     """One GPU: a random ~1.1 B Llama as 1, 2, 4 stage actors (fractional GPUs) vs one process; parity."""
     from dataclasses import replace
@@ -333,4 +335,4 @@ def bench_gpu_cmd(
                                      param_hint="--device")
     _emit(bench_gpu(stage_list, _parse_ints(batches, "--batches") or [1, 16, 64], new_tokens, prompt_tokens,
                     device, shape, dtype, repeats, parity, budget_s, work_dir, actor_baseline, fuse_linears,
-                    cuda_graphs))
+                    cuda_graphs, micro_batches))

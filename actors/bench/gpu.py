@@ -177,8 +177,8 @@ def machine(device: str) -> dict[str, Any]:
 
 
 def bench_parity(folder: Path, device: str, new_tokens: int, batch: int = 4, prompt_tokens: int = 8,
-                 stages: int = 2, **stage_options: Any) -> dict[str, Any]:
-    """meshpipe's pipeline (float32, `stages` stages sharing the device, `stage_options` such as
+                 stages: int = 2, **deploy_options: Any) -> dict[str, Any]:
+    """meshpipe's pipeline (float32, `stages` stages sharing the device, `deploy_options` such as
     fuse_linears and cuda_graphs) vs transformers, greedy."""
     import ray
     import torch
@@ -190,7 +190,7 @@ def bench_parity(folder: Path, device: str, new_tokens: int, batch: int = 4, pro
     prompts = prompts_for(batch, prompt_tokens, PARITY_SHAPE.vocab)
     free_before = ray.available_resources().get("GPU", 0)
     pipe = Pipeline.deploy(str(folder), num_stages=stages, dtype="float32", name="bench-gpu-parity",
-                           stage_resources=stage_resources_for(stages, os.cpu_count() or 1), **stage_options)
+                           stage_resources=stage_resources_for(stages, os.cpu_count() or 1), **deploy_options)
     try:
         got = [c.token_ids for c in pipe.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)]
         used = pipe.describe()["stages"][0]["device"]
@@ -207,21 +207,23 @@ def bench_parity(folder: Path, device: str, new_tokens: int, batch: int = 4, pro
     want = out[:, prompt_tokens:].tolist()
     del hf
     return parity_row(got, want, stages=stages, dtype="float32", stage_device=used, transformers_device=device,
-                      new_tokens=new_tokens, stage_graphs=graphs, **stage_options)
+                      new_tokens=new_tokens, stage_graphs=graphs, **deploy_options)
 
 
 def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16, 64), new_tokens: int = 64,
               prompt_tokens: int = 16, device: str = "cuda", shape: LlamaShape | None = None,
               dtype: str | None = None, repeats: int = 2, parity: bool = True, budget_s: float = 400.0,
               work_dir: str | None = None, actor_baseline: bool = True,
-              fuse_linears: bool | None = None, cuda_graphs: bool | None = None) -> Iterator[dict[str, Any]]:
+              fuse_linears: bool | None = None, cuda_graphs: bool | None = None,
+              micro_batches: int | None = None) -> Iterator[dict[str, Any]]:
     """The rows described above, one Ray session (started here unless one is running).
 
     `budget_s`: a deployment or batch that would start after this many seconds is skipped (a
     ``skipped`` row), so that the whole run ends within about `budget_s` + one deployment's time. A
     failure becomes an ``error`` row and the run goes on. `fuse_linears`: the stages' and the one-process
     baselines' setting (`Transformer.fuse_linears`; None: the default, fused on a GPU). `cuda_graphs`: the
-    stages' (None: the default, on a GPU); the one-process baselines stay eager.
+    stages' (None: the default, on a GPU); the one-process baselines stay eager. `micro_batches`: lanes in
+    flight (None: the default, one per GPU the stages occupy).
     """
     import ray
     import torch
@@ -240,7 +242,8 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
     if started:
         ray.init(address="local", num_gpus=1, include_dashboard=False, log_to_driver=False)
     rows: list[dict[str, Any]] = []
-    stage_options = {"fuse_linears": fuse_linears, "cuda_graphs": cuda_graphs}
+    deploy_options: dict[str, Any] = {"fuse_linears": fuse_linears, "cuda_graphs": cuda_graphs,
+                                      **({"micro_batches": micro_batches} if micro_batches else {})}
 
     def emit(row: dict[str, Any]) -> dict[str, Any]:
         row = {**row, "elapsed_s": round(time.monotonic() - t_start, 1)}
@@ -255,7 +258,7 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
                                            max_seq_len=512, seed=1)
                 yield emit(_guarded({"stages": 2, "what": "parity"},
                                     lambda: bench_parity(folder, device, new_tokens=min(new_tokens, 32),
-                                                         **stage_options)))
+                                                         **deploy_options)))
             t0 = time.perf_counter()
             folder = save_random_llama(Path(tmp) / "model", **asdict(shape), max_seq_len=2048, dtype=torch_dtype)
             write_s = time.perf_counter() - t0
@@ -264,7 +267,7 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
             model.fuse_linears(fuse_linears)
             load_s = time.perf_counter() - t0
             yield emit({"bench": "gpu", "row": "model", **shape.describe(), "dtype": dtype, "write_s": write_s,
-                        "load_s": load_s, **stage_options, "prompt_tokens": prompt_tokens, "repeats": repeats, **machine(device)})
+                        "load_s": load_s, **deploy_options, "prompt_tokens": prompt_tokens, "repeats": repeats, **machine(device)})
             prompts = {b: prompts_for(b, prompt_tokens, shape.vocab) for b in batches}
 
             def local(b: int) -> float:
@@ -288,7 +291,7 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
                     folder, dtype, device, ends, prompts, new_tokens, repeats, local, fuse_linears)))
             for s, bs in measurement_order(stages, batches):
                 for row in _deployment(str(folder), s, dtype, bs, prompts, new_tokens, repeats, local, sync,
-                                       over_budget, stage_options):
+                                       over_budget, deploy_options):
                     yield emit(row)
         yield emit(summary_row(rows, time.monotonic() - t_start, max(stages), max(batches)))
     finally:
@@ -410,8 +413,8 @@ def _guarded(what: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str
 
 def _deployment(folder: str, stages: int, dtype: str, batches: Sequence[int], prompts: dict[int, list[list[int]]],
                 new_tokens: int, repeats: int, local: Callable[[int], float], sync: Callable[[], None],
-                over_budget: Callable[[], bool], stage_options: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """One deployment of `stages` stage actors sharing the GPU (`stage_options`: fuse_linears, cuda_graphs):
+                over_budget: Callable[[], bool], deploy_options: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """One deployment of `stages` stage actors sharing the GPU (`deploy_options`: fuse_linears, cuda_graphs, micro_batches):
     a throughput row per batch (or why not)."""
     import ray
 
@@ -425,7 +428,7 @@ def _deployment(folder: str, stages: int, dtype: str, batches: Sequence[int], pr
     t0 = time.perf_counter()
     try:
         pipe = Pipeline.deploy(folder, num_stages=stages, dtype=dtype, name=f"bench-gpu-{stages}",
-                               stage_resources=stage_resources_for(stages, os.cpu_count() or 1), **(stage_options or {}))
+                               stage_resources=stage_resources_for(stages, os.cpu_count() or 1), **(deploy_options or {}))
     except Exception as e:  # noqa: BLE001 - reported as a row
         log.exception("bench gpu: deploying %d stages failed", stages)
         yield {"bench": "gpu", "row": "error", "stages": stages, "what": "deploy",

@@ -153,16 +153,21 @@ def test_sampled_tokens_with_drafts_follow_the_model_softmax(tiny_ckpt: Path, lo
     check_first_two_tokens(outs, prompt, c, softmax_after, min_second=50)
 
 
-def test_a_stage_killed_mid_ring_breaks_it_and_the_tokens_stay_identical(tiny_ckpt: Path,
-                                                                         local: Transformer) -> None:
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_stage_killed_mid_ring_breaks_it_and_the_tokens_stay_identical(tiny_ckpt: Path, local: Transformer,
+                                                                         graphs: bool) -> None:
+    """With speculation; or plain decode steps padded as for CUDA graphs (a restarted stage starts without
+    buckets, on a rebuilt cache)."""
     want = tokens(generate_local(local, PROMPTS, 24, ignore_eos=True))
-    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=3, dtype="float64", name="ring-kill", max_restarts=2)
+    name = f"ring-kill-{graphs}"
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=3, dtype="float64", name=name, max_restarts=2,
+                           cuda_graphs=graphs)
     try:
         pipe.set_hop_delay(0, 0.04)  # 24 passes take ~1 s: the kill lands mid-generation
-        victim = ray.get_actor("meshpipe/ring-kill/stage-1/replica-0", namespace="meshpipe")
+        victim = ray.get_actor(f"meshpipe/{name}/stage-1/replica-0", namespace="meshpipe")
         out: dict = {}
         t = threading.Thread(target=lambda: out.update(
-            r=pipe.generate(PROMPTS, max_new_tokens=24, ignore_eos=True, speculative=2)))
+            r=pipe.generate(PROMPTS, max_new_tokens=24, ignore_eos=True, **({} if graphs else {"speculative": 2}))))
         t.start()
         wait_for(lambda: _rings(pipe)[0] and _rings(pipe)[0][0]["passes"] >= 3, what="the ring running")
         ray.kill(victim, no_restart=False)
@@ -175,6 +180,8 @@ def test_a_stage_killed_mid_ring_breaks_it_and_the_tokens_stay_identical(tiny_ck
         assert tokens(pipe.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)) == want
         rings, _ = _rings(pipe)
         assert any(r["state"] == "ready" and r["passes"] > 0 for r in rings)
+        if graphs:  # the restarted stage too
+            assert all(s["cuda_graphs"]["uncaptured"] > 0 for s in pipe.stats()["stages"])
     finally:
         pipe.shutdown()
 
@@ -189,11 +196,14 @@ def test_the_calls_data_path_gives_the_same_tokens(tiny_ckpt: Path, local: Trans
         pipe.shutdown()
 
 
-def test_stages_with_padded_decode_graphs_give_the_same_tokens(tiny_ckpt: Path, local: Transformer) -> None:
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_stages_with_padded_decode_graphs_give_the_same_tokens(tiny_ckpt: Path, local: Transformer,
+                                                               lanes: int) -> None:
     """`cuda_graphs=True` (the default on CUDA devices) on CPU stages: every stage's decode steps run padded to
-    their (batch, blocks) bucket on static buffers (uncaptured here), with sequences joining and leaving: the
-    single-process tokens."""
-    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="graphs", cuda_graphs=True)
+    their (batch, blocks) bucket on static buffers (uncaptured here), with sequences joining and leaving, one
+    lane or two (their steps take turns on the buffers): the single-process tokens."""
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name=f"graphs-{lanes}", cuda_graphs=True,
+                           micro_batches=lanes)
     try:
         assert [o.token_ids for o in _staggered(pipe)] == \
             [generate_local(local, p, n, ignore_eos=True)[0].token_ids for p, n in zip(PROMPTS, MAX_NEW)]
