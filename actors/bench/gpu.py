@@ -11,7 +11,8 @@ on the same GPU in this process (eager: no compile, no CUDA graphs). Rows, in or
 - ``fused_linears``, ``cuda_graphs``, ``one_process_in_actor``: one process with the projections fused
   and separate; eager and with its decode steps as CUDA graphs; the one-process baseline in this driver and
   inside a Ray actor.
-- ``throughput``: per (S, batch), largest first, pipeline tokens/s beside one-process tokens/s
+- ``throughput``: per (S, batch), largest first (the target's cell again with one lane per stage right
+  after it, unless ``micro_batches`` is given), pipeline tokens/s beside one-process tokens/s
   measured right before it; ``efficiency`` = their ratio; ``stage_ms``: each stage's compute and
   inbound wait, ms a step; ``phases_ms``: each stage's step parts, ms (receive, inputs, the forward
   call, which on a GPU launches the kernels, after, and sample or send, which wait for them);
@@ -144,10 +145,17 @@ def first_replicas(stages: Sequence[dict[str, Any]], key: str) -> list[Any]:
     return [s.get(key) for s in sorted(stages, key=lambda s: s.get("stage", 0)) if s.get("replica", 0) == 0]
 
 
-def measurement_order(stages: Sequence[int], batches: Sequence[int]) -> list[tuple[int, list[int]]]:
-    """Deployments and their batches, largest first: the target's cell (the most stages at the largest
-    batch) is measured before `budget_s` can run out (a run on a slow machine once skipped it)."""
-    return [(s, sorted(set(batches), reverse=True)) for s in sorted(set(stages), reverse=True)]
+def measurement_order(stages: Sequence[int], batches: Sequence[int],
+                      probe_lanes: bool = False) -> list[tuple[int, list[int], int | None]]:
+    """Deployments as (stages, their batches, lanes or None for the default), largest first: the target's
+    cell (the most stages at the largest batch) is measured before `budget_s` can run out (a run on a slow
+    machine once skipped it). `probe_lanes`: right after it, the same cell with one lane per stage."""
+    order: list[tuple[int, list[int], int | None]] = [
+        (s, sorted(set(batches), reverse=True), None) for s in sorted(set(stages), reverse=True)]
+    top = order[0][0]
+    if probe_lanes and top > 1:
+        order.insert(1, (top, [max(batches)], top))
+    return order
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -289,9 +297,10 @@ def bench_gpu(stages: Sequence[int] = (1, 2, 4), batches: Sequence[int] = (1, 16
             if actor_baseline:
                 yield emit(_guarded({"what": "one process in an actor"}, lambda: bench_in_actor(
                     folder, dtype, device, ends, prompts, new_tokens, repeats, local, fuse_linears)))
-            for s, bs in measurement_order(stages, batches):
+            for s, bs, lanes in measurement_order(stages, batches, probe_lanes=micro_batches is None):
+                options = {**deploy_options, **({"micro_batches": lanes} if lanes else {})}
                 for row in _deployment(str(folder), s, dtype, bs, prompts, new_tokens, repeats, local, sync,
-                                       over_budget, deploy_options):
+                                       over_budget, options):
                     yield emit(row)
         yield emit(summary_row(rows, time.monotonic() - t_start, max(stages), max(batches)))
     finally:
@@ -427,7 +436,9 @@ def _deployment(folder: str, stages: int, dtype: str, batches: Sequence[int], pr
     free_before = ray.available_resources().get("GPU", 0)
     t0 = time.perf_counter()
     try:
-        pipe = Pipeline.deploy(folder, num_stages=stages, dtype=dtype, name=f"bench-gpu-{stages}",
+        lanes = (deploy_options or {}).get("micro_batches")
+        pipe = Pipeline.deploy(folder, num_stages=stages, dtype=dtype,
+                               name=f"bench-gpu-{stages}" + (f"-lanes-{lanes}" if lanes else ""),
                                stage_resources=stage_resources_for(stages, os.cpu_count() or 1), **(deploy_options or {}))
     except Exception as e:  # noqa: BLE001 - reported as a row
         log.exception("bench gpu: deploying %d stages failed", stages)

@@ -100,8 +100,13 @@ def test_stage_ms_takes_each_stages_first_replica() -> None:
 
 
 def test_the_targets_cell_is_measured_first() -> None:
-    assert measurement_order([1, 2, 4], [1, 16, 64]) == [(4, [64, 16, 1]), (2, [64, 16, 1]), (1, [64, 16, 1])]
-    assert measurement_order([2, 2], [8]) == [(2, [8])]
+    assert measurement_order([1, 2, 4], [1, 16, 64]) == \
+        [(4, [64, 16, 1], None), (2, [64, 16, 1], None), (1, [64, 16, 1], None)]
+    assert measurement_order([2, 2], [8]) == [(2, [8], None)]
+    # the target's cell again with a lane per stage, right after it
+    assert measurement_order([1, 4], [1, 64], probe_lanes=True) == \
+        [(4, [64, 1], None), (4, [64], 4), (1, [64, 1], None)]
+    assert measurement_order([1], [1, 64], probe_lanes=True) == [(1, [64, 1], None)]
 
 
 def test_phases_are_the_first_replicas_in_stage_order() -> None:
