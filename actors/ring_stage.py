@@ -36,6 +36,7 @@ from actors.channels import TcpChannel, TcpListener, node_ip
 from actors.reports import ReportSender
 from actors.wire import ChecksumError, Header, LinkCodec, pack, peek_header, unpack
 from models import SamplingParams
+from models.batch import long_tensor
 from models.generation import plan_chunks
 from models.speculative import PROBE_AFTER, adapt_budget, draft_budget_of, propose_drafts, tail_index, verify
 
@@ -276,7 +277,7 @@ class RingMember:
         if members:
             self.in_flight.add(lane)
         header.lanes = max(1, len(self.in_flight))
-        x = torch.tensor(header.tokens, dtype=torch.long)  # (N,)
+        x = long_tensor(header.tokens)  # (N,)
         self.stage.compute.run(self._compute_and_pass, header, x, time.time())
 
     def _draft(self, wants: list[tuple[SeqState, int]]) -> None:
@@ -342,7 +343,7 @@ class RingMember:
         if self.is_head:
             self._handle(("tokens", (out, tokens)))
         else:
-            self._send(out, torch.tensor(tokens, dtype=torch.long), trace)
+            self._send(out, long_tensor(tokens), trace)
         with self.report_cond:
             self.reports += reports
             self.report_now = self.report_now or bool(done) or urgent

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+
+def long_tensor(ints: Sequence[int]) -> torch.Tensor:
+    """A CPU int64 tensor of Python ints, 3-5x faster than `torch.tensor(list)` (which inspects each element:
+    ~40 us for a batch of 64's block tables, on every stage at every step); it owns its buffer."""
+    if not ints:
+        return torch.empty(0, dtype=torch.long)
+    return torch.frombuffer(array.array("q", ints), dtype=torch.long)
 
 
 @dataclass
@@ -40,7 +49,7 @@ class Batch:
             last += n
             ends.append(last - 1)
         B, N = len(lengths), len(token_seq)
-        a = torch.tensor(starts + lengths + ends + token_seq + token_t + positions, dtype=torch.long)
+        a = long_tensor(starts + lengths + ends + token_seq + token_t + positions)
         return cls._sliced(list(seq_ids), a, B, N, (starts, lengths, positions))
 
     @classmethod

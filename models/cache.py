@@ -16,15 +16,13 @@ new sequence start on the cached blocks of its prompt's longest cached prefix, s
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from models.batch import Batch, long_tensor
 from models.blocks import ROOT, BlockAllocator, block_hash
 from models.errors import CacheMissError
-
-if TYPE_CHECKING:
-    from models.batch import Batch
 
 DEFAULT_BLOCK = 16  # tokens per block
 
@@ -96,7 +94,7 @@ class KVCache:
         for t, n in zip(tables, lengths):  # each packed token's slot, in Python (a handful of ints)
             slots += [t[p // bs] * bs + p % bs for p in positions[row:row + n]]
             row += n
-        a = torch.tensor(flat + slots, dtype=torch.long).to(self.device)  # one tensor, sliced
+        a = long_tensor(flat + slots).to(self.device)  # one tensor, sliced
         B = len(tables)
         b.block_table = a[:B * width].view(B, width)  # (B, blocks)
         b.token_slot = a[B * width:]  # (N,)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.batch import Batch
+from models.batch import Batch, long_tensor
 from models.cache import DEFAULT_BLOCK
 from models.config import ModelConfig
 from models.errors import InvalidRequestError, PromptTooLongError
@@ -221,7 +221,7 @@ def plain_step(model: Transformer, cache: KVCache, active: Sequence[SequenceStat
     """One decoding step for every active sequence (prefills included): one new token each."""
     inputs = [s.next_input() for s in active]
     batch = Batch.build([s.seq_id for s in active], [s.cached for s in active], [len(x) for x in inputs])
-    x = torch.tensor([t for xs in inputs for t in xs], dtype=torch.long, device=device)  # (N,)
+    x = long_tensor([t for xs in inputs for t in xs]).to(device)  # (N,)
     logits = model(x, batch.to(device), cache)  # (B, vocab)
     positions = [s.cached + len(x) for s, x in zip(active, inputs)]
     tokens, lps = sample(logits, [s.params for s in active], positions)

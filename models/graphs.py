@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.batch import Batch
+from models.batch import Batch, long_tensor
 from models.errors import CacheFullError
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class DecodeGraphs:
         ints = (starts + [0] * pad  # positions (a decode step's token sits at its sequence's start)
                 + [t[s // bs] * bs + s % bs for t, s in zip(tables, starts)] + [scratch * bs] * pad  # slots
                 + [i for t in tables for i in t + [scratch] * (Wb - len(t))] + [scratch] * (Wb * pad))  # tables
-        g.ints.copy_(torch.tensor(ints, dtype=torch.long))
+        g.ints.copy_(long_tensor(ints))
         g.x[:B].copy_(x)
         if new and capture and self.stats()["graphs"] < self.max_graphs:
             self._capture(model, cache, g)
