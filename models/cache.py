@@ -104,8 +104,12 @@ class KVCache:
         order (the cache's own lists: read them, don't change them)."""
         try:
             starts, lengths, _ = b.host_lists()
+            bs, length_of, table, immutable = self.bs, self.length_of, self.table, self.blocks.immutable
             for sid, start, n in zip(b.seq_ids, starts, lengths):
-                have = self.length_of.get(sid)
+                have = length_of.get(sid)
+                if have == start and n == 1 and start % bs and not immutable(table[sid][start // bs]):
+                    length_of[sid] = start + 1  # the usual decode step: one token into its own last block
+                    continue
                 if have is None and start > 0 or have is not None and start > have:
                     raise CacheMissError(
                         f"sequence {sid!r}: step starts at position {start} but this stage caches "
