@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
+from actors.wire.buffers import serial_clone
 from models.errors import CacheMissError
 
 
@@ -40,7 +41,7 @@ class OutputHistory:
 
     def record(self, seq_ids: list[str], starts: list[int], lengths: list[int], y: torch.Tensor) -> None:
         """Stores packed outputs y (N, dim) for positions starts[i] .. starts[i] + lengths[i] - 1."""
-        kept = y.detach().clone()  # (N, dim): the caller's tensor may be reused
+        kept = serial_clone(y.detach())  # (N, dim): the caller's tensor may be reused
         offset = 0
         firsts, lens, chunks_of, pending = self._first, self._len, self._chunks, self._pending
         for sid, start, n in zip(seq_ids, starts, lengths):

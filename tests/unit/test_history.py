@@ -80,3 +80,16 @@ def test_a_long_sequence_is_never_copied_again_once_joined() -> None:
     assert [b.data_ptr() for b in hist._blocks["a"][:4]] == ptrs
     assert hist.gather(["a"], [0], [400])[:, 0].tolist() == [float(p) for p in range(400)]
     assert hist.gather(["b"], [250], [50])[:, 0].tolist() == [float(p) for p in range(250, 300)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64, torch.bool])
+def test_serial_clone_is_a_clone(dtype: torch.dtype) -> None:
+    """The history's copy (one memcpy on this thread for CPU tensors, torch's copy otherwise): equal, apart."""
+    from actors.wire.buffers import serial_clone
+
+    for t in (torch.randn(64, 48).to(dtype), torch.randn(5, 8).to(dtype).t(), torch.tensor(3.0).to(dtype),
+              torch.empty(0, 4, dtype=dtype)):
+        c = serial_clone(t)
+        assert c.dtype == t.dtype and c.shape == t.shape and torch.equal(c, t)
+        if t.numel():
+            assert c.data_ptr() != t.data_ptr()
