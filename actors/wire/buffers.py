@@ -62,10 +62,15 @@ def serial_copy(dst: np.ndarray, t: torch.Tensor) -> bool:
     return True
 
 
+PARALLEL_COPY_ELEMENTS = 32768  # torch's grain size: copies of fewer elements stay on the calling thread
+
+
 def serial_clone(t: torch.Tensor) -> torch.Tensor:
-    """`t.clone()`, copied by `serial_copy` where it can be."""
+    """`t.clone()`, copied by `serial_copy` where torch would split the copy over threads."""
+    if t.numel() < PARALLEL_COPY_ELEMENTS:
+        return t.clone()
     out = torch.empty_like(t, memory_format=torch.contiguous_format)
-    return out if t.numel() and serial_copy(bytes_of(out), t) else t.clone()
+    return out if serial_copy(bytes_of(out), t) else t.clone()
 
 
 def torch_view(buf: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

@@ -87,8 +87,8 @@ def test_serial_clone_is_a_clone(dtype: torch.dtype) -> None:
     """The history's copy (one memcpy on this thread for CPU tensors, torch's copy otherwise): equal, apart."""
     from actors.wire.buffers import serial_clone
 
-    for t in (torch.randn(64, 48).to(dtype), torch.randn(5, 8).to(dtype).t(), torch.tensor(3.0).to(dtype),
-              torch.empty(0, 4, dtype=dtype)):
+    for t in (torch.randn(64, 48).to(dtype), torch.randn(64, 2048).to(dtype), torch.randn(2048, 64).to(dtype).t(),
+              torch.tensor(3.0).to(dtype), torch.empty(0, 4, dtype=dtype)):
         c = serial_clone(t)
         assert c.dtype == t.dtype and c.shape == t.shape and torch.equal(c, t)
         if t.numel():
