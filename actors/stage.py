@@ -289,7 +289,7 @@ class StageActor:
             if not header.seq_ids:
                 return x
             t0 = time.perf_counter()
-            b = Batch.build(header.seq_ids, header.starts, header.lengths).to(self.device)
+            b = Batch.build(header.seq_ids, header.starts, header.lengths)  # the model moves it if it needs it
             x = x.to(self.device) if self.model.is_first else x.to(self.device, self.dtype)
             t1 = time.perf_counter()
             y = self.model(x, b, self.cache, **({"logits_at": logits_at.to(self.device)} if logits_at is not None
@@ -319,7 +319,7 @@ class StageActor:
 
     def phase(self, name: str, seconds: float) -> None:
         """A part of a step into its moving average: "receive" (a ring message's checks and decoding),
-        "inputs" (the step's batch and input on the device), "forward" (the layers' call: on a GPU,
+        "inputs" (the step's batch, and its input on the device), "forward" (the layers' call: on a GPU,
         launching them), "after" (the KV cache's commit and the output history), "sample" (the last stage's
         sampling: on a GPU it waits for the step's kernels), "send" (encoding and sending on: on a GPU the
         copy to the host waits for them)."""

@@ -222,7 +222,7 @@ def plain_step(model: Transformer, cache: KVCache, active: Sequence[SequenceStat
     inputs = [s.next_input() for s in active]
     batch = Batch.build([s.seq_id for s in active], [s.cached for s in active], [len(x) for x in inputs])
     x = long_tensor([t for xs in inputs for t in xs]).to(device)  # (N,)
-    logits = model(x, batch.to(device), cache)  # (B, vocab)
+    logits = model(x, batch, cache)  # (B, vocab)
     positions = [s.cached + len(x) for s, x in zip(active, inputs)]
     tokens, lps = sample(logits, [s.params for s in active], positions)
     for s, t, lp in zip(active, tokens, lps):

@@ -269,7 +269,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, b: Batch, cache: KVCache,
                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (N,) token ids on the first stage, else (N, dim) hidden states.
+        """x: (N,) token ids on the first stage, else (N, dim) hidden states; `b` on the host or the device.
 
         Returns (N, dim) hidden states, or on the last stage (B, vocab) logits of each
         sequence's last new token, float32 or float64 (full logits never leave the stage).
@@ -277,9 +277,10 @@ class Transformer(nn.Module):
         (speculative verification reads several positions per sequence).
         """
         if self.graphs is not None and logits_at is None:
-            y = self.graphs.run(self, x, b, cache)  # a decode step, padded to its bucket's graph
+            y = self.graphs.run(self, x, b, cache)  # a decode step, padded to its bucket's graph (host ints)
             if y is not None:
                 return y
+        b = b.to(cache.device)  # one copy of the step's ints, when the caller built them on the host
         cache.prepare(b)
         return self.step(x, b, cache, attention_mask(b), b.last_token if logits_at is None else logits_at)
 
