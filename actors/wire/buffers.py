@@ -67,7 +67,7 @@ PARALLEL_COPY_ELEMENTS = 32768  # torch's grain size: copies of fewer elements s
 
 def serial_clone(t: torch.Tensor) -> torch.Tensor:
     """`t.clone()`, copied by `serial_copy` where torch would split the copy over threads."""
-    if t.numel() < PARALLEL_COPY_ELEMENTS:
+    if t.numel() < PARALLEL_COPY_ELEMENTS or t.device.type != "cpu" or not t.is_contiguous():
         return t.clone()
     out = torch.empty_like(t, memory_format=torch.contiguous_format)
     return out if serial_copy(bytes_of(out), t) else t.clone()
