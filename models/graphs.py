@@ -88,7 +88,7 @@ class DecodeGraphs:
         """The step's output as `Transformer.forward` returns it, or None when the step is not for a graph
         (not a pure decode step, too large, graphs off for this device or a capture failed before): then the
         caller runs it eagerly."""
-        capture = cache.device.type == "cuda"
+        capture = torch.device(cache.device).type == "cuda"
         if self.enabled is False or self.enabled is None and not capture or self.failed and capture:
             return None
         starts, lengths, _ = b.host_lists()
