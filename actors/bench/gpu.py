@@ -202,7 +202,7 @@ def bench_parity(folder: Path, device: str, new_tokens: int, batch: int = 4, pro
     try:
         got = [c.token_ids for c in pipe.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)]
         used = pipe.describe()["stages"][0]["device"]
-        graphs = [s.get("cuda_graphs") for s in pipe.stats()["stages"]]
+        graphs = first_replicas(pipe.stats()["stages"], "cuda_graphs")
     finally:
         pipe.shutdown()
         _wait_for_gpus(free_before)
