@@ -33,7 +33,7 @@ from topology.planner import Route
 log = logging.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 30.0  # a ring's members connect within this
-CALL_TIMEOUT_S = 10.0  # stop / rewind calls to a member during a break
+CALL_TIMEOUT_S = 10.0  # a break's stop and rewind calls, all members together
 RETRY_AFTER_S = 30.0  # a route whose ring failed to start uses the Ray-call path this long
 
 
@@ -72,7 +72,7 @@ class RingDriver:
         self.rings: dict[tuple[int, ...], Ring] = {}
         self.by_id: dict[str, Ring] = {}
         self.no_ring_until: dict[tuple[int, ...], float] = {}
-        self.broken: list[tuple[float, str, str]] = []  # (time.time(), ring id, why)
+        self.broken: list[dict[str, Any]] = []  # at (time.time()), ring, why, skipped (dead members), took_s
         self.retransmits = 0
         self.passes = 0  # every ring's passes, broken ones' included (a monotonic step count)
         self._ids = itertools.count()
@@ -220,29 +220,37 @@ class RingDriver:
         ring.ready.set()
         if self.rings.get(ring.route.replicas) is ring:
             del self.rings[ring.route.replicas]
-        self.broken.append((time.time(), ring_id, why))
+        t0, entry = time.monotonic(), {"at": time.time(), "ring": ring_id, "why": why}
+        self.broken.append(entry)
         del self.broken[:-64]
         reqs = [r for r in ring.lane.seqs if not r.future.done()]
         for r in reqs if failure else []:
             r.broken_at = time.monotonic()
         log.warning("ring %s broke (%s): %d sequences continue through Ray calls", ring_id, why, len(reqs))
-        await self._each(ring, lambda h: h.ring_stop.remote(ring_id))
+        # a member Ray reports dead or restarting lost its caches: nothing to stop or rewind there, and a
+        # call to it could only wait; the others get both calls within one CALL_TIMEOUT_S in all
+        reps = self.pool.table.on_route(ring.route)
+        live = [h for h, rep in zip(ring.handles, reps) if not (rep.gone or self.pool.down_event(rep).is_set())]
+        deadline = t0 + CALL_TIMEOUT_S
+        await self._each(live, lambda h: h.ring_stop.remote(ring_id), deadline)
         if self.reports is not None:  # after the stops: a tail still reporting is not a failure of its own
             self.reports.forget(ring_id)
         lengths = {r.rid: r.seq.cached for r in reqs}
         if lengths:
-            await self._each(ring, lambda h: h.rewind.remote(lengths))
+            await self._each(live, lambda h: h.rewind.remote(lengths), deadline)
         ring.lane.seqs.clear()
+        entry.update(skipped=len(ring.handles) - len(live), took_s=round(time.monotonic() - t0, 3))
         self.fallback([r for r in reqs if not r.future.done()])
 
-    async def _each(self, ring: Ring, call: Callable[[Any], Any]) -> None:
-        """One call per member, concurrently; a dead member's failure or silence is ignored."""
+    @staticmethod
+    async def _each(handles: list[Any], call: Callable[[Any], Any], deadline: float) -> None:
+        """One call per member, concurrently, until `deadline`; a member's failure or silence is ignored."""
         async def one(h: Any) -> None:
             try:
-                await asyncio.wait_for(call(h), CALL_TIMEOUT_S)
-            except Exception as e:  # noqa: BLE001 - dead or restarting: its caches are gone anyway
+                await asyncio.wait_for(call(h), max(0.0, deadline - time.monotonic()))
+            except Exception as e:  # noqa: BLE001 - dead, restarting or stuck: its caches go with the ring
                 log.debug("ring member call failed: %s", e)
-        await asyncio.gather(*[one(h) for h in ring.handles])
+        await asyncio.gather(*[one(h) for h in handles])
 
     def stop_all(self) -> None:
         for ring in list(self.rings.values()):

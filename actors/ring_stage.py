@@ -154,9 +154,10 @@ class RingMember:
             self.listener.close()
         with self.report_cond:
             self.report_cond.notify_all()
+        deadline = time.monotonic() + timeout_s  # for every thread together
         for t in self.threads:
             if t is not threading.current_thread():
-                t.join(timeout_s)
+                t.join(max(0.0, deadline - time.monotonic()))
         if self.is_head and self.stage.drafter is not None:  # the router rewinds; drafts start afresh
             self.stage.drafter.release(list(self.seqs))
 

@@ -56,7 +56,7 @@ def stats(router: RouterActor) -> dict[str, Any]:
         "steps": sum(lane.step for lane in router.lanes) + (rings.passes if rings else 0),
         "speculation": router.metrics.speculation(),  # passes, drafted, accepted, tokens_per_pass
         "rings": ring_info,  # decode rings: replicas, state, sequences, passes
-        "rings_broken": [] if rings is None else [{"at": t, "ring": r, "why": w} for t, r, w in rings.broken],
+        "rings_broken": [] if rings is None else [dict(b) for b in rings.broken],
         # token reports the tails sent over their sockets, and connections refused (bad secret or frame)
         "ring_reports": {} if rings is None or rings.reports is None else
         {"by_socket": rings.reports.received, "refused": rings.reports.refused},
