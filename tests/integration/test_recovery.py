@@ -158,10 +158,16 @@ def test_every_replica_of_a_stage_gone_fails_requests_naming_the_stage_in_bounde
         pipe.set_hop_delay(0, 0.05)
         handles = [ray.get_actor(f"meshpipe/all-gone/stage-1/replica-{r}", namespace="meshpipe") for r in (0, 1)]
         t0 = time.monotonic()
+
+        def kill_both_once_the_rings_run() -> None:
+            wait_for(lambda: sum(r["passes"] for r in pipe.stats()["router"]["rings"]) >= 4, 60, "the rings running")
+            [ray.kill(h) for h in handles]
+
         with pytest.raises(StageFailedError, match="stage 1 .* has no replica left"):
-            _generate_while(pipe, lambda: (time.sleep(0.5), [ray.kill(h) for h in handles]))
+            _generate_while(pipe, kill_both_once_the_rings_run)
         took, broken = time.monotonic() - t0, pipe.stats()["router"]["rings_broken"]
         assert took < 20, broken  # where the time went: each ring break's handover
+        assert broken
         for b in broken:  # a break the watcher saw calls no dead member (such calls could only wait)
             assert b["why"] != "a replica died" or b["skipped"] >= 1, b
         t0 = time.monotonic()
