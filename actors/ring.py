@@ -87,6 +87,9 @@ class RingDriver:
         key = req.route.replicas
         if self.no_ring_until.get(key, 0.0) > time.monotonic():
             return None
+        if any(r.gone or self.pool.down_event(r).is_set() for r in self.pool.table.on_route(req.route)):
+            return None  # a member Ray reports dead or restarting: no ring over it (its setup would fail and
+            # keep the route off rings for RETRY_AFTER_S); the Ray-call path's recovery waits or fails over
         ring = self.rings.get(key)
         if ring is None:
             ring = self._start(req.route)
