@@ -223,18 +223,20 @@ class RingDriver:
         ring.ready.set()
         if self.rings.get(ring.route.replicas) is ring:
             del self.rings[ring.route.replicas]
-        t0, entry = time.monotonic(), {"at": time.time(), "ring": ring_id, "why": why}
+        # a member Ray reports dead or restarting lost its caches: nothing to stop or rewind there, and a
+        # call to it could only wait; the others get both calls within one CALL_TIMEOUT_S in all
+        reps = self.pool.table.on_route(ring.route)
+        live = [h for h, rep in zip(ring.handles, reps) if not (rep.gone or self.pool.down_event(rep).is_set())]
+        t0 = time.monotonic()
+        deadline = t0 + CALL_TIMEOUT_S
+        entry = {"at": time.time(), "ring": ring_id, "why": why, "skipped": len(ring.handles) - len(live),
+                 "took_s": None}  # the handover's seconds, once done
         self.broken.append(entry)
         del self.broken[:-64]
         reqs = [r for r in ring.lane.seqs if not r.future.done()]
         for r in reqs if failure else []:
             r.broken_at = time.monotonic()
         log.warning("ring %s broke (%s): %d sequences continue through Ray calls", ring_id, why, len(reqs))
-        # a member Ray reports dead or restarting lost its caches: nothing to stop or rewind there, and a
-        # call to it could only wait; the others get both calls within one CALL_TIMEOUT_S in all
-        reps = self.pool.table.on_route(ring.route)
-        live = [h for h, rep in zip(ring.handles, reps) if not (rep.gone or self.pool.down_event(rep).is_set())]
-        deadline = t0 + CALL_TIMEOUT_S
         await self._each(live, lambda h: h.ring_stop.remote(ring_id), deadline)
         if self.reports is not None:  # after the stops: a tail still reporting is not a failure of its own
             self.reports.forget(ring_id)
@@ -242,7 +244,7 @@ class RingDriver:
         if lengths:
             await self._each(live, lambda h: h.rewind.remote(lengths), deadline)
         ring.lane.seqs.clear()
-        entry.update(skipped=len(ring.handles) - len(live), took_s=round(time.monotonic() - t0, 3))
+        entry["took_s"] = round(time.monotonic() - t0, 3)
         self.fallback([r for r in reqs if not r.future.done()])
 
     @staticmethod
