@@ -153,6 +153,10 @@ class ReplicaPool:
             self._down[key] = asyncio.Event()
         return self._down[key]
 
+    def seen_down(self, rep: Replica) -> bool:
+        """Gone for good, or seen dead or restarting now: its caches are lost, nothing of a ring runs there."""
+        return rep.gone or self.down_event(rep).is_set()
+
     def ban(self, down: list[Replica], now: float | None = None) -> None:
         """Takes replicas out of the routes with backoff (2 s, doubling to 60 s); gone ones for good."""
         now = time.monotonic() if now is None else now

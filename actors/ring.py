@@ -87,7 +87,7 @@ class RingDriver:
         key = req.route.replicas
         if self.no_ring_until.get(key, 0.0) > time.monotonic():
             return None
-        if any(r.gone or self.pool.down_event(r).is_set() for r in self.pool.table.on_route(req.route)):
+        if any(map(self.pool.seen_down, self.pool.table.on_route(req.route))):
             return None  # a member Ray reports dead or restarting: no ring over it (its setup would fail and
             # keep the route off rings for RETRY_AFTER_S); the Ray-call path's recovery waits or fails over
         ring = self.rings.get(key)
@@ -210,7 +210,7 @@ class RingDriver:
         """Breaks rings with a replica that Ray reports dead or restarting (the router's watcher saw it)."""
         for ring in list(self.rings.values()):
             reps = self.pool.table.on_route(ring.route)
-            if any(r.gone or self.pool.down_event(r).is_set() for r in reps):
+            if any(map(self.pool.seen_down, reps)):
                 self.jobs.spawn(self.break_ring(ring.ring_id, "a replica died", failure=True))
 
     async def break_ring(self, ring_id: str, why: str, failure: bool = False) -> None:
@@ -226,7 +226,7 @@ class RingDriver:
         # a member Ray reports dead or restarting lost its caches: nothing to stop or rewind there, and a
         # call to it could only wait; the others get both calls within one CALL_TIMEOUT_S in all
         reps = self.pool.table.on_route(ring.route)
-        live = [h for h, rep in zip(ring.handles, reps) if not (rep.gone or self.pool.down_event(rep).is_set())]
+        live = [h for h, rep in zip(ring.handles, reps) if not self.pool.seen_down(rep)]
         t0 = time.monotonic()
         deadline = t0 + CALL_TIMEOUT_S
         entry = {"at": time.time(), "ring": ring_id, "why": why, "skipped": len(ring.handles) - len(live),
