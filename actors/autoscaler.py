@@ -13,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from actors.metrics import AutoscalerMetrics
 from topology.autoscaling import AutoscalingConfig, Decision, PolicyState, StageLoad, decide
 
 log = logging.getLogger(__name__)
+
+DECISIONS_KEPT = 256  # decisions `Pipeline.autoscaler_decisions` returns (each numbered: `n`)
 
 
 class AutoscalerActor:
@@ -29,7 +32,9 @@ class AutoscalerActor:
         self.gpus_per_replica = gpus_per_replica
         self.state = PolicyState()
         self.metrics = AutoscalerMetrics(deployment)
-        self.history: list[dict[str, Any]] = []  # every decision applied: time, stage, delta, reason, seconds
+        # the last DECISIONS_KEPT decisions applied: n (1, 2, ... in all), time, stage, delta, reason, seconds
+        self.history: deque[dict[str, Any]] = deque(maxlen=DECISIONS_KEPT)
+        self.applied = 0
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -68,7 +73,8 @@ class AutoscalerActor:
             name = await self.router.drain_replica.remote(d.stage)
             request_gpus(total - 1, self.gpus_per_replica)  # a lower floor lets idle nodes go
         self.metrics.decided(d.stage, d.delta)
-        self.history.append({"at": time.time(), "stage": d.stage, "delta": d.delta, "reason": d.reason,
+        self.applied += 1
+        self.history.append({"n": self.applied, "at": time.time(), "stage": d.stage, "delta": d.delta, "reason": d.reason,
                              "replica": name, "seconds": round(time.monotonic() - t0, 3)})
 
 

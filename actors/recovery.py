@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,8 @@ from topology.planner import Route
 
 log = logging.getLogger(__name__)
 
+RECOVERIES_KEPT = 256  # recoveries `stats()` lists (`recovered` counts them all)
+
 
 class Recovery:
     """Acts on the failover policy for one deployment's routes."""
@@ -46,7 +49,8 @@ class Recovery:
         self.actor_state = actor_state  # Ray's record of an actor: (state, restarts)
         # per recovered step, or ring broken by a failure once its requests stepped again: (time.time() at
         # its end, seconds in all, seconds of them failing over or waiting for a restart)
-        self.recoveries: list[tuple[float, float, float]] = []
+        self.recoveries: deque[tuple[float, float, float]] = deque(maxlen=RECOVERIES_KEPT)
+        self.recovered = 0  # recoveries in all (the deque keeps the last RECOVERIES_KEPT)
         self.copied_positions = 0  # KV positions copied to standbys (replicate_every)
         self.rebuilt_positions = 0  # KV positions recomputed by recoveries
         self.replacements = 0  # replicas placed anew after a node loss
@@ -146,6 +150,7 @@ class Recovery:
             r.broken_at = None
         took = time.monotonic() - min(since)
         self.recoveries.append((time.time(), took, waited))
+        self.recovered += 1
         self.metrics.recovered(took)
 
     def standbys(self, reqs: list[Request]) -> dict[int, int]:

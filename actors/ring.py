@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 30.0  # a ring's members connect within this
 CALL_TIMEOUT_S = 10.0  # a break's stop and rewind calls, all members together
+BREAKS_KEPT = 64  # breaks `stats()` lists (`breaks` counts them all)
 RETRY_AFTER_S = 30.0  # a route whose ring failed to start uses the Ray-call path this long
 
 
@@ -72,7 +73,8 @@ class RingDriver:
         self.rings: dict[tuple[int, ...], Ring] = {}
         self.by_id: dict[str, Ring] = {}
         self.no_ring_until: dict[tuple[int, ...], float] = {}
-        self.broken: list[dict[str, Any]] = []  # at (time.time()), ring, why, skipped (dead members), took_s
+        self.broken: list[dict[str, Any]] = []  # the last BREAKS_KEPT: at (time.time()), ring, why, skipped, took_s
+        self.breaks = 0  # rings broken in all
         self.retransmits = 0
         self.passes = 0  # every ring's passes, broken ones' included (a monotonic step count)
         self._ids = itertools.count()
@@ -232,7 +234,8 @@ class RingDriver:
         entry = {"at": time.time(), "ring": ring_id, "why": why, "skipped": len(ring.handles) - len(live),
                  "took_s": None}  # the handover's seconds, once done
         self.broken.append(entry)
-        del self.broken[:-64]
+        del self.broken[:-BREAKS_KEPT]
+        self.breaks += 1
         reqs = [r for r in ring.lane.seqs if not r.future.done()]
         for r in reqs if failure else []:
             r.broken_at = time.monotonic()

@@ -53,10 +53,12 @@ def stats(router: RouterActor) -> dict[str, Any]:
         "retransmits": router.sender.retransmits + (rings.retransmits if rings else 0),
         "recoveries_s": [round(d, 3) for _, d, _ in rec.recoveries],
         "recoveries": [(end, round(d, 3), round(w, 3)) for end, d, w in rec.recoveries],
+        "recoveries_total": rec.recovered,  # the lists above keep the last RECOVERIES_KEPT
         "steps": sum(lane.step for lane in router.lanes) + (rings.passes if rings else 0),
         "speculation": router.metrics.speculation(),  # passes, drafted, accepted, tokens_per_pass
         "rings": ring_info,  # decode rings: replicas, state, sequences, passes
-        "rings_broken": [] if rings is None else [dict(b) for b in rings.broken],
+        "rings_broken": [] if rings is None else [dict(b) for b in rings.broken],  # the last BREAKS_KEPT
+        "rings_broken_total": 0 if rings is None else rings.breaks,
         # token reports the tails sent over their sockets, and connections refused (bad secret or frame)
         "ring_reports": {} if rings is None or rings.reports is None else
         {"by_socket": rings.reports.received, "refused": rings.reports.refused},

@@ -81,7 +81,7 @@ def run_chaos(model: str, requests: int = 50, kills: int = 10, kill_every: int =
         if any(isinstance(c, BaseException) for c in clean):
             bad = next(c for c in clean if isinstance(c, BaseException))
             raise RuntimeError(f"the fault-free run failed: {bad}")
-        before = len(pipe.stats()["router"]["recoveries"])
+        before = pipe.stats()["router"]["recoveries_total"]
         victims = [(k, r) for k in range(num_stages) for r in range(replicas)]
         kill_times: list[float] = []
         done = threading.Event()
@@ -116,7 +116,10 @@ def run_chaos(model: str, requests: int = 50, kills: int = 10, kill_every: int =
         chaos_s = time.perf_counter() - t0
         done.set()
         thread.join(timeout=30)
-        rec = pipe.stats()["router"]["recoveries"][before:]  # [end wall time, seconds, of which failover/wait]
+        router = pipe.stats()["router"]
+        recovered = router["recoveries_total"] - before
+        # [end wall time, seconds, of which failover/wait]: this run's, as far as the router keeps them
+        rec = router["recoveries"][-recovered:] if recovered else []
         durations = [d for _, d, _ in rec]
         waits = [w for _, _, w in rec]
         resume = []
@@ -129,7 +132,7 @@ def run_chaos(model: str, requests: int = 50, kills: int = 10, kill_every: int =
                          if not isinstance(o, BaseException) and o.token_ids != c.token_ids)
         return ChaosResult(
             requests=requests, kills=len(kill_times), lost=len(errors), mismatches=mismatches,
-            recoveries=len(rec), recovery_p50_s=_pct(durations, 50), recovery_p99_s=_pct(durations, 99),
+            recoveries=recovered, recovery_p50_s=_pct(durations, 50), recovery_p99_s=_pct(durations, 99),
             wait_p50_s=_pct(waits, 50), wait_p99_s=_pct(waits, 99),
             kill_to_resume_p50_s=_pct(resume, 50), kill_to_resume_p99_s=_pct(resume, 99),
             tokens=sum(len(o.token_ids) for o in outs if not isinstance(o, BaseException)),

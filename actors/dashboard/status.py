@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ REFRESH_S = 1.0  # the page and the collector poll this often
 WINDOW_S = 600.0  # throughput kept for the chart
 EVENTS = 50  # events kept
 IDLE_S = 60.0  # the collector stops polling when nobody asked for this long
+_ERROR_NAME = re.compile(r"^(.*?\b[A-Z]\w*(?:Error|Exception))\b")
 
 
 class ReplicaView(BaseModel):
@@ -135,10 +137,18 @@ def observe(stats: dict[str, Any], stages: list[dict[str, Any]], decisions: list
     return Observed(
         restarts={_name(s, reps): int(s.get("restarts", 0)) for s in stages if "down" not in s},
         alive={r["name"]: bool(r["alive"]) and not r.get("draining") for r in reps},
-        recoveries=len(recoveries), last_recovery_s=recoveries[-1] if recoveries else 0.0,
-        replacements=int(router.get("replacements", 0)), rings_broken=len(broken),
-        last_ring_why=str(broken[-1].get("why", "")) if broken else "", decisions=len(decisions),
+        recoveries=int(router.get("recoveries_total", 0)), last_recovery_s=recoveries[-1] if recoveries else 0.0,
+        replacements=int(router.get("replacements", 0)), rings_broken=int(router.get("rings_broken_total", 0)),
+        last_ring_why=ring_cause(str(broken[-1].get("why", ""))) if broken else "",
+        decisions=int(decisions[-1].get("n", 0)) if decisions else 0,
         last_decision=decisions[-1] if decisions else {})
+
+
+def ring_cause(why: str) -> str:
+    """A ring break's cause as the page shows it: what broke and the error's type, never the error's text
+    (a Ray or socket error names hosts and ports; `stats()` keeps the whole reason for the operator)."""
+    m = _ERROR_NAME.match(why)
+    return (m.group(1) if m else why.split(": ", 1)[0])[:120]
 
 
 def _name(stage_stats: dict[str, Any], reps: list[dict[str, Any]]) -> str:

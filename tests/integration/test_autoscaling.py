@@ -47,7 +47,9 @@ def test_a_load_step_adds_bottleneck_replicas_and_they_drain_after(tiny_ckpt: Pa
         while time.monotonic() < deadline and [len(s) for s in pipe.stats()["router"]["replicas"]] != [1, 1]:
             time.sleep(0.5)
         assert [len(s) for s in pipe.stats()["router"]["replicas"]] == [1, 1]  # drained back to min
-        deltas = [d["delta"] for d in pipe.autoscaler_decisions()]
+        decisions = pipe.autoscaler_decisions()
+        assert [d["n"] for d in decisions] == list(range(1, len(decisions) + 1)), decisions  # numbered in all
+        deltas = [d["delta"] for d in decisions]
         assert deltas.count(-1) == deltas.count(+1), deltas  # every replica added went again
         assert pipe.generate(PROMPTS[0], max_new_tokens=NEW, ignore_eos=True)[0].token_ids == reference[0]
     finally:

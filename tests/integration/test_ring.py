@@ -177,7 +177,10 @@ def test_a_stage_killed_mid_ring_breaks_it_and_the_tokens_stay_identical(tiny_ck
         assert broken and broken[0]["why"]  # the watcher or a member's channel saw the death
         # the watcher saw it dead or restarting: the break called the others only
         assert all(b["skipped"] == 1 for b in broken if b["why"] == "a replica died"), broken
-        assert pipe.stats()["router"]["recoveries"]  # the Ray-call path rebuilt the restarted stage
+        router = pipe.stats()["router"]
+        assert router["recoveries"] and router["recoveries_total"] == len(router["recoveries"])  # the Ray-call
+        # path rebuilt the restarted stage; under the lists' caps the totals count what they list
+        assert router["rings_broken_total"] == len(router["rings_broken"])
         # the route gets a new ring once its replica is back
         assert tokens(pipe.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)) == want
         rings, _ = _rings(pipe)

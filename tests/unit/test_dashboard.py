@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from actors.dashboard.status import Observed, changes
+from actors.dashboard.status import Observed, changes, observe, ring_cause
 from actors.dashboard.watch import build_app
 from actors.http_guard import SESSION_COOKIE
 
@@ -24,6 +24,28 @@ def test_changes_between_two_polls_become_events() -> None:
     back = changes(cur, Observed(restarts=cur.restarts, alive={"a": True, "b": True}, recoveries=3,
                                  rings_broken=1, decisions=1), 3.0)
     assert [e.kind for e in back] == ["back"]
+
+
+def test_events_keep_coming_once_the_routers_lists_are_full() -> None:
+    """The router lists the last breaks, recoveries and decisions; the events count their totals."""
+    def poll(n: int) -> Observed:
+        stats = {"rings_broken": [{"why": f"break {i}"} for i in range(n - 64, n)], "rings_broken_total": n,
+                 "recoveries_s": [0.1] * 256, "recoveries_total": n + 300}
+        return observe(stats, [], [{"n": i, "stage": 1, "delta": 1} for i in range(n - 256, n + 1)])
+    events = changes(poll(1000), poll(1001), 5.0)
+    assert [e.kind for e in events] == ["recovery", "reroute", "autoscale"], events
+    assert "break 1000" in events[1].text
+
+
+def test_a_ring_breaks_event_names_the_error_type_and_no_address() -> None:
+    why = ("meshpipe/d/stage-1/replica-0: ChannelError: tcp channel a<->b: recv failed after 0.20 s "
+           "(timeout 0 s): [Errno 104] Connection reset by peer 10.1.2.3:40123")
+    assert ring_cause(why) == "meshpipe/d/stage-1/replica-0: ChannelError"
+    assert ring_cause("admission failed: ActorDiedError: The actor died. ip: 10.1.2.3") == \
+        "admission failed: ActorDiedError"
+    assert ring_cause("a replica died") == "a replica died" and ring_cause("x: StopIteration 10.1.2.3") == "x"
+    event = changes(Observed(), observe({"rings_broken": [{"why": why}], "rings_broken_total": 1}, [], []), 1.0)
+    assert len(event) == 1 and "ChannelError" in event[0].text and "10.1.2.3" not in event[0].text
 
 
 def test_the_page_and_its_files_are_open_and_nothing_else_is_read_from_disk() -> None:

@@ -14,7 +14,7 @@ from actors.config import DeployConfig, RouterOptions, WireOptions, flat_options
 from actors.journal import RequestJournal
 from actors.pool import ReplicaPool
 from actors.probe import LinkProber
-from actors.recovery import Recovery
+from actors.recovery import RECOVERIES_KEPT, Recovery
 from actors.request import Lane, Request
 from actors.specs import RouterSpec, StageSetup
 from models import ConfigError, SamplingParams, SequenceState
@@ -172,7 +172,7 @@ def test_a_ring_broken_by_a_failure_counts_one_recovery_when_its_requests_step_a
     rec, _ = make_recovery(make_pool([1]), {})
     plain, broken = make_request("p", [1, 2]), [make_request(f"b{i}", [1, 2]) for i in range(2)]
     rec.resumed([plain])
-    assert rec.recoveries == []  # a plain step is no recovery
+    assert not rec.recoveries and rec.recovered == 0  # a plain step is no recovery
     broken[0].broken_at, broken[1].broken_at = time.monotonic() - 2.0, time.monotonic() - 1.0
     rec.resumed(broken)
     assert len(rec.recoveries) == 1 and 2.0 <= rec.recoveries[0][1] < 3.0  # from the earliest break
@@ -182,6 +182,17 @@ def test_a_ring_broken_by_a_failure_counts_one_recovery_when_its_requests_step_a
     broken[0].broken_at = time.monotonic() - 5.0  # broke, then a step failed: recover() counts from the break
     rec.resumed(broken, t0=time.monotonic(), waited=0.5)
     assert len(rec.recoveries) == 2 and rec.recoveries[1][1] >= 5.0 and rec.recoveries[1][2] == 0.5
+    assert rec.recovered == 2
+
+
+def test_a_long_running_router_keeps_the_last_recoveries_and_counts_them_all() -> None:
+    rec, _ = make_recovery(make_pool([1]), {})
+    req = make_request("r", [1, 2])
+    for i in range(RECOVERIES_KEPT + 5):
+        req.broken_at = time.monotonic() - i / 1000
+        rec.resumed([req])
+    assert len(rec.recoveries) == RECOVERIES_KEPT and rec.recovered == RECOVERIES_KEPT + 5
+    assert rec.recoveries[-1][1] >= (RECOVERIES_KEPT + 4) / 1000  # the newest kept, the oldest dropped
 
 
 def test_failover_moves_only_the_dead_stage_to_its_standby() -> None:
