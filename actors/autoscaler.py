@@ -74,8 +74,8 @@ class AutoscalerActor:
             request_gpus(total - 1, self.gpus_per_replica)  # a lower floor lets idle nodes go
         self.metrics.decided(d.stage, d.delta)
         self.applied += 1
-        self.history.append({"n": self.applied, "at": time.time(), "stage": d.stage, "delta": d.delta, "reason": d.reason,
-                             "replica": name, "seconds": round(time.monotonic() - t0, 3)})
+        self.history.append({"n": self.applied, "at": time.time(), "stage": d.stage, "delta": d.delta,
+                             "reason": d.reason, "replica": name, "seconds": round(time.monotonic() - t0, 3)})
 
 
 def request_gpus(replicas: int, gpus_per_replica: float) -> None:

@@ -31,6 +31,8 @@ class RouterMetrics:
                                    tag_keys=keys)
         self.reroutes = Counter("meshpipe_reroutes", "sequences moved to another replica after a failure",
                                 tag_keys=keys)
+        self.ring_breaks = Counter("meshpipe_ring_breaks", "decode rings broken, by cause (their sequences go on "
+                                   "through Ray calls)", tag_keys=("deployment", "cause"))
         self.recovery = Histogram("meshpipe_recovery_seconds", "failed step to step redone",
                                   boundaries=_SECONDS, tag_keys=keys)
         self.queue = Gauge("meshpipe_stage_queue_length", "messages sent to a replica and not answered",
@@ -93,6 +95,9 @@ class RouterMetrics:
 
     def rerouted(self, sequences: int) -> None:
         self.reroutes.inc(sequences, self.tags)
+
+    def ring_broken(self, cause: str) -> None:
+        self.ring_breaks.inc(1, {**self.tags, "cause": cause})
 
 
 class StageMetrics:

@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from actors.jobs import Jobs
 from actors.channels import node_ip
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 30.0  # a ring's members connect within this
 CALL_TIMEOUT_S = 10.0  # a break's stop and rewind calls, all members together
+BreakCause = Literal["setup failed", "admission failed", "replica died", "member failed", "shutdown"]
 BREAKS_KEPT = 64  # breaks `stats()` lists (`breaks` counts them all)
 RETRY_AFTER_S = 30.0  # a route whose ring failed to start uses the Ray-call path this long
 
@@ -64,12 +65,14 @@ class RingDriver:
 
     def __init__(self, deployment: str, pool: ReplicaPool, router: Any, lanes: int, incarnation: int,
                  eos_ids: frozenset[int], max_seq_len: int, fallback: Callable[[list[Request]], None],
-                 prefill_chunk: int = 1 << 30, on_report: Callable[[str, list, list], None] | None = None) -> None:
+                 prefill_chunk: int = 1 << 30, on_report: Callable[[str, list, list], None] | None = None,
+                 on_break: Callable[[str], None] | None = None) -> None:
         self.deployment, self.pool, self.router = deployment, pool, router
         self.lanes, self.incarnation = lanes, incarnation
         self.eos_ids, self.max_seq_len = eos_ids, max_seq_len
         self.fallback = fallback
         self.prefill_chunk = prefill_chunk  # prompt tokens a pass carries
+        self.on_break = on_break  # told each break's cause (the router's metrics)
         self.rings: dict[tuple[int, ...], Ring] = {}
         self.by_id: dict[str, Ring] = {}
         self.no_ring_until: dict[tuple[int, ...], float] = {}
@@ -169,7 +172,7 @@ class RingDriver:
             log.warning("ring over %s could not start (%s: %s); its sequences use Ray calls for %g s", names,
                         type(e).__name__, e, RETRY_AFTER_S)
             self.no_ring_until[ring.route.replicas] = time.monotonic() + RETRY_AFTER_S
-            await self.break_ring(ring.ring_id, f"setup failed: {type(e).__name__}")
+            await self.break_ring(ring.ring_id, f"setup failed: {type(e).__name__}", cause="setup failed")
             return
         if ring.state == "starting":
             ring.state = "ready"
@@ -200,7 +203,8 @@ class RingDriver:
                         (r.rid, r.seq.prompt + r.seq.generated, r.seq.cached, len(r.seq.generated), r.seq.params)
                         for r in admits if not r.future.done()])
         except Exception as e:  # noqa: BLE001 - a member is gone: recovery takes over
-            await self.break_ring(ring.ring_id, f"admission failed: {type(e).__name__}: {e}", failure=True)
+            await self.break_ring(ring.ring_id, f"admission failed: {type(e).__name__}: {e}",
+                                  cause="admission failed", failure=True)
         finally:
             ring.flushing = False
             if ring.state == "ready" and (ring.admits or ring.cancels):
@@ -213,11 +217,12 @@ class RingDriver:
         for ring in list(self.rings.values()):
             reps = self.pool.table.on_route(ring.route)
             if any(map(self.pool.seen_down, reps)):
-                self.jobs.spawn(self.break_ring(ring.ring_id, "a replica died", failure=True))
+                self.jobs.spawn(self.break_ring(ring.ring_id, "a replica died", cause="replica died", failure=True))
 
-    async def break_ring(self, ring_id: str, why: str, failure: bool = False) -> None:
+    async def break_ring(self, ring_id: str, why: str, *, cause: BreakCause, failure: bool = False) -> None:
         """Stops the ring everywhere, rewinds what the router never saw, hands its requests to `fallback`.
-        `failure`: a member died or failed; its requests' next step ends a recovery (`Recovery.resumed`)."""
+        `why`: what happened, in words; `cause`: its kind (metrics). `failure`: a member died or failed;
+        its requests' next step ends a recovery (`Recovery.resumed`)."""
         ring = self.by_id.pop(ring_id, None)
         if ring is None or ring.state == "broken":
             return
@@ -231,11 +236,13 @@ class RingDriver:
         live = [h for h, rep in zip(ring.handles, reps) if not self.pool.seen_down(rep)]
         t0 = time.monotonic()
         deadline = t0 + CALL_TIMEOUT_S
-        entry = {"at": time.time(), "ring": ring_id, "why": why, "skipped": len(ring.handles) - len(live),
-                 "took_s": None}  # the handover's seconds, once done
+        entry = {"at": time.time(), "ring": ring_id, "cause": cause, "why": why,
+                 "skipped": len(ring.handles) - len(live), "took_s": None}  # took_s: the handover's, once done
         self.broken.append(entry)
         del self.broken[:-BREAKS_KEPT]
         self.breaks += 1
+        if self.on_break is not None:
+            self.on_break(cause)
         reqs = [r for r in ring.lane.seqs if not r.future.done()]
         for r in reqs if failure else []:
             r.broken_at = time.monotonic()
@@ -262,6 +269,6 @@ class RingDriver:
 
     def stop_all(self) -> None:
         for ring in list(self.rings.values()):
-            self.jobs.spawn(self.break_ring(ring.ring_id, "shutdown"))
+            self.jobs.spawn(self.break_ring(ring.ring_id, "shutdown", cause="shutdown"))
         if self.reports is not None:
             self.reports.close()

@@ -73,7 +73,7 @@ class RouterActor(FaultHooks, ScalingHooks):
         self.incarnation = incarnation_of(own_restarts())  # > 0: accepted requests are in the journal
         self.rings = RingDriver(spec.deployment, self.pool, ray.get_runtime_context().current_actor, len(self.lanes),
                                 self.incarnation, frozenset(self.cfg.eos_ids), self.cfg.max_seq_len, self._fallback,
-                                self.rc.prefill_chunk, self.ring_tokens) \
+                                self.rc.prefill_chunk, self.ring_tokens, self.metrics.ring_broken) \
             if self.rc.data_path == "ring" and not self.rc.replicate_every else None
         infos = [i for stage in replica_info for i in stage]
         pool_tokens, block = min(i["kv_cache_tokens"] for i in infos), infos[0]["kv_block_size"]
@@ -440,7 +440,7 @@ class RouterActor(FaultHooks, ScalingHooks):
         """A ring member's loop failed (a channel closed, a message stayed corrupt): recover its requests."""
         if self.rings:
             log.warning("ring %s: %s failed: %s", ring_id, member, reason)
-            await self.rings.break_ring(ring_id, f"{member}: {reason}", failure=True)
+            await self.rings.break_ring(ring_id, f"{member}: {reason}", cause="member failed", failure=True)
 
     # ---------- ending requests ----------
 

@@ -175,6 +175,7 @@ def test_a_stage_killed_mid_ring_breaks_it_and_the_tokens_stay_identical(tiny_ck
         assert tokens(out["r"]) == want
         broken = _rings(pipe)[1]
         assert broken and broken[0]["why"]  # the watcher or a member's channel saw the death
+        assert {b["cause"] for b in broken} <= {"replica died", "member failed"}, broken
         # the watcher saw it dead or restarting: the break called the others only
         assert all(b["skipped"] == 1 for b in broken if b["why"] == "a replica died"), broken
         router = pipe.stats()["router"]
