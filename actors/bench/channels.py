@@ -1,9 +1,12 @@
-"""`meshpipe bench channels`: ms per hop around a ring of actors, TCP channels (the decode rings') vs gloo
-channels vs Ray-call channels vs a bare Ray call passing an ObjectRef, in the same run.
+"""`meshpipe bench channels`: ms per hop around a ring of actors, TCP channels (the decode rings') vs shared
+memory with a socket wakeup vs gloo channels vs Ray-call channels vs a bare Ray call passing an ObjectRef,
+in the same run.
 
 Per (shape, actors): a ring of `ChannelPeer` actors (num_cpus=0). "tcp", "gloo" and "ray" set up a
 `ChannelGroup` of that kind; actor 0 sends one message at a time around the ring (`ring_origin`) and
-the others `relay_loop`, so a hop is one send + recv on a channel. "ray_ref" is today's hop without a
+the others `relay_loop`, so a hop is one send + recv on a channel. "shm" is the one-node alternative
+weighed against TCP (`ShmLink`): the message goes into a shared-memory segment of the sender's and
+only its length through the TCP channel, which wakes the receiver. "ray_ref" is today's hop without a
 router: the driver chains `echo` calls, each on the next actor, each taking the previous call's
 ObjectRef. ms per hop = elapsed / (messages x actors) for the rings, elapsed / messages for ray_ref.
 """
@@ -11,18 +14,51 @@ ObjectRef. ms per hop = elapsed / (messages x actors) for the rings, elapsed / m
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Sequence
+from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
 import torch
 
-from actors.channels import Channel, ChannelEndpoint, ChannelGroup
+from actors.channels import Channel, ChannelEndpoint, ChannelGroup, TcpChannel
+from actors.wire.channel_frame import frame_descriptor, pack_message, unpack_message
 
 log = logging.getLogger(__name__)
 
 SIZES = ((1, 576), (64, 576), (1, 256 * 576))  # one token's activation, 64 tokens (147 KB), 590 KB
 HEADER = b"\x00" * 48  # about a sealed envelope's header
+
+
+_LEN = struct.Struct("<Q")
+
+
+class ShmLink(Channel):
+    """A TCP channel whose messages travel through shared memory: `send` writes the message into the
+    sender's segment and sends its length, `recv` reads the length and copies the message out. One
+    message in flight per direction (the bench's rings), so a segment is never written while read."""
+
+    kind = "shm"
+
+    def __init__(self, tcp: TcpChannel, out: shared_memory.SharedMemory | None,
+                 into: shared_memory.SharedMemory | None) -> None:
+        super().__init__(tcp.local, tcp.peer, tcp.timeout_s)
+        self.tcp, self.out, self.into = tcp, out, into
+
+    def send(self, header: bytes, tensor: torch.Tensor | None = None, timeout_s: float | None = None) -> None:
+        buf, length = pack_message(header, tensor)
+        if self.out is None or length > self.out.size:
+            raise ValueError(f"a message of {length} bytes does not fit this link's segment")
+        self.out.buf[:length] = buf[:length].numpy()
+        self.tcp.send_bytes(_LEN.pack(length), timeout_s)
+
+    def recv(self, timeout_s: float | None = None) -> tuple[bytes, torch.Tensor | None]:
+        (length,) = _LEN.unpack(self.tcp.recv_bytes(timeout_s))
+        if self.into is None or length > self.into.size:
+            raise ValueError(f"a message of {length} bytes announced past this link's segment")
+        frame = torch.frombuffer(bytearray(self.into.buf[:length]), dtype=torch.uint8)
+        return unpack_message(frame_descriptor(frame), frame)
 
 
 class ChannelPeer(ChannelEndpoint):
@@ -69,6 +105,42 @@ class ChannelPeer(ChannelEndpoint):
             src.recv(timeout_s)
         return time.perf_counter() - t0
 
+    def shm_open(self, size: int) -> str:
+        """A shared-memory segment for what this peer sends its next neighbour (after a "tcp" setup)."""
+        self.shm_close()
+        self.shm_out = shared_memory.SharedMemory(create=True, size=size)
+        return self.shm_out.name
+
+    def shm_attach(self, prev_segment: str) -> None:
+        """Attaches the previous neighbour's segment and lets both ring links carry messages through them."""
+        self.shm_in = shared_memory.SharedMemory(name=prev_segment)
+        # its creator unlinks it: this process must not at exit (Python < 3.13 tracks attached segments too)
+        resource_tracker.unregister(self.shm_in._name, "shared_memory")  # noqa: SLF001
+        src, dst = self.ring()
+        if src is dst:  # two peers: one channel both ways
+            self.channels[self.prev_peer] = ShmLink(src, self.shm_out, self.shm_in)
+        else:
+            self.channels[self.prev_peer] = ShmLink(src, None, self.shm_in)
+            self.channels[self.next_peer] = ShmLink(dst, self.shm_out, None)
+
+    def shm_close(self) -> None:
+        """Back to the plain TCP channels; this peer's segment is unlinked."""
+        for k, ch in list(getattr(self, "channels", {}).items()):
+            if isinstance(ch, ShmLink):
+                self.channels[k] = ch.tcp
+        for attr, owner in (("shm_in", False), ("shm_out", True)):
+            seg = getattr(self, attr, None)
+            if seg is not None:
+                seg.close()
+                if owner:
+                    seg.unlink()
+                setattr(self, attr, None)
+
+    def ring_kinds(self) -> tuple[str, str]:
+        """The kinds of (the channel received from, the channel sent to)."""
+        src, dst = self.ring()
+        return src.kind, dst.kind
+
     def recv_from(self, peer: str, timeout_s: float | None = None) -> tuple[bytes, Any]:
         """One receive from `peer` (tests: a killed peer must fail it)."""
         return self.channels[peer].recv(timeout_s)
@@ -103,14 +175,20 @@ def make_ring(n: int) -> list[Any]:
 def _ring_ms(actors: list[Any], kind: str, shape: tuple[int, ...], messages: int) -> tuple[str, float]:
     import ray
 
-    group = ChannelGroup.setup(actors, kind=kind)
+    group = ChannelGroup.setup(actors, kind="tcp" if kind == "shm" else kind)
     try:
         tensor = torch.randn(*shape)
+        if kind == "shm" and group.kind == "tcp":
+            names = ray.get([a.shm_open.remote(pack_message(HEADER, tensor)[1]) for a in actors], timeout=60)
+            ray.get([a.shm_attach.remote(names[i - 1]) for i, a in enumerate(actors)], timeout=60)
         relays = [a.relay_loop.remote(messages + 1) for a in actors[1:]]
         seconds = ray.get(actors[0].ring_origin_repeat.remote(HEADER, tensor, messages), timeout=300)
         ray.get(relays, timeout=60)
-        return group.kind, 1e3 * seconds / (messages * len(actors))
+        got = "shm" if kind == "shm" and group.kind == "tcp" else group.kind  # shm rides on tcp's setup
+        return got, 1e3 * seconds / (messages * len(actors))
     finally:
+        if kind == "shm":
+            ray.get([a.shm_close.remote() for a in actors], timeout=60)
         group.close()
 
 
@@ -143,7 +221,7 @@ def bench_channels(sizes: Sequence[tuple[int, ...]] = SIZES, actors: Sequence[in
                 nbytes = 4 * int(torch.tensor(shape).prod())
                 base = {"bench": "channels", "shape": list(shape), "bytes": nbytes, "actors": n,
                         "messages": messages}
-                for kind in ("tcp", "gloo", "ray"):
+                for kind in ("tcp", "shm", "gloo", "ray"):
                     got, ms = _ring_ms(ring, kind, shape, messages)
                     rows.append({**base, "path": got, "asked": kind, "ms_per_hop": ms})
                     log.info("%s", rows[-1])

@@ -244,7 +244,7 @@ def bench_channels_cmd(
     actors: Annotated[str, typer.Option(help="Ring sizes, comma-separated.")] = "2,4",
     messages: Annotated[int, typer.Option(min=1, help="Laps timed per (shape, ring, path).")] = 200,
 ) -> None:
-    """ms per hop round a ring of actors: gloo channels, Ray-call channels, a bare Ray call (ObjectRef)."""
+    """ms per hop round a ring of actors: TCP (the rings'), shared memory, gloo, Ray calls, ObjectRefs."""
     from actors.bench.channels import bench_channels
 
     _emit(bench_channels(actors=_parse_ints(actors, "--actors") or [2, 4], messages=messages))

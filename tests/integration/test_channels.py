@@ -1,10 +1,12 @@
-"""Channels between real Ray actors: a 3-actor ring under TCP, gloo and the Ray-call fallback, a killed
-peer surfacing as ChannelError, and the fallback when gloo cannot be set up."""
+"""Channels between real Ray actors: a 3-actor ring under TCP, gloo and the Ray-call fallback (and the
+bench's shared-memory links), a killed peer surfacing as ChannelError, and the fallback when gloo cannot
+be set up."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -66,6 +68,34 @@ def test_ring_of_three_carries_mixed_messages_intact(ring: list[Any], kind: str)
         assert len(got) == len(messages)
         assert [i for i, (a, b) in enumerate(zip(messages, got)) if not same(a, b)] == []
     finally:
+        group.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("actors", [2, 3])
+def test_the_benchs_shared_memory_links_carry_mixed_messages_intact_and_unlink_their_segments(
+        ring: list[Any], actors: int) -> None:
+    """`meshpipe bench channels`' "shm" path (weighed against TCP): messages through shared memory, their
+    lengths over TCP; two peers share one channel both ways, three use one each way."""
+    import ray
+
+    peers = ring[:actors]
+    group = ChannelGroup.setup(peers, kind="tcp", timeout_s=TIMEOUT_S)
+    try:
+        names = ray.get([a.shm_open.remote(1 << 20) for a in peers], timeout=30)
+        ray.get([a.shm_attach.remote(names[i - 1]) for i, a in enumerate(peers)], timeout=30)
+        assert all(Path("/dev/shm", n.lstrip("/")).exists() for n in names)
+        assert ray.get([a.ring_kinds.remote() for a in peers]) == [("shm", "shm")] * actors
+        messages = mixed_messages()
+        relays = [a.relay_loop.remote(len(messages), TIMEOUT_S) for a in peers[1:]]
+        got, _ = ray.get(peers[0].ring_origin.remote(messages, TIMEOUT_S), timeout=45)
+        assert ray.get(relays, timeout=10) == [len(messages)] * (actors - 1)
+        assert [i for i, (a, b) in enumerate(zip(messages, got)) if not same(a, b)] == []
+        ray.get([a.shm_close.remote() for a in peers], timeout=30)
+        assert ray.get([a.ring_kinds.remote() for a in peers]) == [("tcp", "tcp")] * actors  # back to TCP
+        assert not any(Path("/dev/shm", n.lstrip("/")).exists() for n in names)  # unlinked
+    finally:
+        ray.get([a.shm_close.remote() for a in peers], timeout=30)
         group.close()
 
 
