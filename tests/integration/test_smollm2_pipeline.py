@@ -24,14 +24,31 @@ def reference(smollm2: Transformer) -> list[list[int]]:
     return tokens(ref)
 
 
+REPEAT = ("Repeat exactly: one two three four five six seven eight nine ten. Repeat exactly: one two three four "
+          "five six seven eight nine ten. Repeat exactly: one two")  # prompt lookup drafts, some accepted
+
+
+@pytest.fixture(scope="module")
+def repeat_reference(smollm2: Transformer) -> list[int]:
+    ref = smollm2.generate([REPEAT], max_new_tokens=16, ignore_eos=True, logprobs=2)
+    assert min_margin(ref) > 1e-3
+    return ref[0].token_ids
+
+
 @pytest.mark.parametrize("layout", [{"num_stages": 1}, {"num_stages": 2}, {"num_stages": 4},
                                     {"layers_per_stage": 1}], ids=["S1", "S2", "S4", "one-layer-per-actor"])
-def test_pipeline_equals_single_process(reference: list[list[int]], layout: dict) -> None:
+def test_pipeline_equals_single_process(reference: list[list[int]], repeat_reference: list[int],
+                                        layout: dict) -> None:
     pipe = Pipeline.deploy("smollm2-135m", name="smol", dtype="float32", threads_per_stage=1, **layout)
     try:
         assert len(pipe.describe()["stages"]) == layout.get("num_stages", 30)
         assert tokens(pipe.generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True)) == reference
         if layout.get("num_stages") == 4:
+            # speculative decoding through the 4-stage ring: the plain greedy tokens, drafts kept and rejected
+            assert tokens(pipe.generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True, speculative=4)) == reference
+            spec = pipe.generate(REPEAT, max_new_tokens=16, ignore_eos=True, speculative=4)[0]
+            assert spec.token_ids == repeat_reference
+            assert 0 < spec.speculation["accepted"] < spec.speculation["drafted"], spec.speculation
             out = pipe.generate("The capital of France is", max_new_tokens=8)[0]
             assert "Paris" in out.text
             answer = pipe.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=32)
