@@ -18,6 +18,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -76,7 +77,8 @@ class RingDriver:
         self.rings: dict[tuple[int, ...], Ring] = {}
         self.by_id: dict[str, Ring] = {}
         self.no_ring_until: dict[tuple[int, ...], float] = {}
-        self.broken: list[dict[str, Any]] = []  # the last BREAKS_KEPT: at (time.time()), ring, why, skipped, took_s
+        # the last BREAKS_KEPT breaks: at (time.time()), ring, cause, why, skipped, took_s
+        self.broken: deque[dict[str, Any]] = deque(maxlen=BREAKS_KEPT)
         self.breaks = 0  # rings broken in all
         self.retransmits = 0
         self.passes = 0  # every ring's passes, broken ones' included (a monotonic step count)
@@ -239,7 +241,6 @@ class RingDriver:
         entry = {"at": time.time(), "ring": ring_id, "cause": cause, "why": why,
                  "skipped": len(ring.handles) - len(live), "took_s": None}  # took_s: the handover's, once done
         self.broken.append(entry)
-        del self.broken[:-BREAKS_KEPT]
         self.breaks += 1
         if self.on_break is not None:
             self.on_break(cause)

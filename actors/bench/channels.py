@@ -175,19 +175,19 @@ def make_ring(n: int) -> list[Any]:
 def _ring_ms(actors: list[Any], kind: str, shape: tuple[int, ...], messages: int) -> tuple[str, float]:
     import ray
 
-    group = ChannelGroup.setup(actors, kind="tcp" if kind == "shm" else kind)
+    group = ChannelGroup.setup(actors, kind="tcp" if kind == "shm" else kind)  # shm rides on tcp's setup
+    shm = kind == "shm" and group.kind == "tcp"
     try:
         tensor = torch.randn(*shape)
-        if kind == "shm" and group.kind == "tcp":
+        if shm:
             names = ray.get([a.shm_open.remote(pack_message(HEADER, tensor)[1]) for a in actors], timeout=60)
             ray.get([a.shm_attach.remote(names[i - 1]) for i, a in enumerate(actors)], timeout=60)
         relays = [a.relay_loop.remote(messages + 1) for a in actors[1:]]
         seconds = ray.get(actors[0].ring_origin_repeat.remote(HEADER, tensor, messages), timeout=300)
         ray.get(relays, timeout=60)
-        got = "shm" if kind == "shm" and group.kind == "tcp" else group.kind  # shm rides on tcp's setup
-        return got, 1e3 * seconds / (messages * len(actors))
+        return "shm" if shm else group.kind, 1e3 * seconds / (messages * len(actors))
     finally:
-        if kind == "shm":
+        if shm:
             ray.get([a.shm_close.remote() for a in actors], timeout=60)
         group.close()
 
