@@ -20,6 +20,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.config import DeployConfig
+from actors.detach import detached
 from actors.errors import DeploymentError, InsufficientResourcesError, config_error, topology_errors
 from actors.gcs import actor_record
 from actors.layout import partition, place
@@ -315,8 +316,8 @@ class Pipeline:
                 if chunk is not None:
                     yield chunk
         finally:
-            if not done:
-                self.router.cancel.remote(rid)  # sent at once; nothing to await in a cancelled task
+            if not done:  # sent at once (nothing to await in a cancelled task), and not as the cancelled task's child
+                detached(self.router.cancel.remote, rid)
 
     # ---------- introspection and test hooks ----------
 

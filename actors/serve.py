@@ -41,6 +41,7 @@ from actors.openai_api import (
     usage,
     validation_error,
 )
+from actors.detach import detached
 from actors.errors import DeploymentError
 from actors.pipeline import Pipeline, StreamChunk
 from models import TokenLogprob
@@ -97,8 +98,10 @@ app.openapi = _openapi  # type: ignore[method-assign]
 
 
 def _cancel_all(router: Any, rids: list[str]) -> None:
+    """Asks the router to cancel each request (a finished one's cancel is a no-op), outside the calling
+    task: Ray Serve cancels an abandoned request's task with every call it made."""
     for rid in rids:
-        router.cancel.remote(rid)  # a finished request's cancel is a no-op
+        detached(router.cancel.remote, rid)
 
 
 class _Owned:
@@ -276,8 +279,7 @@ class OpenAIServer:
         try:
             outs = await asyncio.gather(*(pipe.acall("result", rid) for rid in rids))
         except BaseException:  # one failed, or the client went away: the others are not wanted
-            for rid in rids:
-                pipe.router.cancel.remote(rid)
+            _cancel_all(pipe.router, rids)
             raise
         texts = await self._texts(pipe, [lp for c in outs for lp in c.logprobs or ()])
         return reply.envelope([choice(reply.kind, i, c, texts) for i, c in enumerate(outs)],
