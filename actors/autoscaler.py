@@ -16,6 +16,7 @@ import time
 from collections import deque
 from typing import Any
 
+from actors.detach import background
 from actors.metrics import AutoscalerMetrics
 from topology.autoscaling import AutoscalingConfig, Decision, PolicyState, StageLoad, decide
 
@@ -39,7 +40,7 @@ class AutoscalerActor:
 
     async def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+            self._task = background(self._loop())
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -14,11 +14,20 @@ cancel reaches.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
-from typing import Any, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 
 def detached(call: Callable[..., Any], *args: Any) -> Any:
     """`call(*args)` (a `.remote`) made outside the current asyncio task's Ray task: cancelling that task,
     recursively or not, leaves this call be."""
     return contextvars.Context().run(call, *args)
+
+
+def background(coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+    """Runs `coro` as a task of its own, for an actor's long-lived loops and jobs: a task inherits the Ray
+    task of the call that created it, which makes every call it ever makes that call's child, so one
+    cancel of a call that happened to start it would also cancel them."""
+    return contextvars.Context().run(asyncio.get_running_loop().create_task, coro)

@@ -7,6 +7,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from actors.detach import background
+
 log = logging.getLogger(__name__)
 
 
@@ -19,7 +21,7 @@ class Jobs:
 
     def spawn(self, coro: Any) -> asyncio.Task:
         """Runs `coro` in the background; its failure is logged, never raised into the caller."""
-        task = asyncio.ensure_future(coro)
+        task = background(coro)
         self.tasks.add(task)
         task.add_done_callback(self._done)
         return task

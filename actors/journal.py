@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from actors.detach import background
 from actors.naming import NAMESPACE, journal_prefix
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ class JournalWriter:
             return
         self.queue.append((rid, op, args, must))
         if self.task is None or self.task.done():
-            self.task = loop.create_task(self._drain())
+            self.task = background(self._drain())
 
     async def flush(self, rids: Iterable[str] = ()) -> None:
         while self.task is not None and not self.task.done():

@@ -264,11 +264,15 @@ class Pipeline:
 
     async def acall(self, method: str, *args: Any, retry: bool = True) -> Any:
         """The router's method `method` from async code (an HTTP server): awaits it, raising meshpipe's
-        typed errors; while Ray restarts the router, idempotent calls (`retry`) are asked again."""
+        typed errors; while Ray restarts the router, idempotent calls (`retry`) are asked again.
+
+        The call is no child of the caller's Ray task: Ray Serve cancels an abandoned request's task
+        with its children, which could stop an admission half done (its requests admitted, their ids
+        lost); the caller cancels the requests it no longer wants itself."""
         end = time.monotonic() + ROUTER_RESTART_S
         while True:
             try:
-                return await getattr(self.router, method).remote(*args)
+                return await detached(getattr(self.router, method).remote, *args)
             except ray.exceptions.RayTaskError as e:
                 raise _unwrap(e) from None
             except ray.exceptions.RayActorError as e:

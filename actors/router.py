@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
+from actors.detach import background
 from actors.errors import BackPressureError, DeploymentError, RequestCancelledError, RequestTimeoutError, \
     StageFailedError
 from actors.gcs import own_restarts
@@ -311,21 +312,19 @@ class RouterActor(FaultHooks, ScalingHooks):
     def _ensure_started(self) -> None:
         if self._tasks:
             return
-        loop = asyncio.get_running_loop()
         rc = self.rc
-        self._tasks = [loop.create_task(self._run_lane(lane)) for lane in self.lanes]
-        self._tasks.append(loop.create_task(self._every(0.05, self._reap_timeouts)))
+        self._tasks = [background(self._run_lane(lane)) for lane in self.lanes]
+        self._tasks.append(background(self._every(0.05, self._reap_timeouts)))
         if rc.probe_interval_s > 0:
-            self._tasks.append(loop.create_task(self._every(rc.probe_interval_s, self._probe)))
+            self._tasks.append(background(self._every(rc.probe_interval_s, self._probe)))
         if rc.checkpoint_interval_s > 0:
-            self._tasks.append(loop.create_task(self._every(
+            self._tasks.append(background(self._every(
                 rc.checkpoint_interval_s, lambda: self.journal.checkpoint(self._running()))))
         if rc.watch_interval_s > 0:
-            self._tasks.append(loop.create_task(self._every(
-                rc.watch_interval_s, self._watch)))
+            self._tasks.append(background(self._every(rc.watch_interval_s, self._watch)))
         if self.measured and rc.topology_refresh_s > 0 and len(self.pool.hosts()) > 1:
-            self._tasks.append(loop.create_task(self._every(rc.topology_refresh_s, self.prober.measure_links,
-                                                            first=True)))
+            self._tasks.append(background(self._every(rc.topology_refresh_s, self.prober.measure_links,
+                                                      first=True)))
 
     def _watch(self) -> None:
         if self._active():

@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from actors.detach import background
+
 log = logging.getLogger(__name__)
 
 REFRESH_S = 1.0  # the page and the collector poll this often
@@ -177,7 +179,7 @@ class StatusCollector:
         self._asked = time.monotonic()
         if self._task is None or self._task.done():
             await self.poll()
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+            self._task = background(self._loop())
         assert self._status is not None
         return self._status
 
