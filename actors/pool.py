@@ -183,10 +183,8 @@ class ReplicaPool:
 
     def flush_releases(self) -> None:
         """Frees finished sequences' caches on replicas no message is going to soon."""
-        for rep in self.table:
-            if rep.release:
-                ids, rep.release = rep.release, []
-                rep.handle.free.remote(ids)
+        for (stage, replica), ids in self.table.take_release().items():
+            self.table.get(stage, replica).handle.free.remote(ids)
 
     # ---------- replicas added and removed at run time (the autoscaler) ----------
 

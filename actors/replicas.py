@@ -8,6 +8,9 @@ on the cheapest one.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +66,7 @@ class ReplicaTable:
         self.by_stage = replicas  # [stage][i]
         self.load_knee = load_knee  # sequences at which a replica's queue wait equals its step time
         self._index = {(r.stage, r.replica): r for rs in replicas for r in rs}
+        self.in_flight: Counter[str] = Counter()  # sequences in messages on their way: not freed meanwhile
 
     @property
     def num_stages(self) -> int:
@@ -129,13 +133,37 @@ class ReplicaTable:
                 joined.sequences.add(seq_id)
                 joined.served += 1
 
-    def take_release(self, route: Route) -> list[str]:
-        """Finished sequences to free on this route's replicas (a stage ignores ids it never held)."""
-        ids: list[str] = []
-        for r in self.on_route(route):
-            ids += r.release
-            r.release = []
-        return sorted(set(ids))
+    @contextmanager
+    def carrying(self, seq_ids: list[str]) -> Iterator[None]:
+        """While a message carrying these sequences is on its way, none of their frees goes out: a stage
+        frees none that its message carries, and a message composed before a sequence ended (a step, a
+        recovery's rebuild) writes its cache again after any free that overtook it."""
+        self.in_flight.update(seq_ids)
+        try:
+            yield
+        finally:
+            self.in_flight.subtract(seq_ids)
+            self.in_flight += Counter()  # drops the zeros
+
+    def take_release(self, route: Route | None = None) -> dict[tuple[int, int], list[str]]:
+        """Finished sequences to free on this route's replicas (all replicas: None), by (stage, replica),
+        leaving those in flight queued; a message carries their union (a stage ignores ids it never held)
+        and, should it not arrive, `give_back` queues them again."""
+        taken = {}
+        for r in self.on_route(route) if route is not None else self:
+            ids = [sid for sid in r.release if sid not in self.in_flight]
+            if ids:
+                taken[(r.stage, r.replica)] = ids
+                r.release = [sid for sid in r.release if sid in self.in_flight]
+        return taken
+
+    def give_back(self, taken: dict[tuple[int, int], list[str]]) -> None:
+        """Queues again the frees of a message that failed on its way (a stage it never reached, or a
+        dead one's replacement, still holds those caches); the stages it did reach ignore them."""
+        for key, ids in taken.items():
+            r = self._index.get(key)
+            if r is not None:
+                r.release += [sid for sid in ids if sid not in r.sequences and sid not in r.release]
 
     def observe_trace(self, trace: list[tuple[int, int, float, float]], tokens: int | None = None) -> None:
         """A step's per-hop measurements: (stage, replica, inbound_ms, compute_ms); `tokens` in that step."""

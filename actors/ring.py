@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SETUP_TIMEOUT_S = 30.0  # a ring's members connect within this
 CALL_TIMEOUT_S = 10.0  # a break's stop and rewind calls, all members together
 BreakCause = Literal["setup failed", "admission failed", "replica died", "member failed", "shutdown"]
+ENDED_KEPT = 1024  # requests that left a ring remembered, to free on its members should it break (a pass's worth)
 BREAKS_KEPT = 64  # breaks `stats()` lists (`breaks` counts them all)
 RETRY_AFTER_S = 30.0  # a route whose ring failed to start uses the Ray-call path this long
 
@@ -59,6 +60,8 @@ class Ring:
     cancels: list[str] = field(default_factory=list)
     flushing: bool = False
     passes: int = 0  # token reports' passes (one per lane step)
+    # the last requests that left it: the head frees their caches down the ring, unless it breaks first
+    ended: deque[Request] = field(default_factory=lambda: deque(maxlen=ENDED_KEPT))
 
 
 class RingDriver:
@@ -113,6 +116,7 @@ class RingDriver:
         if req in ring.admits:
             ring.admits.remove(req)
         ring.cancels.append(req.rid)
+        ring.ended.append(req)
         self._flush_soon(ring)
 
     def running(self) -> list[Request]:
@@ -257,6 +261,10 @@ class RingDriver:
         ring.lane.seqs.clear()
         entry["took_s"] = round(time.monotonic() - t0, 3)
         self.fallback([r for r in reqs if not r.future.done()])
+        ended = [r.rid for r in ring.ended if r.future.done()]  # not those preempted, to be admitted again
+        for rep in reps:  # their frees may not have gone down the ring before it broke
+            rep.release += [rid for rid in ended if rid not in rep.release and rid not in rep.sequences]
+        self.pool.flush_releases()  # and those that ended during the handover (no head frees them now)
 
     @staticmethod
     async def _each(handles: list[Any], call: Callable[[Any], Any], deadline: float) -> None:

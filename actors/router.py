@@ -128,8 +128,7 @@ class RouterActor(FaultHooks, ScalingHooks):
         """Applies the chat template and admits the request; returns its id."""
         return (await self.submit_many([await self.chat_prompt(messages)], params, timeout_s))[0]
 
-    async def chat(self, messages: list[dict], params: SamplingParams,
-                   timeout_s: float | None = None) -> Completion:
+    async def chat(self, messages: list[dict], params: SamplingParams, timeout_s: float | None = None) -> Completion:
         return (await self.generate([await self.chat_prompt(messages)], params, timeout_s))[0]
 
     async def chat_prompt(self, messages: list[dict]) -> str:
@@ -362,21 +361,22 @@ class RouterActor(FaultHooks, ScalingHooks):
             groups.setdefault(r.route.replicas, []).append(r)
         groups = {key: self._chunked(reqs) for key, reqs in groups.items()}
         tokens = [sum(len(r.seq.next_input()[:r.chunk or None]) for r in reqs) for reqs in groups.values()]
-        outs = await asyncio.gather(*[self.sender.step(lane.step, reqs[0].route, reqs)
-                                      for reqs in groups.values()], return_exceptions=True)
-        for reqs, out, n_tokens in zip(groups.values(), outs, tokens):
-            if isinstance(out, BaseException) and self.recovery.recoverable(out):
-                try:
-                    out = await self.recovery.recover(lane.step, reqs, out)
-                except Exception as e:  # noqa: BLE001 - recovery failed: fail these requests below
-                    out = e
-            if isinstance(out, BaseException):  # any stage failure fails these requests
-                err = self.recovery.stage_error(out)
-                for r in reqs:
-                    if not r.future.done():
-                        self._end(r, err)
-                continue
-            self._landed(lane, reqs, out, n_tokens)
+        with self.pool.table.carrying([r.rid for reqs in groups.values() for r in reqs]):  # freed once landed
+            outs = await asyncio.gather(*[self.sender.step(lane.step, reqs[0].route, reqs)
+                                          for reqs in groups.values()], return_exceptions=True)
+            for reqs, out, n_tokens in zip(groups.values(), outs, tokens):
+                if isinstance(out, BaseException) and self.recovery.recoverable(out):
+                    try:  # a recovery rebuilds its requests' caches: one ended meanwhile is freed after it
+                        out = await self.recovery.recover(lane.step, reqs, out)
+                    except Exception as e:  # noqa: BLE001 - recovery failed: fail these requests below
+                        out = e
+                if isinstance(out, BaseException):  # any stage failure fails these requests
+                    err = self.recovery.stage_error(out)
+                    for r in reqs:
+                        if not r.future.done():
+                            self._end(r, err)
+                    continue
+                self._landed(lane, reqs, out, n_tokens)
         self._schedule()
 
     def _landed(self, lane: Lane, reqs: list[Request], out: Any, n_tokens: int) -> None:
@@ -427,8 +427,7 @@ class RouterActor(FaultHooks, ScalingHooks):
 
     # ---------- decode rings report here (actors.ring_stage) ----------
 
-    def ring_tokens(self, ring_id: str, batch: list[tuple],
-                    trace: list[list[float]]) -> None:
+    def ring_tokens(self, ring_id: str, batch: list[tuple], trace: list[list[float]]) -> None:
         """A ring's tail: (request id, tokens, logprobs, drafts verified, tokens before) per sequence since its
         last report."""
         if self.rings:
@@ -444,8 +443,9 @@ class RouterActor(FaultHooks, ScalingHooks):
     # ---------- ending requests ----------
 
     def _release(self, req: Request) -> None:
-        """Takes a request out of its lane and queues its caches to be freed on its route."""
-        lane, ring = req.lane, isinstance(req.lane, RingLane)
+        """Takes a request out of its lane and queues its caches to be freed on its route (a live ring's head
+        frees them itself; a broken ring's members keep them, rewound, unless told so here)."""
+        lane, ring = req.lane, isinstance(req.lane, RingLane) and getattr(req.lane.ring, "state", "") != "broken"
         placed = lane is not None and req in lane.seqs
         if placed:
             if ring:

@@ -53,11 +53,17 @@ class StepSender:
 
     async def step(self, step: int, route: Route, reqs: list[Request], kind: str = "step") -> Envelope:
         """One step of these requests' sequences (each its next input tokens) along `route`."""
+        seq_ids = [r.rid for r in reqs]  # one may have ended since the step was composed: freed after it
+        with self.pool.table.carrying(seq_ids):
+            return await self._step(step, route, reqs, kind, seq_ids)
+
+    async def _step(self, step: int, route: Route, reqs: list[Request], kind: str, seq_ids: list[str]) -> Envelope:
         inputs = [r.seq.next_input()[:r.chunk or None] for r in reqs]  # a prompt chunk, or all
         msg_id = self.next_id()
+        freed = self.pool.table.take_release(route)
         header = Header(kind=kind, step=step, msg_id=msg_id, attempt=0, sender="router",
-                        seq_ids=[r.rid for r in reqs], starts=[r.seq.cached for r in reqs],
-                        lengths=[len(x) for x in inputs], release=self.pool.table.take_release(route),
+                        seq_ids=seq_ids, starts=[r.seq.cached for r in reqs],
+                        lengths=[len(x) for x in inputs], release=sorted({i for ids in freed.values() for i in ids}),
                         tokens=[t for x in inputs for t in x], partial=[r.rid for r in reqs if r.chunk])
         links = self.pool.links_for(route)
         tokens = torch.tensor(header.tokens, dtype=torch.long)
@@ -65,6 +71,9 @@ class StepSender:
         self.outbox[msg_id] = env.wire
         try:
             return await self._send(env, [r.seq.params for r in reqs], route)
+        except BaseException:
+            self.pool.table.give_back(freed)
+            raise
         finally:
             del self.outbox[msg_id]
 

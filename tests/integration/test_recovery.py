@@ -238,3 +238,23 @@ def test_a_killed_router_restarts_and_resumes_every_accepted_request(tiny_ckpt: 
         assert tokens(pipe.generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True)) == reference
     finally:
         pipe.shutdown()
+
+
+def test_a_request_cancelled_while_its_stage_restarts_leaves_no_cache_behind(tiny_ckpt: Path) -> None:
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="cancel-recovering",
+                           data_path="calls", max_restarts=2)
+    try:
+        pipe.set_step_time(1, 0.05)
+        rid = pipe.submit([3, 4, 5], max_new_tokens=200, ignore_eos=True)
+        wait_for(lambda: pipe.stats()["router"]["tokens_generated"] >= 3, 30, "a few tokens")
+        ray.kill(ray.get_actor("meshpipe/cancel-recovering/stage-1/replica-0", namespace="meshpipe"),
+                 no_restart=False)
+        time.sleep(0.1)  # the step fails; recovery waits for the restart with the request in its step
+        assert pipe.cancel(rid)
+        # the recovery's rebuild step still carries it: its free must follow, not ride along (a stage
+        # frees nothing its message carries, and the step would cache it again on the restarted stage)
+        held = lambda: [s.get("sequences") for s in pipe.stats()["stages"]]  # noqa: E731
+        wait_for(lambda: held() == [0, 0], 20, "every stage to free the cancelled request's cache")
+        assert pipe.stats()["router"]["recoveries_total"] == 1
+    finally:
+        pipe.shutdown()

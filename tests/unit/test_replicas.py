@@ -40,7 +40,40 @@ def test_a_slow_inbound_replica_is_avoided_and_finished_sequences_are_released()
         t.assign(r, f"s{i}")
     assert t.get(1, 0).sequences == set() and len(t.get(1, 1).sequences) == 6
     t.finish(r, "s5")
-    assert t.take_release(r) == ["s5"] and t.take_release(r) == []
+    assert t.take_release(r) == {(0, r.replicas[0]): ["s5"], (1, 1): ["s5"]} and t.take_release(r) == {}
+
+
+def test_a_sequence_in_a_message_on_its_way_is_freed_only_after_it() -> None:
+    t = table([1, 1])
+    r = route_for(t, HostCosts.uniform(["n0"]))
+    for sid in ("a", "b", "c"):
+        t.assign(r, sid)
+    t.finish(r, "a")
+    with t.carrying(["b", "c"]):  # a step composed before "b" was cancelled
+        t.finish(r, "b")
+        assert t.take_release(r) == {(0, 0): ["a"], (1, 0): ["a"]}  # not "b": the step would cache it again
+        with t.carrying(["b"]):  # a recovery's rebuild carrying it too
+            pass
+        assert t.take_release() == {} and [t.get(k, 0).release for k in (0, 1)] == [["b"], ["b"]]
+    assert t.take_release() == {(0, 0): ["b"], (1, 0): ["b"]} and t.take_release(r) == {}
+    assert not t.in_flight
+
+
+def test_the_frees_of_a_message_that_failed_are_queued_again_where_they_were_taken() -> None:
+    t = table([1, 1])
+    r0 = route_for(t, HostCosts.uniform(["n0"]))
+    t.assign(r0, "done")
+    t.finish(r0, "done")
+    taken = t.take_release(r0)
+    t.get(1, 0).release.append("later")
+    t.give_back(taken)  # the message died on its way: every replica it was for frees them later
+    assert t.get(0, 0).release == ["done"] and t.get(1, 0).release == ["later", "done"]
+    t.give_back(taken)
+    assert t.get(1, 0).release == ["later", "done"]  # once
+    t.get(0, 0).release.clear()
+    t.get(0, 0).sequences.add("done")  # held there again meanwhile (a route move back): not freed
+    t.give_back({(0, 0): ["done"]})
+    assert t.get(0, 0).release == []
 
 
 def test_hosts_matter_replicas_on_the_routers_host_win() -> None:
