@@ -320,26 +320,36 @@ class Recovery:
         table = self.pool.table
         self._copying.update(r.rid for r in reqs)
         try:
-            for k, rep in enumerate(table.on_route(route)):
-                others = [o for o in table.by_stage[k] if o is not rep and o.alive]
-                if not others:
-                    continue
-                chosen = {r.copies[k][0] for r in reqs if k in r.copies}
-                standby = next((o for o in others if o.replica in chosen), None) or \
-                    min(others, key=lambda o: (len(o.sequences), o.replica))
-                starts = [r.copies[k][1] if r.copies.get(k, (None,))[0] == standby.replica else 0 for r in reqs]
-                for r in reqs:
-                    standby.keep(r.rid)
-                refs, ends = await rep.handle.replicate.remote(standby.handle, [r.rid for r in reqs], starts)
-                await refs[0]
-                for r, end in zip(reqs, ends):
-                    old = r.copies.get(k)
-                    if old and old[0] != standby.replica:
-                        table.get(k, old[0]).release.append(r.rid)
-                    r.copies[k] = (standby.replica, end)
-                self.copied_positions += sum(e - s for e, s in zip(ends, starts))
+            with table.carrying([r.rid for r in reqs]):  # no free overtakes a copy on its way
+                for k, rep in enumerate(table.on_route(route)):
+                    self.copied_positions += await self._copy(k, rep, reqs)
         finally:
             self._copying.difference_update(r.rid for r in reqs)
+
+    async def _copy(self, k: int, rep: Any, reqs: list[Request]) -> int:
+        """Stage k's copies of the sequences to its standby; returns the positions copied."""
+        table = self.pool.table
+        others = [o for o in table.by_stage[k] if o is not rep and o.alive]
+        if not others:
+            return 0
+        chosen = {r.copies[k][0] for r in reqs if k in r.copies}
+        standby = next((o for o in others if o.replica in chosen), None) or \
+            min(others, key=lambda o: (len(o.sequences), o.replica))
+        starts = [r.copies[k][1] if r.copies.get(k, (None,))[0] == standby.replica else 0 for r in reqs]
+        for r in reqs:
+            standby.keep(r.rid)
+        refs, ends = await rep.handle.replicate.remote(standby.handle, [r.rid for r in reqs], starts)
+        await refs[0]
+        for r, end in zip(reqs, ends):
+            old = r.copies.get(k)
+            if old and old[0] != standby.replica:
+                table.get(k, old[0]).release.append(r.rid)
+            if r.future.done():  # it ended during the copy: its release knew nothing of this one
+                standby.release.append(r.rid)
+                r.copies.pop(k, None)
+            else:
+                r.copies[k] = (standby.replica, end)
+        return sum(e - s for e, s in zip(ends, starts))
 
 
 def _node_alive(node_id: str) -> bool:
