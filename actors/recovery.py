@@ -322,7 +322,8 @@ class Recovery:
         try:
             with table.carrying([r.rid for r in reqs]):  # no free overtakes a copy on its way
                 for k, rep in enumerate(table.on_route(route)):
-                    self.copied_positions += await self._copy(k, rep, reqs)
+                    copied = await self._copy(k, rep, reqs)  # not `+= await`: other copies count meanwhile
+                    self.copied_positions += copied
         finally:
             self._copying.difference_update(r.rid for r in reqs)
 
