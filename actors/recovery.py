@@ -275,11 +275,8 @@ class Recovery:
     # ---------- caches: rebuild and standby copies ----------
 
     async def rebuild(self, step: int, reqs: list[Request], route: Route) -> None:
-        """Gives every replica on `route` the cached positions it lacks, stage by stage, batched."""
-        with self.pool.table.carrying([r.rid for r in reqs]):
-            await self._rebuild(step, reqs, route)
-
-    async def _rebuild(self, step: int, reqs: list[Request], route: Route) -> None:
+        """Gives every replica on `route` the cached positions it lacks, stage by stage, batched (its lane
+        step holds the sequences `carrying`)."""
         reps = self.pool.table.on_route(route)
         ids = [r.rid for r in reqs]
         needed = [r.seq.cached for r in reqs]

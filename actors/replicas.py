@@ -142,8 +142,7 @@ class ReplicaTable:
         try:
             yield
         finally:
-            self.in_flight.subtract(seq_ids)
-            self.in_flight += Counter()  # drops the zeros
+            self.in_flight -= Counter(seq_ids)  # drops the zeros
 
     def take_release(self, route: Route | None = None) -> dict[tuple[int, int], list[str]]:
         """Finished sequences to free on this route's replicas (all replicas: None), by (stage, replica),

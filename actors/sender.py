@@ -53,13 +53,9 @@ class StepSender:
 
     async def step(self, step: int, route: Route, reqs: list[Request], kind: str = "step") -> Envelope:
         """One step of these requests' sequences (each its next input tokens) along `route`."""
-        seq_ids = [r.rid for r in reqs]  # one may have ended since the step was composed: freed after it
-        with self.pool.table.carrying(seq_ids):
-            return await self._step(step, route, reqs, kind, seq_ids)
-
-    async def _step(self, step: int, route: Route, reqs: list[Request], kind: str, seq_ids: list[str]) -> Envelope:
         inputs = [r.seq.next_input()[:r.chunk or None] for r in reqs]  # a prompt chunk, or all
         msg_id = self.next_id()
+        seq_ids = [r.rid for r in reqs]  # the caller holds them `carrying` (one may end on the way)
         freed = self.pool.table.take_release(route)
         header = Header(kind=kind, step=step, msg_id=msg_id, attempt=0, sender="router",
                         seq_ids=seq_ids, starts=[r.seq.cached for r in reqs],
