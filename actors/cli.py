@@ -139,15 +139,22 @@ def _deploy(model: str, stages: int, name: str, **options: Any) -> Any:
 
 
 def _print_route(info: dict) -> None:
-    short = ["/".join(r.split("/")[-2:]) for r in info["route"]]  # stage-K/replica-R
+    def short(name: str) -> str:
+        return "/".join(name.split("/")[-2:])  # stage-K/replica-R (the deployment is named above)
+
+    hops = " -> ".join(map(short, info["route"]))
     rc = info.get("router", {})
-    out.print("[bold]route:[/] router -> " + " -> ".join(short) + " -> router (sampled tokens); "
-              f"hop mode {rc.get('hop_mode', '?')}, {rc.get('micro_batches', '?')} micro-batch(es) in flight")
+    if rc.get("data_path") == "ring" and not rc.get("replicate_every"):
+        out.print(f"[bold]route:[/] router -> {hops} -> {short(info['route'][0])} (decode ring: the stages "
+                  "pass each token on over TCP, the last samples it and reports to the router)")
+    else:
+        out.print(f"[bold]route:[/] router -> {hops} -> router (sampled tokens); Ray calls, hop mode "
+                  f"{rc.get('hop_mode', '?')}, {rc.get('micro_batches', '?')} micro-batch(es) in flight")
     table = Table("actor", "layers", "node", "device", "threads", "pid", "load s", box=box.SIMPLE_HEAD)
     names = [n for names in info["replicas"] for n in names]
     for name, s in zip(names, info["stages"]):
         first, last = s["layers"]
-        table.add_row(name, f"{first}-{last}", s["node_id"][:8], s["device"], str(s.get("threads", "")),
+        table.add_row(short(name), f"{first}-{last}", s["node_id"][:8], s["device"], str(s.get("threads", "")),
                       str(s["pid"]), f"{s.get('load_s', 0):.1f}")
     out.print(table)
 

@@ -83,8 +83,9 @@ def test_demo_answers_with_paris_and_prints_the_route_and_speed() -> None:
     r = meshpipe("demo", "--max-new-tokens", "8")  # README's main command (with a shorter answer)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Paris" in r.stdout
-    assert "route: router -> stage-0/replica-0 -> stage-1/replica-0 -> stage-2/replica-0 -> stage-3/replica-0" \
-        in r.stdout
+    assert "route: router -> stage-0/replica-0 -> stage-1/replica-0 -> stage-2/replica-0 -> stage-3/replica-0 " \
+        "-> stage-0/replica-0 (decode ring" in r.stdout  # the default data path, named as it runs
+    assert "meshpipe/demo/" not in r.stdout  # the table names replicas as the route does
     assert "tokens/s" in r.stdout
     assert "reading weights" in r.stderr and "starting stages" in r.stderr  # the progress bars
 
