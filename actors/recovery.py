@@ -13,13 +13,13 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from actors.errors import StageFailedError
-from actors.gcs import actor_record
+from actors.gcs import actor_records
 from actors.metrics import RouterMetrics
 from actors.pool import ReplicaPool
 from actors.replicas import Replica
@@ -40,13 +40,13 @@ class Recovery:
 
     def __init__(self, deployment: str, pool: ReplicaPool, sender: StepSender, metrics: RouterMetrics,
                  restart_timeout_s: float, key: bytes | None, reschedule: Callable[[], None],
-                 actor_state: Callable[[Any], tuple[str, int]] = actor_record) -> None:
+                 actor_states: Callable[[Sequence[Any]], list[tuple[str, int]]] = actor_records) -> None:
         self.deployment = deployment
         self.pool, self.sender, self.metrics = pool, sender, metrics
         self.restart_timeout_s = restart_timeout_s  # how long a step waits for a dead replica to come back
         self.key = key
         self.reschedule = reschedule  # the router schedules waiting requests again (a replica came back)
-        self.actor_state = actor_state  # Ray's record of an actor: (state, restarts)
+        self.actor_states = actor_states  # Ray's record of each of some actors: (state, restarts)
         # per recovered step, or ring broken by a failure once its requests stepped again: (time.time() at
         # its end, seconds in all, seconds of them failing over or waiting for a restart)
         self.recoveries: deque[tuple[float, float, float]] = deque(maxlen=RECOVERIES_KEPT)
@@ -58,17 +58,18 @@ class Recovery:
 
     # ---------- noticing ----------
 
-    def watch_once(self) -> None:
+    async def watch_once(self) -> None:
         """Reads every replica's state from the GCS once (the router calls it every `watch_interval_s` while
-        steps are in flight).
+        steps are in flight), in one read off the event loop.
 
         Ray marks a killed actor RESTARTING (or DEAD) within milliseconds, while a call to it fails
         only once it is back (~2 s): watching lets a replica's death fail its steps at once.
         """
-        for rep in self.pool.table:
-            if rep.gone:
+        reps = [rep for rep in self.pool.table if not rep.gone]
+        states = await asyncio.to_thread(self.actor_states, [rep.handle for rep in reps])
+        for rep, (st, restarts) in zip(reps, states):
+            if rep.gone:  # taken out while the read ran
                 continue
-            st, restarts = self.actor_state(rep.handle)
             event = self.pool.down_event(rep)
             if st in ("RESTARTING", "DEAD") and not event.is_set():
                 log.warning("%s is %s", rep.label, st.lower())
@@ -205,7 +206,7 @@ class Recovery:
 
         if rep.gone:
             return Health.GONE
-        st = self.actor_state(rep.handle)[0]
+        st = self.actor_states([rep.handle])[0][0]
         if st == "UNKNOWN":
             try:
                 await asyncio.wait_for(rep.handle.__ray_ready__.remote(), timeout_s)

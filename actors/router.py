@@ -325,9 +325,9 @@ class RouterActor(FaultHooks, ScalingHooks):
             self._tasks.append(background(self._every(rc.topology_refresh_s, self.prober.measure_links,
                                                       first=True)))
 
-    def _watch(self) -> None:
+    async def _watch(self) -> None:
         if self._active():
-            self.recovery.watch_once()
+            await self.recovery.watch_once()
             if self.rings:
                 self.rings.watch()
 

@@ -238,6 +238,18 @@ def bench_codecs_cmd(
         ray.shutdown()
 
 
+@bench_app.command("watch")
+@_handles_errors
+def bench_watch_cmd(
+    replicas: Annotated[str, typer.Option(help="Deployment sizes (replicas), comma-separated.")] = "4,16,48",
+    rounds: Annotated[int, typer.Option(min=1)] = 100,
+) -> None:
+    """The router's watch of its replicas' states: one GCS read of them all vs one read per replica."""
+    from actors.bench.watch import bench_watch
+
+    _emit(bench_watch(_parse_ints(replicas, "--replicas") or [4, 16, 48], rounds=rounds))
+
+
 @bench_app.command("channels")
 @_handles_errors
 def bench_channels_cmd(

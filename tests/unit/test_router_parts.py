@@ -151,7 +151,7 @@ def make_recovery(pool: ReplicaPool, states: dict[str, tuple[str, int]]) -> tupl
     metrics = type("M", (), {"rerouted": lambda self, n: None, "recovered": lambda self, s: None})()
     rec = Recovery("d", pool, sender=None, metrics=metrics, restart_timeout_s=5.0, key=None,  # type: ignore[arg-type]
                    reschedule=lambda: scheduled.append(1),
-                   actor_state=lambda h: states.get(h._actor_id.hex(), ("ALIVE", 0)))
+                   actor_states=lambda hs: [states.get(h._actor_id.hex(), ("ALIVE", 0)) for h in hs])
     return rec, scheduled
 
 
@@ -160,11 +160,11 @@ def test_watcher_marks_dead_replicas_and_takes_restarted_ones_back() -> None:
     rep = pool.table.get(0, 1)
     states: dict[str, tuple[str, int]] = {rep.handle._actor_id.hex(): ("RESTARTING", 0)}
     rec, scheduled = make_recovery(pool, states)
-    rec.watch_once()
+    asyncio.run(rec.watch_once())
     assert pool.down_event(rep).is_set()
     rep.alive = False
     states[rep.handle._actor_id.hex()] = ("ALIVE", 1)
-    rec.watch_once()
+    asyncio.run(rec.watch_once())
     assert not pool.down_event(rep).is_set() and rep.alive and rep.restarts_seen == 1 and scheduled
 
 
