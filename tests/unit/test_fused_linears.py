@@ -1,5 +1,5 @@
-"""Inference's fused q|k|v and gate|up matmuls (`models.model.FusedLinears`): the same bits as the separate
-linears, one copy of the weights, and never in the way of LoRA, training, reloads or export. No Ray."""
+"""Inference's fused q|k|v and gate|up matmuls (`models.model.FusedLinears`): the separate linears' outputs
+to rounding, one copy of the weights, and never in the way of LoRA, training, reloads or export. No Ray."""
 
 from __future__ import annotations
 
@@ -14,6 +14,15 @@ from models.lora import LoraConfig, apply_lora, merged_state_dict
 from models.model import FusedLinears
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(30, 71)), [200]]
+
+
+# BLAS may sum a wider matmul in another order: MKL's float64 on an AMD EPYC differs by ~1e-13 (other
+# machines give the same bits); a weight the fused path failed to follow differs by far more
+TOL = {torch.float64: 1e-11, torch.float32: 1e-5}
+
+
+def _same(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> bool:
+    return all(torch.allclose(x, y, rtol=TOL[x.dtype], atol=TOL[x.dtype]) for x, y in zip(xs, ys, strict=True))
 
 
 def _fused(model: torch.nn.Module) -> list[FusedLinears]:
@@ -32,7 +41,7 @@ def _steps(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_fused_equals_separate_bit_for_bit(tiny_ckpt: Path, dtype: str) -> None:
+def test_fused_equals_separate_to_rounding(tiny_ckpt: Path, dtype: str) -> None:
     model = load_model(tiny_ckpt, dtype=dtype)
     model.fuse_linears(False)
     separate = _steps(model)
@@ -40,7 +49,7 @@ def test_fused_equals_separate_bit_for_bit(tiny_ckpt: Path, dtype: str) -> None:
     model.fuse_linears(True)
     fused = _steps(model)
     assert all(f.weight is not None for f in _fused(model))  # the fused path ran
-    assert all(torch.equal(x, y) for x, y in zip(separate, fused))
+    assert _same(separate, fused)
     assert [c.token_ids for c in generate_local(model, PROMPTS, 10, ignore_eos=True)] == tokens
 
 
@@ -79,7 +88,7 @@ def test_replaced_or_updated_weights_are_followed(tiny_ckpt: Path) -> None:
     model.load_weights(state)
     after_load = _steps(model)
     model.fuse_linears(False)
-    assert all(torch.equal(x, y) for x, y in zip(after_load, _steps(model)))
+    assert _same(after_load, _steps(model))
     # updated in place (an optimizer step, load_state_dict's copy): the views carry it into the fused weight
     model.fuse_linears(True)
     _steps(model)
@@ -88,8 +97,8 @@ def test_replaced_or_updated_weights_are_followed(tiny_ckpt: Path) -> None:
         model.layers["1"].feed_forward.w1.weight.add_(0.01)
     fused = _steps(model)
     model.fuse_linears(False)
-    assert all(torch.equal(x, y) for x, y in zip(fused, _steps(model)))
-    assert not torch.equal(fused[-1], after_load[-1])
+    assert _same(fused, _steps(model))
+    assert not _same(fused[-1:], after_load[-1:])
 
 
 def test_lora_wrapped_linears_are_never_fused(tiny_ckpt: Path) -> None:
@@ -123,7 +132,7 @@ def test_training_after_fused_inference(tiny_ckpt: Path) -> None:
     opt.step()
     fused = _steps(model)
     model.fuse_linears(False)
-    assert all(torch.equal(x, y) for x, y in zip(fused, _steps(model)))
+    assert _same(fused, _steps(model))
 
 
 def test_export_after_fused_inference(tiny_ckpt: Path, tmp_path: Path) -> None:
@@ -134,7 +143,7 @@ def test_export_after_fused_inference(tiny_ckpt: Path, tmp_path: Path) -> None:
     folder = save_hf(tmp_path / "out", model.cfg, model.state_dict())
     again = load_model(folder, dtype="float32")
     again.fuse_linears(False)
-    assert all(torch.equal(x, y) for x, y in zip(want, _steps(again)))
+    assert _same(want, _steps(again))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
