@@ -70,6 +70,10 @@ class StageOptions(_Section):
 
     dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on GPU) | "float32" | "bfloat16" | "float64"
     threads_per_stage: int | None = Field(None, ge=1)  # torch threads in each stage (None: chosen by device)
+    # GOMP_SPINCOUNT in each stage process: how long an idle OpenMP worker spins before it sleeps. OpenMP's
+    # default (300,000 rounds, milliseconds) keeps a stage's workers spinning into the next stage's turn on
+    # shared cores; None: OpenMP's default, or whatever the environment sets
+    omp_spin_count: int | None = Field(50_000, ge=0)
     max_restarts: int = Field(3, ge=0)  # Ray restarts a dead stage actor this often; the router rebuilds its caches
     stage_resources: dict[str, Any] | None = None  # e.g. {"num_gpus": 1, "num_cpus": 0.5}; None: one GPU each
     kv_block_size: int = Field(16, ge=1, le=1024)  # tokens per KV cache block

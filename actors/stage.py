@@ -82,6 +82,17 @@ def _locked(method: Any) -> Any:
     return run
 
 
+def omp_env(spin_count: int | None) -> dict[str, Any]:
+    """Actor options setting OpenMP's spin in a stage process (`StageOptions.omp_spin_count`), read as torch
+    loads, so before the process starts; none where the environment or the job chose its own wait policy."""
+    import ray
+
+    job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+    if spin_count is None or {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & (os.environ.keys() | job_env.keys()):
+        return {}
+    return {"runtime_env": {"env_vars": {"GOMP_SPINCOUNT": str(spin_count)}}}
+
+
 @dataclass
 class StageLauncher:
     """How to start a stage replica actor: at deploy, and again on another node after a node loss."""
@@ -95,11 +106,12 @@ class StageLauncher:
         import ray
 
         spread = {"scheduling_strategy": "SPREAD"} if self.spread else {}
+        env = omp_env(self.setup.stage.omp_spin_count)
         return ray.remote(StageActor).options(
             name=stage_name(self.setup.deployment, spec.index, replica), namespace=NAMESPACE,
             lifetime="detached", max_restarts=self.setup.stage.max_restarts, max_task_retries=0,
             allow_out_of_order_execution=True,  # a call waiting on a dead replica's output blocks no other
-            **{**spread, **self.resources, **(options or {})},
+            **{**spread, **env, **self.resources, **(options or {})},
         ).remote(self.setup, spec, replica)
 
 

@@ -29,6 +29,9 @@ def bench_pipeline_cmd(
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per figure (the best is reported).")] = 2,
     with_transformers: Annotated[bool, typer.Option("--transformers/--no-transformers")] = True,
     hops: Annotated[bool, typer.Option("--hops/--no-hops")] = True,
+    omp_spin_counts: Annotated[str | None, typer.Option(
+        help="Stages' OpenMP spin counts to compare, comma-separated; 'openmp': OpenMP's own default "
+             "(default: the pipeline's).")] = None,
 ) -> None:
     """Pipeline efficiency vs the single-process model, and hop costs (bare, envelope, push)."""
     import ray
@@ -40,11 +43,19 @@ def bench_pipeline_cmd(
     modes = [m.strip() for m in hop_modes.split(",") if m.strip()] if hop_modes else None
     if modes and not set(modes) <= {"push", "router"}:
         raise typer.BadParameter(f"{hop_modes!r}: give push, router or both", param_hint="--hop-modes")
+    spins = None
+    if omp_spin_counts:
+        words = [w.strip() for w in omp_spin_counts.split(",") if w.strip()]
+        if not all(w == "openmp" or w.isdigit() for w in words):
+            raise typer.BadParameter(f"{omp_spin_counts!r}: give counts >= 0 or 'openmp'",
+                                     param_hint="--omp-spin-counts")
+        spins = [None if w == "openmp" else int(w) for w in words]
     ray.init(address="local", num_gpus=max(stage_list), log_to_driver=False, include_dashboard=False)
     try:
         rows = bench_pipeline(stage_list, batch_list, new_tokens, model, _parse_ints(threads, "--threads"),
                               _parse_ints(micro_batches, "--micro-batches"), hop_modes=modes,
-                              repeats=repeats, with_transformers=with_transformers, hops=hops)
+                              repeats=repeats, with_transformers=with_transformers, hops=hops,
+                              spin_counts=spins)
         _emit(rows)
     finally:
         ray.shutdown()

@@ -182,6 +182,7 @@ def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens
 
     name = f"bench-{stages}-t{threads or 'auto'}-m{micro_batches or 'auto'}-{hop_mode or 'auto'}"
     name += "".join(f"-{(extra or {}).get(k)}" for k in ("codec", "compress", "encryption") if (extra or {}).get(k))
+    name += f"-spin{(extra or {})['omp_spin_count']}" if "omp_spin_count" in (extra or {}) else ""
     free_before = ray.available_resources().get("GPU", 0)
     options: dict[str, Any] = {"hop_mode": hop_mode} if hop_mode else {}
     options.update(extra or {})
@@ -376,12 +377,14 @@ def bench_pipeline(
     repeats: int = 2,
     with_transformers: bool = True,
     hops: bool = True,
+    spin_counts: Sequence[int | None] | None = None,
 ) -> Iterator[dict]:
     """All measurements in one process and one Ray session; one dict per measurement.
 
     `threads`, `micro_batches` and `hop_modes` ("push", "router") may be lists: every stage count
     is deployed once per combination (None = the pipeline's default); a single stage has nothing
     to pipeline, so S=1 only sweeps `threads` (with the first micro-batch count and hop mode).
+    `spin_counts`: deploy once per stages' `omp_spin_count` too (None in it: OpenMP's own default).
     Starts a local Ray when none is running (and shuts it down at the end).
     """
     import ray
@@ -425,9 +428,10 @@ def bench_pipeline(
             micros = _as_list(micro_batches)
             configs = [(t, m, h) for t in _as_list(threads)
                        for m in (micros if s > 1 else micros[:1]) for h in (modes if s > 1 else modes[:1])]
-            for t, m, h in configs:
+            spins = [{}] if spin_counts is None else [{"omp_spin_count": n} for n in spin_counts]
+            for (t, m, h), spin in [(c, sp) for c in configs for sp in spins]:
                 for row in bench_deployment(model, s, batches, new_tokens, prompt, t, m, repeats, baseline, h,
-                                            first):
+                                            first, extra=spin):
                     yield {**row, "model": model, "machine": info}
                     if row["bench"] == "pipeline" and s == last and s > 1 and "overhead_ms_per_step" in row:
                         yield {"bench": "hop_meshpipe_derived", "stages": s, "batch": row["batch"],

@@ -244,3 +244,27 @@ def test_unplaceable_stages_fail_with_a_named_error_not_a_hang(tiny_ckpt: Path) 
                         stage_resources={"num_cpus": 0, "resources": {"no_such_resource": 1}})
     assert time.monotonic() - t0 < 30
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("meshpipe/nowhere/")]
+
+
+def test_stage_processes_start_with_a_short_openmp_spin_unless_told_otherwise(
+        tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    from actors.stage import omp_env
+
+    def spins(p: Pipeline) -> list[str | None]:
+        return [psutil.Process(s["pid"]).environ().get("GOMP_SPINCOUNT") for s in p.describe()["stages"]]
+
+    p = Pipeline.deploy(str(tiny_ckpt), num_stages=2, name="spin")
+    q = Pipeline.deploy(str(tiny_ckpt), num_stages=2, name="nospin", omp_spin_count=None)
+    try:
+        assert spins(p) == ["50000", "50000"]  # the default: set before the process loads OpenMP
+        assert spins(q) == [None, None]  # None: OpenMP's own default
+        same = [x.generate([1, 2, 3], max_new_tokens=4)[0].token_ids for x in (p, q)]
+        assert same[0] == same[1]
+    finally:
+        p.shutdown()
+        q.shutdown()
+    assert omp_env(7) == {"runtime_env": {"env_vars": {"GOMP_SPINCOUNT": "7"}}}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the user's own choice wins
+    assert omp_env(7) == {}
