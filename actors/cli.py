@@ -144,7 +144,7 @@ def _print_route(info: dict) -> None:
 
     hops = " -> ".join(map(short, info["route"]))
     rc = info.get("router", {})
-    if rc.get("data_path") == "ring" and not rc.get("replicate_every"):
+    if info.get("decode_rings"):
         out.print(f"[bold]route:[/] router -> {hops} -> {short(info['route'][0])} (decode ring: the stages "
                   "pass each token on over TCP, the last samples it and reports to the router)")
     else:

@@ -2,8 +2,8 @@
 
 Ray has no public API for one actor's state without the dashboard's state API (which the tests
 and many notebooks run without), so this reads the GCS table `ray.util.state` is built on. It
-takes ~0.4 ms an actor (`actor_records` reads many at once); Ray marks a killed actor RESTARTING within milliseconds, long before a call to it
-fails.
+takes ~0.4 ms an actor (`actor_records` reads many at once); Ray marks a killed actor RESTARTING
+within milliseconds, long before a call to it fails.
 """
 
 from __future__ import annotations

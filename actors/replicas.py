@@ -52,6 +52,10 @@ class Replica:
         if seq_id in self.release:
             self.release.remove(seq_id)
 
+    def free_later(self, seq_ids: list[str]) -> None:
+        """Queues frees of these sequences here, but of none it serves now or has queued already."""
+        self.release += [sid for sid in seq_ids if sid not in self.sequences and sid not in self.release]
+
     def observe(self, inbound_ms: float | None = None, compute_ms: float | None = None) -> None:
         if inbound_ms is not None:
             self.inbound_ms = max(0.0, ema(self.inbound_ms, inbound_ms))
@@ -162,7 +166,7 @@ class ReplicaTable:
         for key, ids in taken.items():
             r = self._index.get(key)
             if r is not None:
-                r.release += [sid for sid in ids if sid not in r.sequences and sid not in r.release]
+                r.free_later(ids)
 
     def observe_trace(self, trace: list[tuple[int, int, float, float]], tokens: int | None = None) -> None:
         """A step's per-hop measurements: (stage, replica, inbound_ms, compute_ms); `tokens` in that step."""

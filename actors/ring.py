@@ -263,7 +263,7 @@ class RingDriver:
         self.fallback([r for r in reqs if not r.future.done()])
         ended = [r.rid for r in ring.ended if r.future.done()]  # not those preempted, to be admitted again
         for rep in reps:  # their frees may not have gone down the ring before it broke
-            rep.release += [rid for rid in ended if rid not in rep.release and rid not in rep.sequences]
+            rep.free_later(ended)
         self.pool.flush_releases()  # and those that ended during the handover (no head frees them now)
 
     @staticmethod

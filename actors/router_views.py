@@ -30,6 +30,7 @@ def describe(router: RouterActor) -> dict[str, Any]:
         "probes": router.prober.names(),
         "topology": None if pool.topology is None else pool.topology.spec.model_dump(),
         "router": router.rc.model_dump(),
+        "decode_rings": router.rings is not None,  # tokens go round the stages (else a Ray call a hop)
     }
 
 
