@@ -49,8 +49,10 @@ class RouterMetrics:
                                 "mean busy fraction of the stages' replicas (1 = no bubbles)", tag_keys=keys)
 
     def step(self, tokens: int, trace: list[tuple[int, int, float, float]], retransmits: int) -> None:
-        """Per step: tokens out, retransmits, each hop's wait (gauges are set once a second by `load`)."""
-        self.tokens.inc(tokens, self.tags)
+        """Per step (or a ring's report): tokens out, retransmits, each hop's wait (gauges are set once a second
+        by `load`)."""
+        if tokens:  # Ray's counters refuse an increment of 0
+            self.tokens.inc(tokens, self.tags)
         if retransmits:
             self.retransmits.inc(retransmits, self.tags)
         for stage, replica, inbound_ms, _ in trace:

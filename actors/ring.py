@@ -59,7 +59,7 @@ class Ring:
     admits: list[Request] = field(default_factory=list)  # waiting for the next admission call
     cancels: list[str] = field(default_factory=list)
     flushing: bool = False
-    passes: int = 0  # token reports' passes (one per lane step)
+    passes: int = 0  # passes its tail reported (one per lane step)
     # the last requests that left it: the head frees their caches down the ring, unless it breaks first
     ended: deque[Request] = field(default_factory=lambda: deque(maxlen=ENDED_KEPT))
 
@@ -125,19 +125,24 @@ class RingDriver:
     def active(self) -> int:
         return sum(len(ring.lane.seqs) for ring in self.rings.values())
 
-    def report(self, ring_id: str, batch: list[tuple], trace: list[list[float]],
+    def report(self, ring_id: str, batch: list[tuple], passes: list[tuple[int, list[list[float]]]],
                requests: dict[str, Request], deliver: Callable[..., None], metrics: Any) -> None:
-        """A tail's report: each (request id, tokens, logprobs, drafts verified, tokens before) goes to `deliver`; the
-        hops' times to the pool's costs. A broken ring's late report is dropped: the router's record is the truth."""
+        """A tail's report: each (request id, tokens, logprobs, drafts verified, tokens before) goes to `deliver`;
+        each pass's hop times to the pool's costs, its resends to the counters (a release-only message's pass,
+        0 tokens, only the latter). A broken ring's late report is dropped: the router's record is the truth."""
         ring = self.by_id.get(ring_id)
         if ring is None:
             return
-        ring.passes += 1
-        self.passes += 1
-        hops = [tuple(t[:4]) for t in trace]
-        resent = int(sum(t[4] for t in trace))
+        hops, resent = [], 0
+        for tokens, trace in passes:
+            resent += int(sum(t[4] for t in trace))
+            if tokens:
+                ring.passes += 1
+                self.passes += 1
+                pass_hops = [tuple(t[:4]) for t in trace]
+                self.pool.table.observe_trace(pass_hops, tokens)
+                hops += pass_hops
         self.retransmits += resent
-        self.pool.table.observe_trace(hops, len(batch))
         metrics.step(sum(len(b[1]) for b in batch), hops, resent)
         for rid, tokens, logprobs, drafted, before in batch:
             r = requests.get(rid)  # a report of an earlier run of a preempted sequence matches no count

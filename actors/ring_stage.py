@@ -108,7 +108,7 @@ class RingMember:
         self.stopped = False
         self.threads: list[threading.Thread] = []
         self.reports: list[tuple] = []  # tail: (rid, tokens, logprobs, drafted, tokens generated before them)
-        self.report_trace: list[list[float]] = []
+        self.report_passes: list[tuple[int, list[list[float]]]] = []  # tail: (input tokens, trace) of each pass
         self.report_cond = threading.Condition()
         self.report_now = False  # a sequence's first token or its end is waiting: no batching delay
         self.last_report = 0.0
@@ -319,9 +319,11 @@ class RingMember:
         y = st.apply(header, x, logits_at=at, ring=True)
         hop = [st.spec.index, st.replica, inbound_ms, 0.0, self.retransmits]
         self.retransmits = 0
-        if not header.seq_ids:  # a release-only message: on to the tail, which drops it
-            if not self.is_tail:
-                self._send(header, y, header.trace)
+        if not header.seq_ids:  # a release-only message: on to the tail, which reports its resends and drops it
+            if self.is_tail:
+                self._reported([], False, 0, [*header.trace, hop])
+            else:
+                self._send(header, y, [*header.trace, hop])
             return
         if not self.is_tail:
             t1 = time.perf_counter()
@@ -345,12 +347,17 @@ class RingMember:
             self._handle(("tokens", (out, tokens)))
         else:
             self._send(out, long_tensor(tokens), trace)
+        self._reported(reports, bool(done) or urgent, sum(header.lengths), trace)
+        st.account(time.perf_counter() - t0, y)
+
+    def _reported(self, reports: list[tuple], now: bool, tokens: int, trace: list[list[float]]) -> None:
+        """Tail: a pass's tokens and its trace wait for the reporter (every pass's trace goes: the router
+        counts each pass's resends and times, none overwritten by the next)."""
         with self.report_cond:
             self.reports += reports
-            self.report_now = self.report_now or bool(done) or urgent
-            self.report_trace = trace
+            self.report_now = self.report_now or now
+            self.report_passes.append((tokens, trace))
             self.report_cond.notify_all()
-        st.account(time.perf_counter() - t0, y)
 
     def _send(self, header: Header, y: torch.Tensor, trace: list[list[float]]) -> Any:
         """Encodes and sends to the next member; returns the encoded message."""
@@ -448,19 +455,19 @@ class RingMember:
 
         while True:
             with self.report_cond:
-                while not self.reports and not self.stopped:
+                while not self.report_passes and not self.stopped:
                     self.report_cond.wait()
                 due = self.last_report + REPORT_EVERY_S  # batching: each report call costs both ends CPU
                 while not self.report_now and not self.stopped and time.monotonic() < due:
                     self.report_cond.wait(due - time.monotonic())
                 if self.stopped:
                     return
-                batch, self.reports, self.report_now = self.reports, [], False
-                trace = self.report_trace
+                batch, passes = self.reports, self.report_passes
+                self.reports, self.report_passes, self.report_now = [], [], False
             if self.report_out is not None:
-                self.report_out.send(batch, trace)
+                self.report_out.send(batch, passes)
             else:
-                ray.get(self.spec.router.ring_tokens.remote(self.spec.ring_id, batch, trace))
+                ray.get(self.spec.router.ring_tokens.remote(self.spec.ring_id, batch, passes))
             self.last_report = time.monotonic()
 
 

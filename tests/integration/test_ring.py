@@ -153,6 +153,46 @@ def test_sampled_tokens_with_drafts_follow_the_model_softmax(tiny_ckpt: Path, lo
     check_first_two_tokens(outs, prompt, c, softmax_after, min_second=50)
 
 
+def test_the_router_counts_every_pass_and_every_resend_of_a_ring(tiny_ckpt: Path, local: Transformer) -> None:
+    """The tail reports in batches (one call in flight, ~15 ms apart): each pass's trace still reaches the
+    router, so its steps are the passes and its retransmits the resends the stages asked for, mid-generation
+    and on a cancel's release-only message alike."""
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="ring-count")
+
+    def passes() -> int:
+        return sum(r["passes"] for r in _rings(pipe)[0])
+
+    def counts() -> tuple[int, int]:
+        stats = pipe.stats()
+        return stats["router"]["retransmits"], sum(s["retransmits_asked"] for s in stats["stages"])
+
+    try:
+        steps = pipe.stats()["router"]["steps"]
+        assert tokens(pipe.generate([PROMPTS[0]], max_new_tokens=40, ignore_eos=True)) == \
+            tokens(generate_local(local, [PROMPTS[0]], 40, ignore_eos=True))
+        assert pipe.stats()["router"]["steps"] - steps == 40  # a pass a token, each one reported
+
+        pipe.set_hop_delay(1, 0.005)  # passes ~10 ms apart: reports carry one or two
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.update(r=pipe.generate([PROMPTS[2]], max_new_tokens=60,
+                                                                       ignore_eos=True)))
+        t.start()
+        wait_for(lambda: passes() >= 50, what="the generation under way")
+        pipe.inject_fault(0, "corrupt", 1)  # stage 0 -> stage 1, a pass mid-generation
+        t.join(timeout=60)
+        assert tokens(out["r"]) == tokens(generate_local(local, [PROMPTS[2]], 60, ignore_eos=True))
+        wait_for(lambda: counts() == (1, 1), what="the mid-generation resend counted")
+
+        pipe.set_hop_delay(1, 0.05)
+        rid = pipe.submit(PROMPTS[1], max_new_tokens=200, ignore_eos=True)
+        wait_for(lambda: passes() >= 103, what="the next generation under way")
+        pipe.inject_fault(0, "corrupt", 1)  # the next message stage 0 sends: a pass, or the release-only one
+        pipe.cancel(rid)
+        wait_for(lambda: counts() == (2, 2), what="the resend around a cancel counted")
+    finally:
+        pipe.shutdown()
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_a_stage_killed_mid_ring_breaks_it_and_the_tokens_stay_identical(tiny_ckpt: Path, local: Transformer,
                                                                          graphs: bool) -> None:

@@ -17,7 +17,9 @@ from models import TokenLogprob
 SECRET = b"r" * 32
 BATCH = [("req-1", [5, 6], [TokenLogprob(5, -0.25, {5: -0.25, 9: -2.0}), TokenLogprob(6, -1.5, {})], 1, 3),
          ("req-2", [7], [None], 0, 0)]
-TRACE = [[0, 0, 0.1, 0.5, 0], [1, 0, 0.2, 0.4, 1]]
+PASSES = [(6, [[0, 0, 0.1, 0.5, 0], [1, 0, 0.2, 0.4, 1]]),  # (input tokens, trace) per pass since the last report
+          (2, [[0, 0, 0.3, 0.2, 0], [1, 0, 0.1, 0.3, 0]]),
+          (0, [[0, 0, 0.0, 0.0, 2], [1, 0, 0.0, 0.0, 0]])]  # a release-only message, resent twice
 
 
 def run(body: Callable[[ReportServer, list, tuple[str, int]], Awaitable[None]]) -> list:
@@ -25,7 +27,7 @@ def run(body: Callable[[ReportServer, list, tuple[str, int]], Awaitable[None]]) 
     got: list = []
 
     async def main() -> None:
-        server = ReportServer(lambda ring, batch, trace: got.append((ring, batch, trace)), "127.0.0.1")
+        server = ReportServer(lambda ring, batch, passes: got.append((ring, batch, passes)), "127.0.0.1")
         server.allow("ring-a", SECRET)
         addr = await server.address()
         try:
@@ -49,14 +51,14 @@ def test_reports_arrive_in_order_with_their_logprobs() -> None:
     async def body(server: ReportServer, got: list, addr: tuple[str, int]) -> None:
         sender = await asyncio.to_thread(ReportSender, *addr, "ring-a", SECRET)
         for i in range(50):
-            await asyncio.to_thread(sender.send, [(f"r{i}", [i], [None], 0, i)], TRACE)
-        sender.send(BATCH, TRACE)
+            await asyncio.to_thread(sender.send, [(f"r{i}", [i], [None], 0, i)], PASSES)
+        sender.send(BATCH, PASSES)
         await until(lambda: len(got) == 51)
         sender.close()
 
     got = run(body)
     assert [b[0][0] for _, b, _ in got[:50]] == [f"r{i}" for i in range(50)]
-    assert got[-1] == ("ring-a", BATCH, TRACE)
+    assert got[-1] == ("ring-a", BATCH, PASSES)
 
 
 def raw_client(addr: tuple[str, int], hello: bytes) -> socket.socket:
@@ -87,12 +89,12 @@ def test_a_hello_without_a_known_rings_secret_is_refused(hello: bytes) -> None:
 def test_replayed_tampered_and_oversized_frames_end_the_connection() -> None:
     async def body(server: ReportServer, got: list, addr: tuple[str, int]) -> None:
         sender = await asyncio.to_thread(ReportSender, *addr, "ring-a", SECRET)
-        sender.send(BATCH, TRACE)
+        sender.send(BATCH, PASSES)
         await until(lambda: len(got) == 1)
         sent: list[bytes] = []  # the same frame, as the sender sealed it (its counter back at 0)
         sender.counter, real = 0, sender.sock
         sender.sock = type("Capture", (), {"sendall": lambda self, data: sent.append(bytes(data))})()
-        sender.send(BATCH, TRACE)
+        sender.send(BATCH, PASSES)
         sender.sock = real
         for bad in (sent[0],  # a replay of the first frame
                     sent[0][:-1] + bytes([sent[0][-1] ^ 1]),  # a flipped bit
@@ -113,23 +115,29 @@ def test_replayed_tampered_and_oversized_frames_end_the_connection() -> None:
 def test_a_forgotten_ring_is_cut_off_and_its_reports_are_dropped() -> None:
     async def body(server: ReportServer, got: list, addr: tuple[str, int]) -> None:
         sender = await asyncio.to_thread(ReportSender, *addr, "ring-a", SECRET)
-        sender.send(BATCH, TRACE)
+        sender.send(BATCH, PASSES)
         await until(lambda: len(got) == 1)
         server.forget("ring-a")
         with pytest.raises(OSError):
             for _ in range(100):  # the closed socket fails a send soon (the first may still be buffered)
-                await asyncio.to_thread(sender.send, BATCH, TRACE)
+                await asyncio.to_thread(sender.send, BATCH, PASSES)
                 await asyncio.sleep(0.01)
 
     assert len(run(body)) == 1
 
 
 @pytest.mark.parametrize("raw", [b"[]", b'[[["r", [1], [], 0, 0]], [[1, 2]]]', b'[[["r", [-1], [], 0, 0]], []]',
-                                 b'[[["r", [1], [[1, NaN, []]], 0, 0]], []]', b"\xff", b'[[["r", [true], [], 0, 0]], []]'])
+                                 b'[[["r", [1], [[1, NaN, []]], 0, 0]], []]', b"\xff",
+                                 b'[[["r", [true], [], 0, 0]], []]',
+                                 b'[[], [[1, [[0, 0, 0.1, 0.5, 0]], 3]]]',  # a pass of three fields
+                                 b'[[], [[-1, [[0, 0, 0.1, 0.5, 0]]]]]',  # negative input tokens
+                                 b'[[], [[1, [[0, 0, 0.1, 0.5, -2]]]]]',  # negative resends
+                                 b'[[], [[1, [[0, 0.5, 0.1, 0.5, 0]]]]]',  # a fractional replica
+                                 b'[[], [[1, [[0, 0, 0.1, 0.5]]]]]'])  # a hop of four fields
 def test_malformed_reports_are_refused_by_name(raw: bytes) -> None:
     with pytest.raises(ValueError, match="report"):
         decode_report(raw)
 
 
 def test_a_report_survives_encoding() -> None:
-    assert decode_report(encode_report(BATCH, TRACE)) == (BATCH, TRACE)
+    assert decode_report(encode_report(BATCH, PASSES)) == (BATCH, PASSES)
