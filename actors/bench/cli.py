@@ -32,6 +32,9 @@ def bench_pipeline_cmd(
     omp_spin_counts: Annotated[str | None, typer.Option(
         help="Stages' OpenMP spin counts to compare, comma-separated; 'openmp': OpenMP's own default "
              "(default: the pipeline's).")] = None,
+    plain: Annotated[bool, typer.Option("--plain/--no-plain", help=(
+        "At each S > 1, the same stages as plain processes over pipes too (no Ray): the bound of any "
+        "process-per-stage pipeline here."))] = False,
 ) -> None:
     """Pipeline efficiency vs the single-process model, and hop costs (bare, envelope, push)."""
     import ray
@@ -55,7 +58,7 @@ def bench_pipeline_cmd(
         rows = bench_pipeline(stage_list, batch_list, new_tokens, model, _parse_ints(threads, "--threads"),
                               _parse_ints(micro_batches, "--micro-batches"), hop_modes=modes,
                               repeats=repeats, with_transformers=with_transformers, hops=hops,
-                              spin_counts=spins)
+                              spin_counts=spins, plain=plain)
         _emit(rows)
     finally:
         ray.shutdown()
@@ -127,7 +130,8 @@ def bench_overhead_cmd(
                                           help="Then SmolLM2's efficiency at S=2,4, batch 1 and 16.")] = True,
 ) -> None:
     """Per-token control overhead: a tiny 8-layer model through the pipeline vs in one process; then the
-    SmolLM2 efficiency table (pipeline tokens/s over one process's, measured next to it), in one run."""
+    SmolLM2 efficiency table (pipeline tokens/s over one process's, measured next to it, and the same
+    stages as plain processes over pipes: this machine's bound for any process-per-stage pipeline), in one run."""
     import ray
 
     from actors.bench.overhead import bench_overhead
@@ -141,7 +145,7 @@ def bench_overhead_cmd(
         _emit(bench_overhead(stage_list, new_tokens=new_tokens, repeats=repeats))
         if smollm2:
             _emit(bench_pipeline([s for s in stage_list if s > 1] or [2], [1, 16], 32, SMOLLM2_NAME,
-                                 repeats=2, with_transformers=False, hops=False))
+                                 repeats=2, with_transformers=False, hops=False, plain=True))
     finally:
         ray.shutdown()
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from actors.bench.plain import PlainRing, plain_row
+
 log = logging.getLogger(__name__)
 
 RAW_PROMPT = "The capital of France is"
@@ -168,13 +170,15 @@ def bench_transformers(source: Any, prompt: list[int], batches: Sequence[int], n
 def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens: int, prompt: list[int],
                      threads: int | None, micro_batches: int | None, repeats: int,
                      baseline: Callable[[int], dict] | None = None, hop_mode: str | None = None,
-                     first: dict[int, dict] | None = None, extra: dict[str, Any] | None = None) -> Iterator[dict]:
+                     first: dict[int, dict] | None = None, extra: dict[str, Any] | None = None,
+                     plain: Callable[[int], dict] | None = None) -> Iterator[dict]:
     """One deployment of `stages` stages: warm up, then time `generate` at every batch size.
 
     `baseline(b)` measures the single-process model at batch b: it runs right before the
     pipeline's timing at that batch (deployment idle), so `efficiency` compares two figures taken
     under the same conditions; its row is yielded too. `first`: the run's first baselines, for
     `efficiency_vs_first_baseline`. `extra`: more deploy options (e.g. codec), echoed in each row.
+    `plain(b)`: the same stages as plain processes (`actors.bench.plain`), timed after the baseline.
     """
     import ray
 
@@ -197,10 +201,15 @@ def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens
         used_mode = info["router"].get("hop_mode")
         data_path = info["router"].get("data_path")
         for b in batches:
-            single = None
+            single = bare = None
             if baseline is not None:
                 single = {**baseline(b), "next_to": name}
                 yield single
+            if plain is not None:
+                bare = {**plain(b), "next_to": name}
+                if single is not None:
+                    bare["efficiency"] = bare["tokens_per_s"] / single["tokens_per_s"]
+                yield bare
             prompts = [prompt] * b
             pipe.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)  # warm-up
             busy = sum(st["busy_s"] for st in pipe.stats()["stages"])
@@ -221,6 +230,9 @@ def bench_deployment(model: str, stages: int, batches: Sequence[int], new_tokens
                 row["overhead_ms_per_step"] = ms - single["ms_per_step"]
             if first and b in first:
                 row["efficiency_vs_first_baseline"] = tps / first[b]["tokens_per_s"]
+            if bare is not None:  # the pipeline against its stages with nothing between them
+                row["plain_processes_ms_per_step"] = bare["ms_per_step"]
+                row["vs_plain_processes"] = tps / bare["tokens_per_s"]
             yield row
     finally:
         pipe.shutdown()
@@ -378,6 +390,7 @@ def bench_pipeline(
     with_transformers: bool = True,
     hops: bool = True,
     spin_counts: Sequence[int | None] | None = None,
+    plain: bool = False,
 ) -> Iterator[dict]:
     """All measurements in one process and one Ray session; one dict per measurement.
 
@@ -385,7 +398,8 @@ def bench_pipeline(
     is deployed once per combination (None = the pipeline's default); a single stage has nothing
     to pipeline, so S=1 only sweeps `threads` (with the first micro-batch count and hop mode).
     `spin_counts`: deploy once per stages' `omp_spin_count` too (None in it: OpenMP's own default).
-    Starts a local Ray when none is running (and shuts it down at the end).
+    `plain`: at each S > 1, the same stages as plain processes over pipes too (`actors.bench.plain`),
+    timed beside each pipeline figure. Starts a local Ray when none is running (and shuts it down at the end).
     """
     import ray
 
@@ -425,13 +439,10 @@ def bench_pipeline(
         last = max(stages)
         modes = [hop_modes] if isinstance(hop_modes, str) else list(hop_modes or [None])
         for s in stages:
-            micros = _as_list(micro_batches)
-            configs = [(t, m, h) for t in _as_list(threads)
-                       for m in (micros if s > 1 else micros[:1]) for h in (modes if s > 1 else modes[:1])]
-            spins = [{}] if spin_counts is None else [{"omp_spin_count": n} for n in spin_counts]
-            for (t, m, h), spin in [(c, sp) for c in configs for sp in spins]:
-                for row in bench_deployment(model, s, batches, new_tokens, prompt, t, m, repeats, baseline, h,
-                                            first, extra=spin):
+            ring = PlainRing(str(source), s) if plain and s > 1 else None
+            try:
+                for row in _deployments(model, s, batches, new_tokens, prompt, threads, micro_batches, modes,
+                                        spin_counts, repeats, baseline, first, ring, reference):
                     yield {**row, "model": model, "machine": info}
                     if row["bench"] == "pipeline" and s == last and s > 1 and "overhead_ms_per_step" in row:
                         yield {"bench": "hop_meshpipe_derived", "stages": s, "batch": row["batch"],
@@ -440,6 +451,9 @@ def bench_pipeline(
                                "how": "(pipeline ms/step - single-process ms/step next to it) / stages",
                                "ms_per_hop": row["overhead_ms_per_step"] / s, "model": model,
                                "load1": row["load1"], "machine": info}
+            finally:
+                if ring is not None:
+                    ring.close()
         del ref_model
         if hops:
             for row in bench_hops():
@@ -447,6 +461,22 @@ def bench_pipeline(
     finally:
         if started:
             ray.shutdown()
+
+
+def _deployments(model: str, s: int, batches: Sequence[int], new_tokens: int, prompt: list[int],
+                 threads: int | Sequence[int] | None, micro_batches: int | Sequence[int] | None,
+                 modes: list[str | None], spin_counts: Sequence[int | None] | None, repeats: int,
+                 baseline: Callable[[int], dict], first: dict[int, dict], ring: PlainRing | None,
+                 reference: list[int]) -> Iterator[dict]:
+    """`bench_deployment` once per combination of the sweeps at S = `s` (S = 1 sweeps threads only)."""
+    micros = _as_list(micro_batches)
+    configs = [(t, m, h) for t in _as_list(threads)
+               for m in (micros if s > 1 else micros[:1]) for h in (modes if s > 1 else modes[:1])]
+    spins = [{}] if spin_counts is None else [{"omp_spin_count": n} for n in spin_counts]
+    bare = None if ring is None else (lambda b: plain_row(ring, prompt, b, new_tokens, repeats, reference))
+    for (t, m, h), spin in [(c, sp) for c in configs for sp in spins]:
+        yield from bench_deployment(model, s, batches, new_tokens, prompt, t, m, repeats, baseline, h, first,
+                                    extra=spin, plain=bare)
 
 
 # --------------------------------------------------------------------------- codecs end to end
