@@ -127,6 +127,7 @@ TCP_SECRET_BYTES = 32
 TCP_MAX_FRAME = 1 << 31  # a frame longer than this is refused before any buffer is allocated
 _LEN = struct.Struct("<Q")
 SMALL_FRAME = 64 << 10  # frames up to this are copied behind their length and sent at once
+ACCEPT_POLL_S = 0.25  # a waiting accept looks this often whether its listener was closed meanwhile
 
 
 def node_ip() -> str:
@@ -147,20 +148,25 @@ class TcpListener:
         self.sock.bind((host, 0))
         self.sock.listen(8)
         self.host, self.port = host, self.sock.getsockname()[1]
+        self.closed = False  # `close()` from another thread ends a waiting `accept` within ACCEPT_POLL_S
 
     def accept(self, secret: bytes, local: str, peer: str, timeout_s: float = 30.0) -> TcpChannel:
         """The first connection whose hello carries `secret`; others are closed unanswered."""
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
+            if self.closed:
+                raise ChannelError(f"tcp channel {local}<-{peer}: the listener closed while waiting for the peer")
             if left <= 0:
                 raise ChannelTimeoutError(f"tcp channel {local}<-{peer}: no peer connected within {timeout_s:g} s")
-            self.sock.settimeout(left)
             try:
+                self.sock.settimeout(min(left, ACCEPT_POLL_S))
                 conn, _ = self.sock.accept()
             except TimeoutError:
-                continue  # the deadline check above names it
+                continue  # the checks above name it
             except OSError as e:
+                if self.closed:
+                    continue
                 raise ChannelTimeoutError(f"tcp channel {local}<-{peer}: accept failed: {e}") from None
             conn.settimeout(min(left, 5.0))
             try:
@@ -174,6 +180,12 @@ class TcpListener:
             conn.close()
 
     def close(self) -> None:
+        """Stops listening; an `accept` waiting in another thread raises ChannelError."""
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept at once (Linux)
+        except OSError:
+            pass
         self.sock.close()
 
 

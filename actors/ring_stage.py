@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from actors.channels import TcpChannel, TcpListener, node_ip
+from actors.channels import ChannelError, TcpChannel, TcpListener, node_ip
 from actors.reports import ReportSender
 from actors.wire import ChecksumError, Header, LinkCodec, pack, peek_header, unpack
 from models import SamplingParams
@@ -123,11 +123,17 @@ class RingMember:
     def start(self, next_addr: tuple[str, int] | None, timeout_s: float) -> None:
         """Connects to the next member, accepts the previous one, starts the threads."""
         s = self.spec
-        if s.size > 1:
+        if s.size > 1:  # runs beside the stage's other calls (`StageActor.ring_start`): a `stop` meanwhile
+            # closes the listener, so a member that died before connecting holds nothing up
             nxt, prev = s.names[(s.index + 1) % s.size], s.names[s.index - 1]
             self.outbound = TcpChannel.connect(self.name, nxt, *next_addr, secret=s.secret, timeout_s=timeout_s)
             self.inbound = self.listener.accept(s.secret, self.name, prev, timeout_s)
             self.listener.close()
+        if self.stopped:  # what it opened after the stop closed the rest
+            for ch in (self.inbound, self.outbound):
+                if ch is not None:
+                    ch.close()
+            raise ChannelError(f"{self.name}: ring {s.ring_id} was stopped while it started")
         if self.is_tail and s.reports is not None:
             try:
                 self.report_out = ReportSender(*s.reports, s.ring_id, s.secret, timeout_s)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 
 from actors.wire import (
@@ -31,6 +32,7 @@ from actors.wire import (
     subkey,
     pack,
 )
+from actors.channels import ChannelError
 from actors.compute import ComputeThread, default_threads, usable_cores
 from actors.gcs import own_restarts
 from actors.history import OutputHistory
@@ -54,6 +56,8 @@ from topology.split import StageSpec
 
 log = logging.getLogger(__name__)
 
+RING_SETUP = "ring_setup"  # the concurrency group `ring_start` runs in (its own threads)
+RING_SETUPS = 4  # rings a replica may be connecting at once
 SENT_KEPT = 256  # messages a stage can resend (their headers; the tensors come from the output history)
 APPLIED_KEPT = 65536  # message ids remembered against replays
 
@@ -61,8 +65,6 @@ APPLIED_KEPT = 65536  # message ids remembered against replays
 def pick_device() -> torch.device:
     """The GPU Ray assigned to this actor if torch can use it, else the CPU."""
     try:
-        import ray
-
         gpu_ids = ray.get_gpu_ids()
     except Exception:  # noqa: BLE001 - outside Ray
         gpu_ids = []
@@ -85,8 +87,6 @@ def _locked(method: Any) -> Any:
 def omp_env(spin_count: int | None) -> dict[str, Any]:
     """Actor options setting OpenMP's spin in a stage process (`StageOptions.omp_spin_count`), read as torch
     loads, so before the process starts; none where the environment or the job chose its own wait policy."""
-    import ray
-
     job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
     if spin_count is None or {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & (os.environ.keys() | job_env.keys()):
         return {}
@@ -103,11 +103,10 @@ class StageLauncher:
 
     def launch(self, spec: StageSpec, replica: int, options: dict[str, Any] | None = None) -> Any:
         """Starts the replica's actor (named meshpipe/<deployment>/stage-k/replica-r); returns its handle."""
-        import ray
-
         spread = {"scheduling_strategy": "SPREAD"} if self.spread else {}
         env = omp_env(self.setup.stage.omp_spin_count)
-        return ray.remote(StageActor).options(
+        # `ring_start` runs beside the default group's one thread (Ray takes the groups here, not in .options)
+        return ray.remote(concurrency_groups={RING_SETUP: RING_SETUPS})(StageActor).options(
             name=stage_name(self.setup.deployment, spec.index, replica), namespace=NAMESPACE,
             lifetime="detached", max_restarts=self.setup.stage.max_restarts, max_task_retries=0,
             allow_out_of_order_execution=True,  # a call waiting on a dead replica's output blocks no other
@@ -195,8 +194,6 @@ class StageActor:
             import psutil
 
             return default_pool_tokens(token_bytes, cap, ram_share=psutil.virtual_memory().total // 2 // self.num_stages)
-        import ray
-
         fraction = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0)) or 1.0
         weights = sum(t.numel() * t.element_size() for t in self.model.parameters())
         return default_pool_tokens(token_bytes, cap, torch.cuda.get_device_properties(self.device).total_memory,
@@ -204,8 +201,6 @@ class StageActor:
 
     def ready(self) -> dict[str, Any]:
         """Who and where this stage is (the router logs it and `describe` shows it)."""
-        import ray
-
         ctx = ray.get_runtime_context()
         return {
             "stage": self.spec.index,
@@ -353,8 +348,14 @@ class StageActor:
         self.rings[spec.ring_id] = RingMember(self, spec, lanes)
         return self.rings[spec.ring_id].address()
 
+    @ray.method(concurrency_group=RING_SETUP)
     def ring_start(self, ring_id: str, next_addr: tuple[str, int] | None, timeout_s: float = 30.0) -> str:
-        self.rings[ring_id].start(next_addr, timeout_s)
+        """Connects the ring's channels; on a thread of its own, so that while it waits for a member that
+        died meanwhile, the router's `ring_stop` (which ends the wait) and its recovery calls still run."""
+        member = self.rings.get(ring_id)
+        if member is None:
+            raise ChannelError(f"{self.name}: ring {ring_id} was stopped before it started")
+        member.start(next_addr, timeout_s)
         return self.name
 
     def ring_params(self, ring_id: str, items: dict[str, tuple[SamplingParams, int]]) -> None:
@@ -481,8 +482,6 @@ class StageActor:
                 if asked >= self.max_retransmits:
                     self.counters["rejected"] += 1
                     raise ChecksumError(f"{self.name}: message {env.msg_id} still fails after {asked} resends: {e}") from None
-                import ray
-
                 asked += 1
                 self.counters["retransmits_asked"] += 1
                 log.warning("%s: message %d failed verification (%s); asking for resend %d", self.name, env.msg_id,
@@ -553,8 +552,6 @@ class StageActor:
 
     def _self_handle(self) -> Any:
         if self._handle is None:
-            import ray
-
             self._handle = ray.get_runtime_context().current_actor
         return self._handle
 

@@ -193,6 +193,35 @@ def test_the_router_counts_every_pass_and_every_resend_of_a_ring(tiny_ckpt: Path
         pipe.shutdown()
 
 
+def test_a_member_waiting_for_a_dead_peer_still_answers_and_its_stop_ends_the_wait(tiny_ckpt: Path) -> None:
+    """`ring_start` waits (up to 30 s) for its previous member to connect; when that member died during the
+    ring's setup, the stage still serves the router's calls meanwhile and the ring's stop ends the wait."""
+    import socket
+
+    from actors.ring_stage import RingSpec
+    from actors.wire import LinkCodec
+
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="ring-setup-wait")
+    nxt = socket.create_server(("127.0.0.1", 0))  # the next member: takes the connection, says nothing
+    try:
+        s1 = ray.get_actor("meshpipe/ring-setup-wait/stage-1/replica-0", namespace="meshpipe")
+        spec = RingSpec("lone-ring", 1, 2, [LinkCodec(), LinkCodec()], pipe.router, [None, s1],
+                        ["a-member-that-died", "meshpipe/ring-setup-wait/stage-1/replica-0"], secret=b"k" * 32)
+        assert ray.get(s1.ring_open.remote(spec, 1)) is not None
+        started = s1.ring_start.remote("lone-ring", nxt.getsockname(), 30.0)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        assert ray.get(s1.stats.remote(), timeout=5)["stage"] == 1  # answered while ring_start waits
+        assert ray.get(s1.ring_stop.remote("lone-ring"), timeout=5) == 1
+        with pytest.raises(ray.exceptions.RayTaskError, match="closed while waiting|stopped while it started"):
+            ray.get(started, timeout=10)
+        assert time.monotonic() - t0 < 5  # not the 30 s accept timeout
+        assert tokens(pipe.generate(PROMPTS[:2], max_new_tokens=4, ignore_eos=True))  # still serving
+    finally:
+        nxt.close()
+        pipe.shutdown()
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_a_stage_killed_mid_ring_breaks_it_and_the_tokens_stay_identical(tiny_ckpt: Path, local: Transformer,
                                                                          graphs: bool) -> None:

@@ -39,22 +39,26 @@ def agreement(smollm2: Transformer) -> dict[str, tuple[float, int]]:
     s0, s1 = (load_stage(src, s.layers, "float32", config=cfg, embed=s.embed, head=s.head)
               for s in (s0_spec, s1_spec))
     refs = smollm2.generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True)
+    wants = [ref.token_ids for ref in refs]
+    ids = [f"s{i}" for i in range(len(PROMPTS))]
     same, total = dict.fromkeys(CODECS, 0), 0
-    with torch.inference_mode():
-        for prompt, ref in zip(PROMPTS, refs):
-            c0, c1 = s0.new_cache(), {codec: s1.new_cache() for codec in CODECS}
-            inputs, start = tokenizer.encode(prompt), 0
-            for want in ref.token_ids:
-                b = Batch.build(["s"], [start], [len(inputs)])
-                h = s0(torch.tensor(inputs), b, c0)
-                header = Header(kind="step", step=0, msg_id=0, attempt=0, sender="test", seq_ids=["s"],
-                                starts=[start], lengths=[len(inputs)], release=[])
-                for codec in CODECS:
-                    _, h2 = unpack(pack(header, h, LinkCodec(codec=codec)))
-                    same[codec] += int(s1(h2.to(h.dtype), b, c1[codec]).argmax(-1)[0]) == want
-                total += 1
-                start += len(inputs)
-                inputs = [want]  # teacher forcing: the reference token, whatever was chosen
+    with torch.inference_mode():  # every prompt in one batch, as the reference ran them
+        c0, c1 = s0.new_cache(), {codec: s1.new_cache() for codec in CODECS}
+        inputs = [tokenizer.encode(p) for p in PROMPTS]
+        starts = [0] * len(PROMPTS)
+        for step in range(NEW):
+            lengths = [len(x) for x in inputs]
+            b = Batch.build(ids, starts, lengths)
+            h = s0(torch.tensor([t for x in inputs for t in x]), b, c0)  # (N, dim)
+            header = Header(kind="step", step=step, msg_id=step, attempt=0, sender="test", seq_ids=ids,
+                            starts=list(starts), lengths=lengths, release=[])
+            want = torch.tensor([w[step] for w in wants])
+            for codec in CODECS:
+                _, h2 = unpack(pack(header, h, LinkCodec(codec=codec)))
+                same[codec] += int((s1(h2.to(h.dtype), b, c1[codec]).argmax(-1) == want).sum())
+            total += len(PROMPTS)
+            starts = [s + n for s, n in zip(starts, lengths)]
+            inputs = [[w[step]] for w in wants]  # teacher forcing: the reference token, whatever was chosen
     return {codec: (same[codec] / total, total) for codec in CODECS}
 
 

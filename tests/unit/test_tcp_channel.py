@@ -94,3 +94,23 @@ def test_a_frame_over_the_limit_is_refused_before_reading_it() -> None:
     raw.close()
     inbound.close()
     listener.close()
+
+
+def test_closing_the_listener_ends_a_waiting_accept_at_once() -> None:
+    """A ring member waiting for a previous member that died is let go when its ring is stopped."""
+    listener = TcpListener()
+    got: dict = {}
+
+    def wait() -> None:
+        t0 = time.monotonic()
+        try:
+            listener.accept(SECRET, "b", "a", timeout_s=30)
+        except ChannelError as e:
+            got["error"], got["took"] = e, time.monotonic() - t0
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.3)
+    listener.close()
+    t.join(timeout=5)
+    assert not t.is_alive() and "closed while waiting" in str(got["error"]) and got["took"] < 2
