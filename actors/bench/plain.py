@@ -1,9 +1,10 @@
 """A pipeline with nothing in it but the stages: the reference that bounds any process-per-stage
 pipeline on this machine.
 
-`PlainRing(source, stages)` starts S plain Python processes (no Ray, no router),
-each loading only its own layers (`models.load_stage`) with the torch threads a meshpipe stage takes
-for one lane (every usable core) and the stages' OpenMP spin (`GOMP_SPINCOUNT`, the deploy default).
+`PlainRing(source, stages)` starts S plain Python processes (no Ray, no router), each loading only
+its own layers, split as a deployment splits them (`actors.layout.partition`), with the torch
+threads a meshpipe stage takes for one lane (every usable core) and the stages' OpenMP spin
+(`GOMP_SPINCOUNT`, the deploy default).
 OS pipes join them in a ring: stage 0 embeds and runs its layers and sends the hidden states on, the
 last stage samples greedily and sends the tokens back to stage 0, which feeds the next step. No
 message encoding, checksums, output history, reports or scheduling: what a step costs here beyond
@@ -119,6 +120,7 @@ class PlainRing:
     def __init__(self, source: str, stages: int, threads: int | None = None, spin_count: int | None = 50_000,
                  pool_tokens: int = 8192) -> None:
         from actors.compute import usable_cores
+        from actors.layout import partition
         from models.loading import read_config, resolve_source
 
         if stages < 2:
@@ -127,7 +129,8 @@ class PlainRing:
         cfg = read_config(path)
         if cfg.n_layers < stages:
             raise ValueError(f"{cfg.n_layers} layers cannot make {stages} stages")
-        cuts = [round(i * cfg.n_layers / stages) for i in range(stages + 1)]
+        specs = partition(cfg, num_stages=stages)  # the layers each stage of a deployment gets
+        self.layers = [list(spec.layers) for spec in specs]
         self.threads = threads or usable_cores()
         env = {} if spin_count is None or {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & os.environ.keys() \
             else {"GOMP_SPINCOUNT": str(spin_count)}
@@ -137,7 +140,7 @@ class PlainRing:
         self.procs: list[subprocess.Popen] = []
         try:
             for i in range(stages):
-                part = _Part(path, list(range(cuts[i], cuts[i + 1])), embed=i == 0, head=i == stages - 1,
+                part = _Part(path, list(specs[i].layers), embed=specs[i].embed, head=specs[i].head,
                              threads=self.threads, pool_tokens=pool_tokens)
                 fds = [links[i][0], links[(i + 1) % stages][1], controls[i][1]]
                 spec = json.dumps({**asdict(part), "fds": fds})

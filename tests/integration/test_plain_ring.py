@@ -1,7 +1,8 @@
 """`bench pipeline --plain`'s reference: the same stages as plain processes over OS pipes (no Ray).
 
-It is a pipeline's bound only if it computes what the pipeline computes: its greedy tokens equal the
-one-process model's, at 2 and 3 stages and several sequences; its processes start with the stages'
+It is a pipeline's bound only if it computes what the pipeline computes: the layers split as a
+deployment splits them, and greedy tokens equal to the one-process model's, at 2 and 3 stages and
+several sequences; its processes start with the stages'
 OpenMP spin and end when it closes.
 """
 
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from actors.bench.plain import PlainRing, plain_row
+from actors.layout import partition
 from models import generate_local, load_model
+from models.loading import read_config
 
 PROMPT = [5, 17, 42, 99, 3]
 
@@ -31,6 +34,7 @@ def test_plain_stages_give_the_one_process_tokens(tiny_ckpt: Path, stages: int,
     ring = PlainRing(str(tiny_ckpt), stages, threads=1)
     try:
         assert len(ring.procs) == stages
+        assert ring.layers == [list(s.layers) for s in partition(read_config(tiny_ckpt), num_stages=stages)]
         assert all(_environ(p.pid).get("GOMP_SPINCOUNT") == "50000" for p in ring.procs)
         seconds, out = ring.run(PROMPT, 3, 12)
         assert seconds > 0 and out == [want] * 3
