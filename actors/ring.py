@@ -26,7 +26,7 @@ from typing import Any, Literal
 from actors.jobs import Jobs
 from actors.channels import node_ip
 from actors.pool import ReplicaPool
-from actors.reports import ReportServer
+from actors.reports import ReportServer, Trace
 from actors.request import Lane, Request
 from actors.ring_stage import RingSpec
 from topology.planner import Route
@@ -125,7 +125,7 @@ class RingDriver:
     def active(self) -> int:
         return sum(len(ring.lane.seqs) for ring in self.rings.values())
 
-    def report(self, ring_id: str, batch: list[tuple], passes: list[tuple[int, list[list[float]]]],
+    def report(self, ring_id: str, batch: list[tuple], passes: list[tuple[int, Trace]],
                requests: dict[str, Request], deliver: Callable[..., None], metrics: Any) -> None:
         """A tail's report: each (request id, tokens, logprobs, drafts verified, tokens before) goes to `deliver`;
         each pass's hop times to the pool's costs, its resends to the counters (a release-only message's pass,

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from actors.channels import ChannelError, TcpChannel, TcpListener, node_ip
-from actors.reports import ReportSender
+from actors.reports import ReportSender, Trace
 from actors.wire import ChecksumError, Header, LinkCodec, pack, peek_header, unpack
 from models import SamplingParams
 from models.batch import long_tensor
@@ -108,7 +108,7 @@ class RingMember:
         self.stopped = False
         self.threads: list[threading.Thread] = []
         self.reports: list[tuple] = []  # tail: (rid, tokens, logprobs, drafted, tokens generated before them)
-        self.report_passes: list[tuple[int, list[list[float]]]] = []  # tail: (input tokens, trace) of each pass
+        self.report_passes: list[tuple[int, Trace]] = []  # tail: (input tokens, trace) of each pass
         self.report_cond = threading.Condition()
         self.report_now = False  # a sequence's first token or its end is waiting: no batching delay
         self.last_report = 0.0

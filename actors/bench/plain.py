@@ -57,7 +57,7 @@ def _stage_main(part: _Part, inbound: Any, outbound: Any, control: Any) -> None:
     the same pipe) and answers each on `control`."""
     import torch
 
-    from models.batch import Batch, long_tensor
+    from models.batch import Batch
     from models.loading import load_stage
 
     torch.set_num_threads(part.threads)
@@ -74,7 +74,7 @@ def _stage_main(part: _Part, inbound: Any, outbound: Any, control: Any) -> None:
         msg = inbound.recv()
         kind = msg[0]
         if kind == "run":  # stage 0: the driver's generation
-            control.send(_generate(forward, cache, inbound, outbound, *msg[1:], long_tensor))
+            control.send(_generate(forward, cache, inbound, outbound, *msg[1:]))
             continue
         if kind == "free":
             cache.free(msg[1])
@@ -93,8 +93,10 @@ def _stage_main(part: _Part, inbound: Any, outbound: Any, control: Any) -> None:
 
 
 def _generate(forward: Any, cache: Any, inbound: Any, outbound: Any, prompt: list[int], batch: int,
-              new_tokens: int, long_tensor: Any) -> tuple[float, list[list[int]]]:
+              new_tokens: int) -> tuple[float, list[list[int]]]:
     """Stage 0's loop: each step's inputs through its layers and on; the tokens come back on `inbound`."""
+    from models.batch import long_tensor
+
     ids = [f"plain-{time.monotonic_ns()}-{i}" for i in range(batch)]
     seqs = [list(prompt) for _ in range(batch)]
     cached = [0] * batch
