@@ -17,7 +17,6 @@ closes the pair for good (a posted receive cannot be withdrawn): a channel that 
 from __future__ import annotations
 
 import datetime
-import hmac
 import logging
 import os
 import socket
@@ -40,6 +39,7 @@ from actors.wire.channel_frame import (
     pack_message,
     unpack_message,
 )
+from actors.wire.hello import accept_hello, make_hello
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,7 @@ class GlooChannel(Channel):
         return unpack_message(d, frame)
 
 
-TCP_MAGIC = b"MPR1"  # a TCP channel's hello: magic, then the link's 32-byte secret
-TCP_SECRET_BYTES = 32
+TCP_SECRET_BYTES = 32  # a link's secret (`actors.wire.hello` proves it)
 TCP_MAX_FRAME = 1 << 31  # a frame longer than this is refused before any buffer is allocated
 _LEN = struct.Struct("<Q")
 SMALL_FRAME = 64 << 10  # frames up to this are copied behind their length and sent at once
@@ -149,35 +148,18 @@ class TcpListener:
         self.sock.listen(8)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.closed = False  # `close()` from another thread ends a waiting `accept` within ACCEPT_POLL_S
+        self.seen: set[bytes] = set()  # hello nonces accepted here (a replayed hello is refused)
 
     def accept(self, secret: bytes, local: str, peer: str, timeout_s: float = 30.0) -> TcpChannel:
-        """The first connection whose hello carries `secret`; others are closed unanswered."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            if self.closed:
-                raise ChannelError(f"tcp channel {local}<-{peer}: the listener closed while waiting for the peer")
-            if left <= 0:
-                raise ChannelTimeoutError(f"tcp channel {local}<-{peer}: no peer connected within {timeout_s:g} s")
-            try:
-                self.sock.settimeout(min(left, ACCEPT_POLL_S))
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue  # the checks above name it
-            except OSError as e:
-                if self.closed:
-                    continue
-                raise ChannelTimeoutError(f"tcp channel {local}<-{peer}: accept failed: {e}") from None
-            conn.settimeout(min(left, 5.0))
-            try:
-                hello = _recv_exact(conn, len(TCP_MAGIC) + TCP_SECRET_BYTES)
-            except (OSError, ChannelError):
-                conn.close()
-                continue
-            if hello[:len(TCP_MAGIC)] == TCP_MAGIC and hmac.compare_digest(bytes(hello[len(TCP_MAGIC):]), secret):
-                return TcpChannel(local, peer, conn)
-            log.warning("tcp channel %s: refused a connection without the link's secret", local)
-            conn.close()
+        """The first connection whose hello proves `secret` for the link peer -> local (`actors.wire.hello`:
+        the secret never crosses the wire, a hello counts once); others are closed unanswered."""
+        conn = accept_hello(self.sock, secret, peer, local, time.monotonic() + timeout_s, lambda: self.closed,
+                            ACCEPT_POLL_S, self.seen)
+        if conn is not None:
+            return TcpChannel(local, peer, conn)
+        if self.closed:
+            raise ChannelError(f"tcp channel {local}<-{peer}: the listener closed while waiting for the peer")
+        raise ChannelTimeoutError(f"tcp channel {local}<-{peer}: no peer connected within {timeout_s:g} s")
 
     def close(self) -> None:
         """Stops listening; an `accept` waiting in another thread raises ChannelError."""
@@ -219,10 +201,10 @@ class TcpChannel(Channel):
     @classmethod
     def connect(cls, local: str, peer: str, host: str, port: int, secret: bytes, timeout_s: float = 30.0
                 ) -> TcpChannel:
-        """Connects to a `TcpListener` and proves the link's secret."""
+        """Connects to a `TcpListener` and proves the link's secret (without sending it)."""
         try:
             sock = socket.create_connection((host, port), timeout=timeout_s)
-            sock.sendall(TCP_MAGIC + secret)
+            sock.sendall(make_hello(secret, local, peer))
         except OSError as e:
             raise ChannelError(f"tcp channel {local}->{peer}: cannot connect: {e}") from None
         return cls(local, peer, sock)

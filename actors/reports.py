@@ -5,10 +5,12 @@ tail's GIL while the call was built and its reply read); the tail reports every 
 sequences decode, so those calls competed with the ring for the same cores (README: decode rings).
 
 The router listens on its own event loop (`ReportServer`, asyncio); a ring's tail connects when the
-ring starts (`ReportSender`) and proves the ring's secret (an HMAC of the ring id). Each report is a
+ring starts (`ReportSender`), the router sends a fresh 32-byte challenge, and the tail proves the
+ring's secret with an HMAC of the ring id and that challenge (a recorded hello opens nothing later).
+One connection per ring: a second hello for a ring is refused. Each report is a
 length-prefixed frame: an 8-byte counter, then the JSON report sealed with AES-256-GCM under a key
 derived from the ring's secret, the counter as nonce and the ring id as associated data. Counters
-must grow, so a frame cannot be replayed, reordered or moved to another ring; anything malformed
+must grow, per ring, so a frame cannot be replayed, reordered or moved to another ring; anything malformed
 closes the connection (the tail's next send fails and the ring breaks: the router recovers its
 sequences as for any ring failure). JSON only: a report never runs code when read.
 """
@@ -21,6 +23,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -31,7 +34,8 @@ from models import TokenLogprob
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"MPT1"
+MAGIC = b"MPT2"
+CHALLENGE_BYTES = 32
 MAX_RING_ID = 256  # bytes
 MAX_FRAME = 64 << 20  # a report longer than this is refused before it is read
 HELLO_TIMEOUT_S = 10.0
@@ -47,16 +51,18 @@ def report_key(secret: bytes) -> bytes:
     return hmac.new(secret, b"meshpipe ring reports v1", hashlib.sha256).digest()
 
 
-def _hello_mac(secret: bytes, rid: bytes) -> bytes:
-    """What proves a tail knows its ring's secret: an HMAC-SHA256 of the ring id."""
-    return hmac.new(secret, MAGIC + rid, hashlib.sha256).digest()
+def _hello_mac(secret: bytes, rid: bytes, challenge: bytes) -> bytes:
+    """What proves a tail knows its ring's secret: an HMAC-SHA256 of the ring id and the router's challenge,
+    under a key of its own."""
+    key = hmac.new(secret, b"meshpipe ring report hello v2", hashlib.sha256).digest()
+    return hmac.new(key, MAGIC + rid + challenge, hashlib.sha256).digest()
 
 
-def hello_of(ring_id: str, secret: bytes) -> bytes:
+def hello_of(ring_id: str, secret: bytes, challenge: bytes) -> bytes:
     rid = ring_id.encode()
     if len(rid) > MAX_RING_ID:
         raise ValueError(f"ring id of {len(rid)} bytes: at most {MAX_RING_ID}")
-    return MAGIC + struct.pack("<H", len(rid)) + rid + _hello_mac(secret, rid)
+    return MAGIC + struct.pack("<H", len(rid)) + rid + _hello_mac(secret, rid, challenge)
 
 
 def encode_report(batch: list[tuple], passes: list[tuple[int, Trace]]) -> bytes:
@@ -116,7 +122,13 @@ class ReportSender:
         self.counter = 0
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(hello_of(ring_id, secret))
+        challenge = b""
+        while len(challenge) < CHALLENGE_BYTES:
+            got = self.sock.recv(CHALLENGE_BYTES - len(challenge))
+            if not got:
+                raise ConnectionError("the router closed the report connection before its challenge")
+            challenge += got
+        self.sock.sendall(hello_of(ring_id, secret, challenge))
         self.sock.settimeout(None)
 
     def send(self, batch: list[tuple], passes: list[tuple[int, Trace]]) -> None:
@@ -140,6 +152,7 @@ class ReportServer:
         self.port = 0
         self.keys: dict[str, bytes] = {}  # ring id -> its secret
         self.writers: dict[str, asyncio.StreamWriter] = {}
+        self.last: dict[str, int] = {}  # ring id -> the counter of its last report (they must grow)
         self.received = 0  # reports handed on
         self.refused = 0  # connections closed for a bad hello or frame
 
@@ -156,6 +169,7 @@ class ReportServer:
     def forget(self, ring_id: str) -> None:
         """A ring that ended: its connection closes, a late connection is refused."""
         self.keys.pop(ring_id, None)
+        self.last.pop(ring_id, None)
         writer = self.writers.pop(ring_id, None)
         if writer is not None:
             writer.close()
@@ -169,22 +183,24 @@ class ReportServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ring_id = None
         try:
-            ring_id, aead = await asyncio.wait_for(self._hello(reader), HELLO_TIMEOUT_S)
-            old = self.writers.pop(ring_id, None)
-            if old is not None:
-                old.close()
+            challenge = os.urandom(CHALLENGE_BYTES)
+            writer.write(challenge)
+            await writer.drain()
+            name, aead = await asyncio.wait_for(self._hello(reader, challenge), HELLO_TIMEOUT_S)
+            if name in self.writers:
+                raise ValueError("a second connection for a ring")
+            ring_id = name
             self.writers[ring_id] = writer
-            last = 0
             while True:
                 (n,) = _LEN.unpack(await reader.readexactly(_LEN.size))
                 if not 8 < n <= MAX_FRAME:
                     raise ValueError(f"a frame of {n} bytes")
                 body = await reader.readexactly(n)
                 counter = int.from_bytes(body[:8], "little")
-                if counter <= last:
+                if counter <= self.last.get(ring_id, 0):
                     raise ValueError("a replayed or reordered frame")
-                last = counter
                 raw = aead.decrypt(counter.to_bytes(12, "little"), body[8:], ring_id.encode())
+                self.last[ring_id] = counter  # once it proved genuine
                 batch, passes = decode_report(raw)
                 if ring_id not in self.keys:
                     return  # the ring ended meanwhile
@@ -200,7 +216,7 @@ class ReportServer:
                 del self.writers[ring_id]
             writer.close()
 
-    async def _hello(self, reader: asyncio.StreamReader) -> tuple[str, Any]:
+    async def _hello(self, reader: asyncio.StreamReader, challenge: bytes) -> tuple[str, Any]:
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         head = await reader.readexactly(len(MAGIC) + 2)
@@ -211,6 +227,6 @@ class ReportServer:
         mac = await reader.readexactly(32)
         ring_id = rid.decode("utf-8", errors="replace")
         secret = self.keys.get(ring_id)
-        if secret is None or not hmac.compare_digest(mac, _hello_mac(secret, rid)):
+        if secret is None or not hmac.compare_digest(mac, _hello_mac(secret, rid, challenge)):
             raise ValueError("a hello without a known ring's secret")
         return ring_id, AESGCM(report_key(secret))

@@ -1,6 +1,6 @@
 """A ring tail's token reports to the router over a socket (`actors.reports`), without Ray: reports arrive
-in order and intact; a wrong secret, an unknown ring, a replayed, tampered or oversized frame is refused
-and ends the connection; nothing of a refused connection reaches the router."""
+in order and intact; a wrong secret, an unknown ring, a hello for another challenge, a second connection, a
+replayed, tampered or oversized frame is refused and ends the connection; nothing refused reaches the router."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from actors.reports import MAX_FRAME, ReportSender, ReportServer, decode_report, encode_report, hello_of
+from actors.reports import (
+    CHALLENGE_BYTES,
+    MAX_FRAME,
+    ReportSender,
+    ReportServer,
+    decode_report,
+    encode_report,
+    hello_of,
+)
 from models import TokenLogprob
 
 SECRET = b"r" * 32
@@ -61,9 +69,14 @@ def test_reports_arrive_in_order_with_their_logprobs() -> None:
     assert got[-1] == ("ring-a", BATCH, PASSES)
 
 
-def raw_client(addr: tuple[str, int], hello: bytes) -> socket.socket:
+def raw_client(addr: tuple[str, int], hello: Callable[[bytes], bytes]) -> socket.socket:
+    """A connection that answers the router's challenge with `hello(challenge)`."""
     s = socket.create_connection(addr)
-    s.sendall(hello)
+    s.settimeout(5)
+    challenge = b""
+    while len(challenge) < CHALLENGE_BYTES:
+        challenge += s.recv(CHALLENGE_BYTES - len(challenge))
+    s.sendall(hello(challenge))
     return s
 
 
@@ -75,8 +88,11 @@ def closed(s: socket.socket) -> bool:
         return True
 
 
-@pytest.mark.parametrize("hello", [hello_of("ring-a", b"x" * 32), hello_of("ring-b", SECRET), b"GET / HTTP/1.1\r\n\r\n"])
-def test_a_hello_without_a_known_rings_secret_is_refused(hello: bytes) -> None:
+@pytest.mark.parametrize("hello", [lambda c: hello_of("ring-a", b"x" * 32, c),  # a wrong secret
+                                   lambda c: hello_of("ring-b", SECRET, c),  # a ring it does not know
+                                   lambda c: hello_of("ring-a", SECRET, bytes(32)),  # made for another challenge
+                                   lambda c: b"GET / HTTP/1.1\r\n\r\n"])
+def test_a_hello_without_a_known_rings_secret_is_refused(hello: Callable[[bytes], bytes]) -> None:
     async def body(server: ReportServer, got: list, addr: tuple[str, int]) -> None:
         s = await asyncio.to_thread(raw_client, addr, hello)
         assert await asyncio.to_thread(closed, s)
@@ -86,30 +102,41 @@ def test_a_hello_without_a_known_rings_secret_is_refused(hello: bytes) -> None:
     assert run(body) == []
 
 
-def test_replayed_tampered_and_oversized_frames_end_the_connection() -> None:
+def test_replayed_tampered_and_oversized_frames_and_a_second_connection_are_refused() -> None:
+    """Frames of a ring count up across its connections: a replay on a new connection is refused too."""
+    def good(challenge: bytes) -> bytes:
+        return hello_of("ring-a", SECRET, challenge)
+
     async def body(server: ReportServer, got: list, addr: tuple[str, int]) -> None:
         sender = await asyncio.to_thread(ReportSender, *addr, "ring-a", SECRET)
         sender.send(BATCH, PASSES)
         await until(lambda: len(got) == 1)
-        sent: list[bytes] = []  # the same frame, as the sender sealed it (its counter back at 0)
-        sender.counter, real = 0, sender.sock
+        sent: list[bytes] = []  # frames as the sender sealed them: counter 1 again, then counter 5
+        real = sender.sock
         sender.sock = type("Capture", (), {"sendall": lambda self, data: sent.append(bytes(data))})()
-        sender.send(BATCH, PASSES)
+        for counter in (0, 4):
+            sender.counter = counter
+            sender.send(BATCH, PASSES)
         sender.sock = real
-        for bad in (sent[0],  # a replay of the first frame
-                    sent[0][:-1] + bytes([sent[0][-1] ^ 1]),  # a flipped bit
+        second = await asyncio.to_thread(raw_client, addr, good)  # while the ring's connection lives
+        assert await asyncio.to_thread(closed, second)
+        real.sendall(sent[0])  # a replay on the sender's own connection
+        assert await asyncio.to_thread(closed, real)
+        for bad in (sent[0],  # the same replay on a new connection
+                    sent[1][:-1] + bytes([sent[1][-1] ^ 1]),  # a flipped bit (a counter not seen yet)
                     struct.pack("<Q", MAX_FRAME + 1)):  # more than a report may be
-            s = await asyncio.to_thread(raw_client, addr, hello_of("ring-a", SECRET))
-            if bad is not sent[0]:  # a fresh connection's first frame: counter 1 is new there
-                s.sendall(bad)
-            else:
-                s.sendall(bad + bad)  # the second copy replays the first
+            s = await asyncio.to_thread(raw_client, addr, good)
+            s.sendall(bad)
             assert await asyncio.to_thread(closed, s)
             s.close()
-        assert server.refused == 3
+        assert server.refused == 5
+        s = await asyncio.to_thread(raw_client, addr, good)
+        s.sendall(sent[1])  # the genuine counter-5 frame still gets through
+        await until(lambda: len(got) == 2)
+        s.close()
 
     got = run(body)
-    assert len(got) == 2  # the sender's one, and the first copy on the replay's connection (new there)
+    assert len(got) == 2 and got[1] == ("ring-a", BATCH, PASSES)
 
 
 def test_a_forgotten_ring_is_cut_off_and_its_reports_are_dropped() -> None:

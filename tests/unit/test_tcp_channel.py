@@ -1,4 +1,4 @@
-"""`TcpChannel` / `TcpListener` without Ray: frames, the link secret, a closed peer, oversized frames."""
+"""`TcpChannel` / `TcpListener` without Ray: frames, the link's hello, a closed peer, oversized frames."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from actors.channels import TcpChannel, TcpListener
 from actors.wire.channel_frame import ChannelError, ChannelTimeoutError
+from actors.wire.hello import make_hello
 
 SECRET = b"s" * 32
 
@@ -45,7 +46,7 @@ def test_a_peer_without_the_secret_is_refused_and_the_right_one_still_gets_in() 
     listener = TcpListener()
     try:
         intruder = socket.create_connection((listener.host, listener.port))
-        intruder.sendall(b"MPR1" + b"x" * 32)
+        intruder.sendall(make_hello(b"x" * 32, "a", "b"))
         good: list[TcpChannel] = []
         t = threading.Thread(target=lambda: (time.sleep(0.2), good.append(
             TcpChannel.connect("a", "b", listener.host, listener.port, secret=SECRET, timeout_s=5))))
@@ -86,7 +87,7 @@ def test_a_closed_peer_fails_a_blocked_recv_at_once() -> None:
 def test_a_frame_over_the_limit_is_refused_before_reading_it() -> None:
     listener = TcpListener()
     raw = socket.create_connection((listener.host, listener.port))
-    raw.sendall(b"MPR1" + SECRET)
+    raw.sendall(make_hello(SECRET, "a", "b"))
     inbound = listener.accept(SECRET, "b", "a", timeout_s=5)
     raw.sendall(struct.pack("<Q", 2**40))
     with pytest.raises(ChannelError, match="over the limit"):
@@ -114,3 +115,68 @@ def test_closing_the_listener_ends_a_waiting_accept_at_once() -> None:
     listener.close()
     t.join(timeout=5)
     assert not t.is_alive() and "closed while waiting" in str(got["error"]) and got["took"] < 2
+
+
+def _capture_hello(secret: bytes) -> bytes:
+    """What `TcpChannel.connect` sends a listener before its first frame."""
+    server = socket.create_server(("127.0.0.1", 0))
+    out = TcpChannel.connect("a", "b", "127.0.0.1", server.getsockname()[1], secret=secret, timeout_s=5)
+    conn, _ = server.accept()
+    conn.settimeout(5)
+    got = b""
+    while len(got) < 68:
+        got += conn.recv(68 - len(got))
+    for s in (out, conn, server):
+        s.close()
+    return got
+
+
+def test_the_secret_never_crosses_the_wire_and_a_recorded_hello_opens_nothing() -> None:
+    """Someone on the path who records a hello learns nothing of the secret and cannot reuse the hello."""
+    hello = _capture_hello(SECRET)
+    assert SECRET not in hello and SECRET[:8] not in hello
+    assert _capture_hello(SECRET) != hello  # a fresh nonce each time
+    listener = TcpListener()
+    try:
+        first = socket.create_connection((listener.host, listener.port))
+        first.sendall(hello)
+        inbound = listener.accept(SECRET, "b", "a", timeout_s=5)  # the genuine hello, once
+        replay = socket.create_connection((listener.host, listener.port))
+        replay.sendall(hello)
+        with pytest.raises(ChannelTimeoutError):
+            listener.accept(SECRET, "b", "a", timeout_s=1)
+        assert replay.recv(1) == b""  # refused
+        for s in (first, replay, inbound):
+            s.close()
+    finally:
+        listener.close()
+
+
+def test_a_hello_for_another_link_of_the_same_secret_is_refused() -> None:
+    listener = TcpListener()
+    try:
+        wrong = socket.create_connection((listener.host, listener.port))
+        wrong.sendall(make_hello(SECRET, "c", "b"))  # c -> b, where b waits for a
+        with pytest.raises(ChannelTimeoutError):
+            listener.accept(SECRET, "b", "a", timeout_s=1)
+        assert wrong.recv(1) == b""
+        wrong.close()
+    finally:
+        listener.close()
+
+
+def test_idle_connections_do_not_keep_the_peer_waiting() -> None:
+    """Connections that never say hello are read side by side with the real peer's, not one by one."""
+    listener = TcpListener()
+    idle = [socket.create_connection((listener.host, listener.port)) for _ in range(20)]
+    try:
+        threading.Timer(0.2, lambda: TcpChannel.connect("a", "b", listener.host, listener.port, secret=SECRET,
+                                                        timeout_s=5)).start()
+        t0 = time.monotonic()
+        inbound = listener.accept(SECRET, "b", "a", timeout_s=10)
+        assert time.monotonic() - t0 < 2
+        inbound.close()
+    finally:
+        for s in idle:
+            s.close()
+        listener.close()
