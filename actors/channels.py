@@ -145,7 +145,7 @@ class TcpListener:
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind((host, 0))
-        self.sock.listen(8)
+        self.sock.listen(128)  # idle connections must not fill the queue before the real peer
         self.host, self.port = host, self.sock.getsockname()[1]
         self.closed = False  # `close()` from another thread ends a waiting `accept` within ACCEPT_POLL_S
         self.seen: set[bytes] = set()  # hello nonces accepted here (a replayed hello is refused)

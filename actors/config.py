@@ -51,7 +51,7 @@ class WireOptions(_Section):
     encryption: str = Field("auto", pattern="^(auto|always|never)$")  # AES-GCM: untrusted links | all | none
     # 32 raw bytes, or as hex/base64; default: $MESHPIPE_KEY (never logged, never in an error or repr)
     encryption_key: SecretBytes | SecretStr | None = None
-    int8_block: int = Field(64, ge=8)  # elements per int8 scale
+    int8_block: int = Field(64, ge=8, le=1 << 15)  # elements per int8 scale
     max_retransmits: int = Field(3, ge=0)  # resends a stage asks for a corrupted message before failing the step
 
     @field_validator("codec")

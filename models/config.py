@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 
 from models.errors import ConfigError
+
+MAX_CONTEXT = 1 << 24  # positions: a config claiming more is refused before its RoPE tables are built
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -34,6 +37,20 @@ class ModelConfig:
     head_dim_override: int | None = None  # per-head size when it is not dim // n_heads
 
     def __post_init__(self) -> None:
+        ints = {k: getattr(self, k) for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim",
+                                              "max_seq_len")}
+        bad = [f"{k}={v!r}" for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: sizes must be positive integers")
+        if self.max_seq_len > MAX_CONTEXT:
+            raise ConfigError(f"max_seq_len={self.max_seq_len} is beyond the {MAX_CONTEXT} positions meshpipe supports")
+        for k in ("norm_eps", "rope_theta"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ConfigError(f"{k}={v!r} must be a finite positive number")
+        if self.head_dim_override is not None and (not isinstance(self.head_dim_override, int)
+                                                   or self.head_dim_override < 1):
+            raise ConfigError(f"head_dim={self.head_dim_override!r} must be a positive integer")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"

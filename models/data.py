@@ -25,7 +25,12 @@ def load_documents(data: str | Path | Sequence[str | Sequence[int]]) -> list[str
         path = Path(data)
         if not path.is_file():
             raise InvalidRequestError(f"training data {str(path)!r} is not a file: give a text file or a list")
-        docs: list[str | list[int]] = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidRequestError(f"training data {str(path)!r} is not UTF-8 text (byte {e.start}): "
+                                      "save it as UTF-8") from None
+        docs: list[str | list[int]] = [p.strip() for p in text.split("\n\n") if p.strip()]
     else:
         docs = [d if isinstance(d, str) else [int(t) for t in d] for d in data]
     if not docs:

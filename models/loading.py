@@ -310,7 +310,16 @@ def _hf_key_files(folder: Path) -> dict[str, Path] | Path:
     """The shard of every key (sharded checkpoints) or the one safetensors file."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map", {})
+        weight_map = _read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise ConfigError(f"{index}: weight_map must map tensor names to shard file names")
+        inside = folder.resolve()
+        for v in set(weight_map.values()):  # shards are files of this folder: never "../" or an absolute path
+            shard = (folder / v).resolve()
+            if not shard.is_relative_to(inside) or shard.suffix != ".safetensors":
+                raise ConfigError(f"{index}: shard {v!r} is not a .safetensors file in {folder}")
         return {k: folder / v for k, v in weight_map.items()}
     single = folder / "model.safetensors"
     if single.is_file():
@@ -355,9 +364,16 @@ def _load_hf(folder: Path, wanted: dict[str, str], dtype: torch.dtype) -> dict[s
 def read_config(source: str | Path) -> ModelConfig:
     """The model's config, from GGUF metadata or a Hugging Face ``config.json``."""
     path = resolve_source(source)
-    if is_gguf(path):
-        return _gguf_config(open_gguf(path))
-    return _hf_config(path)
+    try:
+        if is_gguf(path):
+            return _gguf_config(open_gguf(path))
+        return _hf_config(path)
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+        # a missing or mistyped field, a truncated file: named, never a bare KeyError from deep inside
+        what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:200]}"
+        raise ConfigError(f"{path}: not a readable model config ({what})") from None
 
 
 def stage_keys(config: ModelConfig, layers: Iterable[int], embed: bool, head: bool) -> list[str]:

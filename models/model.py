@@ -21,6 +21,7 @@ from torch import nn
 from models.batch import Batch
 from models.cache import DEFAULT_BLOCK, KVCache
 from models.config import ModelConfig
+from models.errors import ConfigError
 from models.generation import Completion, Prompt, generate_local
 from models.graphs import DecodeGraphs
 
@@ -259,6 +260,11 @@ class Transformer(nn.Module):
         if self.tok_embeddings is None:
             state.pop("tok_embeddings.weight", None)
         self.weights_changed()
+        own = self.state_dict()
+        wrong = [f"{k} {tuple(v.shape)} (the config wants {tuple(own[k].shape)})" for k, v in state.items()
+                 if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:  # a config that does not describe these weights (vocab_size, hidden_size, ...)
+            raise ConfigError(f"the checkpoint's tensors do not match its config: {', '.join(wrong[:3])}")
         missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
         if self.output is not None and self.tok_embeddings is not None and self.cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight

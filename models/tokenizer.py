@@ -277,7 +277,10 @@ def _hf_tokenizer(folder: Path) -> Tokenizer | None:
     tok_file = folder / "tokenizer.json"
     if not tok_file.is_file():
         return None
-    backend = Backend.from_file(str(tok_file))
+    try:
+        backend = Backend.from_file(str(tok_file))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+        raise ConfigError(f"{tok_file} is not a tokenizer the tokenizers library can read: {str(e)[:200]}") from None
     tok_cfg = _read_json(folder / "tokenizer_config.json")
     model_cfg = _read_json(folder / "config.json")
     gen_cfg = _read_json(folder / "generation_config.json")

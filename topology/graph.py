@@ -31,8 +31,8 @@ class LinkSpec(BaseModel):
 
     a: str
     b: str
-    latency_ms: float = Field(0.0, ge=0)  # one-way latency
-    bandwidth_gbps: float | None = Field(None, gt=0)  # gigabits per second; None = latency only
+    latency_ms: float = Field(0.0, ge=0, allow_inf_nan=False)  # one-way latency
+    bandwidth_gbps: float | None = Field(None, gt=0, allow_inf_nan=False)  # gigabits per second; None = latency only
     directed: bool = False  # a -> b only
     trusted: bool = True  # False: encrypt messages on this link (messages issue)
 
@@ -112,9 +112,11 @@ class Topology:
         if not path.is_file():
             raise TopologyError(f"topology file {str(path)!r} does not exist")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise TopologyError(f"{path}: not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise TopologyError(f"{path}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
         return cls.from_dict(data, where=str(path))
 
     def link_cost_ms(self, a: str, b: str, nbytes: float = 0) -> float:

@@ -26,6 +26,7 @@ ALIGN = 16  # the tensor's bytes start at a multiple of this in the body, so `vi
 NO_TENSOR = -1
 BODY_AT = 96  # the body's offset in a message: after the 88-byte descriptor, 16-byte aligned
 FRAME_BYTES = 4096  # a message's first send, fixed-size; (1, 576) fp32 plus a header fits in one
+MAX_BODY = 1 << 31  # a descriptor claiming a longer body is refused before any buffer is allocated
 
 
 class ChannelError(MeshpipeError, RuntimeError):
@@ -103,12 +104,20 @@ def pack_message(header: bytes, tensor: torch.Tensor | None) -> tuple[torch.Tens
 
 
 def frame_descriptor(frame: torch.Tensor) -> Descriptor:
-    """The descriptor at the start of a received frame (uint8)."""
-    return decode_descriptor(frame[:DESCRIPTOR_LEN * 8].view(torch.int64))
+    """The descriptor at the start of a received frame (uint8); ChannelError for a short or malformed one."""
+    if frame.numel() < BODY_AT:
+        raise ChannelError(f"a frame of {frame.numel()} bytes is shorter than a message's descriptor")
+    d = decode_descriptor(frame[:DESCRIPTOR_LEN * 8].view(torch.int64))
+    if d.body_len > MAX_BODY:
+        raise ChannelError(f"a descriptor claims a body of {d.body_len} bytes, over the limit of {MAX_BODY}")
+    return d
 
 
 def unpack_message(d: Descriptor, buf: torch.Tensor) -> tuple[bytes, torch.Tensor | None]:
     """(header, tensor) of a whole message buffer (`pack_message`'s layout)."""
+    if buf.numel() < BODY_AT + d.body_len:
+        raise ChannelError(f"a message of {buf.numel()} bytes is shorter than its descriptor says "
+                           f"({BODY_AT + d.body_len})")
     return unpack_body(d, buf[BODY_AT:BODY_AT + d.body_len])
 
 

@@ -46,6 +46,7 @@ VERSION = 1
 _PREFIX = struct.Struct("<4sBBHIQ")  # magic, version, flags, reserved, header length, payload length
 PREFIX_SIZE = _PREFIX.size  # 20
 CHECKSUM_SIZE = 8
+MAX_DIMS = 8  # a tensor's dimensions at most (a forged shape is refused before any size is computed)
 ALIGN = 16  # the payload starts at a multiple of this (zero-copy float views, SIMD-friendly)
 FLAG_ENCRYPTED = 1
 FLAG_COMPRESSED = 2
@@ -135,8 +136,9 @@ def _fields_problem(d: dict[str, Any]) -> str | None:
         return (f"seq_ids, starts and lengths must have one entry per sequence, got lengths "
                 f"{len(seq_ids)}, {len(d['starts'])}, {len(lengths)}")
     shape, dtype = d["shape"], d["dtype"]
-    if not isinstance(shape, (list, tuple)) or not all(is_int(n) and n >= 0 for n in shape):
-        return f"shape must be a list of ints >= 0, got {shape!r}"
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS or \
+            not all(is_int(n) and 0 <= n < 2**40 for n in shape):
+        return f"shape must be a list of at most {MAX_DIMS} ints in [0, 2**40), got {str(shape)[:100]}"
     if not isinstance(dtype, str) or dtype not in DTYPES:
         return f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}"
     try:

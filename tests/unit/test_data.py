@@ -41,6 +41,9 @@ def test_bad_data_is_refused_by_name(tmp_path: Path) -> None:
         load_documents([])
     with pytest.raises(InvalidRequestError, match="not a file"):
         load_documents(tmp_path / "missing.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(InvalidRequestError, match="not UTF-8 text"):
+        load_documents(tmp_path / "latin1.txt")
     with pytest.raises(InvalidRequestError, match="less than one window"):
         pack_windows([[1, 2]], seq_len=8)
     with pytest.raises(InvalidRequestError, match="tokenizer"):

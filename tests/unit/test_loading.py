@@ -218,6 +218,63 @@ def test_unsupported_hf_configs(tmp_path: Path) -> None:
         read_config(write_config(tmp_path / "d", attention_bias=True))
 
 
+@pytest.mark.parametrize("changes,match", [
+    ({"rms_norm_eps": float("nan")}, "norm_eps=nan"), ({"rope_theta": float("nan")}, "rope_theta=nan"),
+    ({"rope_theta": -5.0}, "rope_theta=-5.0"), ({"hidden_size": None}, "hidden_size"),
+    ({"num_attention_heads": 0, "num_key_value_heads": 1}, "n_heads=0"), ({"intermediate_size": -1}, "hidden_dim=-1"),
+    ({"hidden_size": "abc"}, "not a readable model config"),
+    ({"max_position_embeddings": 10**12}, "max_seq_len=1000000000000 is beyond"),
+])
+def test_a_malformed_hf_config_is_a_config_error_naming_the_field(tmp_path: Path, changes: dict,
+                                                                   match: str) -> None:
+    """Before, NaN or negative values loaded and generated garbage, a huge context tried to allocate its
+    RoPE tables, and a missing or mistyped field was a bare KeyError or ValueError from deep inside."""
+    folder = write_config(tmp_path / "a", **changes)
+    if changes.get("hidden_size", 0) is None:
+        cfg = json.loads((folder / "config.json").read_text())
+        del cfg["hidden_size"]
+        (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=match):
+        read_config(folder)
+
+
+def test_a_config_json_that_is_not_an_object_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a readable model config"):
+        read_config(tmp_path)
+
+
+def test_a_truncated_gguf_is_a_config_error(tiny_dirs: dict, tmp_path: Path) -> None:
+    path = make_tiny_gguf(tmp_path / "t.gguf", tiny_dirs[(False, False)])
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ConfigError, match="cut.gguf"):
+        read_config(cut)
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere/model.safetensors", "/etc/passwd", "notes.txt"])
+def test_a_sharded_index_never_points_outside_its_folder(tiny_dirs: dict, tmp_path: Path, shard: str) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dirs[(False, True)], folder)
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = shard
+    index.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="is not a .safetensors file in"):
+        load_state_dict(folder, read_config(folder), [0], embed=True, head=False)
+
+
+def test_weights_that_do_not_fit_the_config_are_a_config_error(tiny_dirs: dict, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dirs[(False, False)], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vocab_size"] //= 2
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="do not match its config: tok_embeddings.weight"):
+        loading.load_stage(folder)
+
+
 def test_unsupported_gguf_architecture(tiny_dirs: dict, tmp_path: Path) -> None:
     path = make_tiny_gguf(tmp_path / "q.gguf", tiny_dirs[(False, False)], architecture="qwen2")
     with pytest.raises(ConfigError, match="qwen2"):

@@ -180,3 +180,24 @@ def test_idle_connections_do_not_keep_the_peer_waiting() -> None:
         for s in idle:
             s.close()
         listener.close()
+
+
+def test_short_and_lying_frames_are_channel_errors_before_any_allocation() -> None:
+    from actors.wire.channel_frame import BODY_AT, MAX_BODY, frame_descriptor, pack_message
+
+    a, b = _pair()
+    try:
+        a.send_bytes(b"\0" * 10)  # shorter than a descriptor
+        with pytest.raises(ChannelError, match="shorter than a message's descriptor"):
+            b.recv(timeout_s=5)
+        buf, length = pack_message(b"hdr", torch.zeros(4, 4))
+        a.send_bytes(buf[:length - 8].numpy())  # the descriptor says 8 bytes more
+        with pytest.raises(ChannelError, match="shorter than its descriptor says"):
+            b.recv(timeout_s=5)
+    finally:
+        a.close()
+        b.close()
+    huge = torch.zeros(BODY_AT, dtype=torch.uint8)  # what a gloo receiver would allocate for: refused first
+    huge[:8 * 5].view(torch.int64)[:] = torch.tensor([0, 0, 2, 2**31, 2**20])  # float32 (2**31, 2**20)
+    with pytest.raises(ChannelError, match=f"over the limit of {MAX_BODY}"):
+        frame_descriptor(huge)

@@ -180,6 +180,13 @@ def test_hf_folder_without_tokenizer_json(tmp_path: Path) -> None:
     assert load_tokenizer(folder) is None
 
 
+def test_an_unreadable_tokenizer_json_is_a_config_error(tmp_path: Path) -> None:
+    folder = make_tiny_llama(tmp_path / "tiny", n_layers=1)
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match="tokenizer.json is not a tokenizer"):
+        load_tokenizer(folder)
+
+
 def test_tiny_gguf_byte_tokenizer(tmp_path: Path) -> None:
     folder = make_tiny_llama(tmp_path / "tiny", n_layers=1)
     tok = load_tokenizer(make_tiny_gguf(tmp_path / "t.gguf", folder))

@@ -72,6 +72,8 @@ def test_route_is_optimal_against_brute_force_on_random_graphs() -> None:
     ({"nodes": {"A": {"gpus": -2}}}, r"nodes\.A\.NodeSpec\.gpus|nodes\.A"),
     ({"nodes": {"A": {}}, "links": [{"a": "A", "b": "A", "latency": 3}]}, "latency"),
     ({"nodez": {}}, "nodez"),
+    ({"nodes": {"A": {}, "B": {}}, "links": [{"a": "A", "b": "B", "latency_ms": float("inf")}]}, "finite number"),
+    ({"nodes": {"A": {}, "B": {}}, "links": [{"a": "A", "b": "B", "bandwidth_gbps": float("nan")}]}, "finite"),
 ])
 def test_bad_topologies_name_the_field(data: dict, match: str) -> None:
     with pytest.raises(TopologyError, match=match):
@@ -84,6 +86,9 @@ def test_missing_file_and_unknown_endpoints(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("nodes: [unclosed")
     with pytest.raises(TopologyError, match="not valid YAML"):
         Topology.from_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("nodes: {caf\xe9: {}}".encode("latin-1"))
+    with pytest.raises(TopologyError, match="not UTF-8 text"):
+        Topology.from_yaml(tmp_path / "latin1.yaml")
     with pytest.raises(TopologyError, match="--from: unknown node 'X'"):
         Topology.from_dict(EXAMPLE).route("X", "A")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -50,7 +51,7 @@ def test_flipped_and_cut_messages(link: int, flips: list[tuple[int, int]], cut: 
 
 @FUZZ
 @given(st.sampled_from(["shape", "lengths", "dtype", "codec", "compress", "block", "tokens", "drafts"]),
-       st.one_of(st.integers(-2, 2**62), st.lists(st.integers(-1, 2**40), max_size=4), st.text(max_size=8),
+       st.one_of(st.integers(-2, 2**62), st.lists(st.integers(-1, 2**72), max_size=12), st.text(max_size=8),
                  st.none()))
 def test_forged_headers_with_valid_checksums(field: str, value: object) -> None:
     """A header rewritten by someone who recomputes the checksum: refused by type, never allocated blindly."""
@@ -65,6 +66,20 @@ def test_forged_headers_with_valid_checksums(field: str, value: object) -> None:
         return
     payload = wire[PREFIX_SIZE + int(np.frombuffer(wire[8:12].tobytes(), "<u4")[0]):]
     _only_typed(_rebuild(raw, payload, wire))
+
+
+@pytest.mark.parametrize("shape", [[0, 2**70], [0, 2**63], [1] * 100, [2**41, 0]])
+@pytest.mark.parametrize("link", [0, 1, 2])
+def test_forged_shapes_past_any_tensor_are_refused_by_type(shape: list[int], link: int) -> None:
+    """A zero dimension beside a huge one passed the size check (0 elements) and overflowed torch."""
+    from actors.wire import framing
+
+    wire = _message(LINKS[link])
+    h, _ = unpack(wire, KEY)
+    forged = {**{f: getattr(h, f) for f in Header.__dataclass_fields__}, "shape": shape}
+    payload = wire[PREFIX_SIZE + int(np.frombuffer(wire[8:12].tobytes(), "<u4")[0]):]
+    with pytest.raises(MessageError, match="shape"):
+        unpack(_rebuild(framing._header_bytes(forged), payload, wire), KEY)
 
 
 def _rebuild(hbytes: bytes, rest: np.ndarray, original: np.ndarray) -> np.ndarray:

@@ -101,3 +101,10 @@ def test_deploy_config_rejects_an_unknown_codec_naming_the_valid_ones() -> None:
         assert repr(name) in message
     for name in ("auto", *codec_names()):
         assert DeployConfig.of(codec=name).wire.codec == name
+
+
+def test_deploy_config_bounds_the_int8_block_at_deploy_time() -> None:
+    """Before, a block past the wire's limit was accepted here and failed later, on the first message."""
+    with pytest.raises(ConfigError, match="int8_block"):
+        DeployConfig.of(int8_block=1 << 20)
+    assert DeployConfig.of(int8_block=1 << 15).wire.int8_block == 1 << 15
