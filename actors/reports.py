@@ -42,8 +42,9 @@ HELLO_TIMEOUT_S = 10.0
 _LEN = struct.Struct("<Q")
 
 Trace = list[list[float]]  # a pass's hops: [stage, replica, inbound ms, compute ms, resends asked] each
-Report = tuple[list[tuple], list[tuple[int, Trace]]]  # per sequence (rid, tokens, logprobs, drafted, before);
-# per pass since the last report (input tokens, trace): a release-only message's pass has 0 tokens
+Report = tuple[list[tuple], list[tuple[int, Trace]], list[str]]  # per sequence (rid, tokens, logprobs, drafted,
+# before); per pass since the last report (input tokens, trace): a release-only message's pass has 0 tokens; the
+# sequences whose caches the ring released since (the router re-admits a preempted one only after that)
 
 
 def report_key(secret: bytes) -> bytes:
@@ -65,14 +66,14 @@ def hello_of(ring_id: str, secret: bytes, challenge: bytes) -> bytes:
     return MAGIC + struct.pack("<H", len(rid)) + rid + _hello_mac(secret, rid, challenge)
 
 
-def encode_report(batch: list[tuple], passes: list[tuple[int, Trace]]) -> bytes:
+def encode_report(batch: list[tuple], passes: list[tuple[int, Trace]], released: list[str]) -> bytes:
     """A report as JSON: logprobs as [token id, logprob, [[id, logprob], ...]] (None where not asked), each
-    pass as [input tokens, trace]."""
+    pass as [input tokens, trace], then the released sequence ids."""
     def lp(x: TokenLogprob | None) -> Any:
         return None if x is None else [x.token_id, x.logprob, [[k, v] for k, v in x.top.items()]]
 
     rows = [[rid, list(tokens), [lp(x) for x in lps], drafted, before] for rid, tokens, lps, drafted, before in batch]
-    return json.dumps([rows, [[n, trace] for n, trace in passes]], separators=(",", ":")).encode()
+    return json.dumps([rows, [[n, trace] for n, trace in passes], list(released)], separators=(",", ":")).encode()
 
 
 def decode_report(raw: bytes) -> Report:
@@ -96,19 +97,21 @@ def decode_report(raw: bytes) -> Report:
                                            and num(t[2]) and num(t[3]) and count(t[4]) for t in v)
 
     try:
-        rows, passes = json.loads(raw)
+        rows, passes, released = json.loads(raw)
     except (ValueError, TypeError, RecursionError):
-        raise ValueError("a report is not [rows, passes] JSON") from None
+        raise ValueError("a report is not [rows, passes, released] JSON") from None
     if not isinstance(rows, list) or not isinstance(passes, list) or \
             not all(isinstance(p, list) and len(p) == 2 and count(p[0]) and trace(p[1]) for p in passes):
         raise ValueError("a report's rows or passes are malformed")
+    if not isinstance(released, list) or not all(isinstance(r, str) for r in released):
+        raise ValueError("a report's released ids are not strings")
     batch = []
     for row in rows:
         if not (isinstance(row, list) and len(row) == 5 and isinstance(row[0], str) and isinstance(row[1], list)
                 and all(count(t) for t in row[1]) and isinstance(row[2], list) and count(row[3]) and count(row[4])):
             raise ValueError("a report row is not [request id, tokens, logprobs, drafted, before]")
         batch.append((row[0], row[1], [lp(x) for x in row[2]], row[3], row[4]))
-    return batch, [(n, t) for n, t in passes]
+    return batch, [(n, t) for n, t in passes], released
 
 
 class ReportSender:
@@ -131,11 +134,11 @@ class ReportSender:
         self.sock.sendall(hello_of(ring_id, secret, challenge))
         self.sock.settimeout(None)
 
-    def send(self, batch: list[tuple], passes: list[tuple[int, Trace]]) -> None:
+    def send(self, batch: list[tuple], passes: list[tuple[int, Trace]], released: list[str]) -> None:
         """One report; an OSError when the router's end is gone."""
         self.counter += 1
         nonce = self.counter.to_bytes(12, "little")
-        body = nonce[:8] + self.aead.encrypt(nonce, encode_report(batch, passes), self.ring_id)
+        body = nonce[:8] + self.aead.encrypt(nonce, encode_report(batch, passes, released), self.ring_id)
         self.sock.sendall(_LEN.pack(len(body)) + body)
 
     def close(self) -> None:
@@ -144,9 +147,10 @@ class ReportSender:
 
 class ReportServer:
     """The router's end: accepts the tails of the rings it `allow`s, hands each report to `on_report`
-    (ring id, batch, passes) on the event loop, in the order the tail sent them."""
+    (ring id, batch, passes, released) on the event loop, in the order the tail sent them."""
 
-    def __init__(self, on_report: Callable[[str, list[tuple], list[tuple[int, Trace]]], None], host: str) -> None:
+    def __init__(self, on_report: Callable[[str, list[tuple], list[tuple[int, Trace]], list[str]], None],
+                 host: str) -> None:
         self.on_report, self.host = on_report, host
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -201,11 +205,11 @@ class ReportServer:
                     raise ValueError("a replayed or reordered frame")
                 raw = aead.decrypt(counter.to_bytes(12, "little"), body[8:], ring_id.encode())
                 self.last[ring_id] = counter  # once it proved genuine
-                batch, passes = decode_report(raw)
+                batch, passes, released = decode_report(raw)
                 if ring_id not in self.keys:
                     return  # the ring ended meanwhile
                 self.received += 1
-                self.on_report(ring_id, batch, passes)
+                self.on_report(ring_id, batch, passes, released)
         except asyncio.IncompleteReadError:
             pass  # the tail closed: the ring stopped
         except Exception as e:  # noqa: BLE001 - fail closed: this connection ends, the ring breaks on its next send

@@ -58,6 +58,9 @@ class Ring:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     admits: list[Request] = field(default_factory=list)  # waiting for the next admission call
     cancels: list[str] = field(default_factory=list)
+    # sequences cancelled here whose release has not come back from the tail: one preempted and placed
+    # again waits for it (its old run's caches, tail state and pass in flight must be gone first)
+    releasing: set[str] = field(default_factory=set)
     flushing: bool = False
     passes: int = 0  # passes its tail reported (one per lane step)
     # the last requests that left it: the head frees their caches down the ring, unless it breaks first
@@ -69,7 +72,7 @@ class RingDriver:
 
     def __init__(self, deployment: str, pool: ReplicaPool, router: Any, lanes: int, incarnation: int,
                  eos_ids: frozenset[int], max_seq_len: int, fallback: Callable[[list[Request]], None],
-                 prefill_chunk: int = 1 << 30, on_report: Callable[[str, list, list], None] | None = None,
+                 prefill_chunk: int = 1 << 30, on_report: Callable[[str, list, list, list], None] | None = None,
                  on_break: Callable[[str], None] | None = None) -> None:
         self.deployment, self.pool, self.router = deployment, pool, router
         self.lanes, self.incarnation = lanes, incarnation
@@ -116,6 +119,7 @@ class RingDriver:
         if req in ring.admits:
             ring.admits.remove(req)
         ring.cancels.append(req.rid)
+        ring.releasing.add(req.rid)
         ring.ended.append(req)
         self._flush_soon(ring)
 
@@ -125,11 +129,12 @@ class RingDriver:
     def active(self) -> int:
         return sum(len(ring.lane.seqs) for ring in self.rings.values())
 
-    def report(self, ring_id: str, batch: list[tuple], passes: list[tuple[int, Trace]],
+    def report(self, ring_id: str, batch: list[tuple], passes: list[tuple[int, Trace]], released: list[str],
                requests: dict[str, Request], deliver: Callable[..., None], metrics: Any) -> None:
         """A tail's report: each (request id, tokens, logprobs, drafts verified, tokens before) goes to `deliver`;
         each pass's hop times to the pool's costs, its resends to the counters (a release-only message's pass,
-        0 tokens, only the latter). A broken ring's late report is dropped: the router's record is the truth."""
+        0 tokens, only the latter); `released` lets admissions waiting for them go. A broken ring's late report
+        is dropped: the router's record is the truth."""
         ring = self.by_id.get(ring_id)
         if ring is None:
             return
@@ -145,9 +150,13 @@ class RingDriver:
         self.retransmits += resent
         metrics.step(sum(len(b[1]) for b in batch), hops, resent)
         for rid, tokens, logprobs, drafted, before in batch:
-            r = requests.get(rid)  # a report of an earlier run of a preempted sequence matches no count
-            if r is not None and r.lane is ring.lane and len(r.seq.generated) == before:
+            r = requests.get(rid)  # an earlier run of a preempted sequence: its release has not come back yet
+            if r is not None and r.lane is ring.lane and len(r.seq.generated) == before and rid not in ring.releasing:
                 deliver(r, tokens, logprobs, drafted)
+        if released and ring.releasing:  # after the rows: a row beside its release is of the earlier run
+            ring.releasing.difference_update(released)
+            if ring.admits:
+                self._flush_soon(ring)
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"ring": r.ring_id, "replicas": [h for h in r.route.replicas], "state": r.state,
@@ -201,8 +210,9 @@ class RingDriver:
         """Sends the queued admissions (the tail's options first) and cancellations, in one call each."""
         try:
             await ring.ready.wait()
-            while ring.state == "ready" and (ring.admits or ring.cancels):
-                admits, ring.admits = ring.admits, []
+            while ring.state == "ready" and (self._admissible(ring) or ring.cancels):
+                admits = [r for r in self._admissible(ring) if not r.future.done()]
+                ring.admits = [r for r in ring.admits if r.rid in ring.releasing]  # an earlier run still leaving
                 cancels, ring.cancels = ring.cancels, []
                 head, tail = ring.handles[0], ring.handles[-1]
                 if cancels:
@@ -212,14 +222,19 @@ class RingDriver:
                         r.rid: (r.seq.params, len(r.seq.generated)) for r in admits})
                     await head.ring_admit.remote(ring.ring_id, [
                         (r.rid, r.seq.prompt + r.seq.generated, r.seq.cached, len(r.seq.generated), r.seq.params)
-                        for r in admits if not r.future.done()])
+                        for r in admits])
         except Exception as e:  # noqa: BLE001 - a member is gone: recovery takes over
             await self.break_ring(ring.ring_id, f"admission failed: {type(e).__name__}: {e}",
                                   cause="admission failed", failure=True)
         finally:
             ring.flushing = False
-            if ring.state == "ready" and (ring.admits or ring.cancels):
+            if ring.state == "ready" and (self._admissible(ring) or ring.cancels):
                 self._flush_soon(ring)
+
+    @staticmethod
+    def _admissible(ring: Ring) -> list[Request]:
+        """Queued admissions whose earlier run in this ring (a preempted sequence's) has been released."""
+        return [r for r in ring.admits if r.rid not in ring.releasing]
 
     # ---------- breaking ----------
 

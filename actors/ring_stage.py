@@ -101,6 +101,7 @@ class RingMember:
         self.seqs: dict[str, SeqState] = {}  # head: the sequences it feeds
         self.tail_seqs: dict[str, SeqState] = {}  # tail: what ends each sequence
         self.in_flight: set[int] = set()  # head: lanes with a step out
+        self.flying: dict[int, dict[str, SeqState]] = {}  # head: each lane's step out, its sequences' states
         self.release: list[str] = []  # head: sequences whose caches go with the next message
         self.sent: OrderedDict[int, Any] = OrderedDict()  # msg id -> wire, for resends
         self.step = 0
@@ -109,6 +110,7 @@ class RingMember:
         self.threads: list[threading.Thread] = []
         self.reports: list[tuple] = []  # tail: (rid, tokens, logprobs, drafted, tokens generated before them)
         self.report_passes: list[tuple[int, Trace]] = []  # tail: (input tokens, trace) of each pass
+        self.report_released: list[str] = []  # tail: sequences released since the last report
         self.report_cond = threading.Condition()
         self.report_now = False  # a sequence's first token or its end is waiting: no batching delay
         self.last_report = 0.0
@@ -223,20 +225,21 @@ class RingMember:
                 loads[lane] += 1
                 self.seqs[rid] = SeqState(rid, params, list(tokens), generated, start=cached,
                                           pending=list(tokens[cached:]), lane=lane, budget=params.speculative)
-        elif kind == "cancel":
+        elif kind == "cancel":  # also ids it never got (cancelled on the way): their pinned prefixes go too
             for rid in body:
-                if self.seqs.pop(rid, None) is not None:
-                    self.release.append(rid)
+                self.seqs.pop(rid, None)
+                self.release.append(rid)
         elif kind == "tokens":
             header, tokens = body
             self.in_flight.discard(header.lane)
+            sent = self.flying.pop(header.lane, {})
             done, row = set(header.release), 0
             partial = set(header.partial)
             for rid, n in zip(header.seq_ids, header.lengths):
                 got, row = tokens[row:row + n], row + n
                 q = self.seqs.get(rid)
-                if q is None:
-                    continue  # cancelled while its step was out
+                if q is None or sent.get(rid) is not q:
+                    continue  # cancelled while its step was out (and maybe admitted again since)
                 if rid in partial:  # a prompt chunk went through: the next one, or the rest, follows
                     q.start, q.pending = q.start + q.sent, q.pending[q.sent:]
                     continue
@@ -283,6 +286,7 @@ class RingMember:
         self.release = []
         if members:
             self.in_flight.add(lane)
+            self.flying[lane] = {q.rid: q for q in members}
         header.lanes = max(1, len(self.in_flight))
         x = long_tensor(header.tokens)  # (N,)
         self.stage.compute.run(self._compute_and_pass, header, x, time.time())
@@ -320,6 +324,8 @@ class RingMember:
         if self.is_tail:
             for rid in header.release:
                 self.tail_seqs.pop(rid, None)
+            with self.report_cond:  # the router waits for this before it admits a preempted sequence again
+                self.report_released += header.release
         at = tail_index(header.lengths, [len(d) + 1 for d in header.drafts]) \
             if self.is_tail and header.drafts else None
         y = st.apply(header, x, logits_at=at, ring=True)
@@ -468,12 +474,12 @@ class RingMember:
                     self.report_cond.wait(due - time.monotonic())
                 if self.stopped:
                     return
-                batch, passes = self.reports, self.report_passes
-                self.reports, self.report_passes, self.report_now = [], [], False
+                batch, passes, released = self.reports, self.report_passes, self.report_released
+                self.reports, self.report_passes, self.report_released, self.report_now = [], [], [], False
             if self.report_out is not None:
-                self.report_out.send(batch, passes)
+                self.report_out.send(batch, passes, released)
             else:
-                ray.get(self.spec.router.ring_tokens.remote(self.spec.ring_id, batch, passes))
+                ray.get(self.spec.router.ring_tokens.remote(self.spec.ring_id, batch, passes, released))
             self.last_report = time.monotonic()
 
 

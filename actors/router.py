@@ -427,11 +427,12 @@ class RouterActor(FaultHooks, ScalingHooks):
 
     # ---------- decode rings report here (actors.ring_stage) ----------
 
-    def ring_tokens(self, ring_id: str, batch: list[tuple], passes: list[tuple[int, list[list[float]]]]) -> None:
-        """A ring's tail: (request id, tokens, logprobs, drafts verified, tokens before) per sequence and
-        (input tokens, trace) per pass since its last report."""
+    def ring_tokens(self, ring_id: str, batch: list[tuple], passes: list[tuple[int, list[list[float]]]],
+                    released: list[str]) -> None:
+        """A ring's tail: (request id, tokens, logprobs, drafts verified, tokens before) per sequence,
+        (input tokens, trace) per pass and the sequences released, since its last report."""
         if self.rings:
-            self.rings.report(ring_id, batch, passes, self.requests, self._deliver, self.metrics)
+            self.rings.report(ring_id, batch, passes, released, self.requests, self._deliver, self.metrics)
             self._schedule()
 
     async def ring_failed(self, ring_id: str, member: str, reason: str) -> None:

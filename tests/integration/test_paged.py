@@ -97,7 +97,49 @@ def test_sequences_that_cannot_grow_are_preempted_and_finish_with_the_local_toke
         prompts = [[i + 3, 7, 8, 9, 10, 11, 12, 13, 14, 15] for i in range(3)]
         got = pipe.generate(prompts, max_new_tokens=240, ignore_eos=True)
         assert tokens(got) == tokens(generate_local(local, prompts, 240, ignore_eos=True))
-        assert pipe.stats()["router"]["kv"]["preemptions"] >= 1
+        router = pipe.stats()["router"]
+        assert router["kv"]["preemptions"] >= 1 and router["rings_broken"] == []
+    finally:
+        pipe.shutdown()
+
+
+def test_a_sequence_preempted_as_another_ends_joins_its_ring_again_without_breaking_it(
+        tiny_ckpt: Path, local: Transformer) -> None:
+    """Request 0 cannot grow in the very pass request 2 finishes, so it is placed in the same ring again at
+    once: it waits until its earlier run's caches, tail state and pass in flight are gone (before, the
+    head fed the old pass's tokens to the new run and the ring broke into recovery)."""
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="paged-preempt-again",
+                           kv_cache_tokens=512, prefix_caching=False)
+    try:
+        prompts = [[i + 3, 7, 8, 9, 10, 11, 12, 13, 14, 15] for i in range(3)]
+        news = [200, 200, 135]
+        ids = [pipe.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, news)]
+        got = [pipe.result(i, timeout=120) for i in ids]
+        assert tokens(got) == [generate_local(local, p, n, ignore_eos=True)[0].token_ids
+                               for p, n in zip(prompts, news)]
+        router = pipe.stats()["router"]
+        assert router["kv"]["preemptions"] >= 1 and router["rings_broken"] == []
+    finally:
+        pipe.shutdown()
+
+
+@pytest.mark.parametrize("data_path", ["ring", "calls"])
+def test_requests_cancelled_as_soon_as_submitted_give_their_pinned_prefix_back(tiny_ckpt: Path,
+                                                                                data_path: str) -> None:
+    """A request cancelled before the ring's head has it still had its cached prefix pinned on the route:
+    the head releases it down the ring anyway (before, those blocks and the tail's state stayed)."""
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name=f"paged-cancel-{data_path}",
+                           kv_block_size=8, data_path=data_path)
+    try:
+        pipe.generate([SYSTEM + [1, 2]], max_new_tokens=4, ignore_eos=True)  # the prefix is cached
+        wait_for(lambda: all(s["kv_blocks_used"] == 0 for s in _stages(pipe)), what="the warm-up's blocks back")
+        for i in range(40):
+            rid = pipe.submit(SYSTEM + [i + 3], max_new_tokens=50, ignore_eos=True)
+            time.sleep((i % 8) * 0.001)
+            pipe.cancel(rid)
+        wait_for(lambda: all(s["kv_blocks_used"] == 0 and s["sequences"] == 0 for s in _stages(pipe)),
+                 what="every pinned block given back")
+        assert pipe.stats()["router"]["rings_broken"] == []
     finally:
         pipe.shutdown()
 

@@ -28,6 +28,7 @@ BATCH = [("req-1", [5, 6], [TokenLogprob(5, -0.25, {5: -0.25, 9: -2.0}), TokenLo
 PASSES = [(6, [[0, 0, 0.1, 0.5, 0], [1, 0, 0.2, 0.4, 1]]),  # (input tokens, trace) per pass since the last report
           (2, [[0, 0, 0.3, 0.2, 0], [1, 0, 0.1, 0.3, 0]]),
           (0, [[0, 0, 0.0, 0.0, 2], [1, 0, 0.0, 0.0, 0]])]  # a release-only message, resent twice
+RELEASED = ["req-0", "req-9"]  # sequences whose caches the ring freed since the last report
 
 
 def run(body: Callable[[ReportServer, list, tuple[str, int]], Awaitable[None]]) -> list:
@@ -35,7 +36,7 @@ def run(body: Callable[[ReportServer, list, tuple[str, int]], Awaitable[None]]) 
     got: list = []
 
     async def main() -> None:
-        server = ReportServer(lambda ring, batch, passes: got.append((ring, batch, passes)), "127.0.0.1")
+        server = ReportServer(lambda ring, batch, passes, released: got.append((ring, batch, passes, released)), "127.0.0.1")
         server.allow("ring-a", SECRET)
         addr = await server.address()
         try:
@@ -59,14 +60,14 @@ def test_reports_arrive_in_order_with_their_logprobs() -> None:
     async def body(server: ReportServer, got: list, addr: tuple[str, int]) -> None:
         sender = await asyncio.to_thread(ReportSender, *addr, "ring-a", SECRET)
         for i in range(50):
-            await asyncio.to_thread(sender.send, [(f"r{i}", [i], [None], 0, i)], PASSES)
-        sender.send(BATCH, PASSES)
+            await asyncio.to_thread(sender.send, [(f"r{i}", [i], [None], 0, i)], PASSES, [])
+        sender.send(BATCH, PASSES, RELEASED)
         await until(lambda: len(got) == 51)
         sender.close()
 
     got = run(body)
-    assert [b[0][0] for _, b, _ in got[:50]] == [f"r{i}" for i in range(50)]
-    assert got[-1] == ("ring-a", BATCH, PASSES)
+    assert [b[0][0] for _, b, _, _ in got[:50]] == [f"r{i}" for i in range(50)]
+    assert got[-1] == ("ring-a", BATCH, PASSES, RELEASED)
 
 
 def raw_client(addr: tuple[str, int], hello: Callable[[bytes], bytes]) -> socket.socket:
@@ -109,14 +110,14 @@ def test_replayed_tampered_and_oversized_frames_and_a_second_connection_are_refu
 
     async def body(server: ReportServer, got: list, addr: tuple[str, int]) -> None:
         sender = await asyncio.to_thread(ReportSender, *addr, "ring-a", SECRET)
-        sender.send(BATCH, PASSES)
+        sender.send(BATCH, PASSES, RELEASED)
         await until(lambda: len(got) == 1)
         sent: list[bytes] = []  # frames as the sender sealed them: counter 1 again, then counter 5
         real = sender.sock
         sender.sock = type("Capture", (), {"sendall": lambda self, data: sent.append(bytes(data))})()
         for counter in (0, 4):
             sender.counter = counter
-            sender.send(BATCH, PASSES)
+            sender.send(BATCH, PASSES, RELEASED)
         sender.sock = real
         second = await asyncio.to_thread(raw_client, addr, good)  # while the ring's connection lives
         assert await asyncio.to_thread(closed, second)
@@ -136,35 +137,37 @@ def test_replayed_tampered_and_oversized_frames_and_a_second_connection_are_refu
         s.close()
 
     got = run(body)
-    assert len(got) == 2 and got[1] == ("ring-a", BATCH, PASSES)
+    assert len(got) == 2 and got[1] == ("ring-a", BATCH, PASSES, RELEASED)
 
 
 def test_a_forgotten_ring_is_cut_off_and_its_reports_are_dropped() -> None:
     async def body(server: ReportServer, got: list, addr: tuple[str, int]) -> None:
         sender = await asyncio.to_thread(ReportSender, *addr, "ring-a", SECRET)
-        sender.send(BATCH, PASSES)
+        sender.send(BATCH, PASSES, RELEASED)
         await until(lambda: len(got) == 1)
         server.forget("ring-a")
         with pytest.raises(OSError):
             for _ in range(100):  # the closed socket fails a send soon (the first may still be buffered)
-                await asyncio.to_thread(sender.send, BATCH, PASSES)
+                await asyncio.to_thread(sender.send, BATCH, PASSES, RELEASED)
                 await asyncio.sleep(0.01)
 
     assert len(run(body)) == 1
 
 
-@pytest.mark.parametrize("raw", [b"[]", b'[[["r", [1], [], 0, 0]], [[1, 2]]]', b'[[["r", [-1], [], 0, 0]], []]',
-                                 b'[[["r", [1], [[1, NaN, []]], 0, 0]], []]', b"\xff",
-                                 b'[[["r", [true], [], 0, 0]], []]',
-                                 b'[[], [[1, [[0, 0, 0.1, 0.5, 0]], 3]]]',  # a pass of three fields
-                                 b'[[], [[-1, [[0, 0, 0.1, 0.5, 0]]]]]',  # negative input tokens
-                                 b'[[], [[1, [[0, 0, 0.1, 0.5, -2]]]]]',  # negative resends
-                                 b'[[], [[1, [[0, 0.5, 0.1, 0.5, 0]]]]]',  # a fractional replica
-                                 b'[[], [[1, [[0, 0, 0.1, 0.5]]]]]'])  # a hop of four fields
+@pytest.mark.parametrize("raw", [b"[]", b'[[["r", [1], [], 0, 0]], [[1, 2]], []]', b'[[["r", [-1], [], 0, 0]], [], []]',
+                                 b'[[["r", [1], [[1, NaN, []]], 0, 0]], [], []]', b"\xff",
+                                 b'[[["r", [true], [], 0, 0]], [], []]',
+                                 b'[[], [[1, [[0, 0, 0.1, 0.5, 0]], 3]], []]',  # a pass of three fields
+                                 b'[[], [[-1, [[0, 0, 0.1, 0.5, 0]]]], []]',  # negative input tokens
+                                 b'[[], [[1, [[0, 0, 0.1, 0.5, -2]]]], []]',  # negative resends
+                                 b'[[], [[1, [[0, 0.5, 0.1, 0.5, 0]]]], []]',  # a fractional replica
+                                 b'[[], [[1, [[0, 0, 0.1, 0.5]]]], []]',  # a hop of four fields
+                                 b'[[], []]',  # no released ids
+                                 b'[[], [], [1]]', b'[[], [], "req-1"]'])  # released ids not strings
 def test_malformed_reports_are_refused_by_name(raw: bytes) -> None:
     with pytest.raises(ValueError, match="report"):
         decode_report(raw)
 
 
 def test_a_report_survives_encoding() -> None:
-    assert decode_report(encode_report(BATCH, PASSES)) == (BATCH, PASSES)
+    assert decode_report(encode_report(BATCH, PASSES, RELEASED)) == (BATCH, PASSES, RELEASED)
