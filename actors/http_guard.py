@@ -43,6 +43,10 @@ def key_matches(authorization: str | None, digests: Iterable[str]) -> bool:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return False
+    try:  # headers arrive as latin-1 text; a client sends a non-ASCII key as UTF-8 bytes
+        token = token.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        pass  # then as it came (it matches no UTF-8 key)
     presented = hash_key(token.strip())
     ok = False
     for d in digests:  # every digest is compared: the time does not say which one matched

@@ -23,6 +23,9 @@ from models.sampling import MAX_SPECULATIVE
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 MAX_STOP_CHARS = 256  # characters of one stop string
 MAX_PROMPTS = 256  # prompts in one completions request (times n: sequences it asks for)
+MAX_MESSAGES = 2048  # messages in one chat request (checked before any message is parsed)
+INT64 = 2**63  # OpenAI's seed is a 64-bit integer
+CHARS_PER_TOKEN = 64  # chat text beyond this many characters per context token cannot fit: refused untokenized
 # every status an operation can answer, each with OpenAI's error body (the OpenAPI document lists them)
 ERROR_STATUSES = {400: "bad request: a field names the problem", 401: "missing or incorrect API key",
                   404: "unknown model or path", 405: "method not allowed (see the Allow header)",
@@ -109,7 +112,7 @@ class _Sampling(BaseModel):
     top_k: int | None = Field(None, ge=1)  # an extension (as vLLM's)
     n: int = Field(1, ge=1, le=16)  # choices per prompt
     stop: str | list[str] | None = None
-    seed: int | None = None  # choice i samples with seed + i
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)  # choice i samples with seed + i
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
@@ -139,6 +142,8 @@ class _Sampling(BaseModel):
                 raise ValueError(f"{name} is not supported by meshpipe: leave it at 0")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported by meshpipe: leave it out")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
         return self
 
     def include_usage(self) -> bool:
@@ -227,6 +232,13 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _few_enough(cls, v: Any) -> Any:  # before each message is parsed: a flood is refused at once
+        if isinstance(v, list) and len(v) > MAX_MESSAGES:
+            raise ValueError(f"{len(v)} messages: at most {MAX_MESSAGES} in one request")
+        return v
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -269,11 +281,12 @@ class Reply:
         self.id = self.id or f"{prefix}-{uuid.uuid4().hex}"
         self.created = self.created or int(time.time())
 
-    def envelope(self, choices: list[dict], usage: dict | None, chunk: bool = False) -> dict[str, Any]:
+    def envelope(self, choices: list[dict], usage: dict | None, chunk: bool = False,
+                 with_usage: bool = False) -> dict[str, Any]:
         obj = self.kind + (".chunk" if chunk and self.kind != "text_completion" else "")
         out: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                                "choices": choices}
-        if usage is not None or not chunk:
+        if usage is not None or not chunk or with_usage:  # a stream that asked for usage: null until the last
             out["usage"] = usage
         return out
 

@@ -102,7 +102,10 @@ class Recovery:
         actor = getattr(e, "actor_id", None)
         label = self.pool.label_of(actor if isinstance(actor, str) else getattr(actor, "hex", lambda: "")())
         log.warning("step failed at %s: %s", label, e)
-        return StageFailedError(f"{label} of deployment {self.deployment!r} failed: {type(e).__name__}: {e}")
+        kind = type(cause).__name__ if isinstance(cause, BaseException) else type(e).__name__
+        # never Ray's text: it carries the remote traceback, the process id and the node's address
+        return StageFailedError(f"{label} of deployment {self.deployment!r} failed: {kind} (the router's log "
+                                "has the details)")
 
     def all_gone_message(self, stage: int) -> str:
         names = ", ".join(r.label for r in self.pool.table.by_stage[stage])

@@ -28,6 +28,7 @@ from actors.dashboard import routes as dashboard_routes
 from actors.dashboard.status import PipelineStatus
 from actors.http_guard import DEFAULT_MAX_BODY, GuardConfig, HttpGuard, hash_key
 from actors.openai_api import (
+    CHARS_PER_TOKEN,
     ERROR_STATUSES,
     ApiError,
     ErrorBody,
@@ -44,7 +45,7 @@ from actors.openai_api import (
 from actors.detach import detached
 from actors.errors import DeploymentError
 from actors.pipeline import Pipeline, StreamChunk
-from models import TokenLogprob
+from models import InvalidRequestError, PromptTooLongError, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,10 @@ class OpenAIServer:
     @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat_completions(self, body: ChatCompletionRequest) -> Any:
         async def work(name: str, pipe: Pipeline, info: dict) -> Any:
+            chars, context = sum(len(m["content"]) for m in body.template_messages()), info["config"]["max_seq_len"]
+            if chars > CHARS_PER_TOKEN * context:  # refused before the template is rendered or anything tokenized
+                raise PromptTooLongError(f"the messages have {chars} characters: far more than the model's context "
+                                         f"of {context} tokens can hold")
             prompt = await pipe.acall("chat_prompt", body.template_messages())
             return await self._respond(Reply("chat.completion", name), pipe, info, body, [prompt], body.logprobs_k())
 
@@ -263,6 +268,13 @@ class OpenAIServer:
                        logprobs: int | None) -> Any:
         n = body.n
         context = info["config"]["max_seq_len"]
+        if body.max_tokens is not None and body.max_tokens >= context:
+            raise InvalidRequestError(f"max_tokens={body.max_tokens} leaves no room for a prompt in the model's "
+                                      f"context of {context} tokens: ask for fewer")
+        for p in prompts:  # token ids are counted before anything is sent on (text is counted once tokenized)
+            if isinstance(p, list) and len(p) >= context:
+                raise PromptTooLongError(f"a prompt of {len(p)} token ids leaves no room in the model's context of "
+                                         f"{context} tokens")
         params = [body.sampling(j, logprobs, context) for _ in prompts for j in range(n)]
         submit = asyncio.ensure_future(pipe.asubmit_many([p for p in prompts for _ in range(n)], params,
                                                          self.request_timeout_s))  # all admitted, or 429
@@ -289,7 +301,7 @@ class OpenAIServer:
     async def _stream(self, reply: Reply, pipe: Pipeline, owned: _Owned, n: int,
                       include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events: one chunk per new text of a choice, the finish, usage if asked, [DONE]."""
-        offsets: dict[int, int] = defaultdict(int)
+        offsets: dict[int, int] = defaultdict(int)  # per choice: characters its streamed tokens cover
         prompt_tokens: dict[int, int] = {}
         completion_tokens: dict[int, int] = {}
         merged = _merge([pipe.afollow(rid) for rid in owned.rids])
@@ -300,8 +312,10 @@ class OpenAIServer:
                 texts = await self._texts(pipe, chunk.logprobs)
                 yield _sse(reply.envelope([chunk_choice(reply.kind, i, chunk.text, chunk.logprobs, texts,
                                                         chunk.finish_reason, first=i not in offsets,
-                                                        offset=offsets[i])], None, chunk=True))
-                offsets[i] += len(chunk.text)
+                                                        offset=offsets[i])], None, chunk=True,
+                                          with_usage=include_usage))
+                # text_offset counts the tokens' text, not the text sent (held back for stop strings)
+                offsets[i] += sum(len(texts[lp.token_id]) for lp in chunk.logprobs or ())
                 if chunk.usage is not None:
                     prompt_tokens[i // n] = chunk.usage["prompt_tokens"]
                     completion_tokens[i] = chunk.usage["completion_tokens"]

@@ -6,6 +6,7 @@ a step re-run on another replica after a failure draws exactly the same token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,8 +37,8 @@ class SamplingParams:
         problems = []
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             problems.append(f"max_new_tokens={self.max_new_tokens!r} must be a positive integer")
-        if not self.temperature >= 0:
-            problems.append(f"temperature={self.temperature!r} must be >= 0")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
+            problems.append(f"temperature={self.temperature!r} must be a finite number >= 0")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
             problems.append(f"top_k={self.top_k!r} must be a positive integer or None")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -91,6 +92,11 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
                 kth = torch.topk(row, p.top_k).values[-1]
                 row = row.masked_fill(row < kth, float("-inf"))
             probs = torch.softmax(row, -1)
+            if not bool(torch.isfinite(probs).all()):  # a temperature so small that logits / T overflowed:
+                z = (rows[i].double() - rows[i].max()) / p.temperature  # the same softmax, shifted: 0 at the top
+                if p.top_k is not None and p.top_k < z.numel():
+                    z = z.masked_fill(z < torch.topk(z, p.top_k).values[-1], float("-inf"))
+                probs = torch.softmax(z, -1)
             if p.top_p is not None and p.top_p < 1:
                 sorted_p, order = probs.sort(descending=True)
                 drop = sorted_p.cumsum(0) - sorted_p >= p.top_p  # keep up to the first that reaches p

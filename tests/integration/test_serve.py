@@ -142,6 +142,39 @@ def test_streams_carry_the_same_text_then_finish_reason_and_usage(client: openai
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_streamed_logprobs_and_usage_read_as_the_unstreamed_answer(server: dict) -> None:
+    """text_offset counts the tokens' text (text held back for stop strings is not yet sent), and with
+    include_usage every chunk but the last carries "usage": null, as OpenAI's do."""
+    body = {"model": NAME, "prompt": "offsets", "max_tokens": 12, "temperature": 0, "logprobs": 1}
+    whole = httpx.post(server["url"] + "/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    chunks = []
+    with httpx.stream("POST", server["url"] + "/completions", timeout=60,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = [o for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                for o in c["choices"][0]["logprobs"]["text_offset"]]
+    assert streamed == whole["text_offset"] and len(streamed) == 12
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["usage"]["completion_tokens"] == 12
+
+
+def test_a_vanishing_temperature_answers_greedily_and_fails_no_one_else(server: dict, ref) -> None:  # noqa: ANN001
+    """logits / 5e-324 overflows: the draw used to raise on the last stage and fail every request of the step
+    (503s carrying Ray's traceback); it takes the limit, the argmax, and the others finish as usual."""
+    import concurrent.futures
+
+    def post(temperature: float) -> httpx.Response:
+        return httpx.post(server["url"] + "/completions", timeout=60,
+                          json={"model": NAME, "prompt": "tiny", "max_tokens": 8, "temperature": temperature,
+                                "seed": 3, "ignore_eos": True})
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(post, [0.0, 5e-324, 0.0]))
+    assert [r.status_code for r in replies] == [200, 200, 200], [r.text[:200] for r in replies]
+    want = ref.generate("tiny", max_new_tokens=8, ignore_eos=True)[0].text
+    assert [r.json()["choices"][0]["text"] for r in replies] == [want] * 3
+
+
 def test_stop_strings_end_the_text_before_them_in_streams_too(client: openai.OpenAI, ref) -> None:  # noqa: ANN001
     full = ref.generate("hello", max_new_tokens=12)[0].text
     stop = full[5:7]  # two characters in the middle of the greedy answer
@@ -164,6 +197,11 @@ def test_stop_strings_end_the_text_before_them_in_streams_too(client: openai.Ope
     ({"model": NAME, "prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty is not supported"),
     ({"model": NAME, "prompt": "x", "n": 9}, 429, "rate_limit_exceeded"),  # 9 > 4 active + 4 queued
     ({"model": NAME, "messages": []}, 400, "messages"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "a"}] * 3000}, 400, "at most 2048"),
+    ({"model": NAME, "prompt": [5] * 300}, 400, "context_length_exceeded"),  # ids counted before they travel
+    ({"model": NAME, "prompt": "x", "max_tokens": 10**30}, 400, "max_tokens"),  # never silently cut down
+    ({"model": NAME, "prompt": "x", "seed": 2**200}, 400, "seed"),  # OpenAI's seed is 64-bit
+    ({"model": NAME, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
 ])
 def test_bad_requests_get_a_json_4xx_and_the_server_keeps_serving(server: dict, body: dict, status: int,
                                                                   what: str) -> None:

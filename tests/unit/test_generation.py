@@ -52,8 +52,21 @@ def test_top_k_and_top_p_restrict_the_draw() -> None:
         assert t[0] == 0  # token 0 alone has probability > 0.5
 
 
+@pytest.mark.parametrize("temperature", [5e-324, 1e-40, 1e-300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_vanishing_temperature_draws_the_argmax_instead_of_failing(temperature: float, dtype: torch.dtype) -> None:
+    """logits / T overflows for a subnormal T (NaN probabilities made the draw raise and fail every request
+    of the step): the draw takes softmax's limit, the argmax, with and without top-k."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    for top_k in (None, 5):
+        params = [SamplingParams(temperature=temperature, top_k=top_k, seed=s) for s in range(4)]
+        tokens, _ = sample(logits, params, [3, 3, 3, 3])
+        assert tokens == logits.argmax(-1).tolist()
+
+
 @pytest.mark.parametrize("bad", [
-    {"max_new_tokens": 0}, {"max_new_tokens": -3}, {"temperature": -1.0}, {"top_k": 0},
+    {"max_new_tokens": 0}, {"max_new_tokens": -3}, {"temperature": -1.0}, {"temperature": float("inf")},
+    {"temperature": float("nan")}, {"top_k": 0},
     {"top_p": 0.0}, {"top_p": 1.5}, {"logprobs": 99}, {"stop": [""]},
 ])
 def test_bad_sampling_options_name_the_field(bad: dict) -> None:

@@ -34,6 +34,14 @@ def test_keys_are_checked_as_digests_in_constant_time() -> None:
     assert "secret" not in hash_key("secret")
 
 
+def test_a_non_ascii_key_sent_as_utf8_matches() -> None:
+    """ASGI servers hand headers over as latin-1; a client sends the key's UTF-8 bytes."""
+    digests = [hash_key("clé-ключ")]
+    assert key_matches("Bearer clé-ключ".encode("utf-8").decode("latin-1"), digests)
+    assert key_matches("Bearer clé-ключ", digests)
+    assert not key_matches("Bearer cle-ключ".encode("utf-8").decode("latin-1"), digests)
+
+
 def test_requests_need_a_key_except_health(client: TestClient) -> None:
     assert client.get("/health").status_code == 200
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "k1"}):

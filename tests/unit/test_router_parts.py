@@ -227,6 +227,22 @@ def test_all_gone_fails_fast_naming_the_stage() -> None:
         asyncio.run(rec.failover([req], time.monotonic() + 5))
 
 
+def test_a_failed_steps_error_names_the_stage_and_the_kind_never_rays_text() -> None:
+    """Ray's error text carries the remote traceback, the process id and the node's address: clients
+    (503 bodies, stream error events) get the replica's name and the exception's kind only."""
+    class RayLike(Exception):
+        def __init__(self) -> None:
+            super().__init__('ray::StageActor.forward() (pid=28581, ip=192.0.2.2, actor_id=ab12)\n'
+                             '  File "/work/main/actors/stage.py", line 232\nRuntimeError: probability tensor')
+            self.cause = RuntimeError("probability tensor contains either inf, nan or element < 0")
+
+    pool = make_pool([1])
+    rec, _ = make_recovery(pool, {})
+    msg = str(rec.stage_error(RayLike()))
+    assert "failed: RuntimeError" in msg and "deployment 'd'" in msg
+    assert not [leak for leak in ("pid=", "192.0.2.2", "actor_id", "stage.py", "probability") if leak in msg]
+
+
 class DictKV:
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
