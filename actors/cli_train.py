@@ -58,7 +58,7 @@ def train(
         raise InvalidRequestError(f"--data {data} is not a file: give a text file (documents split on blank lines)")
     lora = None
     if lora_r:
-        lora = {"r": lora_r, "alpha": lora_alpha or 2.0 * lora_r,
+        lora = {"r": lora_r, "alpha": 2.0 * lora_r if lora_alpha is None else lora_alpha,
                 "targets": [t.strip() for t in lora_targets.split(",") if t.strip()]}
     with err.status("starting Ray ..."):
         _init_ray(address, max(4, stages * data_parallel), dashboard=True)

@@ -30,9 +30,10 @@ import torch
 from actors.errors import StageFailedError
 from actors.layout import partition
 from actors.naming import NAMESPACE
-from actors.train_stage import OPTIMIZERS, TrainStage, to_torch, train_stage_name
+from actors.train_stage import OPTIMIZERS, TrainStage, build_optimizer, to_torch, train_stage_name
 from actors.wire import Envelope, Header, LinkCodec, LinkInfo, choose_link, codec_names, load_key, subkey
-from models import ConfigError
+from models import ConfigError, InvalidRequestError
+from models.config import resolve_dtype
 from models.loading import read_config, resolve_source
 from topology.schedule import LR_SCHEDULES, SCHEDULES, deal, lr_at, plan, submission_order, theoretical_bubble
 
@@ -64,12 +65,14 @@ class PipelineTrainer:
         self._spawn = spawn  # (copy, stage) -> a new actor for that place
         self.schedule, self.micro_batches = config["schedule"], config["micro_batches"]
         self.seq_len, self.source = config["seq_len"], config["source"]
+        self.vocab_size: int = config.pop("vocab_size")  # token ids of a batch must be below it
         self.tied = tied and len(grid[0]) > 1
         self.key = key  # the wire key (encrypted links), derived for this deployment
         self.steps = 0  # optimizer steps taken
         self.data: dict[str, int] = {}  # fit's stream of batches: seed, batch_size, batches drawn (saved)
         self.speeds = [1.0] * len(grid)  # each copy's rows a second, measured ("speed" balance)
         self.redone = 0  # steps redone after failures, over the run
+        self.broken = ""  # why the trainer cannot go on (a recovery that failed), else empty
         self._links = self._plan_links()
         self._boundary = self._snapshot()
 
@@ -94,13 +97,17 @@ class PipelineTrainer:
 
         config = dict(source=source, num_stages=num_stages, layers_per_stage=layers_per_stage,
                       data_parallel=data_parallel, schedule=schedule, micro_batches=micro_batches,
-                      optimizer=dict(optimizer or {"name": "adamw"}), lr_schedule=lr_schedule, grad_clip=grad_clip,
+                      optimizer=optimizer if optimizer is not None else {"name": "adamw"}, lr_schedule=lr_schedule,
+                      grad_clip=grad_clip,
                       lora=lora, dtype=dtype, seq_len=seq_len, name=name, balance=balance, seed=seed,
                       stage_resources=stage_resources, wire=wire)
+        if wire is not None and not isinstance(wire, dict):
+            raise ConfigError(f"wire={wire!r}: give a dict of options (or leave it out)")
         w = WireOptions(**(wire or {}))
         path = str(resolve_source(source))
         cfg = read_config(path)
         _check(config, cfg.max_seq_len, w.codec)
+        config["optimizer"] = dict(config["optimizer"])  # the caller's dict stays theirs
         if lora is not None:
             from models.lora import LoraConfig
 
@@ -124,6 +131,7 @@ class PipelineTrainer:
 
         grid = [[spawn(d, s) for s in range(S)] for d in range(D)]
         config.update(source=path, seq_len=seq_len or cfg.max_seq_len, wire_options=w)
+        config["vocab_size"] = cfg.vocab_size  # not saved: read from the source again on resume
         try:
             tr = cls(config, grid, spawn, cfg.tie_embeddings, wire_key)
             tr._form_groups()
@@ -174,18 +182,31 @@ class PipelineTrainer:
         import ray
 
         log.warning("a training step failed (%s): replacing dead stages and redoing it", type(error).__name__)
-        for d, row in enumerate(self.grid):
-            for s, a in enumerate(row):
-                try:
-                    ray.get(a.node_id.remote(), timeout=30)
-                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                    log.warning("%s is dead: starting a replacement", train_stage_name(self.config["name"], s, d))
-                    ray.kill(a)
-                    row[s] = self._respawn(d, s)
+        for attempt in range(MAX_REDOS + 1):  # another stage may die while this one is replaced
+            for d, row in enumerate(self.grid):
+                for s, a in enumerate(row):
+                    try:
+                        ray.get(a.node_id.remote(), timeout=30)
+                    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                        log.warning("%s is dead: starting a replacement", train_stage_name(self.config["name"], s, d))
+                        ray.kill(a)
+                        row[s] = self._respawn(d, s)
+            try:
+                self._rewind()
+                self._links = self._plan_links()
+                self._form_groups()
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as e:
+                log.warning("recovering the trainer failed (%s): trying again", type(e).__name__)
+        self.broken = "its stages could not be returned to the last step boundary"
+        raise StageFailedError(f"the trainer {self.broken}: resume it from its last save")
+
+    def _rewind(self) -> None:
+        """Every actor back at the last step boundary (its tasks run in order: stray backwards end first)."""
+        import ray
+
         states, rngs = self._boundary
         ray.get([a.restore.remote(states[s], rngs[d][s]) for d, row in enumerate(self.grid) for s, a in enumerate(row)])
-        self._links = self._plan_links()
-        self._form_groups()
 
     def _respawn(self, copy: int, stage: int) -> Any:
         deadline = time.monotonic() + 30
@@ -206,6 +227,9 @@ class PipelineTrainer:
             raise ConfigError(f"a batch is [rows, tokens] with at least 2 tokens a row, got shape {tuple(ids.shape)}")
         if ids.shape[1] > self.seq_len:
             raise ConfigError(f"rows of {ids.shape[1]} tokens are longer than seq_len={self.seq_len}")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:  # before any stage runs (a GPU would assert)
+            raise InvalidRequestError(f"token ids must be in [0, {self.vocab_size}): the batch holds "
+                                      f"{int(ids.min())}..{int(ids.max())}")
         targets = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -100)], 1)
         return ids, targets
 
@@ -255,6 +279,8 @@ class PipelineTrainer:
         """One optimizer step on `batch` (token-id rows of equal length, a list or a [B, T] tensor)."""
         import ray
 
+        if self.broken:
+            raise StageFailedError(f"the trainer {self.broken}: resume it from its last save")
         ids, targets = self._rows(batch)
         total = int((targets != -100).sum())
         for redo in range(MAX_REDOS + 1):
@@ -264,6 +290,7 @@ class PipelineTrainer:
                 return result
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
                 if isinstance(e, ray.exceptions.RayTaskError) and not _lost_peer(e):
+                    self._rewind()  # no gradient or micro-batch of the failed step reaches the next one
                     raise e.as_instanceof_cause() from None
                 if redo == MAX_REDOS:
                     raise StageFailedError(f"training step {self.steps + 1} failed {redo + 1} times (last: "
@@ -300,8 +327,10 @@ class PipelineTrainer:
         ray.get([a.step.remote(lr, {"step": self.steps + 1, "loss": loss, "tokens": _tokens(micros), "seconds": wall,
                                     "bubble": bubble, "batch_tokens": total, "at": time.time()})
                  for row, micros in zip(self.grid, shares) for a in row])
-        self.steps += 1
-        self._boundary = self._snapshot()
+        snapshot = self._snapshot()
+        ray.get([r for row in snapshot[1] for r in row])  # every actor took it (in order, after its state): a
+        self.steps += 1  # stage that died before then has this step redone from the boundary before it
+        self._boundary = snapshot
         for d, (b, micros) in enumerate(zip(busy, shares)):
             rows = sum(m[0].shape[0] for m in micros)
             if rows and sum(b) > 0:
@@ -385,25 +414,20 @@ class PipelineTrainer:
     def save(self, folder: str) -> str:
         """Weights, optimizer state and RNG of every stage, the step count and fit's data position, to
         `folder` (`resume` reads it). Written beside it and swapped in: a crash mid-save leaves the
-        previous checkpoint whole."""
-        import json
+        previous checkpoint whole. The wire's key is never written (`resume` takes it again)."""
         import shutil
         from pathlib import Path
-
-        import ray
 
         out = Path(folder)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp, old = out.with_name(out.name + ".saving"), out.with_name(out.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        states, rngs = self._boundary
-        for s, state in enumerate(ray.get(states)):
-            torch.save(to_torch(state), tmp / f"stage-{s}.pt")
-        torch.save([ray.get(row) for row in rngs], tmp / "rng.pt")  # [copy][stage]
-        meta = {k: v for k, v in self.config.items() if k != "wire_options"}
-        (tmp / "trainer.json").write_text(json.dumps({**meta, "steps": self.steps, "speeds": self.speeds, "data": self.data},
-                                                     indent=2))
+        try:
+            self._write(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a save that failed leaves nothing half-written behind
+            raise
         if out.exists():  # else a save stopped between its renames: `old` stays the checkpoint until `tmp` lands
             shutil.rmtree(old, ignore_errors=True)
             out.rename(old)
@@ -411,9 +435,25 @@ class PipelineTrainer:
         shutil.rmtree(old, ignore_errors=True)
         return str(out)
 
+    def _write(self, tmp: Any) -> None:
+        import json
+
+        import ray
+
+        states, rngs = self._boundary
+        for s, state in enumerate(ray.get(states)):
+            torch.save(to_torch(state), tmp / f"stage-{s}.pt")
+        torch.save([ray.get(row) for row in rngs], tmp / "rng.pt")  # [copy][stage]
+        meta = {k: v for k, v in self.config.items() if k != "wire_options"}
+        if meta.get("wire"):  # never the key: resume takes it from $MESHPIPE_KEY or its `wire` argument
+            meta["wire"] = {k: v for k, v in meta["wire"].items() if k != "encryption_key"}
+        (tmp / "trainer.json").write_text(json.dumps({**meta, "steps": self.steps, "speeds": self.speeds,
+                                                      "data": self.data}, indent=2))
+
     @classmethod
-    def resume(cls, folder: str, name: str | None = None) -> PipelineTrainer:
-        """A trainer deployed as the saved one was, its stages at the saved weights, optimizer state and RNG."""
+    def resume(cls, folder: str, name: str | None = None, wire: dict[str, Any] | None = None) -> PipelineTrainer:
+        """A trainer deployed as the saved one was, its stages at the saved weights, optimizer state and RNG.
+        `wire`: options over the saved ones (the encryption key, which a save never holds; else $MESHPIPE_KEY)."""
         from pathlib import Path
 
         import ray
@@ -428,6 +468,8 @@ class PipelineTrainer:
         steps, speeds, data = meta.pop("steps"), meta.pop("speeds"), meta.pop("data", {})
         if name is not None:
             meta["name"] = name
+        if wire is not None:
+            meta["wire"] = {**(meta.get("wire") or {}), **wire}
         tr = cls.deploy(meta.pop("source"), **meta)
         try:
             saved = [torch.load(src / f"stage-{s}.pt", weights_only=True) for s in range(len(tr.grid[0]))]
@@ -496,6 +538,13 @@ class PipelineTrainer:
 
 def _check(config: dict[str, Any], max_seq_len: int, codec: str) -> None:
     """Deploy's arguments, before any actor starts (ConfigError naming the bad one)."""
+    for key in ("optimizer", "lr_schedule", "lora", "wire", "stage_resources"):
+        if config[key] is not None and not isinstance(config[key], dict):
+            raise ConfigError(f"{key}={config[key]!r}: give a dict of options (or leave it out)")
+    try:
+        resolve_dtype(config["dtype"])
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"dtype={config['dtype']!r}: {e}") from None
     if config["schedule"] not in SCHEDULES:
         raise ConfigError(f"schedule {config['schedule']!r}: choose one of {SCHEDULES}")
     for key in ("micro_batches", "data_parallel", "num_stages"):
@@ -503,10 +552,15 @@ def _check(config: dict[str, Any], max_seq_len: int, codec: str) -> None:
             raise ConfigError(f"{key}={config[key]!r}: give at least 1")
     if config["layers_per_stage"] is not None and config["layers_per_stage"] < 1:
         raise ConfigError(f"layers_per_stage={config['layers_per_stage']!r}: give at least 1")
-    if config["grad_clip"] is not None and not config["grad_clip"] > 0:
+    clip = config["grad_clip"]
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
         raise ConfigError(f"grad_clip={config['grad_clip']}: give a positive norm, or None for no clipping")
     if config["optimizer"].get("name", "adamw") not in OPTIMIZERS:
         raise ConfigError(f"optimizer {config['optimizer'].get('name')!r}: choose one of {sorted(OPTIMIZERS)}")
+    try:  # torch's own checks (a negative lr, an unknown keyword), here rather than in every stage actor
+        build_optimizer([torch.nn.Parameter(torch.zeros(1))], config["optimizer"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"optimizer {config['optimizer']!r}: {e}") from None
     if config["balance"] not in ("even", "speed"):
         raise ConfigError(f"balance={config['balance']!r}: choose even or speed")
     seq_len = config["seq_len"]
@@ -521,6 +575,12 @@ def _check(config: dict[str, Any], max_seq_len: int, codec: str) -> None:
         if unknown or sched.get("name", "constant") not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule {sched!r}: give name ({', '.join(LR_SCHEDULES)}), warmup, total, "
                               "min_lr")
+        warmup, total, min_lr = sched.get("warmup", 0), sched.get("total", 0), sched.get("min_lr", 0.0)
+        if not all(type(v) is int and v >= 0 for v in (warmup, total)) or \
+                isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or not min_lr >= 0:
+            raise ConfigError(f"lr_schedule {sched!r}: warmup and total are steps (ints >= 0), min_lr a rate >= 0")
+        if sched.get("name", "constant") != "constant" and total <= warmup:
+            raise ConfigError(f"lr_schedule {sched!r}: a {sched['name']} decay needs total > warmup")
 
 
 def _tokens(micros: list[tuple[torch.Tensor, torch.Tensor]]) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 import torch.nn.functional as F
 
@@ -108,19 +109,52 @@ def test_a_stage_killed_mid_step_is_replaced_and_the_run_ends_with_the_undisturb
         tr.shutdown()
 
 
-def test_encrypted_links_and_speed_balance_keep_the_gradients_exact(tiny_ckpt: Path) -> None:
+def test_a_stage_killed_right_after_a_step_is_replaced_and_the_run_ends_with_the_undisturbed_weights(
+        tiny_ckpt: Path) -> None:
+    """The step boundary's snapshot is taken after the step: a stage killed before its snapshot landed
+    left a boundary it could not return to (the replacement kept the source's weights while the other
+    stage went back a step, and training went on with that mixed model). The step now ends only once
+    every stage has taken its snapshot."""
+    batch = torch.randint(3, 250, (4, 10), generator=torch.Generator().manual_seed(2))
+    opts = {"num_stages": 2, "micro_batches": 2, "dtype": "float64", "optimizer": {"name": "adamw", "lr": 1e-2}}
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-calm-2", **opts)
+    try:
+        calm = [tr.step(batch).loss for _ in range(3)]
+        want = tr.state_dict()
+    finally:
+        tr.shutdown()
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-killed-after", **opts)
+    try:
+        got = [tr.step(batch).loss]
+        ray.kill(tr.grid[0][1])  # at once, no wait for anything in flight
+        got += [tr.step(batch).loss for _ in range(2)]
+        assert got == calm and tr.redone == 1
+        w = tr.state_dict()
+        assert max((w[k] - want[k]).abs().max().item() for k in want) == 0.0
+    finally:
+        tr.shutdown()
+
+
+def test_encrypted_links_and_speed_balance_keep_the_gradients_exact(tiny_ckpt: Path, tmp_path: Path) -> None:
     """Every message AES-GCM sealed, and the copies dealt micro-batches by measured speed: still one
     process's parameters."""
     batch = torch.randint(3, 250, (8, 12), generator=torch.Generator().manual_seed(5))
     _, want = _reference_steps(tiny_ckpt, batch, 3, 1e-3)
     tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=2, data_parallel=2, micro_batches=4, dtype="float64",
                                 optimizer={"name": "adamw", "lr": 1e-3}, name="tr-sealed", balance="speed",
-                                wire={"encryption": "always", "encryption_key": "ab" * 32})
+                                wire={"encryption": "always", "encryption_key": bytes(range(32))})
     try:
         got = [tr.step(batch) for _ in range(3)]
         assert got[-1].micro_batches == 8
         assert _max_param_diff(tr.state_dict(), want) <= 1e-9
         assert all(v > 0 for v in tr.speeds)
+        saved = Path(tr.save(str(tmp_path / "sealed")))  # a raw-bytes key: saved without it (it failed to save)
+        assert "encryption_key" not in (saved / "trainer.json").read_text()
+    finally:
+        tr.shutdown()
+    tr = PipelineTrainer.resume(str(saved), name="tr-sealed-again", wire={"encryption_key": bytes(range(32))})
+    try:
+        assert tr.steps == 3 and _max_param_diff(tr.state_dict(), want) <= 1e-9
     finally:
         tr.shutdown()
 
@@ -243,12 +277,22 @@ def test_bad_training_input_is_refused_by_name(tiny_ckpt: Path) -> None:
         PipelineTrainer.deploy(str(tiny_ckpt), lr_schedule={"name": "step"})
     with pytest.raises(ConfigError, match="wq_proj"):
         PipelineTrainer.deploy(str(tiny_ckpt), lora={"r": 4, "targets": ["wq_proj"]})
+    for bad, match in (({"optimizer": {"name": "adamw", "lr": -1}}, "Invalid learning rate"),
+                       ({"optimizer": {"name": "adamw", "wd": 0.1}}, "wd"), ({"optimizer": "adamw"}, "optimizer="),
+                       ({"dtype": "float17"}, "dtype='float17'"), ({"grad_clip": "1"}, "grad_clip"),
+                       ({"lr_schedule": {"name": "cosine", "warmup": "10"}}, "ints >= 0"),
+                       ({"lr_schedule": {"name": "cosine", "warmup": 10, "total": 5}}, "total > warmup"),
+                       ({"lora": 5}, "lora=5"), ({"wire": "always"}, "wire=")):
+        with pytest.raises(ConfigError, match=match):  # before any actor starts (before: a dead actor later)
+            PipelineTrainer.deploy(str(tiny_ckpt), **bad)
     with pytest.raises(InsufficientResourcesError, match="40 stage actors"):
         PipelineTrainer.deploy(str(tiny_ckpt), num_stages=4, data_parallel=10)  # 32 logical GPUs
     tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=1, name="tr-empty")
     try:
         with pytest.raises(InvalidRequestError, match="empty"):
             tr.fit([], steps=1)
+        with pytest.raises(InvalidRequestError, match=r"token ids must be in \[0, 256\)"):
+            tr.step([[5, 6, 7], [8, 10_000, 9]])  # before any stage runs (a GPU would assert)
         with pytest.raises(ConfigError, match="checkpoint_dir"):
             tr.fit([list(range(5, 50))], steps=1, checkpoint_every=5)
     finally:
