@@ -37,6 +37,11 @@ class AutoscalerActor:
         self.history: deque[dict[str, Any]] = deque(maxlen=DECISIONS_KEPT)
         self.applied = 0
         self._task: asyncio.Task | None = None
+        import ray
+
+        ctx = ray.get_runtime_context()
+        if ctx.was_current_actor_reconstructed:  # Ray restarted it: nobody else calls `start` again
+            ctx.current_actor.start.remote()
 
     async def start(self) -> None:
         if self._task is None:

@@ -373,3 +373,20 @@ async def resume(router: RouterActor) -> None:
     router.resumed = len(resumed)
     router.waiting.extend(sorted(resumed, key=lambda r: r.rid))
     router._schedule()
+
+
+async def ensure_resumed(router: RouterActor) -> None:
+    """`resume`, once: every call that arrives meanwhile waits for it (a `result` or `cancel` must find the
+    requests it names; before, calls racing the first one were answered "no request" and cancels lost)."""
+    state = router._resumed
+    if state is True:
+        return
+    if state is False:
+        state = router._resumed = asyncio.ensure_future(resume(router))
+    try:
+        await asyncio.shield(state)
+    except BaseException:  # the journal could not be read: the next call tries again
+        if router._resumed is state and state.done():
+            router._resumed = False
+        raise
+    router._resumed = True

@@ -228,6 +228,8 @@ class ReplicaPool:
         while rep.inflight:
             await asyncio.sleep(0.05)
         self.table.remove(rep)
+        self._busy_seen.pop(rep.name, None)  # a later replica may take its name: no stale baselines
+        self._down.pop((stage, rep.replica), None)
         self.replica_info[stage] = [i for i in self.replica_info[stage] if i["replica"] != rep.replica]
         self.refresh_costs()
         log.warning("%s drained and removed", rep.label)
@@ -248,7 +250,8 @@ class ReplicaPool:
                 last_t, last_busy = self._busy_seen.get(r.name, (now, st["busy_s"]))
                 busy.append((st["busy_s"] - last_busy) / (now - last_t) if now > last_t else 0.0)
                 self._busy_seen[r.name] = (now, st["busy_s"])
-            out.append({"stage": k, "replicas": len(live), "busy": sum(busy) / len(busy) if busy else 0.0,
+            kept = sum(1 for r in reps if not r.draining and not r.gone)  # a restarting one counts (no upscale)
+            out.append({"stage": k, "replicas": kept, "busy": sum(busy) / len(busy) if busy else 0.0,
                         "queue": sum(max(0, r.inflight - 1) for r in live) / max(1, len(live)),
                         "step_ms": sum(r.compute_ms or 0.0 for r in live) / max(1, len(live))})
         return out

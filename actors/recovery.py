@@ -344,8 +344,8 @@ class Recovery:
         await refs[0]
         for r, end in zip(reqs, ends):
             old = r.copies.get(k)
-            if old and old[0] != standby.replica:
-                table.get(k, old[0]).release.append(r.rid)
+            if old and old[0] != standby.replica and (was := table.find(k, old[0])) is not None:
+                was.release.append(r.rid)
             if r.future.done():  # it ended during the copy: its release knew nothing of this one
                 standby.release.append(r.rid)
                 r.copies.pop(k, None)

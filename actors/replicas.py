@@ -82,6 +82,10 @@ class ReplicaTable:
     def get(self, stage: int, replica: int) -> Replica:
         return self._index[(stage, replica)]
 
+    def find(self, stage: int, replica: int) -> Replica | None:
+        """The replica, or None once it was drained and removed (a request's standby copy may name it)."""
+        return self._index.get((stage, replica))
+
     def add(self, rep: Replica) -> None:
         self.by_stage[rep.stage].append(rep)
         self._index[(rep.stage, rep.replica)] = rep

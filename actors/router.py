@@ -26,7 +26,7 @@ from actors.errors import BackPressureError, DeploymentError, RequestCancelledEr
 from actors.gcs import own_restarts
 from actors.hooks import FaultHooks, ScalingHooks
 from actors.jobs import Jobs
-from actors.journal import incarnation_of, RequestJournal, resume
+from actors.journal import incarnation_of, RequestJournal, ensure_resumed
 from actors.metrics import RouterMetrics
 from actors.pool import ReplicaPool
 from actors.prefix import KvBudget, PrefixCache, expected_steps
@@ -87,7 +87,7 @@ class RouterActor(FaultHooks, ScalingHooks):
                                       finished_kept=self.rc.finished_kept)
         if self.incarnation == 0:
             self.journal.clear()  # a fresh deployment: records of an old one with this name are void
-        self._resumed = self.incarnation == 0
+        self._resumed: bool | asyncio.Future = self.incarnation == 0  # a Future while resuming
         self.resumed = 0
         self._tasks: list[asyncio.Task] = []
         self._closed = False
@@ -214,14 +214,8 @@ class RouterActor(FaultHooks, ScalingHooks):
         return reqs
 
     async def _resume(self) -> None:
-        """After a restart: frees every stage's orphaned caches and re-admits the journal's requests."""
-        if not self._resumed:
-            self._resumed = True  # set first: concurrent calls must not resume twice
-            try:
-                await resume(self)
-            except BaseException:  # the journal could not be read: the next call tries again
-                self._resumed = False
-                raise
+        """After a restart: frees orphaned caches and re-admits the journal's requests, once (`ensure_resumed`)."""
+        await ensure_resumed(self)
 
     def _active(self) -> int:
         return sum(len(lane.seqs) for lane in self.lanes) + (self.rings.active() if self.rings else 0) + \
@@ -461,8 +455,9 @@ class RouterActor(FaultHooks, ScalingHooks):
                 self.pool.table.finish(req.route, req.rid, release=not ring)
                 if not placed:  # pinned blocks, and no message is going that way for it
                     self.pool.flush_releases()
-            for stage, (replica, _) in req.copies.items():  # the standby's copies go too
-                self.pool.table.get(stage, replica).release.append(req.rid)
+            for stage, (replica, _) in req.copies.items():  # the standby's copies go too (a drained one's are gone)
+                if (standby := self.pool.table.find(stage, replica)) is not None:
+                    standby.release.append(req.rid)
             req.copies.clear()
         req.lane = None
 

@@ -54,3 +54,54 @@ def test_a_load_step_adds_bottleneck_replicas_and_they_drain_after(tiny_ckpt: Pa
         assert pipe.generate(PROMPTS[0], max_new_tokens=NEW, ignore_eos=True)[0].token_ids == reference[0]
     finally:
         pipe.shutdown()
+
+
+def test_a_restarted_autoscaler_keeps_scaling_and_a_restarting_replica_is_no_reason_to_add_one(
+        tiny_ckpt: Path) -> None:
+    """Ray restarts the autoscaler actor (max_restarts=-1): it starts its loop again by itself (before, it sat
+    idle and the stage stayed below min_replicas). A replica that Ray is restarting still counts toward
+    min_replicas (before, a kill added a third replica that stayed until the downscale delay)."""
+    import threading
+
+    import ray
+
+    from actors.naming import NAMESPACE, autoscaler_name
+    from tests.support import wait_for
+
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="autoscale-restart", micro_batches=1,
+                           autoscaling={"min_replicas": 2, "max_replicas": 3, "upscale_delay_s": 30.0,
+                                        "downscale_delay_s": 600.0, "period_s": 0.25})
+    counts = lambda: [len(s) for s in pipe.stats()["router"]["replicas"]]  # noqa: E731
+    try:
+        wait_for(lambda: counts() == [2, 2], 60, "both stages at min_replicas")
+        pipe.set_hop_delay(0, 0.05)
+        done: dict = {}
+        t = threading.Thread(target=lambda: done.setdefault("out", pipe.generate(PROMPTS[:6], max_new_tokens=40,
+                                                                                  ignore_eos=True)))
+        t.start()
+        wait_for(lambda: pipe.stats()["router"]["tokens_generated"] >= 30, 60, "tokens flowing")
+        reps = pipe.stats()["router"]["replicas"][1]
+        busy = next(i for i, r in enumerate(reps) if r["sequences"])
+        ray.kill(ray.get_actor(f"meshpipe/autoscale-restart/stage-1/replica-{busy}", namespace=NAMESPACE),
+                 no_restart=False)
+        t.join(120)
+        assert len(done["out"]) == 6
+        time.sleep(2)
+        assert not [d for d in pipe.autoscaler_decisions() if d["delta"] > 0] and counts() == [2, 2]
+        scaler = ray.get_actor(autoscaler_name("autoscale-restart"), namespace=NAMESPACE)
+        ray.kill(scaler, no_restart=False)
+        wait_for(lambda: _answers(scaler), 60, "the autoscaler restarted")
+        ray.get(pipe.router.drain_replica.remote(1, 5.0), timeout=60)  # below min: it must add one back
+        wait_for(lambda: counts() == [2, 2], 60, "stage 1 back at min_replicas after the autoscaler's restart")
+    finally:
+        pipe.shutdown()
+
+
+def _answers(handle: object) -> bool:
+    import ray
+
+    try:
+        ray.get(handle.decisions.remote(), timeout=5)  # type: ignore[attr-defined]
+        return True
+    except Exception:  # noqa: BLE001 - still restarting
+        return False

@@ -240,6 +240,35 @@ def test_a_killed_router_restarts_and_resumes_every_accepted_request(tiny_ckpt: 
         pipe.shutdown()
 
 
+def test_calls_racing_a_restarted_routers_resume_find_their_requests(tiny_ckpt: Path, reference: list) -> None:
+    """Five clients ask for their results, and others cancel, at once just after the router restarted: each
+    waits for the journal's requests to be back (before, all but the first got "no request" and the
+    cancels were lost while the stages' resets were awaited)."""
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="router-race", micro_batches=1)
+    try:
+        pipe.set_hop_delay(0, 0.05)
+        rids = [pipe.submit(p, max_new_tokens=NEW, ignore_eos=True) for p in PROMPTS]
+        more = [pipe.submit(p, max_new_tokens=40, ignore_eos=True) for p in PROMPTS[:3]]
+        time.sleep(0.6)
+        router = ray.get_actor("meshpipe/router-race/router-0", namespace="meshpipe")
+        ray.kill(router, no_restart=False)
+        wait_for(lambda: _incarnation(router) == 1, 60, "the router back")
+        results = [router.result.remote(rid) for rid in rids]  # what five clients do at once
+        cancels = [router.cancel.remote(rid) for rid in more]
+        assert [c.token_ids for c in ray.get(results, timeout=60)] == reference
+        assert ray.get(cancels, timeout=30) == [True, True, True]
+    finally:
+        pipe.shutdown()
+
+
+def _incarnation(router: object) -> int:
+    """The router's incarnation (-1 while it is down); `stats` does not resume it."""
+    try:
+        return ray.get(router.stats.remote(), timeout=10)["incarnation"]  # type: ignore[attr-defined]
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+        return -1
+
+
 def test_a_request_cancelled_while_its_stage_restarts_leaves_no_cache_behind(tiny_ckpt: Path) -> None:
     pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="cancel-recovering",
                            data_path="calls", max_restarts=2)

@@ -114,3 +114,25 @@ def test_sequences_on_one_route_share_every_step(tiny_ckpt: Path) -> None:
         assert p.stats()["stages"][0]["steps"] - before == 6  # one step per token for all 12, not 12 x 6
     finally:
         p.shutdown()
+
+
+def test_draining_the_replica_that_holds_standby_copies_keeps_the_request(tiny_ckpt: Path) -> None:
+    """With `replicate_every`, a running sequence has copies on stage 1's idle replica; draining that one
+    removed it while the request still named it, and the request's end raised KeyError in the router
+    (its result never came)."""
+    import ray
+
+    from tests.support import wait_for
+
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, replicas_per_stage=[1, 2], dtype="float64",
+                           name="drain-standby", micro_batches=1, replicate_every=2)
+    try:
+        want = pipe.generate([5, 17, 42], max_new_tokens=40, ignore_eos=True)[0].token_ids
+        pipe.set_hop_delay(0, 0.05)
+        rid = pipe.submit([5, 17, 42], max_new_tokens=40, ignore_eos=True)
+        copied = lambda self, rid: bool(self.requests[rid].copies)  # noqa: E731
+        wait_for(lambda: ray.get(pipe.router.__ray_call__.remote(copied, rid)), 30, "a standby copy")
+        assert ray.get(pipe.router.drain_replica.remote(1, 5.0), timeout=60)
+        assert pipe.result(rid, timeout=40).token_ids == want
+    finally:
+        pipe.shutdown()

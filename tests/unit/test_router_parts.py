@@ -385,3 +385,26 @@ def test_lanes_default_to_one_per_piece_of_hardware_the_stages_occupy() -> None:
     assert default_micro_batches([{"device": "cuda:0", "node_id": "a"}] * 3) == 3  # ids unknown: distinct
     cpu = [{"device": "cpu", "node_id": n, "gpu_ids": []} for n in ("a", "a", "b")]
     assert default_micro_batches(cpu) == 2 and default_micro_batches(cpu[:1]) == 1
+
+
+def test_a_replica_added_under_a_drained_ones_name_starts_a_fresh_busy_baseline() -> None:
+    """`add` reuses a drained replica's id and name: its busy fraction came out negative (the old one's
+    baseline), and a restarting replica (not alive for a moment) still counts toward the stage's replicas."""
+    from actors.replicas import Replica
+
+    pool = make_pool([1, 2])
+    old = pool.table.get(1, 1)
+    old.handle.answers["stats"] = {"busy_s": 50.0}
+
+    async def run() -> list[dict]:
+        await pool.loads()
+        await asyncio.sleep(0.05)
+        assert await pool.drain(1) is old
+        pool.table.add(Replica(stage=1, replica=1, handle=FakeHandle(stats={"busy_s": 0.01}), host="n0",
+                               name=old.name))
+        pool.table.get(1, 0).alive = False  # banned while Ray restarts it
+        await asyncio.sleep(0.05)
+        return await pool.loads()
+
+    loads = asyncio.run(run())
+    assert loads[1]["busy"] >= 0 and loads[1]["replicas"] == 2
