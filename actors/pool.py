@@ -221,7 +221,8 @@ class ReplicaPool:
         end = time.monotonic() + timeout_s
         while rep.sequences and time.monotonic() < end:
             await asyncio.sleep(0.05)
-        if rep.sequences:
+        if rep.sequences:  # time's up: the watcher and health checks keep it down, failover moves them
+            rep.evicting = True
             self.down_event(rep).set()
             while rep.sequences:
                 await asyncio.sleep(0.05)

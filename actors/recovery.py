@@ -74,7 +74,7 @@ class Recovery:
             if st in ("RESTARTING", "DEAD") and not event.is_set():
                 log.warning("%s is %s", rep.label, st.lower())
                 event.set()
-            elif st == "ALIVE":
+            elif st == "ALIVE" and not rep.evicting:
                 event.clear()
                 if not rep.alive and not rep.draining and rep.restarts_seen < restarts:
                     rep.restarts_seen = restarts
@@ -209,6 +209,8 @@ class Recovery:
 
         if rep.gone:
             return Health.GONE
+        if rep.evicting:  # a drained replica past its timeout: alive, but its sequences must move
+            return Health.DOWN
         st = self.actor_states([rep.handle])[0][0]
         if st == "UNKNOWN":
             try:

@@ -8,6 +8,7 @@ on the cheapest one.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,8 @@ from typing import Any
 
 from topology.costs import LOAD_KNEE, ema, queue_ms, step_ms
 from topology.planner import ReplicaState, Route
+
+log = logging.getLogger(__name__)
 
 PREFILL_MIN_TOKENS = 32  # a step this large prices prompt tokens (a decode step's cost is mostly fixed)
 
@@ -39,6 +42,7 @@ class Replica:
     ban_s: float = 0.0  # current backoff (doubles on each ban, up to 60 s)
     restarts_seen: int = 0  # Ray restarts of it the router has taken back into the routes
     draining: bool = False  # being removed: no new sequences; its own finish (or move) first
+    evicting: bool = False  # draining past its timeout: counted down, so its sequences move elsewhere
     inflight: int = 0  # messages sent to it and not answered yet (its queue, as the router sees it)
     busy_ms: float = 0.0  # compute ms of its steps since the router last exported metrics
     gone: bool = False  # dead for good (Ray will not restart it): never probed or routed again
@@ -188,3 +192,38 @@ class ReplicaTable:
         return [[{"name": r.name, "host": r.host, "alive": r.alive, "gone": r.gone, "draining": r.draining, "inflight": r.inflight, "sequences": len(r.sequences),
                   "served": r.served, "compute_ms": r.compute_ms, "inbound_ms": round(r.inbound_ms, 3)}
                  for r in stage] for stage in self.by_stage]
+
+
+def live_replica_set(deployment: str, replicas: list[list[Any]], replica_info: list[list[dict]],
+                     timeout_s: float = 60.0) -> tuple[list[list[Any]], list[list[dict]]]:
+    """A restarted router's replicas as they are now, not as deployed: the stage actors Ray knows by name
+    (added ones join, drained ones are gone, ones placed anew after a node loss are their new actors).
+    Its constructor's arguments are the deploy-time set; each stage keeps at least what it had when
+    no named actor of it is found (Ray may be restarting them)."""
+    import re
+
+    import ray
+
+    from actors.naming import NAMESPACE, actor_name
+
+    pattern = re.compile(re.escape(actor_name(deployment, "")) + r"stage-(\d+)/replica-(\d+)$")
+    found: dict[int, list[int]] = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        m = pattern.match(entry["name"]) if entry.get("namespace") == NAMESPACE else None
+        if m and int(m.group(1)) < len(replicas):
+            found.setdefault(int(m.group(1)), []).append(int(m.group(2)))
+    out, infos = [], []
+    for stage, (handles, info) in enumerate(zip(replicas, replica_info)):
+        ids = sorted(found.get(stage, []))
+        got, ready = [], []
+        for r in ids:  # a drained one may still be named for a moment after its kill: skipped
+            try:
+                h = ray.get_actor(actor_name(deployment, f"stage-{stage}/replica-{r}"), namespace=NAMESPACE)
+                ready.append(ray.get(h.ready.remote(), timeout=timeout_s))
+                got.append(h)
+            except (ValueError, ray.exceptions.RayError) as e:
+                log.warning("stage %d replica %d is named but does not answer (%s): left out", stage, r,
+                            type(e).__name__)
+        out.append(got or handles)
+        infos.append(ready or info)
+    return out, infos

@@ -33,6 +33,7 @@ from actors.prefix import KvBudget, PrefixCache, expected_steps
 from actors.probe import LinkProber
 from actors.recovery import Recovery
 from actors.request import Lane, Request, RequestIds, check_room, new_request
+from actors.replicas import live_replica_set
 from actors import router_views
 from actors.ring import RingDriver, RingLane
 from actors.sender import StepSender
@@ -61,6 +62,9 @@ class RouterActor(FaultHooks, ScalingHooks):
         node_id = ray.get_runtime_context().get_node_id()
         topology = None if spec.topology is None else Topology.from_dict(spec.topology)
         self.measured = topology is None  # no topology given: measure it with probe actors
+        self.incarnation = incarnation_of(own_restarts())  # > 0: accepted requests are in the journal
+        if self.incarnation:  # the replicas as they are now (added, drained, placed anew), not as deployed
+            replicas, replica_info = live_replica_set(spec.deployment, replicas, replica_info)
         self.pool = ReplicaPool(spec.deployment, node_id, replicas, replica_info, spec.options, spec.wire,
                                 topology, launcher, specs)
         wire_key = subkey(spec.key, f"wire:{spec.deployment}")  # the stages derive the same
@@ -71,7 +75,6 @@ class RouterActor(FaultHooks, ScalingHooks):
         self.requests: OrderedDict[str, Request] = OrderedDict()
         self.waiting: deque[Request] = deque()
         self.lanes = [Lane(i) for i in range(self.rc.micro_batches or 1)]
-        self.incarnation = incarnation_of(own_restarts())  # > 0: accepted requests are in the journal
         self.rings = RingDriver(spec.deployment, self.pool, ray.get_runtime_context().current_actor, len(self.lanes),
                                 self.incarnation, frozenset(self.cfg.eos_ids), self.cfg.max_seq_len, self._fallback,
                                 self.rc.prefill_chunk, self.ring_tokens, self.metrics.ring_broken) \

@@ -261,6 +261,31 @@ def test_calls_racing_a_restarted_routers_resume_find_their_requests(tiny_ckpt: 
         pipe.shutdown()
 
 
+def test_a_restarted_router_keeps_the_replicas_added_and_drained_since_the_deploy(tiny_ckpt: Path,
+                                                                                 reference: list) -> None:
+    """Its constructor holds the deploy-time replicas: a restart forgot an added replica (which still held
+    its GPU, and whose id `add_replica` then kept picking again: ActorAlreadyExistsError) and brought a
+    drained one back into the routes."""
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, replicas_per_stage=[1, 2], dtype="float64",
+                           name="router-replicas", micro_batches=1)
+    names = lambda st: [[r["name"] for r in s] for s in st["router"]["replicas"]]  # noqa: E731
+    try:
+        ray.get(pipe.router.drain_replica.remote(1, 5.0), timeout=60)
+        ray.get(pipe.router.add_replica.remote(0), timeout=120)
+        before = names(pipe.stats())
+        assert [len(s) for s in before] == [2, 1]
+        router = ray.get_actor("meshpipe/router-replicas/router-0", namespace="meshpipe")
+        ray.kill(router, no_restart=False)
+        wait_for(lambda: _incarnation(router) == 1, 60, "the router back")
+        assert names(pipe.stats()) == before
+        assert tokens(pipe.generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True)) == reference
+        assert pipe.stats()["router"]["recoveries_total"] == 0
+        ray.get(pipe.router.add_replica.remote(1), timeout=120)  # a fresh id, not a taken one
+        assert [len(s) for s in names(pipe.stats())] == [2, 2]
+    finally:
+        pipe.shutdown()
+
+
 def _incarnation(router: object) -> int:
     """The router's incarnation (-1 while it is down); `stats` does not resume it."""
     try:

@@ -136,3 +136,27 @@ def test_draining_the_replica_that_holds_standby_copies_keeps_the_request(tiny_c
         assert pipe.result(rid, timeout=40).token_ids == want
     finally:
         pipe.shutdown()
+
+
+def test_a_drain_past_its_timeout_moves_the_sequences_with_their_tokens(tiny_ckpt: Path) -> None:
+    """`drain_replica(stage, timeout_s)`: after the timeout the replica counts as down, so its sequences move
+    to the other replica with their caches rebuilt (before, the watcher saw it alive again and the drain
+    waited for them to finish: 8-17 s here, the autoscaler blocked meanwhile)."""
+    import ray
+
+    from tests.support import wait_for
+
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, replicas_per_stage=[1, 2], dtype="float64",
+                           name="drain-timeout", micro_batches=1)
+    try:
+        prompts = [[5, 17, 42], [9, 9, 9]]
+        want = tokens(pipe.generate(prompts, max_new_tokens=150, ignore_eos=True))
+        pipe.set_hop_delay(0, 0.05)  # >= 7.5 s a request
+        rids = [pipe.submit(p, max_new_tokens=150, ignore_eos=True) for p in prompts]
+        wait_for(lambda: all(r["sequences"] for r in pipe.stats()["router"]["replicas"][1]), 20, "both busy")
+        t0 = time.monotonic()
+        assert ray.get(pipe.router.drain_replica.remote(1, 1.0), timeout=120)
+        assert time.monotonic() - t0 < 5.0
+        assert [pipe.result(r, timeout=60).token_ids for r in rids] == want
+    finally:
+        pipe.shutdown()
