@@ -78,6 +78,15 @@ def test_three_adamw_steps_equal_transformers(tiny_ckpt: Path, stages: int, copi
         tr.shutdown()
 
 
+def _undisturbed(ckpt: Path, name: str, batch: torch.Tensor, opts: dict, steps: int = 3) -> tuple[list, dict]:
+    """The losses and final weights of `steps` steps without faults (what a faulty run must end with)."""
+    tr = PipelineTrainer.deploy(str(ckpt), name=name, **opts)
+    try:
+        return [tr.step(batch).loss for _ in range(steps)], tr.state_dict()
+    finally:
+        tr.shutdown()
+
+
 def test_a_stage_killed_mid_step_is_replaced_and_the_run_ends_with_the_undisturbed_weights(tiny_ckpt: Path) -> None:
     """Copy 1's stage 1 dies at micro-batch 1 of step 2 (its process exits): a replacement joins, every stage
     returns to the step-1 boundary kept in the object store, and the step is redone. Corrupted messages on
@@ -85,12 +94,7 @@ def test_a_stage_killed_mid_step_is_replaced_and_the_run_ends_with_the_undisturb
     batch = torch.randint(3, 250, (8, 12), generator=torch.Generator().manual_seed(3))
     opts = {"num_stages": 2, "data_parallel": 2, "micro_batches": 2, "dtype": "float64",
             "optimizer": {"name": "adamw", "lr": 1e-2}, "lr_schedule": {"name": "cosine", "warmup": 1, "total": 4}}
-    tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-calm", **opts)
-    try:
-        calm = [tr.step(batch).loss for _ in range(3)]
-        want = tr.state_dict()
-    finally:
-        tr.shutdown()
+    calm, want = _undisturbed(tiny_ckpt, "tr-calm", batch, opts)
     tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-faulty", **opts)
     try:
         first = tr.step(batch)
@@ -117,12 +121,7 @@ def test_a_stage_killed_right_after_a_step_is_replaced_and_the_run_ends_with_the
     every stage has taken its snapshot."""
     batch = torch.randint(3, 250, (4, 10), generator=torch.Generator().manual_seed(2))
     opts = {"num_stages": 2, "micro_batches": 2, "dtype": "float64", "optimizer": {"name": "adamw", "lr": 1e-2}}
-    tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-calm-2", **opts)
-    try:
-        calm = [tr.step(batch).loss for _ in range(3)]
-        want = tr.state_dict()
-    finally:
-        tr.shutdown()
+    calm, want = _undisturbed(tiny_ckpt, "tr-calm-2", batch, opts)
     tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-killed-after", **opts)
     try:
         got = [tr.step(batch).loss]
