@@ -204,7 +204,7 @@ def live_replica_set(deployment: str, replicas: list[list[Any]], replica_info: l
 
     import ray
 
-    from actors.naming import NAMESPACE, actor_name
+    from actors.naming import NAMESPACE, actor_name, stage_name
 
     pattern = re.compile(re.escape(actor_name(deployment, "")) + r"stage-(\d+)/replica-(\d+)$")
     found: dict[int, list[int]] = {}
@@ -218,7 +218,7 @@ def live_replica_set(deployment: str, replicas: list[list[Any]], replica_info: l
         got, ready = [], []
         for r in ids:  # a drained one may still be named for a moment after its kill: skipped
             try:
-                h = ray.get_actor(actor_name(deployment, f"stage-{stage}/replica-{r}"), namespace=NAMESPACE)
+                h = ray.get_actor(stage_name(deployment, stage, r), namespace=NAMESPACE)
                 ready.append(ray.get(h.ready.remote(), timeout=timeout_s))
                 got.append(h)
             except (ValueError, ray.exceptions.RayError) as e:
