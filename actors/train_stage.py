@@ -303,10 +303,15 @@ class TrainStage:
         return to_numpy({"params": {names[id(p)]: p.detach() for p in self.params},
                          "optimizer": self.optimizer.state_dict()})
 
-    def rng_state(self) -> torch.Tensor:
-        return torch.get_rng_state()
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The RNG streams this stage draws from: the CPU's, and its GPU's when it runs on one (dropout on a
+        GPU draws from the GPU's generator)."""
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
-    def restore(self, state: dict[str, Any], rng: torch.Tensor | None = None) -> None:
+    def restore(self, state: dict[str, Any], rng: dict[str, torch.Tensor] | torch.Tensor | None = None) -> None:
         """Back to a `checkpoint` (and RNG state): nothing in flight."""
         state = to_torch(state)
         params = dict(self.model.named_parameters())
@@ -314,8 +319,12 @@ class TrainStage:
             for n, t in state["params"].items():
                 params[n].copy_(t.to(self.device))
         self.optimizer.load_state_dict(state["optimizer"])
+        if isinstance(rng, torch.Tensor):  # a checkpoint saved before GPU states were kept: the CPU's only
+            rng = {"cpu": rng}
         if rng is not None:
-            torch.set_rng_state(rng)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.optimizer.zero_grad(set_to_none=True)
         self.inflight.clear()
         self.busy_s = 0.0

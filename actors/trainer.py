@@ -478,6 +478,9 @@ class PipelineTrainer:
             tr.shutdown()
             raise ConfigError(f"{folder}: a checkpoint file is missing or unreadable ({type(e).__name__}): "
                               "give a folder `save` wrote") from None
+        if not _rng_grid_ok(rngs, len(tr.grid), len(tr.grid[0])):
+            tr.shutdown()
+            raise ConfigError(f"{folder}/rng.pt does not hold one RNG state per copy and stage: give a folder `save` wrote")
         ray.get([a.restore.remote(saved[s], rngs[d][s]) for d, row in enumerate(tr.grid) for s, a in enumerate(row)])
         tr.steps, tr.speeds, tr.data = steps, speeds, data
         tr._boundary = tr._snapshot()
@@ -623,3 +626,14 @@ def _checkpoint_meta(src: Any, deploy_keys: set[str]) -> dict[str, Any]:
             and (meta["speeds"] is None or isinstance(meta["speeds"], list))):
         raise ConfigError(f"{path}: steps must be an int >= 0, speeds a list or null, data an object")
     return meta
+
+
+def _rng_grid_ok(rngs: Any, copies: int, stages: int) -> bool:
+    """`rngs` is [copy][stage] of RNG states: {"cpu": uint8 tensor, maybe "cuda": ...} (or, from older
+    checkpoints, the CPU's uint8 tensor alone)."""
+    def state_ok(st: Any) -> bool:
+        st = {"cpu": st} if isinstance(st, torch.Tensor) else st
+        return isinstance(st, dict) and "cpu" in st and set(st) <= {"cpu", "cuda"} and all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 for t in st.values())
+    return (isinstance(rngs, list) and len(rngs) == copies
+            and all(isinstance(row, list) and len(row) == stages and all(map(state_ok, row)) for row in rngs))
