@@ -77,6 +77,9 @@ class AutoscalerActor:
             name = await self.router.add_replica.remote(d.stage)
         else:
             name = await self.router.drain_replica.remote(d.stage)
+            if name is None:  # no other replica of the stage was live by the end: it kept serving
+                log.warning("autoscaler of %r: stage %d kept its replica", self.deployment, d.stage)
+                return
             request_gpus(total - 1, self.gpus_per_replica)  # a lower floor lets idle nodes go
         self.metrics.decided(d.stage, d.delta)
         self.applied += 1

@@ -211,8 +211,8 @@ class ReplicaPool:
         """Takes the least-loaded replica of `stage` (never its last live one) out: no new sequences go
         to it, its own finish (or, after `timeout_s`, move: their next step fails over, caches rebuilt
         elsewhere). Returns it, removed from the table, for the caller to kill; None if the stage has a
-        single live replica."""
-        live = [r for r in self.table.by_stage[stage] if r.alive and not r.draining and not r.gone]
+        single live replica, or is left with none other (the rest died meanwhile): then it serves again."""
+        live = self._live(stage)
         if len(live) < 2:
             return None
         rep = min(live, key=lambda r: (len(r.sequences), -r.replica))
@@ -220,6 +220,8 @@ class ReplicaPool:
         self.routes.invalidate()
         end = time.monotonic() + timeout_s
         while rep.sequences and time.monotonic() < end:
+            if not self._live(stage):  # the others died while it finished its own: it stays
+                return self._undrain(rep)
             await asyncio.sleep(0.05)
         if rep.sequences:  # time's up: the watcher and health checks keep it down, failover moves them
             rep.evicting = True
@@ -228,6 +230,8 @@ class ReplicaPool:
                 await asyncio.sleep(0.05)
         while rep.inflight:
             await asyncio.sleep(0.05)
+        if not self._live(stage):
+            return self._undrain(rep)
         self.table.remove(rep)
         self._busy_seen.pop(rep.name, None)  # a later replica may take its name: no stale baselines
         self._down.pop((stage, rep.replica), None)
@@ -236,12 +240,27 @@ class ReplicaPool:
         log.warning("%s drained and removed", rep.label)
         return rep
 
+    def _live(self, stage: int) -> list[Replica]:
+        """`stage`'s replicas that take new sequences now."""
+        return [r for r in self.table.by_stage[stage] if r.alive and not r.draining and not r.gone]
+
+    def _undrain(self, rep: Replica) -> None:
+        """Gives up draining `rep` (no other replica of its stage is live): it takes sequences again, unless
+        it is down itself (then the watcher brings it back as any other)."""
+        if rep.evicting:  # the drain marked it down, not a failure
+            self.down_event(rep).clear()
+        rep.draining, rep.evicting = False, False
+        rep.alive = not self.seen_down(rep)
+        self.routes.invalidate()
+        log.warning("%s stays: no other replica of stage %d is live, drain given up", rep.label, rep.stage)
+        return None
+
     async def loads(self) -> list[dict[str, Any]]:
         """Per stage: live replicas, busy fraction since the last call, queue per replica, step ms."""
         now = time.monotonic()
         out = []
         for k, reps in enumerate(self.table.by_stage):
-            live = [r for r in reps if r.alive and not r.draining and not r.gone]
+            live = self._live(k)
             got = await asyncio.gather(*[asyncio.wait_for(r.handle.stats.remote(), 5) for r in live],
                                        return_exceptions=True)
             busy = []

@@ -125,6 +125,30 @@ def test_pool_drain_waits_for_sequences_then_removes() -> None:
     assert asyncio.run(pool.drain(0)) is None  # never the last live replica
 
 
+@pytest.mark.parametrize("timeout_s", [5.0, 0.05], ids=["finishing", "evicting"])
+def test_a_drain_whose_stage_has_no_other_live_replica_left_keeps_its_replica(timeout_s: float) -> None:
+    """The other replica dies (for good, or for a restart) while the drain waits: removing this one would
+    leave the stage empty, so it serves again, its sequences kept."""
+    pool = make_pool([2])
+
+    async def run() -> Any:
+        rep, other = pool.table.get(0, 1), pool.table.get(0, 0)
+        other.sequences.add("t")
+        rep.sequences.add("s")
+        task = asyncio.ensure_future(pool.drain(0, timeout_s=timeout_s))
+        await asyncio.sleep(0.2)
+        assert not task.done() and rep.draining and rep.evicting == (timeout_s < 0.2)
+        pool.ban([other])
+        other.gone = True
+        rep.sequences.clear()  # finished (or, evicting, moved: failover would find no replica but this one)
+        return await task
+
+    assert asyncio.run(run()) is None
+    rep = pool.table.get(0, 1)
+    assert rep.alive and not rep.draining and not rep.evicting and not pool.seen_down(rep)
+    assert [r.replica for r in pool.table] == [0, 1] and pool.plan().replicas == (1,)
+
+
 def test_pool_export_reports_busy_fraction() -> None:
     pool = make_pool([1])
     seen: dict[str, Any] = {}
