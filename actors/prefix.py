@@ -183,7 +183,7 @@ class PrefixCache:
         """The request's prompt is computed: its blocks are cached on its route."""
         hashes = self.computing.pop(rid, None)
         if hashes:
-            self._computing.subtract(hashes)
+            self._computing -= Counter(hashes)  # drops the keys that reach 0 (subtract would keep them)
 
     def ended(self, req: Request) -> None:
         """The request left its route (finished, cancelled, preempted): its full blocks stay cached there."""

@@ -262,9 +262,11 @@ class KVCache:
             self.blocks.release(block)
         del table[keep:]
         chain, full = self.hashes[sid], length // self.bs
-        if len(chain) > full:  # the tokens of the dropped blocks are not kept: stop registering this one
+        if len(chain) > full:  # cut inside the registered chain
             del chain[full:]
-            self.recent[sid] = None
+            # on a block boundary nothing partial is left: registering goes on from there; inside a block,
+            # that block's tokens are not kept (only its hash was): stop registering this one
+            self.recent[sid] = [] if length == full * self.bs else None
         elif self.recent[sid] is not None:
             self.recent[sid] = self.recent[sid][:length - len(chain) * self.bs]
         self.length_of[sid] = min(self.length_of[sid], length)

@@ -49,6 +49,8 @@ class SamplingParams:
                 or not 0 <= self.speculative <= MAX_SPECULATIVE):
             problems.append(f"speculative={self.speculative!r} must be an integer in [0, {MAX_SPECULATIVE}] "
                             "(draft tokens per pass; 0 = off)")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            problems.append(f"seed={self.seed!r} must be an integer or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append(f"stop={self.stop!r} must be non-empty strings")
         if problems:

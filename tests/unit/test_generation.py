@@ -67,7 +67,8 @@ def test_a_vanishing_temperature_draws_the_argmax_instead_of_failing(temperature
 @pytest.mark.parametrize("bad", [
     {"max_new_tokens": 0}, {"max_new_tokens": -3}, {"temperature": -1.0}, {"temperature": float("inf")},
     {"temperature": float("nan")}, {"top_k": 0},
-    {"top_p": 0.0}, {"top_p": 1.5}, {"logprobs": 99}, {"stop": [""]},
+    {"top_p": 0.0}, {"top_p": 1.5}, {"logprobs": 99}, {"stop": [""]}, {"seed": 1.5}, {"seed": "7"},
+    {"seed": True},
 ])
 def test_bad_sampling_options_name_the_field(bad: dict) -> None:
     with pytest.raises(InvalidRequestError, match=next(iter(bad))):

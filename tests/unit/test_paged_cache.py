@@ -82,6 +82,22 @@ def test_a_pinned_prefix_may_be_cut_short_by_the_first_step(tiny_ckpt: Path) -> 
     assert torch.allclose(nxt, ref_a, atol=1e-10)
 
 
+def test_a_pin_cut_on_a_block_boundary_goes_on_registering_the_later_blocks(tiny_ckpt: Path) -> None:
+    """This stage pinned 12 positions, the route only 8 (another stage held less): the first step starts
+    on a block boundary, so the sequence's later blocks are still filed for later prompts."""
+    model = load_model(tiny_ckpt, dtype="float64")
+    cache = model.new_cache(256, block_size=4, prefix_caching=True)
+    a = list(range(10, 23))  # 3 full blocks
+    _step(model, cache, "a", 0, a)
+    cache.free(["a"])
+    b = a[:12] + list(range(50, 62))  # a's 3 blocks, then 3 of its own
+    assert cache.pin_prefix("b", chain_hashes(b[:-1], 4)) == 12
+    _step(model, cache, "b", 8, b[8:])
+    assert cache.hashes["b"] == chain_hashes(b, 4)
+    cache.free(["b"])
+    assert cache.pin_prefix("c", chain_hashes(b + [1], 4)) == 24
+
+
 def test_rejected_drafts_are_never_registered(tiny_ckpt: Path) -> None:
     model = load_model(tiny_ckpt, dtype="float64")
     cache = model.new_cache(256, block_size=4, prefix_caching=True)

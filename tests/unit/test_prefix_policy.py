@@ -101,3 +101,17 @@ def test_pin_route_takes_the_least_any_replica_holds() -> None:
     def broken(items: list) -> list:
         raise RuntimeError("replica died")
     assert asyncio.run(pin_route([handles[0], FakeHandle(pin_prefix=broken)], "r2", [b"h"])) == 0
+
+
+def test_the_prefix_cache_forgets_the_blocks_of_computed_prompts() -> None:
+    """Every request's prompt blocks are counted while it computes them: none stay once all are done."""
+    from actors.prefix import PrefixCache
+
+    pc = PrefixCache(16, 1024, metrics=None)
+    for i in range(200):
+        req = SimpleNamespace(rid=f"r{i}", seq=SimpleNamespace(prompt=[i % 256, i // 256] + [7] * 62, generated=[]),
+                              route=None)
+        pc.begin(req, pc.hashes(req))
+        pc.first_token(req.rid)
+        pc.ended(req)
+    assert not pc.computing and not pc._computing
