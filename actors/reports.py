@@ -42,9 +42,10 @@ HELLO_TIMEOUT_S = 10.0
 _LEN = struct.Struct("<Q")
 
 Trace = list[list[float]]  # a pass's hops: [stage, replica, inbound ms, compute ms, resends asked] each
-Report = tuple[list[tuple], list[tuple[int, Trace]], list[str]]  # per sequence (rid, tokens, logprobs, drafted,
-# before); per pass since the last report (input tokens, trace): a release-only message's pass has 0 tokens; the
+# per sequence (rid, tokens, logprobs, drafted, drafts accepted among the tokens, tokens generated before);
+# per pass since the last report (input tokens, trace): a release-only message's pass has 0 tokens; the
 # sequences whose caches the ring released since (the router re-admits a preempted one only after that)
+Report = tuple[list[tuple], list[tuple[int, Trace]], list[str]]
 
 
 def report_key(secret: bytes) -> bytes:
@@ -72,7 +73,8 @@ def encode_report(batch: list[tuple], passes: list[tuple[int, Trace]], released:
     def lp(x: TokenLogprob | None) -> Any:
         return None if x is None else [x.token_id, x.logprob, [[k, v] for k, v in x.top.items()]]
 
-    rows = [[rid, list(tokens), [lp(x) for x in lps], drafted, before] for rid, tokens, lps, drafted, before in batch]
+    rows = [[rid, list(tokens), [lp(x) for x in lps], drafted, accepted, before]
+            for rid, tokens, lps, drafted, accepted, before in batch]
     return json.dumps([rows, [[n, trace] for n, trace in passes], list(released)], separators=(",", ":")).encode()
 
 
@@ -107,10 +109,11 @@ def decode_report(raw: bytes) -> Report:
         raise ValueError("a report's released ids are not strings")
     batch = []
     for row in rows:
-        if not (isinstance(row, list) and len(row) == 5 and isinstance(row[0], str) and isinstance(row[1], list)
-                and all(count(t) for t in row[1]) and isinstance(row[2], list) and count(row[3]) and count(row[4])):
-            raise ValueError("a report row is not [request id, tokens, logprobs, drafted, before]")
-        batch.append((row[0], row[1], [lp(x) for x in row[2]], row[3], row[4]))
+        if not (isinstance(row, list) and len(row) == 6 and isinstance(row[0], str) and isinstance(row[1], list)
+                and all(count(t) for t in row[1]) and isinstance(row[2], list) and count(row[3]) and count(row[4])
+                and row[4] <= min(row[3], len(row[1])) and count(row[5])):
+            raise ValueError("a report row is not [request id, tokens, logprobs, drafted, accepted, before]")
+        batch.append((row[0], row[1], [lp(x) for x in row[2]], row[3], row[4], row[5]))
     return batch, [(n, t) for n, t in passes], released
 
 

@@ -149,10 +149,10 @@ class RingDriver:
                 hops += pass_hops
         self.retransmits += resent
         metrics.step(sum(len(b[1]) for b in batch), hops, resent)
-        for rid, tokens, logprobs, drafted, before in batch:
+        for rid, tokens, logprobs, drafted, accepted, before in batch:
             r = requests.get(rid)  # an earlier run of a preempted sequence: its release has not come back yet
             if r is not None and r.lane is ring.lane and len(r.seq.generated) == before and rid not in ring.releasing:
-                deliver(r, tokens, logprobs, drafted)
+                deliver(r, tokens, logprobs, drafted, accepted)
         if released and ring.releasing:  # after the rows: a row beside its release is of the earlier run
             ring.releasing.difference_update(released)
             if ring.admits:

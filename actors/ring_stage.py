@@ -108,7 +108,7 @@ class RingMember:
         self.msg_ids = secrets.randbits(40)  # never a previous ring's ids (stages refuse replayed ids)
         self.stopped = False
         self.threads: list[threading.Thread] = []
-        self.reports: list[tuple] = []  # tail: (rid, tokens, logprobs, drafted, tokens generated before them)
+        self.reports: list[tuple] = []  # tail: (rid, tokens, logprobs, drafted, accepted, tokens generated before)
         self.report_passes: list[tuple[int, Trace]] = []  # tail: (input tokens, trace) of each pass
         self.report_released: list[str] = []  # tail: sequences released since the last report
         self.report_cond = threading.Condition()
@@ -436,7 +436,7 @@ class RingMember:
         views = [_Verify(start, self.tail_seqs[rid].params) for rid, start in zip(header.seq_ids, header.starts)]
         results = verify(logits, views, drafts, [[0] * n for n in header.lengths])
         tokens, done, lengths, reports = [], [], [], []
-        for rid, start, n, d, (toks, lps, _) in zip(header.seq_ids, header.starts, header.lengths, drafts, results):
+        for rid, start, n, d, (toks, lps, n_acc) in zip(header.seq_ids, header.starts, header.lengths, drafts, results):
             if rid in header.partial:  # mid-prompt: nothing to sample yet
                 lengths.append(0)
                 continue
@@ -458,7 +458,7 @@ class RingMember:
                 del self.tail_seqs[rid]
             tokens += kept
             lengths.append(len(kept))
-            reports.append((rid, kept, lps[:len(kept)], len(d), before))
+            reports.append((rid, kept, lps[:len(kept)], len(d), min(n_acc, len(kept)), before))
         return tokens, done, lengths, reports
 
     def _reporter(self) -> None:

@@ -396,19 +396,16 @@ class RouterActor(FaultHooks, ScalingHooks):
             r.chunk = take if take < len(r.seq.next_input()) else 0
         return [r for r, take in zip(reqs, takes) if take]
 
-    def _deliver(self, r: Request, tokens: list[int], logprobs: list[Any], drafted: int | None = None) -> None:
-        """Tokens sampled for `r` (a step's one, or a speculative pass's): appended; a finished request completes."""
+    def _deliver(self, r: Request, tokens: list[int], logprobs: list[Any], drafted: int | None = None,
+                 accepted: int = 0) -> None:
+        """A step's token for `r`, or a pass's (the first `accepted` confirm drafts); a finished `r` completes."""
         if r.future.done():  # cancelled or timed out while the step was in flight
             return
-        if drafted is not None and r.seq.params.speculative:
-            r.seq.spec_passes, r.seq.spec_drafted = r.seq.spec_passes + 1, r.seq.spec_drafted + drafted
-            r.seq.spec_accepted += min(drafted, len(tokens) - 1)
-            self.metrics.speculated(drafted, min(drafted, len(tokens) - 1))
-        for token, lp in zip(tokens, logprobs):
-            r.seq.add(token, lp, self.tokenizer)
-            self.tokens_generated += 1
-            if r.seq.done:
-                break
+        counted = drafted is not None and r.seq.params.speculative
+        taken = r.seq.add_pass(tokens, logprobs, self.tokenizer, drafted if counted else None, accepted)
+        self.tokens_generated += taken
+        if counted:
+            self.metrics.speculated(drafted, min(accepted, taken))
         r.changed.set()
         if self.prefix:
             self.prefix.first_token(r.rid)
@@ -426,8 +423,7 @@ class RouterActor(FaultHooks, ScalingHooks):
 
     def ring_tokens(self, ring_id: str, batch: list[tuple], passes: list[tuple[int, list[list[float]]]],
                     released: list[str]) -> None:
-        """A ring's tail: (request id, tokens, logprobs, drafts verified, tokens before) per sequence,
-        (input tokens, trace) per pass and the sequences released, since its last report."""
+        """A ring tail's report since its last (`actors.reports.Report`): rows, passes, released ids."""
         if self.rings:
             self.rings.report(ring_id, batch, passes, released, self.requests, self._deliver, self.metrics)
             self._schedule()

@@ -144,6 +144,22 @@ class SequenceState:
         if len(self.generated) >= self.params.max_new_tokens or self.cached + 1 >= self.max_seq_len:
             self.finish_reason = "length"
 
+    def add_pass(self, tokens: Sequence[int], logprobs: Sequence[TokenLogprob | None], tokenizer: Tokenizer | None,
+                 drafted: int | None = None, accepted: int = 0) -> int:
+        """A pass's tokens, added until the sequence ends; returns how many it took. A verification pass
+        (`drafted` drafts sent, its first `accepted` tokens confirming them) is counted: the drafts accepted
+        are those among the tokens taken (not past a stop)."""
+        taken = 0
+        for token, lp in zip(tokens, logprobs):
+            self.add(token, lp, tokenizer)
+            taken += 1
+            if self.done:
+                break
+        if drafted is not None:
+            self.spec_passes, self.spec_drafted = self.spec_passes + 1, self.spec_drafted + drafted
+            self.spec_accepted += min(accepted, taken)
+        return taken
+
     def speculation(self) -> dict[str, int] | None:
         """Verification passes, drafts sent and drafts emitted (speculative decoding only)."""
         if not self.params.speculative:

@@ -158,15 +158,7 @@ def speculative_step(model: Transformer, cache: KVCache, active: Sequence[Sequen
     logits = model(x, batch.to(device), cache, logits_at=at)  # (M, vocab)
     results = []
     for s, d, (tokens, lps, n_acc) in zip(active, drafts, verify(logits, active, drafts, inputs)):
-        emitted = 0
-        for t, lp in zip(tokens, lps):
-            s.add(t, lp, tokenizer)
-            emitted += 1
-            if s.done:
-                break
-        s.spec_passes += 1
-        s.spec_drafted += len(d)
-        s.spec_accepted += min(n_acc, emitted)
+        emitted = s.add_pass(tokens, lps, tokenizer, len(d), n_acc)
         if not s.done:
             cache.rewind(s.seq_id, s.cached)  # keep the accepted positions only
         results.append(PassResult(len(d), n_acc, emitted))

@@ -97,6 +97,9 @@ def test_speculation_through_the_ring_is_lossless_and_accepts_drafts(loopy_ckpt:
         # stop strings and max_new_tokens inside an accepted run: the same cut as plain decoding
         cut = pipe.generate([PHRASE * 4], max_new_tokens=7, ignore_eos=True, speculative=8)
         assert cut[0].token_ids == plain[0].token_ids[:7] and cut[0].finish_reason == "length"
+        # ... and the drafts counted accepted are those of the tokens kept, as in one process
+        assert cut[0].speculation == generate_local(model, [PHRASE * 4], 7, ignore_eos=True,
+                                                    speculative=8)[0].speculation
     finally:
         pipe.shutdown()
 

@@ -23,8 +23,8 @@ from actors.reports import (
 from models import TokenLogprob
 
 SECRET = b"r" * 32
-BATCH = [("req-1", [5, 6], [TokenLogprob(5, -0.25, {5: -0.25, 9: -2.0}), TokenLogprob(6, -1.5, {})], 1, 3),
-         ("req-2", [7], [None], 0, 0)]
+BATCH = [("req-1", [5, 6], [TokenLogprob(5, -0.25, {5: -0.25, 9: -2.0}), TokenLogprob(6, -1.5, {})], 1, 1, 3),
+         ("req-2", [7], [None], 0, 0, 0)]
 PASSES = [(6, [[0, 0, 0.1, 0.5, 0], [1, 0, 0.2, 0.4, 1]]),  # (input tokens, trace) per pass since the last report
           (2, [[0, 0, 0.3, 0.2, 0], [1, 0, 0.1, 0.3, 0]]),
           (0, [[0, 0, 0.0, 0.0, 2], [1, 0, 0.0, 0.0, 0]])]  # a release-only message, resent twice
@@ -60,7 +60,7 @@ def test_reports_arrive_in_order_with_their_logprobs() -> None:
     async def body(server: ReportServer, got: list, addr: tuple[str, int]) -> None:
         sender = await asyncio.to_thread(ReportSender, *addr, "ring-a", SECRET)
         for i in range(50):
-            await asyncio.to_thread(sender.send, [(f"r{i}", [i], [None], 0, i)], PASSES, [])
+            await asyncio.to_thread(sender.send, [(f"r{i}", [i], [None], 0, 0, i)], PASSES, [])
         sender.send(BATCH, PASSES, RELEASED)
         await until(lambda: len(got) == 51)
         sender.close()
@@ -154,9 +154,12 @@ def test_a_forgotten_ring_is_cut_off_and_its_reports_are_dropped() -> None:
     assert len(run(body)) == 1
 
 
-@pytest.mark.parametrize("raw", [b"[]", b'[[["r", [1], [], 0, 0]], [[1, 2]], []]', b'[[["r", [-1], [], 0, 0]], [], []]',
-                                 b'[[["r", [1], [[1, NaN, []]], 0, 0]], [], []]', b"\xff",
-                                 b'[[["r", [true], [], 0, 0]], [], []]',
+@pytest.mark.parametrize("raw", [b"[]", b'[[["r", [1], [], 0, 0, 0]], [[1, 2]], []]', b'[[["r", [-1], [], 0, 0, 0]], [], []]',
+                                 b'[[["r", [1], [[1, NaN, []]], 0, 0, 0]], [], []]', b"\xff",
+                                 b'[[["r", [true], [], 0, 0, 0]], [], []]',
+                                 b'[[["r", [1], [], 0, 0]], [], []]',  # a row of five fields
+                                 b'[[["r", [1, 2], [], 1, 2, 0]], [], []]',  # more accepted than drafted
+                                 b'[[["r", [1], [], 3, 2, 0]], [], []]',  # more accepted than tokens
                                  b'[[], [[1, [[0, 0, 0.1, 0.5, 0]], 3]], []]',  # a pass of three fields
                                  b'[[], [[-1, [[0, 0, 0.1, 0.5, 0]]]], []]',  # negative input tokens
                                  b'[[], [[1, [[0, 0, 0.1, 0.5, -2]]]], []]',  # negative resends

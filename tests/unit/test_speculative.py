@@ -318,3 +318,18 @@ def test_benchmark_reports_both_modes(loopy: Transformer) -> None:
     assert report["plain"]["tokens"] == report["speculative"]["tokens"] == 48
     assert report["plain"]["tokens_per_pass"] == 1.0
     assert report["speculative"]["accepted"] > 0 and report["speculative"]["tokens_per_pass"] > 1.0
+
+
+@pytest.mark.parametrize(("tokens", "accepted", "limit", "stop", "taken", "counted"), [
+    ([1, 2, 3, 4], 3, 16, (), 4, 3),  # every draft confirmed, then the pass's own token
+    ([1, 2, 9], 2, 16, (), 3, 2),  # the third draft rejected: the draw that replaced it
+    ([1, 2, 3, 4], 3, 16, ("BC",), 2, 2),  # a stop string inside the confirmed run: the drafts after it not counted
+    ([1, 0, 3, 4], 3, 16, (), 2, 2),  # EOS confirmed as a draft ends the run (counted, as it saved a pass)
+    ([1, 2, 3, 4], 3, 2, (), 2, 2),  # max_new_tokens cuts the run
+])
+def test_a_pass_counts_the_drafts_accepted_among_the_tokens_the_sequence_took(
+        tokens: list[int], accepted: int, limit: int, stop: tuple[str, ...], taken: int, counted: int) -> None:
+    seq = SequenceState("s", [7, 8], SamplingParams(max_new_tokens=limit, speculative=3, stop=stop), frozenset({0}), 64)
+    assert seq.add_pass(tokens, [None] * len(tokens), CharTokenizer(), drafted=3, accepted=accepted) == taken
+    assert seq.speculation() == {"passes": 1, "drafted": 3, "accepted": counted}
+    assert seq.done == (taken < len(tokens))
