@@ -54,6 +54,7 @@ class ReplicaPool:
         self._links: dict[tuple[int, ...], list[LinkCodec]] = {}  # per route's replicas: how each hop encodes
         self._labels = {r.handle._actor_id.hex(): r.label for r in self.table}
         self._down: dict[tuple[int, int], asyncio.Event] = {}  # set while the watcher sees a replica dead
+        self._freeing: dict[str, asyncio.Future] = {}  # sequence -> its earlier run's caches being freed
         self._busy_seen: dict[str, tuple[float, float]] = {}  # replica -> (when, its busy_s then)
         self._busy_since = time.monotonic()  # replicas' busy_ms count from here
 
@@ -180,6 +181,22 @@ class ReplicaPool:
         self.replica_info[rep.stage] = [info if i["replica"] == rep.replica else i
                                         for i in self.replica_info[rep.stage]]
         self.refresh_costs()
+
+    def free_first(self, seq_id: str) -> asyncio.Future | None:
+        """A sequence placed again (preempted) whose earlier run's caches are still queued to be freed: they
+        are freed now, and it waits for that (its next message starts it anew at position 0, which a
+        stage holding the old run refuses as a replay). None when nothing is left to free."""
+        if seq_id in self._freeing:
+            return self._freeing[seq_id]
+        reps = self.table.take_queued(seq_id)
+        if not reps:
+            return None
+
+        async def free() -> None:  # a dead replica lost the cache anyway
+            await asyncio.gather(*[r.handle.free.remote([seq_id]) for r in reps], return_exceptions=True)
+        fut = self._freeing[seq_id] = asyncio.ensure_future(free())
+        fut.add_done_callback(lambda _: self._freeing.pop(seq_id, None))
+        return fut
 
     def flush_releases(self) -> None:
         """Frees finished sequences' caches on replicas no message is going to soon."""

@@ -134,6 +134,13 @@ class ReplicaTable:
                 if release:
                     r.release.append(seq_id)
 
+    def take_queued(self, seq_id: str) -> list[Replica]:
+        """The replicas whose queued frees hold `seq_id` (a preempted run's caches), its id taken out."""
+        reps = [r for r in self if seq_id in r.release]
+        for r in reps:
+            r.release = [sid for sid in r.release if sid != seq_id]
+        return reps
+
     def move(self, old: Route, new: Route, seq_id: str) -> None:
         """The sequence changes route: replicas it leaves free its cache; those it keeps still hold it."""
         for stage, (a, b) in enumerate(zip(old.replicas, new.replicas)):

@@ -255,6 +255,9 @@ class RouterActor(FaultHooks, ScalingHooks):
             hashes = self.prefix.hashes(req) if self.prefix else []
             if hashes and self.prefix.should_wait(hashes):
                 return  # most of its prompt is being computed for another request: start on its blocks
+            if (freeing := self.pool.free_first(req.rid)) is not None:  # a preempted run's caches go first
+                freeing.add_done_callback(lambda _: self._schedule())
+                return
             try:
                 route = self.pool.plan(self.prefix and self.prefix.index, hashes, len(tokens), expected_steps(req))
             except NoReplicaError:

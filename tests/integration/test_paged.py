@@ -103,16 +103,19 @@ def test_sequences_that_cannot_grow_are_preempted_and_finish_with_the_local_toke
         pipe.shutdown()
 
 
+@pytest.mark.parametrize(("data_path", "last", "lanes"), [("ring", 135, None), ("calls", 134, 1)])
 def test_a_sequence_preempted_as_another_ends_joins_its_ring_again_without_breaking_it(
-        tiny_ckpt: Path, local: Transformer) -> None:
-    """Request 0 cannot grow in the very pass request 2 finishes, so it is placed in the same ring again at
-    once: it waits until its earlier run's caches, tail state and pass in flight are gone (before, the
-    head fed the old pass's tokens to the new run and the ring broke into recovery)."""
-    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name="paged-preempt-again",
-                           kv_cache_tokens=512, prefix_caching=False)
+        tiny_ckpt: Path, local: Transformer, data_path: str, last: int, lanes: int | None) -> None:
+    """Request 0 cannot grow in the very pass (step, on the Ray-call path) request 2 finishes, so it is
+    placed again at once: it waits until its earlier run's caches, tail state and pass in flight are gone
+    (before, the head fed the old pass's tokens to the new run and the ring broke into recovery; on the
+    call path its step reached stages still holding the old run, refused as a replay, and failed with
+    every request beside it)."""
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, dtype="float64", name=f"paged-preempt-{data_path}",
+                           kv_cache_tokens=512, prefix_caching=False, data_path=data_path, micro_batches=lanes)
     try:
         prompts = [[i + 3, 7, 8, 9, 10, 11, 12, 13, 14, 15] for i in range(3)]
-        news = [200, 200, 135]
+        news = [200, 200, last]
         ids = [pipe.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, news)]
         got = [pipe.result(i, timeout=120) for i in ids]
         assert tokens(got) == [generate_local(local, p, n, ignore_eos=True)[0].token_ids

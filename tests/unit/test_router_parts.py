@@ -432,3 +432,19 @@ def test_a_replica_added_under_a_drained_ones_name_starts_a_fresh_busy_baseline(
 
     loads = asyncio.run(run())
     assert loads[1]["busy"] >= 0 and loads[1]["replicas"] == 2
+
+
+def test_a_preempted_sequences_queued_frees_go_out_at_once_and_are_awaited_once() -> None:
+    pool = make_pool([2, 1])
+
+    async def run() -> None:
+        route = pool.plan()
+        pool.table.assign(route, "s")
+        pool.table.finish(route, "s")  # preempted: its caches queued to be freed with the next message
+        first = pool.free_first("s")
+        assert first is not None and pool.free_first("s") is first  # one free, however often it is asked
+        await first
+        assert all(("free", (["s"],)) in r.handle.calls for r in pool.table.on_route(route))
+        assert pool.free_first("s") is None and not any("s" in r.release for r in pool.table)
+
+    asyncio.run(run())
