@@ -168,7 +168,8 @@ class PrefixCache:
         """Pins the prompt's cached prefix on the route (`pin_route`), then `place`s the request to start
         there (an `ended` request meanwhile is not placed) and lets the queue move (`schedule`)."""
         hit = await pin_route(handles, req.rid, hashes)
-        if req.rid not in self.pinning:
+        if req.rid not in self.pinning:  # ended meanwhile: the free it sent may have run before the pins
+            await asyncio.gather(*[h.free.remote([req.rid]) for h in handles], return_exceptions=True)
             return
         self.pinning.discard(req.rid)
         req.seq.cached = hit

@@ -288,11 +288,7 @@ class StageActor:
             if ring and self.adaptive:
                 self._threads_for(header.lanes)
             if header.release:  # never a sequence this very message carries
-                gone = [sid for sid in header.release if sid not in set(header.seq_ids)]
-                self.cache.free(gone)
-                self.history.free(gone)
-                for sid in gone:
-                    self.draft_from.pop(sid, None)
+                self.free([sid for sid in header.release if sid not in set(header.seq_ids)])
             if not header.seq_ids:
                 return x
             t0 = time.perf_counter()
@@ -560,6 +556,8 @@ class StageActor:
         with self.lock:
             self.cache.free(seq_ids)
             self.history.free(seq_ids)
+            for sid in seq_ids:  # a later run of the id starts with no drafts in flight
+                self.draft_from.pop(sid, None)
             return self.cache.tokens_held()
 
     def reset(self) -> int:
