@@ -33,6 +33,7 @@ import torch
 from actors.wire.channel_frame import (
     BODY_AT,
     FRAME_BYTES,
+    ChannelClosedError,
     ChannelError,
     ChannelTimeoutError,
     frame_descriptor,
@@ -43,7 +44,7 @@ from actors.wire.hello import accept_hello, make_hello
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChannelEndpoint", "ChannelError", "ChannelGroup", "ChannelTimeoutError", "Channel", "GlooChannel",
+__all__ = ["ChannelClosedError", "ChannelEndpoint", "ChannelError", "ChannelGroup", "ChannelTimeoutError", "Channel", "GlooChannel",
            "Mailbox", "RayCallChannel", "TcpChannel", "TcpListener", "node_ip"]
 
 FOREVER_S = 365 * 24 * 3600.0  # gloo needs a finite wait; a dead peer still fails at once (TCP close)
@@ -75,7 +76,7 @@ class Channel:
         elapsed = time.monotonic() - started
         self.broken = f"{what}: {e}"
         timed_out = "Timed out" in str(e) or isinstance(e, TimeoutError)
-        cls = ChannelTimeoutError if timed_out else ChannelError
+        cls = ChannelTimeoutError if timed_out else ChannelClosedError if isinstance(e, ConnectionError) else ChannelError
         return cls(f"{self.kind} channel {self.local}<->{self.peer}: {what} failed after {elapsed:.2f} s "
                    f"(timeout {timeout_s:g} s): {e}")
 
@@ -177,7 +178,7 @@ def _recv_exact(sock: socket.socket, n: int, into: memoryview | None = None) -> 
     while got < n:
         k = sock.recv_into(buf[got:], n - got)
         if k == 0:
-            raise ChannelError("the peer closed the connection")
+            raise ChannelClosedError("the peer closed the connection")
         got += k
     return buf
 

@@ -60,7 +60,13 @@ def _init_ray(address: str | None, num_gpus: int, dashboard: bool = False) -> bo
     if address:
         try:
             ray.init(address=address, log_to_driver=False)
-        except ConnectionError as e:
+        except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+            # Ray 2.60 wraps the GCS's refusal in a RuntimeError whose text carries the AuthenticationError
+            if isinstance(e, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(e.__cause__):
+                raise DeploymentError(
+                    f"the Ray cluster at --address {address} refused this machine's auth token: give it the "
+                    "cluster's (`ray get-auth-token` on its head; here as $RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+                ) from None
             raise DeploymentError(f"no Ray cluster at --address {address}: {e} Start one "
                                   "(`ray start --head`) or leave --address out to deploy locally.") from None
         return False

@@ -36,7 +36,7 @@ def train(
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 2 x rank).")] = None,
     lora_targets: Annotated[str, typer.Option(help="Comma-separated module names, or all-linear.")] = LORA_TARGETS,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float64.")] = "float32",
-    eval_every: Annotated[int, typer.Option(min=0, help="Held-out loss every N steps (0: only at the end).")] = 10,
+    eval_every: Annotated[int, typer.Option(min=0, help="Held-out loss every N steps and after the last (0: only at the end).")] = 10,
     seed: Annotated[int, typer.Option(help="Data order and LoRA initialisation.")] = 0,
     address: Annotated[str | None, typer.Option(help="An existing Ray cluster (default: local).")] = None,
     name: Annotated[str, typer.Option(help="Training deployment name.")] = "train",

@@ -173,8 +173,9 @@ class RingMember:
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - any failure breaks the ring; the router recovers
-            if not self.stopped:
-                log.warning("%s: ring %s failed: %s", self.name, self.spec.ring_id, e)
+            if not self.stopped:  # a peer gone (it stopped first, or died) is the router's to report
+                log.log(logging.INFO if isinstance(e, ConnectionError) else logging.WARNING, "%s: ring %s failed: %s",
+                        self.name, self.spec.ring_id, e)
                 self.spec.router.ring_failed.remote(self.spec.ring_id, self.name, f"{type(e).__name__}: {e}")
                 self.stop(timeout_s=0.0)
 

@@ -367,7 +367,7 @@ class PipelineTrainer:
             checkpoint_every: int = 0, checkpoint_dir: str | None = None) -> list[dict[str, float]]:
         """Trains `steps` steps on `data` (a text file, texts or token-id lists: `models.data`), packed in
         `seq_len` windows, `batch_size` windows a step drawn with `seed`; every `eval_every` steps the
-        held-out windows' loss too (and before the first, as step 0). Returns one record a step: step, loss,
+        held-out windows' loss too (and before the first, as step 0, and after the last, so the run ends measured). Returns one record a step: step, loss,
         tokens, seconds (and eval_loss); `on_step` sees each training step's record as it comes (a progress bar).
         Every `checkpoint_every` steps (the trainer's step count) it `save`s to `checkpoint_dir`, replacing
         the previous checkpoint whole: `resume` it and `fit` the rest with the same data and seed, and the
@@ -389,12 +389,12 @@ class PipelineTrainer:
         history: list[dict[str, float]] = []
         if eval_every and len(held):  # where the held-out loss starts
             history.append({"step": self.steps, "eval_loss": self.evaluate(held)})
-        for _ in range(steps):
+        for n in range(steps):
             r = self.step(train[torch.randint(len(train), (batch_size,), generator=gen)])
             self.data["batches"] += 1
             i = self.steps
             rec: dict[str, float] = {"step": i, "loss": r.loss, "tokens": r.tokens, "seconds": r.seconds}
-            if eval_every and i % eval_every == 0 and len(held):
+            if eval_every and (i % eval_every == 0 or n == steps - 1) and len(held):
                 rec["eval_loss"] = self.evaluate(held)
             history.append(rec)
             if checkpoint_every and i % checkpoint_every == 0:

@@ -471,18 +471,38 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """`tensors` as a safetensors file, readable as the process's umask allows (safetensors itself writes
+    0600, so a served or shared folder's weights would be its owner's alone)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for other threads meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 def save_hf(folder: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Path:
     """Writes a Hugging Face folder (config.json + model.safetensors, transformers' names) from our state
     dict; a tied head is left out, as transformers ties it to the embedding."""
     import json
-
-    from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {_source_name(k, 1): _own(v) for k, v in state.items()
                if not (k == "output.weight" and cfg.tie_embeddings)}
     dtype = next(iter(tensors.values())).dtype
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2))
     return folder

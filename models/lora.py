@@ -265,14 +265,14 @@ def save_peft_adapter(folder: str | Path, cfg: LoraConfig, tensors: Mapping[str,
     """Write a peft adapter folder (`adapter_config.json`, `adapter_model.safetensors`) that
     `peft.PeftModel.from_pretrained(hf_model, folder)` loads. `tensors`: the adapter under our names,
     e.g. the union of every stage's `lora_state_dict` (peft's names, `peft_adapter_state`, also do)."""
-    from safetensors.torch import save_file
+    from models.loading import save_safetensors
 
     if not tensors:
         raise ConfigError("no LoRA tensors to save: apply_lora first and gather every stage's lora_state_dict")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = {peft_key(k): v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(out, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(out, folder / "adapter_model.safetensors")
     (folder / "adapter_config.json").write_text(json.dumps(peft_adapter_config(cfg, base_model), indent=2))
     return folder
 

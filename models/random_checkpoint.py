@@ -49,10 +49,9 @@ def save_random_llama(path: str | Path, *, n_layers: int = 8, dim: int = 64, n_h
     state["model.norm.weight"] = norm()
     if not tie:
         state["lm_head.weight"] = w(vocab, dim)
-    from safetensors.torch import save_file
+    from models.loading import save_safetensors
 
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_safetensors({k: v.contiguous() for k, v in state.items()}, path / "model.safetensors")
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "vocab_size": vocab, "hidden_size": dim, "intermediate_size": hidden, "num_hidden_layers": n_layers,

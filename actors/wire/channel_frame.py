@@ -33,6 +33,10 @@ class ChannelError(MeshpipeError, RuntimeError):
     """A channel failed: the peer died, the connection closed, or the message was malformed."""
 
 
+class ChannelClosedError(ChannelError, ConnectionError):
+    """The peer closed the connection (it stopped, or died)."""
+
+
 class ChannelTimeoutError(ChannelError, TimeoutError):
     """No message (or no send completion) within the timeout; the channel is broken afterwards."""
 

@@ -15,10 +15,10 @@ from models import load_model
 from tests.checkpoints import make_tiny_gguf, make_tiny_llama, smollm2_gguf_path
 
 
-def meshpipe(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def meshpipe(*args: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
     exe = shutil.which("meshpipe")
     cmd = [exe] if exe else [sys.executable, "-m", "actors.cli"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env}
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=env,
                           check=False)
 
@@ -29,6 +29,15 @@ def test_pull_installed_model_prints_its_path() -> None:
     r = meshpipe("pull", "smollm2-135m")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(path)
+
+
+def test_a_cluster_refusing_the_auth_token_is_named_as_such(ray_cluster: dict) -> None:
+    """Ray 2.60 clusters check a token: a driver without the cluster's is told to bring it, not that no
+    cluster is there."""
+    r = meshpipe("generate", "--address", ray_cluster["gcs_address"], "--name", "any", "--prompt", "hi",
+                 timeout=120, RAY_AUTH_TOKEN="0" * 32, RAY_NUM_REDIS_GET_RETRIES="1")  # one try, not 20 s
+    assert r.returncode != 0 and "refused this machine's auth token" in r.stderr, r.stderr[-2000:]
+    assert "ray get-auth-token" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.ray

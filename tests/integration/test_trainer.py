@@ -184,8 +184,9 @@ def test_fit_packs_the_data_the_loss_falls_and_the_export_loads_in_transformers(
     tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=2, micro_batches=2, seq_len=16,
                                 optimizer={"name": "adamw", "lr": 1e-2}, name="tr-fit")
     try:
-        history = tr.fit(docs, steps=12, batch_size=4, held_out=0.2, eval_every=6)
-        assert [h["step"] for h in history] == list(range(13)) and "eval_loss" in history[6]
+        history = tr.fit(docs, steps=12, batch_size=4, held_out=0.2, eval_every=5)
+        assert [h["step"] for h in history] == list(range(13))
+        assert [h["step"] for h in history if "eval_loss" in h] == [0, 5, 10, 12]  # and after the last step
         assert history[-1]["loss"] < 0.5 * history[1]["loss"]
         assert history[-1]["eval_loss"] < 0.5 * history[0]["eval_loss"]  # step 0: before training
         folder = tr.export(str(tmp_path / "trained"))  # transformers and our loader read the same model

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from models import Batch, ConfigError, load_model, load_stage
-from models.loading import save_hf
+from models.loading import _umask, save_hf
 from models.lora import (
     LoraConfig,
     LoraLinear,
@@ -124,6 +124,9 @@ def test_merged_export_and_peft_adapter_load_in_transformers(trained: SimpleName
     assert merged.keys() == load_model(tiny_ckpt, dtype="float64").state_dict().keys()
     save_hf(tmp_path / "merged", trained.ours.cfg, merged)
     save_peft_adapter(tmp_path / "adapter", CFG, lora_state_dict(trained.ours))
+    umask = _umask()  # the weights are as readable as the config beside them (safetensors writes 0600)
+    for f in ("merged/model.safetensors", "merged/config.json", "adapter/adapter_model.safetensors"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
     with hf_llama_float64():
         want = copy.deepcopy(trained.pm).merge_and_unload()(BATCH).logits
         got = _hf(tmp_path / "merged")(BATCH).logits

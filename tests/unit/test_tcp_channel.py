@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from actors.channels import TcpChannel, TcpListener
-from actors.wire.channel_frame import ChannelError, ChannelTimeoutError
+from actors.wire.channel_frame import ChannelClosedError, ChannelError, ChannelTimeoutError
 from actors.wire.hello import make_hello
 
 SECRET = b"s" * 32
@@ -76,7 +76,7 @@ def test_a_closed_peer_fails_a_blocked_recv_at_once() -> None:
     a, b = _pair()
     threading.Timer(0.2, a.close).start()
     t0 = time.monotonic()
-    with pytest.raises(ChannelError):
+    with pytest.raises(ChannelClosedError):  # a ConnectionError too: a ring member logs it as the peer gone
         b.recv_bytes()  # no timeout: only the close can end it
     assert time.monotonic() - t0 < 5
     with pytest.raises(ChannelError):  # a failed channel stays failed
