@@ -24,6 +24,7 @@ import torch
 
 from models.config import ModelConfig, resolve_dtype
 from models.errors import ConfigError, ModelNotInstalledError, UnknownModelError
+from models.gguf_file import GGUFFile
 from models.model import Transformer
 
 logger = logging.getLogger(__name__)
@@ -140,40 +141,12 @@ def pull(name: str) -> Path:
 # --------------------------------------------------------------------------- GGUF files
 
 
-class GGUFFile:
-    """An open GGUF (memory-mapped) with its metadata and tensors by name."""
-
-    def __init__(self, path: Path) -> None:
-        import gguf  # heavy import; only paid by GGUF users
-
-        self.path = path
-        self.reader = gguf.GGUFReader(str(path), "r")
-        self.tensors = {t.name: t for t in self.reader.tensors}
-
-    def get(self, key: str, default: Any = None) -> Any:
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
-
-    def tensor(self, name: str) -> np.ndarray:
-        """The tensor dequantized to float32, in torch's shape order, in memory of its own."""
-        from gguf.quants import dequantize
-
-        if name not in self.tensors:
-            raise ConfigError(f"{self.path} has no tensor {name!r}")
-        t = self.tensors[name]
-        shape = tuple(int(d) for d in reversed(t.shape))  # gguf lists dims fastest-first
-        arr = dequantize(t.data, t.tensor_type)
-        # F32/F16 tensors come back as views of the memmap: copy so nothing outlives the file.
-        copy = True if np.may_share_memory(arr, t.data) else None
-        return np.array(arr, dtype=np.float32, copy=copy).reshape(shape)
-
-
 _GGUF_CACHE: dict[Path, GGUFFile] = {}
 _GGUF_LOCK = threading.Lock()
 
 
 def open_gguf(path: str | Path) -> GGUFFile:
-    """The process-wide open handle of a GGUF file (opening costs seconds)."""
+    """The process-wide open handle of a GGUF file (its tensors stay memory-mapped)."""
     key = Path(path).resolve()
     with _GGUF_LOCK:
         f = _GGUF_CACHE.get(key)

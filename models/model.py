@@ -202,7 +202,10 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer_ids = list(range(cfg.n_layers) if layer_ids is None else layer_ids)
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim) if embed else None
+        # built on the meta device, weights assigned after (`load_weights`): no random init (an Embedding's
+        # normal_ on meta costs ~1 s the first time in a process)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim)) \
+            if embed else None
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in self.layer_ids})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if head else None
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if head else None

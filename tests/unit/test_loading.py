@@ -387,8 +387,7 @@ def test_gguf_tensors_do_not_share_the_mmap(tiny_dirs: dict, tmp_path: Path) -> 
     ref = hf_tensors(folder)
     torch.testing.assert_close(sd["output.weight"], ref["lm_head.weight"], rtol=1e-3, atol=1e-3)
     norm = sd["norm.weight"]  # an F32 tensor: dequantize returns a view of the memmap
-    reader = loading.open_gguf(path).reader
-    raw = next(t for t in reader.tensors if t.name == "output_norm.weight").data
+    raw = loading.open_gguf(path).tensors["output_norm.weight"].data
     assert not np.shares_memory(norm.numpy(), raw)
     norm.add_(1.0)  # writable, and the file's bytes stay unchanged
     assert torch.equal(torch.from_numpy(np.array(raw)), ref["model.norm.weight"])
