@@ -21,6 +21,7 @@ STRING, ARRAY = 8, 9
 # GGUF value type -> struct format (the scalars)
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 MAX_DIMS = 8  # a tensor of more dims is refused (llama.cpp writes at most 4)
+MAX_NESTING = 4  # arrays of arrays deeper than this are refused (GGUF files in use nest none)
 DEFAULT_ALIGNMENT = 32
 
 
@@ -136,7 +137,9 @@ class GGUFFile:
             return arr
         raise ValueError(f"unknown GGUF value type {vtype}")
 
-    def _skip_items(self, item_type: int, count: int) -> None:
+    def _skip_items(self, item_type: int, count: int, depth: int = 0) -> None:
+        if depth > MAX_NESTING:
+            raise ValueError(f"arrays nested more than {MAX_NESTING} deep")
         if item_type in SCALARS:
             self._take(count * struct.calcsize(SCALARS[item_type]))
         elif item_type == STRING:
@@ -151,7 +154,7 @@ class GGUFFile:
             self.pos = pos
         elif item_type == ARRAY:
             for _ in range(count):
-                self._skip_items(self._unpack("I"), self._unpack("Q"))
+                self._skip_items(self._unpack("I"), self._unpack("Q"), depth + 1)
         else:
             raise ValueError(f"unknown GGUF array element type {item_type}")
 
@@ -163,7 +166,8 @@ class GGUFFile:
                 at = self._take(a.count * struct.calcsize(fmt))
                 dtype = np.dtype(fmt).newbyteorder(self.order)
                 return np.frombuffer(self.buf, dtype=dtype, count=a.count, offset=at).tolist()
-            return [self._value(a.item_type) for _ in range(a.count)]
+            values = [self._value(a.item_type) for _ in range(a.count)]
+            return [self._array(v) if isinstance(v, _Array) else v for v in values]
         finally:
             self.pos = saved
 

@@ -73,3 +73,21 @@ def test_forged_lengths_and_counts_are_refused_before_any_large_read(tiny_gguf: 
     bad.write_bytes(b"GGML" + raw[4:])
     with pytest.raises(ValueError, match="magic"):
         GGUFFile(bad)
+
+
+def _kv_file(path: Path, key: bytes, value: bytes) -> Path:
+    """A GGUF of one metadata entry and no tensors."""
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key + value)
+    return path
+
+
+def test_arrays_decode_on_first_use_and_deep_nesting_is_refused(tmp_path: Path) -> None:
+    words = [b"a", b"bc", b""]
+    strings = struct.pack("<IIQ", 9, 8, len(words)) + b"".join(struct.pack("<Q", len(w)) + w for w in words)
+    nested = struct.pack("<IIQ", 9, 9, 2) + struct.pack("<IQ", 5, 2) + struct.pack("<ii", -1, 2) \
+        + struct.pack("<IQ", 5, 1) + struct.pack("<i", 7)
+    assert GGUFFile(_kv_file(tmp_path / "s.gguf", b"k", strings)).get("k") == ["a", "bc", ""]
+    assert GGUFFile(_kv_file(tmp_path / "n.gguf", b"k", nested)).get("k") == [[-1, 2], [7]]
+    deep = struct.pack("<II", 9, 9) + struct.pack("<QI", 1, 9) * 40 + struct.pack("<Q", 0)
+    with pytest.raises(ValueError, match="nested"):
+        GGUFFile(_kv_file(tmp_path / "d.gguf", b"k", deep))
