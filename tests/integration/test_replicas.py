@@ -149,7 +149,7 @@ def test_a_drain_past_its_timeout_moves_the_sequences_with_their_tokens(tiny_ckp
     pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, replicas_per_stage=[1, 2], dtype="float64",
                            name="drain-timeout", micro_batches=1)
     try:
-        prompts = [[5, 17, 42], [9, 9, 9]]
+        prompts = [[5, 17, 42], [9, 9, 9], [3, 1, 4, 1], [2, 7]]  # 4: both replicas get some, however loaded
         want = tokens(pipe.generate(prompts, max_new_tokens=150, ignore_eos=True))
         pipe.set_hop_delay(0, 0.05)  # >= 7.5 s a request
         rids = [pipe.submit(p, max_new_tokens=150, ignore_eos=True) for p in prompts]
