@@ -288,7 +288,8 @@ class StageActor:
             if ring and self.adaptive:
                 self._threads_for(header.lanes)
             if header.release:  # never a sequence this very message carries
-                self.free([sid for sid in header.release if sid not in set(header.seq_ids)])
+                carried = set(header.seq_ids)
+                self._forget([sid for sid in header.release if sid not in carried])
             if not header.seq_ids:
                 return x
             t0 = time.perf_counter()
@@ -554,11 +555,15 @@ class StageActor:
     def free(self, seq_ids: list[str]) -> int:
         """Drops the caches of finished or cancelled sequences; returns tokens still cached."""
         with self.lock:
-            self.cache.free(seq_ids)
-            self.history.free(seq_ids)
-            for sid in seq_ids:  # a later run of the id starts with no drafts in flight
-                self.draft_from.pop(sid, None)
+            self._forget(seq_ids)
             return self.cache.tokens_held()
+
+    def _forget(self, seq_ids: list[str]) -> None:
+        """Drops the sequences' caches, histories and draft starts (the caller holds the lock)."""
+        self.cache.free(seq_ids)
+        self.history.free(seq_ids)
+        for sid in seq_ids:  # a later run of the id starts with no drafts in flight
+            self.draft_from.pop(sid, None)
 
     def reset(self) -> int:
         """Drops every sequence's cache and history (a restarted router's orphans); returns how many."""
