@@ -24,6 +24,7 @@ MAX_STOP = 4  # stop strings per request, as OpenAI allows
 MAX_STOP_CHARS = 256  # characters of one stop string
 MAX_PROMPTS = 256  # prompts in one completions request (times n: sequences it asks for)
 MAX_MESSAGES = 2048  # messages in one chat request (checked before any message is parsed)
+MAX_PROMPT_IDS = 2**17  # token ids in one prompt (checked before the ids are parsed; the context refuses sooner)
 INT64 = 2**63  # OpenAI's seed is a 64-bit integer
 CHARS_PER_TOKEN = 64  # chat text beyond this many characters per context token cannot fit: refused untokenized
 # every status an operation can answer, each with OpenAI's error body (the OpenAPI document lists them)
@@ -171,6 +172,16 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _bounded(cls, v: Any) -> Any:
+        # the union below tries every member on every element: a few million ids would cost seconds
+        ids = [v] if isinstance(v, list) and v and isinstance(v[0], int) else v if isinstance(v, list) else []
+        for one in ids:
+            if isinstance(one, list) and len(one) > MAX_PROMPT_IDS:
+                raise ValueError(f"a prompt has {len(one)} token ids: at most {MAX_PROMPT_IDS}")
+        return v
 
     @model_validator(mode="after")
     def _completion(self) -> CompletionRequest:

@@ -7,6 +7,7 @@ import pytest
 
 from actors.errors import BackPressureError, DeploymentError, RequestTimeoutError, StageFailedError
 from actors.openai_api import (
+    MAX_PROMPT_IDS,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -68,6 +69,13 @@ def test_out_of_range_fields_are_named(body: dict, field: str) -> None:
 def test_unsupported_fields_are_refused_not_ignored(body: dict, words: str) -> None:
     err = validation_error(_errors(CompletionRequest, **body))
     assert err.status == 400 and words in err.message
+
+
+@pytest.mark.parametrize("prompt", [[0] * (MAX_PROMPT_IDS + 1), [[1, 2], [0] * (MAX_PROMPT_IDS + 1)]])
+def test_an_oversized_token_prompt_is_one_error_before_its_ids_are_parsed(prompt: list) -> None:
+    errors = _errors(CompletionRequest, prompt=prompt)  # not one error per id from each member of the union
+    assert len(errors) == 1 and f"{MAX_PROMPT_IDS + 1} token ids: at most {MAX_PROMPT_IDS}" in errors[0]["msg"]
+    assert CompletionRequest(prompt=[7] * MAX_PROMPT_IDS).prompts() == [[7] * MAX_PROMPT_IDS]
 
 
 def test_chat_requests() -> None:
