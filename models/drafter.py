@@ -53,6 +53,7 @@ class ModelDrafter:
         self.cache: KVCache = model.new_cache(pool_tokens, DEFAULT_BLOCK)
         self.held: dict[str, list[int]] = {}  # seq id -> the tokens whose keys/values the cache holds
         self.passes = 0  # forward passes run (a cost figure for stats and benches)
+        self.crowded = False  # the last call left sequences without drafts for want of pool (warned once a spell)
         self.lock = threading.Lock()  # `propose` and `release` may come from different threads
 
     @torch.inference_mode()
@@ -69,6 +70,7 @@ class ModelDrafter:
         ctx = self.model.cfg.max_seq_len  # past its own context the draft model has nothing to say
         live = [(i, sid, list(toks), k) for i, (sid, toks, k) in enumerate(items) if k > 0 and toks]
         live = [(i, sid, toks, min(k, ctx - len(toks))) for i, sid, toks, k in live if len(toks) < ctx]
+        live = self._fitting(live)
         if not live:
             return out
         try:
@@ -95,6 +97,22 @@ class ModelDrafter:
                 self.held.pop(sid, None)
             return [[] for _ in items]
         return out
+
+    def _fitting(self, live: list[tuple[int, str, list[int], int]]) -> list[tuple[int, str, list[int], int]]:
+        """The sequences whose drafts fit the pool this pass, those it already holds first; the others get
+        none (evicting held ones for them would re-read every sequence's context every pass)."""
+        bs, free, fit = self.cache.bs, self.cache.blocks.available, []
+        for item in sorted(live, key=lambda it: it[1] not in self.held):  # stable: held ones first, in order
+            _, sid, toks, k = item
+            need = -(-(len(toks) + k - 1) // bs) - len(self.cache.table.get(sid, ()))  # last draft is not fed
+            if need <= free:
+                free -= max(need, 0)
+                fit.append(item)
+        if len(fit) < len(live) and not self.crowded:
+            log.warning("the draft model's KV pool holds %d of %d sequences: the others go without model drafts "
+                        "while it is full", len(fit), len(live))
+        self.crowded = len(fit) < len(live)
+        return sorted(fit)
 
     def _forward(self, seq_ids: list[str], starts: list[int], inputs: list[list[int]]) -> list[int]:
         """One batched pass; each sequence's argmax token after its last input."""

@@ -80,6 +80,20 @@ def test_a_full_pool_or_the_draft_models_context_means_no_drafts_not_an_error(ot
     assert len(near_end[0]) == 2 and near_end[1] == [] and near_end[2] == []
 
 
+def test_a_pool_too_small_for_every_sequence_keeps_drafting_those_it_holds(other: Transformer) -> None:
+    drafter = ModelDrafter(other, pool_tokens=64)  # four blocks of 16: two sequences of 20 tokens, not three
+    seqs = {sid: [(7 * j + n) % 256 for j in range(20)] for n, sid in enumerate("abc")}
+    for _ in range(3):
+        drafts = drafter.propose([(sid, toks, 3) for sid, toks in seqs.items()])
+        assert [len(d) for d in drafts] == [3, 3, 0]  # not all freed and re-read each pass
+        assert drafts[:2] == [greedy_continuation(other, seqs[sid], 3) for sid in "ab"]
+        assert set(drafter.held) == {"a", "b"}
+        for sid, d in zip("ab", drafts):
+            seqs[sid] += d[:1] + [9]
+    drafter.release(["a"])  # a finished: its room goes to c
+    assert [len(d) for d in drafter.propose([(sid, seqs[sid], 3) for sid in "bc"])] == [3, 3]
+
+
 def test_release_frees_the_caches(other: Transformer) -> None:
     drafter = ModelDrafter(other)
     drafter.propose([("a", [1, 2, 3], 2), ("b", [4, 5], 2)])
