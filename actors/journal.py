@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from actors.detach import background
-from actors.naming import NAMESPACE, journal_prefix
+from actors.errors import DeploymentError
+from actors.naming import NAMESPACE, journal_prefix, replicas_key
 
 if TYPE_CHECKING:
     from actors.request import Request
@@ -155,7 +156,7 @@ class RequestJournal:
     """admit / checkpoint / finish / drop / load of one deployment's requests (`RequestRecord`s)."""
 
     def __init__(self, deployment: str, kv: Any = None, key: bytes | None = None, finished_kept: int = 1024) -> None:
-        self.prefix = journal_prefix(deployment)
+        self.deployment, self.prefix, self.replicas_key = deployment, journal_prefix(deployment), replicas_key(deployment)
         self.kv = kv if kv is not None else GcsKV()  # anything with put/get/delete/keys (tests: a dict-backed one)
         self.writer = JournalWriter(self.kv)
         self.key = key  # AES-256-GCM key (the deployment's), or None: plaintext
@@ -216,9 +217,25 @@ class RequestJournal:
                 log.warning("journal record %r is malformed (%s): skipped", rid, e)
         return out
 
+    def keep_replicas(self, infos: list[list[dict[str, Any]]]) -> None:
+        """The stages' `ready` infos as deployed: a restarted router's fallback for a stage it finds no
+        named replica of (its constructor is given none: the router starts beside its stages)."""
+        self.kv.put(self.replicas_key, seal_record(self.replicas_key, {"infos": infos}, self.key))
+
+    def deployed_replicas(self) -> list[list[dict[str, Any]]]:
+        raw = self.kv.get(self.replicas_key)
+        try:
+            if raw is None:
+                raise ValueError("no record")
+            return open_record(self.replicas_key, raw, self.key)["infos"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DeploymentError(f"the record of deployment {self.deployment!r}'s stages is unreadable ({e}): "
+                                  "shut the deployment down and deploy it again") from None
+
     def clear(self) -> None:
         self.writer.queue.clear()
         self.kv.delete(self.prefix, by_prefix=True)
+        self.kv.delete(self.replicas_key)
         self.finished.clear()
         self.finished_bytes = 0
         self.evicted.clear()

@@ -46,3 +46,8 @@ def probe_name(deployment: str, node_id: str) -> str:
 def journal_prefix(deployment: str) -> str:
     """GCS key-value prefix of the deployment's request journal."""
     return actor_name(deployment, "requests/")
+
+
+def replicas_key(deployment: str) -> str:
+    """GCS key-value key of the stages' infos as deployed (a restarted router's fallback)."""
+    return actor_name(deployment, "replicas")

@@ -145,27 +145,24 @@ class Pipeline:
         setup = StageSetup(dc.name, str(source), cfg.to_dict(), len(specs), dc.stage, wire, weights, key,
                            max_sequences=dc.router.max_active_sequences)
         launcher = StageLauncher(setup, resources, spread=max(counts) > 1)
+        router = scaler = None
         try:
             for spec, count in zip(specs, counts):
                 stages.append([launcher.launch(spec, r, placement.options(spec.index, r) if placement else None)
                                for r in range(count)])
-            flat = [h for hs in stages for h in hs]
-            info = _wait_ready(flat, [spec for spec, c in zip(specs, counts) for _ in range(c)],
-                               dc.ready_timeout_s, progress, weights)
-            nested, i = [], 0
-            for c in counts:
-                nested.append(info[i:i + c])
-                i += c
-            options = dc.router.model_copy(update={
-                "micro_batches": dc.router.micro_batches or default_micro_batches(info[:len(specs)]),
-                "message_bytes": dc.router.message_bytes or cfg.dim * 4})
+            options = dc.router.model_copy(update={"message_bytes": dc.router.message_bytes or cfg.dim * 4})
             spec = RouterSpec(dc.name, str(source), cfg.to_dict(), options, wire,
                               placement.router_topology() if placement else None, key)
+            # the router starts beside the stages (its imports and tokenizer overlap their loading) and
+            # takes their infos once they are up; a restarted one reads them back from its journal
             router = ray.remote(RouterActor).options(
                 name=router_name(dc.name), namespace=NAMESPACE, lifetime="detached",
                 num_cpus=0, max_concurrency=1000, max_restarts=-1,  # a restarted router resumes from its journal
                 **(placement.options(0, 0) if placement else {}),
-            ).remote(spec, stages, nested, launcher, specs)
+            ).remote(spec, stages, None, launcher, specs)
+            flat = [h for hs in stages for h in hs]
+            _wait_ready(flat, [spec for spec, c in zip(specs, counts) for _ in range(c)],
+                        dc.ready_timeout_s, progress, weights)
             ray.get(router.describe.remote())
             if dc.autoscaling is not None:
                 scaler = ray.remote(AutoscalerActor).options(
@@ -174,7 +171,7 @@ class Pipeline:
                 ).remote(dc.name, router, dc.autoscaling, float(resources.get("num_gpus", 0) or 0))
                 ray.get(scaler.start.remote())
         except Exception:
-            flat = [h for hs in stages for h in hs] + [weights]
+            flat = [h for hs in stages for h in hs] + [weights] + [a for a in (router, scaler) if a is not None]
             for s in flat:
                 ray.kill(s)
             _wait_dead(flat)
@@ -512,18 +509,3 @@ def choose_stage_resources(num_actors: int, total_gpus: float, free_gpus: float,
             f"{max(free_gpus, 1) / num_actors:.2g}}} to share GPUs"
         )
     return {"num_gpus": 1, "num_cpus": 0}
-
-
-def default_micro_batches(stages: list[dict[str, Any]]) -> int:
-    """Lanes in flight (`stages`: each stage's `ready()` info): one per piece of hardware the stages
-    occupy, so that each works while the others do. CPU stages on one node share its cores and memory
-    bandwidth: one lane lets each pass take them all and read the weights once for the whole batch
-    (measured on 2 cores, SmolLM2, S = 2, batch 16: 81 ms a step with one lane, 139 with two). GPU
-    stages: one lane per GPU; stages sharing a GPU (fractional `num_gpus`) take turns on it, and a lane
-    each would only multiply its kernel launches (README: GPU benchmark)."""
-    if all(x["device"].startswith("cpu") for x in stages):
-        units = {x.get("node_id") for x in stages}
-    else:  # a GPU is (node, Ray's GPU ids); a stage whose ids are unknown counts as its own
-        units = {(x.get("node_id"), tuple(x["gpu_ids"])) if x.get("gpu_ids") else i
-                 for i, x in enumerate(stages)}
-    return max(1, min(len(stages), len(units)))

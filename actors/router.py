@@ -33,7 +33,7 @@ from actors.prefix import KvBudget, PrefixCache, expected_steps
 from actors.probe import LinkProber
 from actors.recovery import Recovery
 from actors.request import Lane, Request, RequestIds, check_room, new_request
-from actors.replicas import live_replica_set
+from actors.replicas import default_micro_batches, deployed_infos, live_replica_set
 from actors import router_views
 from actors.ring import RingDriver, RingLane
 from actors.sender import StepSender
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 class RouterActor(FaultHooks, ScalingHooks):
-    def __init__(self, spec: RouterSpec, replicas: list[list[Any]], replica_info: list[list[dict]],
+    def __init__(self, spec: RouterSpec, replicas: list[list[Any]], replica_info: list[list[dict]] | None = None,
                  launcher: Any = None, specs: list[Any] | None = None) -> None:
         import ray
 
@@ -63,9 +63,17 @@ class RouterActor(FaultHooks, ScalingHooks):
         topology = None if spec.topology is None else Topology.from_dict(spec.topology)
         self.measured = topology is None  # no topology given: measure it with probe actors
         self.incarnation = incarnation_of(own_restarts())  # > 0: accepted requests are in the journal
+        self.journal = RequestJournal(spec.deployment, key=subkey(spec.key, f"journal:{spec.deployment}"),
+                                      finished_kept=self.rc.finished_kept)
+        if self.incarnation == 0:
+            self.journal.clear()  # a fresh deployment: records of an old one with this name are void
+        if replica_info is None:  # started beside its stages (deploy): theirs once they are up, kept for restarts
+            replica_info = deployed_infos(replicas, self.journal, self.incarnation)
         if self.incarnation:  # the replicas as they are now (added, drained, placed anew), not as deployed
             replicas, replica_info = live_replica_set(spec.deployment, replicas, replica_info)
-        self.pool = ReplicaPool(spec.deployment, node_id, replicas, replica_info, spec.options, spec.wire,
+        infos = [i for stage in replica_info for i in stage]
+        self.rc = self.rc.model_copy(update={"micro_batches": self.rc.micro_batches or default_micro_batches(infos)})
+        self.pool = ReplicaPool(spec.deployment, node_id, replicas, replica_info, self.rc, spec.wire,
                                 topology, launcher, specs)
         wire_key = subkey(spec.key, f"wire:{spec.deployment}")  # the stages derive the same
         self.sender = StepSender(self.pool, self.rc.hop_mode, wire_key, ray.get_runtime_context().current_actor)
@@ -79,17 +87,12 @@ class RouterActor(FaultHooks, ScalingHooks):
                                 self.incarnation, frozenset(self.cfg.eos_ids), self.cfg.max_seq_len, self._fallback,
                                 self.rc.prefill_chunk, self.ring_tokens, self.metrics.ring_broken) \
             if self.rc.data_path == "ring" and not self.rc.replicate_every else None
-        infos = [i for stage in replica_info for i in stage]
         pool_tokens, block = min(i["kv_cache_tokens"] for i in infos), infos[0]["kv_block_size"]
         self.kv = KvBudget(pool_tokens, block)  # admission in blocks of the smallest pool
         self.prefix = PrefixCache(block, pool_tokens // block, self.metrics) if infos[0]["prefix_caching"] else None
         self.tokens_generated = 0
         self._rid = RequestIds(spec.deployment)
         self.jobs = Jobs(f"router of {spec.deployment!r}")  # background jobs (cache copies, prefix pins)
-        self.journal = RequestJournal(spec.deployment, key=subkey(spec.key, f"journal:{spec.deployment}"),
-                                      finished_kept=self.rc.finished_kept)
-        if self.incarnation == 0:
-            self.journal.clear()  # a fresh deployment: records of an old one with this name are void
         self._resumed: bool | asyncio.Future = self.incarnation == 0  # a Future while resuming
         self.resumed = 0
         self._tasks: list[asyncio.Task] = []

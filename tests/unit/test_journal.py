@@ -53,6 +53,23 @@ def test_records_are_json_and_sealed_records_refuse_plaintext_forgery_and_moves(
     assert RequestJournal("d", kv).load() == []  # without the key nothing sealed opens (c is no full record)
 
 
+def test_the_stages_as_deployed_are_kept_sealed_apart_from_the_requests_and_cleared_with_them() -> None:
+    from actors.errors import DeploymentError
+
+    key, kv = os.urandom(32), DictKV()
+    journal = RequestJournal("d", kv, key=key)
+    with pytest.raises(DeploymentError, match="no record"):  # a router restarted before its first start kept them
+        journal.deployed_replicas()
+    infos = [[{"stage": 0, "replica": 0, "kv_cache_tokens": 512}], [{"stage": 1, "replica": 0}, {"stage": 1, "replica": 1}]]
+    journal.keep_replicas(infos)
+    assert RequestJournal("d", kv, key=key).deployed_replicas() == infos  # what a restarted router reads
+    assert journal.load() == [] and b"kv_cache_tokens" not in kv.data["meshpipe/d/replicas"]  # no request; sealed
+    with pytest.raises(DeploymentError, match="unreadable"):
+        RequestJournal("d", kv, key=os.urandom(32)).deployed_replicas()
+    journal.clear()
+    assert kv.data == {}
+
+
 def test_finished_records_are_bounded() -> None:
     kv = DictKV()
     journal = RequestJournal("d", kv, finished_kept=3)

@@ -398,7 +398,7 @@ def test_a_stage_refuses_plaintext_on_a_link_that_encrypts() -> None:
 
 
 def test_lanes_default_to_one_per_piece_of_hardware_the_stages_occupy() -> None:
-    from actors.pipeline import default_micro_batches
+    from actors.replicas import default_micro_batches
 
     def gpu(node: str, *ids: str) -> dict[str, Any]:
         return {"device": "cuda:0", "node_id": node, "gpu_ids": list(ids)}
