@@ -241,9 +241,13 @@ class ReplicaPool:
                 return self._undrain(rep)
             await asyncio.sleep(0.05)
         if rep.sequences:  # time's up: the watcher and health checks keep it down, failover moves them
+            if not self._live(stage):  # ...to a live replica: with none (restarting, say) it stays
+                return self._undrain(rep)
             rep.evicting = True
             self.down_event(rep).set()
             while rep.sequences:
+                if not self._live(stage):  # the others went down meanwhile: its own must not fail over to nowhere
+                    return self._undrain(rep)
                 await asyncio.sleep(0.05)
         while rep.inflight:
             await asyncio.sleep(0.05)

@@ -140,7 +140,7 @@ class LinkProber:
                 rep.banned_until = now + rep.ban_s
         else:
             rep.observe(inbound_ms=ms)
-            if not rep.alive:
+            if not rep.alive and not rep.draining:  # a round sent before a drain began must not readmit it
                 rep.alive = True  # answers again (restarted): new sequences may use it
                 self.pool.routes.invalidate()
                 log.warning("%s answers again: back in the routes", rep.label)

@@ -149,6 +149,44 @@ def test_a_drain_whose_stage_has_no_other_live_replica_left_keeps_its_replica(ti
     assert [r.replica for r in pool.table] == [0, 1] and pool.plan().replicas == (1,)
 
 
+def test_an_eviction_stops_when_the_other_replica_goes_down_before_the_sequences_moved() -> None:
+    """Evicting sends its sequences' failover to the stage's other replicas: with none live (restarting)
+    the failover would wait on the evicting one (never up again) and fail them. It serves on instead."""
+    pool = make_pool([2])
+
+    async def run() -> Any:
+        rep, other = pool.table.get(0, 1), pool.table.get(0, 0)
+        other.sequences.add("t")
+        rep.sequences.add("s")
+        task = asyncio.ensure_future(pool.drain(0, timeout_s=0.05))
+        await asyncio.sleep(0.2)
+        assert rep.evicting and pool.down_event(rep).is_set()
+        pool.ban([other])  # Ray is restarting it; "s" has not moved
+        return await asyncio.wait_for(task, 2.0)
+
+    assert asyncio.run(run()) is None
+    rep = pool.table.get(0, 1)
+    assert rep.alive and not rep.evicting and not pool.down_event(rep).is_set() and rep.sequences == {"s"}
+
+
+def test_a_probe_answer_does_not_readmit_a_draining_replica() -> None:
+    pool = make_pool([2])
+    prober = LinkProber("d", pool, lambda: None)
+
+    async def run() -> Any:
+        rep = pool.table.get(0, 1)
+        rep.sequences.add("s")
+        pool.table.get(0, 0).sequences.add("t")
+        task = asyncio.ensure_future(pool.drain(0, timeout_s=5))
+        await asyncio.sleep(0.05)
+        prober.observe(rep, 1.0, now=time.monotonic())  # a round sent before the drain began answers now
+        assert rep.draining and not rep.alive and pool.plan().replicas == (0,)
+        rep.sequences.clear()
+        return await task
+
+    assert asyncio.run(run()).replica == 1
+
+
 def test_pool_export_reports_busy_fraction() -> None:
     pool = make_pool([1])
     seen: dict[str, Any] = {}
