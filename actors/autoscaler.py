@@ -60,31 +60,37 @@ class AutoscalerActor:
             await asyncio.sleep(self.cfg.period_s)
             try:
                 loads = [StageLoad(**x) for x in await self.router.stage_loads.remote()]
+                total = sum(ld.replicas for ld in loads)  # follows each decision applied this round
                 for d in decide(loads, self.cfg, self.state, time.monotonic()):
-                    await self._apply(d, loads)
+                    total = await self._apply(d, total)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - a failed round must not end the loop
                 log.warning("autoscaler of %r: round failed (%s: %s)", self.deployment, type(e).__name__, e)
 
-    async def _apply(self, d: Decision, loads: list[StageLoad]) -> None:
+    async def _apply(self, d: Decision, total: int) -> int:
+        """Acts on one decision; returns the deployment's replica count after it (`total` before)."""
         t0 = time.monotonic()
         log.warning("autoscaler of %r: %s a replica of stage %d (%s)", self.deployment,
                     "adding" if d.delta > 0 else "removing", d.stage, d.reason)
-        total = sum(ld.replicas for ld in loads)
         if d.delta > 0:
             request_gpus(total + 1, self.gpus_per_replica)  # ask Ray's cluster autoscaler ahead
-            name = await self.router.add_replica.remote(d.stage)
+            try:
+                name = await self.router.add_replica.remote(d.stage, self.cfg.add_timeout_s)
+            except Exception:
+                request_gpus(total, self.gpus_per_replica)  # no replica came: no standing ask for it
+                raise
         else:
             name = await self.router.drain_replica.remote(d.stage)
             if name is None:  # no other replica of the stage was live by the end: it kept serving
                 log.warning("autoscaler of %r: stage %d kept its replica", self.deployment, d.stage)
-                return
+                return total
             request_gpus(total - 1, self.gpus_per_replica)  # a lower floor lets idle nodes go
         self.metrics.decided(d.stage, d.delta)
         self.applied += 1
         self.history.append({"n": self.applied, "at": time.time(), "stage": d.stage, "delta": d.delta,
                              "reason": d.reason, "replica": name, "seconds": round(time.monotonic() - t0, 3)})
+        return total + d.delta
 
 
 def request_gpus(replicas: int, gpus_per_replica: float) -> None:

@@ -50,9 +50,10 @@ class ScalingHooks:
         """Per stage: live replicas, busy fraction since the last call, queue per replica, step ms."""
         return await self.pool.loads()
 
-    async def add_replica(self, stage: int) -> str:
-        """Starts one more replica of `stage`; routes use it once it is ready. Returns its name."""
-        return await self.pool.add(stage)
+    async def add_replica(self, stage: int, timeout_s: float = 600.0) -> str:
+        """Starts one more replica of `stage`; routes use it once it is ready. Returns its name. One not
+        ready after `timeout_s` (no GPU came) is killed: DeploymentError."""
+        return await self.pool.add(stage, timeout_s)
 
     async def drain_replica(self, stage: int, timeout_s: float = 60.0) -> str | None:
         """Removes the least-loaded replica of `stage` (never its last live one) once its sequences finish

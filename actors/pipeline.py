@@ -324,10 +324,10 @@ class Pipeline:
 
     def describe(self) -> dict[str, Any]:
         """The deployment: model, stages, replicas, the route a new request would take now, options."""
-        return _call(self.router.describe.remote())
+        return self._router("describe")
 
     def stats(self) -> dict[str, Any]:
-        return {"router": _call(self.router.stats.remote()), "stages": _call(self.router.stage_stats.remote())}
+        return {"router": self._router("stats"), "stages": self._router("stage_stats")}
 
     def set_hop_delay(self, stage: int, seconds: float, replica: int | None = None) -> None:
         """Test hook: delays every message into `stage` (one replica, or all of them) by `seconds`."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -205,14 +206,24 @@ class ReplicaPool:
 
     # ---------- replicas added and removed at run time (the autoscaler) ----------
 
-    async def add(self, stage: int) -> str:
+    async def add(self, stage: int, timeout_s: float = 600.0) -> str:
         """Starts one more replica of `stage` (Ray finds it a GPU, or its autoscaler a node); routes use it
-        once it is ready. Returns its name."""
+        once it is ready. Returns its name. Not ready after `timeout_s`, or failed: killed, DeploymentError."""
+        import ray
+
         if self.launcher is None:
             raise DeploymentError("this deployment cannot start replicas (no launcher)")
         replica = 1 + max((r.replica for r in self.table.by_stage[stage]), default=-1)
         handle = self.launcher.launch(self.specs[stage], replica)
-        info = await handle.ready.remote()
+        try:
+            info = await asyncio.wait_for(_awaited(handle.ready.remote()), timeout_s)
+        except BaseException as e:  # a pending replica would hold its GPU ask (and its name) for good
+            ray.kill(handle, no_restart=True)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            why = f"was not ready after {timeout_s:g} s (no free GPU, and no node came)" \
+                if isinstance(e, asyncio.TimeoutError) else f"failed to start ({type(e).__name__})"
+            raise DeploymentError(f"a new replica of stage {stage} {why}: it was given up") from None
         if stage in self.step_time:
             await handle.set_step_time.remote(*self.step_time[stage])
         rep = Replica(stage=stage, replica=replica, handle=handle, host=info["node_id"],
@@ -289,10 +300,13 @@ class ReplicaPool:
                 if isinstance(st, BaseException):
                     continue
                 last_t, last_busy = self._busy_seen.get(r.name, (now, st["busy_s"]))
-                busy.append((st["busy_s"] - last_busy) / (now - last_t) if now > last_t else 0.0)
                 self._busy_seen[r.name] = (now, st["busy_s"])
+                if st["busy_s"] < last_busy:  # restarted: its count began again, a new baseline (no sample)
+                    continue
+                busy.append(min(1.0, (st["busy_s"] - last_busy) / (now - last_t)) if now > last_t else 0.0)
             kept = sum(1 for r in reps if not r.draining and not r.gone)  # a restarting one counts (no upscale)
-            out.append({"stage": k, "replicas": kept, "busy": sum(busy) / len(busy) if busy else 0.0,
+            # no sample (every answer failed, or came from a restart): unknown, and the policy leaves it be
+            out.append({"stage": k, "replicas": kept, "busy": sum(busy) / len(busy) if busy else math.nan,
                         "queue": sum(max(0, r.inflight - 1) for r in live) / max(1, len(live)),
                         "step_ms": sum(r.compute_ms or 0.0 for r in live) / max(1, len(live))})
         return out
@@ -317,3 +331,7 @@ class ReplicaPool:
                                    return_exceptions=True)
         return [x if not isinstance(x, BaseException) else
                 {"stage": r.stage, "replica": r.replica, "down": f"{type(x).__name__}"} for r, x in zip(reps, got)]
+
+
+async def _awaited(ref: Any) -> Any:
+    return await ref

@@ -201,6 +201,9 @@ class ReplicaTable:
                  for r in stage] for stage in self.by_stage]
 
 
+NEVER_STARTED = ("PENDING_CREATION", "DEPENDENCIES_UNREADY")  # Ray's states of an actor not yet placed
+
+
 def deployed_infos(replicas: list[list[Any]], journal: Any, incarnation: int) -> list[list[dict]]:
     """The stages' `ready` infos for a router started beside them: on its first start it waits for them
     (a stage that fails to load fails it, as it fails the deploy) and journals them; a restarted router
@@ -227,6 +230,7 @@ def live_replica_set(deployment: str, replicas: list[list[Any]], replica_info: l
 
     import ray
 
+    from actors.gcs import actor_record
     from actors.naming import NAMESPACE, actor_name, stage_name
 
     pattern = re.compile(re.escape(actor_name(deployment, "")) + r"stage-(\d+)/replica-(\d+)$")
@@ -242,6 +246,10 @@ def live_replica_set(deployment: str, replicas: list[list[Any]], replica_info: l
         for r in ids:  # a drained one may still be named for a moment after its kill: skipped
             try:
                 h = ray.get_actor(stage_name(deployment, stage, r), namespace=NAMESPACE)
+                if actor_record(h)[0] in NEVER_STARTED:  # an add the old router made, left waiting for a GPU
+                    ray.kill(h, no_restart=True)
+                    log.warning("stage %d replica %d was still waiting to be placed: given up", stage, r)
+                    continue
                 ready.append(ray.get(h.ready.remote(), timeout=timeout_s))
                 got.append(h)
             except (ValueError, ray.exceptions.RayError) as e:

@@ -24,12 +24,13 @@ class AutoscalingConfig(BaseModel):
 
     min_replicas: int = Field(1, ge=1)  # per stage
     max_replicas: int = Field(4, ge=1)  # per stage
-    target_busy: float = Field(0.7, gt=0, le=1)  # busy fraction per replica the policy aims at
+    target_busy: float = Field(0.7, gt=0, lt=1)  # busy fraction per replica the policy aims at (1 is never exceeded)
     downscale_below: float = Field(0.6, gt=0, lt=1)  # remove only if the load would stay below this x target
     upscale_delay_s: float = Field(2.0, ge=0)  # load above target this long before adding a replica
     downscale_delay_s: float = Field(10.0, ge=0)  # load low this long before removing one
     period_s: float = Field(0.5, gt=0)  # how often the autoscaler looks
     max_queue: float = Field(2.0, ge=0)  # messages waiting per replica that also count as overload
+    add_timeout_s: float = Field(600.0, gt=0)  # a new replica not ready by then (no GPU, no node came) is given up
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
@@ -77,8 +78,16 @@ def desired_replicas(load: StageLoad, cfg: AutoscalingConfig) -> int:
 
 
 def decide(loads: Sequence[StageLoad], cfg: AutoscalingConfig, state: PolicyState, now: float) -> list[Decision]:
-    """At most one upscale (the bottleneck stage) and any downscales that are due; updates `state`."""
+    """Any downscales that are due, then at most one upscale (the bottleneck stage); updates `state`.
+
+    Removals come first: a replica that goes frees the GPU an added one may wait for. A stage whose
+    figures are not finite is left as it is (no decision either way) until they are."""
     decisions: list[Decision] = []
+    unknown = {ld.stage for ld in loads if not (math.isfinite(ld.busy) and math.isfinite(ld.queue))}
+    for stage in unknown:
+        state.over_since.pop(stage, None)
+        state.under_since.pop(stage, None)
+    every, loads = loads, [ld for ld in loads if ld.stage not in unknown]
     over = [ld for ld in loads if pressure(ld, cfg) > 1.0 and ld.replicas < cfg.max_replicas]
     for ld in loads:
         if ld not in over:
@@ -91,19 +100,19 @@ def decide(loads: Sequence[StageLoad], cfg: AutoscalingConfig, state: PolicyStat
             state.under_since.pop(ld.stage, None)
     for ld in over:
         state.over_since.setdefault(ld.stage, now)
-    due = [ld for ld in over if now - state.over_since[ld.stage] >= cfg.upscale_delay_s]
-    if due:
-        top = max(due, key=lambda ld: (pressure(ld, cfg), -ld.stage))  # the bottleneck
-        decisions.append(Decision(top.stage, +1, f"stage {top.stage} at {pressure(top, cfg):.2f}x target for "
-                                                 f"{now - state.over_since[top.stage]:.1f} s"))
-        state.over_since.pop(top.stage)  # the new replica must show its effect before the next one
     for ld in loads:
         since = state.under_since.get(ld.stage)
         if since is not None and now - since >= cfg.downscale_delay_s and ld.replicas > cfg.min_replicas:
             decisions.append(Decision(ld.stage, -1, f"stage {ld.stage} at {pressure(ld, cfg):.2f}x target with "
                                                     f"{ld.replicas} replicas for {now - since:.1f} s"))
             state.under_since.pop(ld.stage)
-    for ld in loads:  # bounds changed under us (config, or replicas lost): back inside them first
+    due = [ld for ld in over if now - state.over_since[ld.stage] >= cfg.upscale_delay_s]
+    if due:
+        top = max(due, key=lambda ld: (pressure(ld, cfg), -ld.stage))  # the bottleneck
+        decisions.append(Decision(top.stage, +1, f"stage {top.stage} at {pressure(top, cfg):.2f}x target for "
+                                                 f"{now - state.over_since[top.stage]:.1f} s"))
+        state.over_since.pop(top.stage)  # the new replica must show its effect before the next one
+    for ld in every:  # bounds changed under us (config, or replicas lost): back inside them first
         if ld.replicas < cfg.min_replicas and not any(d.stage == ld.stage for d in decisions):
             decisions.append(Decision(ld.stage, +1, f"stage {ld.stage} below min_replicas={cfg.min_replicas}"))
     return decisions

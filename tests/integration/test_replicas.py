@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 
 from actors import DeploymentError, Pipeline
 from models import ConfigError, load_model
@@ -65,6 +66,47 @@ def test_new_requests_avoid_a_slow_replica(replicated: Pipeline, reference: list
         assert mermaid.startswith("graph LR") and "==>" in mermaid and "s1r1" in chosen[0]
     finally:
         replicated.set_hop_delay(1, 0.0, replica=0)
+
+
+@ray.remote
+class _Hog:  # holds every GPU left
+    def ok(self) -> bool:
+        return True
+
+
+def _named(suffix: str) -> bool:
+    return any(a["name"].endswith(suffix) for a in ray.util.list_named_actors(True))
+
+
+@pytest.mark.parametrize("router_dies", [False, True], ids=["add-times-out", "router-restarts"])
+def test_an_added_replica_no_gpu_comes_for_is_given_up_and_killed(replicated: Pipeline, reference: list,
+                                                                  router_dies: bool) -> None:
+    """A pending replica would keep its GPU ask, its name and the autoscaler's loop for good; one a router
+    left pending when it died would hold up the restarted router's start."""
+    hog = _Hog.options(num_gpus=int(ray.available_resources().get("GPU", 0)), num_cpus=0).remote()
+    ray.get(hog.ok.remote())
+    try:
+        if router_dies:
+            ref = replicated.router.add_replica.remote(0, 600.0)
+            end = time.monotonic() + 30
+            while not _named("replicated/stage-0/replica-2"):
+                assert time.monotonic() < end, "the add never started its replica"
+                time.sleep(0.1)
+            ray.kill(replicated.router, no_restart=False)
+            with pytest.raises(ray.exceptions.RayError):  # the call died with the router (unavailable, restarting)
+                ray.get(ref, timeout=60)
+            replicated.describe()  # the restarted router answers
+        else:
+            with pytest.raises(DeploymentError, match="stage 0 was not ready after 2 s"):
+                ray.get(replicated.router.add_replica.remote(0, 2.0), timeout=60)
+        end = time.monotonic() + 20
+        while _named("replicated/stage-0/replica-2"):
+            assert time.monotonic() < end, "the pending replica was not killed"
+            time.sleep(0.2)
+    finally:
+        ray.kill(hog)
+    assert [len(s) for s in replicated.describe()["replicas"]] == [2, 2]
+    assert tokens(replicated.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)) == tokens(reference)
 
 
 def test_one_count_per_stage(tiny_ckpt: Path, reference: list) -> None:

@@ -97,5 +97,23 @@ def test_bad_config_is_rejected_naming_the_fields() -> None:
         AutoscalingConfig(min_replicas=4, max_replicas=2)
     with pytest.raises(ValidationError, match="target_busy"):
         AutoscalingConfig(target_busy=1.5)
+    with pytest.raises(ValidationError, match="target_busy"):  # busy never exceeds 1: it would never scale up
+        AutoscalingConfig(target_busy=1.0)
     with pytest.raises(ValidationError, match="nope"):
         AutoscalingConfig(nope=1)
+
+
+def test_removals_come_before_the_addition_of_a_round() -> None:
+    cfg = AutoscalingConfig(upscale_delay_s=0, downscale_delay_s=0)
+    d = decide([StageLoad(0, 1, busy=1.0), StageLoad(1, 3, busy=0.05)], cfg, PolicyState(), 0.0)
+    assert [(x.stage, x.delta) for x in d] == [(1, -1), (0, 1)]  # the GPU it frees may be the one the add needs
+
+
+@pytest.mark.parametrize(("busy", "queue"), [(math.nan, 50.0), (0.0, math.nan), (math.inf, 0.0)])
+def test_figures_that_are_not_finite_leave_the_stage_as_it_is(busy: float, queue: float) -> None:
+    cfg = AutoscalingConfig(upscale_delay_s=0, downscale_delay_s=0, min_replicas=2)
+    state = PolicyState()
+    for t in range(3):
+        assert decide([StageLoad(0, 3, busy, queue)], cfg, state, float(t)) == []  # neither way
+    assert [(x.stage, x.delta) for x in decide([StageLoad(0, 1, busy, queue)], cfg, state, 5.0)] == [(0, 1)]  # min
+

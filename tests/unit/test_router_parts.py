@@ -4,6 +4,7 @@ link prober, and the one place deploy options are declared."""
 from __future__ import annotations
 
 import asyncio
+import math
 import itertools
 import time
 from typing import Any
@@ -470,6 +471,25 @@ def test_a_replica_added_under_a_drained_ones_name_starts_a_fresh_busy_baseline(
 
     loads = asyncio.run(run())
     assert loads[1]["busy"] >= 0 and loads[1]["replicas"] == 2
+
+
+def test_a_restarted_replicas_busy_count_starts_a_new_baseline_not_a_negative_load() -> None:
+    pool = make_pool([1])
+    rep = pool.table.get(0, 0)
+
+    async def run() -> list[float]:
+        rep.handle.answers["stats"] = {"busy_s": 50.0}
+        await pool.loads()
+        await asyncio.sleep(0.05)
+        rep.handle.answers["stats"] = {"busy_s": 0.01}  # Ray restarted it: its count began again
+        restarted = (await pool.loads())[0]["busy"]
+        await asyncio.sleep(0.1)
+        rep.handle.answers["stats"] = {"busy_s": 0.06}
+        return [restarted, (await pool.loads())[0]["busy"]]
+
+    restarted, after = asyncio.run(run())
+    assert math.isnan(restarted)  # no sample: the policy leaves the stage be (it read -1000x busy: a downscale)
+    assert 0.2 < after <= 1.0
 
 
 def test_a_preempted_sequences_queued_frees_go_out_at_once_and_are_awaited_once() -> None:
