@@ -105,6 +105,8 @@ class JournalWriter:
         self.kv = kv
         self.queue: list[tuple[str, str, tuple, bool]] = []  # (request id, op, args, must)
         self.task: asyncio.Task | None = None
+        self.queued: asyncio.Future | None = None  # done once the batch the queued writes go out in has landed
+        self.writing: asyncio.Future | None = None  # the same, of the batch on its way
         self.failed: dict[str, BaseException] = {}  # request id -> why its `must` write failed (until flushed)
         self.failures = 0  # writes that failed (logged)
 
@@ -123,23 +125,40 @@ class JournalWriter:
             getattr(self.kv, op)(*args)
             return
         self.queue.append((rid, op, args, must))
+        if self.queued is None:
+            self.queued = loop.create_future()
         if self.task is None or self.task.done():
             self.task = background(self._drain())
 
     async def flush(self, rids: Iterable[str] = ()) -> None:
-        while self.task is not None and not self.task.done():
-            await asyncio.shield(self.task)
+        # only what was queued before this call: writes queued meanwhile (a busy router's checkpoints and
+        # finishes, other admissions) would keep it waiting as long as the load lasts
+        last = self.queued or self.writing
+        if last is not None:
+            await asyncio.shield(last)
         errors = [e for e in (self.failed.pop(rid, None) for rid in rids) if e is not None]
         if errors:
             raise errors[0]
 
+    def drop_queued(self) -> None:
+        """Forgets the writes not yet on their way (their flushes return)."""
+        self.queue.clear()
+        if self.queued is not None:
+            self.queued.set_result(None)
+            self.queued = None
+
     async def _drain(self) -> None:
         while self.queue:
             batch, self.queue = self.queue, []
+            self.writing, self.queued = self.queued, None
             per_request: dict[str, list[tuple[str, tuple, bool]]] = {}
             for rid, op, args, must in batch:
                 per_request.setdefault(rid, []).append((op, args, must))
-            await asyncio.gather(*(self._in_order(rid, ops) for rid, ops in per_request.items()))
+            try:
+                await asyncio.gather(*(self._in_order(rid, ops) for rid, ops in per_request.items()))
+            finally:  # landed (or failed: said and kept for the flush), or cancelled: its flushes return
+                if self.writing is not None and not self.writing.done():
+                    self.writing.set_result(None)
 
     async def _in_order(self, rid: str, ops: list[tuple[str, tuple, bool]]) -> None:
         for op, args, must in ops:
@@ -232,8 +251,14 @@ class RequestJournal:
             raise DeploymentError(f"the record of deployment {self.deployment!r}'s stages is unreadable ({e}): "
                                   "shut the deployment down and deploy it again") from None
 
+    async def close(self) -> None:
+        """A shutdown's clear: the writes already on their way land first (else they would outlive it)."""
+        self.writer.drop_queued()
+        await self.writer.flush()
+        self.clear()
+
     def clear(self) -> None:
-        self.writer.queue.clear()
+        self.writer.drop_queued()
         self.kv.delete(self.prefix, by_prefix=True)
         self.kv.delete(self.replicas_key)
         self.finished.clear()

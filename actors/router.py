@@ -191,7 +191,6 @@ class RouterActor(FaultHooks, ScalingHooks):
 
     async def shutdown(self) -> None:
         self._closed = True
-        self.journal.clear()
         for req in list(self.requests.values()):
             if not req.future.done():
                 self._end(req, DeploymentError(f"deployment {self.deployment!r} was shut down"))
@@ -199,6 +198,7 @@ class RouterActor(FaultHooks, ScalingHooks):
             t.cancel()
         if self.rings:
             self.rings.stop_all()
+        await self.journal.close()  # after the requests' last writes: none outlives the deployment
 
     # ---------- admission ----------
 

@@ -196,3 +196,46 @@ def test_a_request_dropped_after_its_record_was_evicted_costs_no_more_writes() -
     kv.delete = None  # any delete now fails the test
     journal.drop("a")
     assert journal.evicted == set()
+
+
+def test_a_flush_waits_for_the_writes_queued_before_it_not_for_a_steady_stream_after() -> None:
+    async def main() -> None:
+        kv = AsyncKV()  # 10 ms a write
+        journal = RequestJournal("d", kv)
+        stop = asyncio.Event()
+
+        async def others() -> None:  # other requests' admissions, one every 3 ms
+            i = 0
+            while not stop.is_set():
+                journal.admit(make_request(f"o{i}", [1]))
+                i += 1
+                await asyncio.sleep(0.003)
+
+        load = asyncio.ensure_future(others())
+        await asyncio.sleep(0.03)
+        journal.admit(make_request("mine", [1, 2]))
+        await asyncio.wait_for(journal.flush(["mine"]), 1.0)  # it waited for the whole stream before
+        assert "meshpipe/d/requests/mine" in kv.data and not load.done()
+        stop.set()
+        await load
+        await journal.flush()
+        assert len(kv.data) == len(journal.load())
+
+    asyncio.run(main())
+
+
+def test_close_lets_the_writes_on_their_way_land_before_it_clears() -> None:
+    async def main() -> AsyncKV:
+        kv = AsyncKV()
+        journal = RequestJournal("d", kv)
+        a, b = make_request("a", [1]), make_request("b", [2])
+        journal.admit(a)
+        await journal.flush()
+        journal.finish(a, Completion("secret", [5], "length", {}, None))
+        await asyncio.sleep(0.001)  # the finished record is on its way to the store
+        journal.admit(b)  # queued behind it
+        await journal.close()
+        await asyncio.sleep(0.05)
+        return kv
+
+    assert asyncio.run(main()).data == {}  # nothing outlives the deployment (the finished record did)
