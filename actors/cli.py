@@ -27,6 +27,8 @@ from actors.cli_helpers import (
     dashboard_hint,
     err,
     keep_stdout_for_results,
+    local_gpus,
+    local_stage_resources,
     out,
 )
 from actors.cli_train import train
@@ -52,8 +54,10 @@ def _setup(
 
 
 def _init_ray(address: str | None, num_gpus: int, dashboard: bool = False) -> bool:
-    """Attaches to `address`, or starts a local Ray with `num_gpus` logical GPUs. True if local."""
+    """Attaches to `address`, or starts a local Ray: with `num_gpus` logical GPUs on a machine without
+    CUDA, with its real GPUs on one with (`local_gpus`). True if local."""
     import ray
+    import torch
 
     from actors.errors import DeploymentError
 
@@ -70,8 +74,14 @@ def _init_ray(address: str | None, num_gpus: int, dashboard: bool = False) -> bo
             raise DeploymentError(f"no Ray cluster at --address {address}: {e} Start one "
                                   "(`ray start --head`) or leave --address out to deploy locally.") from None
         return False
-    ray.init(address="local", num_gpus=num_gpus, log_to_driver=False, include_dashboard=dashboard)
+    global _local_cuda
+    _local_cuda = torch.cuda.device_count()
+    ray.init(address="local", num_gpus=local_gpus(num_gpus, _local_cuda), log_to_driver=False,
+             include_dashboard=dashboard)
     return True
+
+
+_local_cuda = 0  # CUDA devices of the local Ray `_init_ray` started (0: none, or a cluster at --address)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -137,6 +147,10 @@ def _deploy(model: str, stages: int, name: str, **options: Any) -> Any:
     from actors import Pipeline, TqdmProgress
 
     err.print(f"deploying {model} in {stages} stages as {name!r} ...")
+    shared = local_stage_resources(stages, _local_cuda)  # fewer local GPUs than stages: they share them
+    if shared is not None:
+        err.print(f"{stages} stages share this machine's {_local_cuda} GPU(s): {shared['num_gpus']:.2g} GPU a stage")
+        options = {"stage_resources": shared, **options}
     bars = TqdmProgress(file=sys.stderr)
     try:
         return Pipeline.deploy(model, num_stages=stages, name=name, progress=bars, **options)

@@ -94,6 +94,23 @@ def _ensure_model(model: str) -> None:
         err.print(f"installed {path}")
 
 
+def local_gpus(wanted: int, cuda_devices: int) -> int | None:
+    """The GPUs a local Ray declares: on a machine without CUDA, `wanted` logical ones (they only let the
+    stages' `num_gpus=1` actors schedule; torch runs them on the CPU); with CUDA, None: Ray counts the
+    real ones, so every actor's CUDA_VISIBLE_DEVICES names a GPU that exists (logical ones beyond them
+    would leave those actors silently on the CPU)."""
+    return wanted if cuda_devices == 0 else None
+
+
+def local_stage_resources(actors: int, cuda_devices: int) -> dict[str, Any] | None:
+    """Stage resources of a command's local Ray on a machine with fewer GPUs than stage actors: they share
+    the GPUs (each 1/k of one, k actors a GPU at most), so every stage computes on a GPU instead of the
+    deploy failing on the shortfall; None (one GPU each, or CPUs) otherwise."""
+    if cuda_devices == 0 or actors <= cuda_devices:
+        return None
+    return {"num_gpus": 1 / -(-actors // cuda_devices), "num_cpus": 0}
+
+
 def _parse_ints(text: str | None, what: str) -> list[int] | None:
     if text is None or text.strip().lower() in ("", "auto", "default"):
         return None

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from actors.cli_helpers import _ensure_model, dashboard_hint, err, out
+from actors.cli_helpers import _ensure_model, dashboard_hint, err, local_stage_resources, out
 from models import InvalidRequestError
 from models.loading import SMOLLM2_NAME
 
@@ -70,9 +70,13 @@ def train(
             tr = PipelineTrainer.resume(str(resume), name=name)
         else:
             err.print(f"deploying {model} for training: {stages} stages x {data_parallel} copies as {name!r} ...")
+            from actors import cli  # the local Ray's CUDA devices: fewer than the stage actors, they share them
+
             tr = PipelineTrainer.deploy(model, num_stages=stages, data_parallel=data_parallel, schedule=schedule,
                                         micro_batches=micro_batches, optimizer={"name": "adamw", "lr": lr},
-                                        lora=lora, dtype=dtype, seq_len=seq_len, name=name, seed=seed)
+                                        lora=lora, dtype=dtype, seq_len=seq_len, name=name, seed=seed,
+                                        stage_resources=local_stage_resources(stages * data_parallel,
+                                                                              cli._local_cuda))
         todo = steps - tr.steps
         if todo < 1:
             raise InvalidRequestError(f"the checkpoint is at step {tr.steps}, --steps {steps}: give more steps in all")

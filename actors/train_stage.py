@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 GROUP_TIMEOUT_S = 120.0  # a collective waits this long for its peers before failing the step
-SENT_KEPT = 64  # outgoing messages kept for a resend
+# Outgoing messages kept for a resend (their CPU copies). Receivers ask only while they open a message, within
+# the step or evaluation that sent it: a step's end, a rewind and an evaluation's end drop them all.
+SENT_KEPT = 64
 HISTORY = 1000  # step reports kept for the dashboard
 
 
@@ -90,10 +92,11 @@ class TrainStage:
         rows, cols = self.shapes[micro]
         header = Header(kind, step, next(self.msg_ids), 0, self.name, [f"m{micro}r{i}" for i in range(rows)],
                         [0] * rows, [cols] * rows)
+        x = x.cpu()  # what is kept for a resend holds no device memory
         self.sent[header.msg_id] = (header, x, link)
         while len(self.sent) > SENT_KEPT:
             self.sent.pop(next(iter(self.sent)))
-        env = Envelope.seal(header, x.cpu(), link, self.key if link.encrypt else None, reply_to=self._me())
+        env = Envelope.seal(header, x, link, self.key if link.encrypt else None, reply_to=self._me())
         if self.faults and self.faults[0][0] == "corrupt":
             self.faults.pop(0)
             env.wire = env.wire.copy()
@@ -102,6 +105,9 @@ class TrainStage:
 
     def resend(self, msg_id: int) -> Any:
         """The wire bytes of a message this stage sent (asked by a receiver whose checksum failed)."""
+        if msg_id not in self.sent:
+            raise MessageError(f"{self.name}: message {msg_id} is no longer kept for a resend (its step or "
+                               f"evaluation ended, or over {SENT_KEPT} messages were sent since)")
         header, x, link = self.sent[msg_id]
         self.counters["resent"] += 1
         header.attempt += 1
@@ -271,7 +277,14 @@ class TrainStage:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.inflight.clear()
+        self.forget_sent()  # every message of the step was opened: none will be asked again
         self.busy_s = 0.0
+
+    def forget_sent(self) -> None:
+        """Drops the messages kept for a resend (and the micro-batches' shapes): at a step's or an
+        evaluation's end, when every receiver has opened them."""
+        self.sent.clear()
+        self.shapes.clear()
 
     def node_id(self) -> str:
         import ray
@@ -280,7 +293,7 @@ class TrainStage:
 
     def stats(self) -> dict[str, Any]:
         return {"name": self.name, **self.counters, "trainable": sum(p.numel() for p in self.params),
-                "history": list(self.history)}
+                "kept_for_resend": len(self.sent), "history": list(self.history)}
 
     # ---------- state ----------
 
@@ -327,6 +340,7 @@ class TrainStage:
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.optimizer.zero_grad(set_to_none=True)
         self.inflight.clear()
+        self.forget_sent()
         self.busy_s = 0.0
 
 

@@ -10,9 +10,10 @@ neither S, D nor the micro-batches. With tied embeddings the first and last stag
 each other's gradient before stepping, so the tie survives training.
 
 Faults: after each step the trainable state of copy 0's stages (all copies hold the same) and every
-actor's RNG stay in the object store; a stage that dies mid-step is replaced, every stage returns to
-that boundary, the copies' groups are re-formed, and the step is redone: the run ends with the weights
-an undisturbed run has.
+actor's RNG stay in the object store; a stage that dies mid-step (or mid-evaluation) is replaced, every
+stage returns to that boundary, the copies' groups are re-formed, and the step is redone: the run ends
+with the weights an undisturbed run has. A step that still fails after MAX_REDOS redos leaves every
+stage at the boundary too, so retrying it applies its gradients once.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import inspect
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from actors.errors import StageFailedError
+from actors.errors import DeploymentError, StageFailedError
 from actors.layout import partition
 from actors.naming import NAMESPACE
 from actors.train_stage import OPTIMIZERS, TrainStage, build_optimizer, to_torch, train_stage_name
@@ -39,8 +41,13 @@ from topology.schedule import LR_SCHEDULES, SCHEDULES, deal, lr_at, plan, submis
 
 log = logging.getLogger(__name__)
 
-MAX_REDOS = 3  # a step redone this often after failures before the trainer gives up
+MAX_REDOS = 3  # a step (or an evaluation) redone this often after failures before the trainer gives up
 LOSSLESS = ("auto", "none")
+# Tokens an evaluation micro-batch holds at most (one row, when a row is longer): the last stage's logits
+# are this many x the vocabulary (SmolLM2's 49k: 0.8 GB in float32, twice that through the log-softmax),
+# whatever the size of the held-out split; a split of more runs as more micro-batches.
+EVAL_TOKENS = 4096
+T = TypeVar("T")
 
 
 @dataclass
@@ -71,7 +78,7 @@ class PipelineTrainer:
         self.steps = 0  # optimizer steps taken
         self.data: dict[str, int] = {}  # fit's stream of batches: seed, batch_size, batches drawn (saved)
         self.speeds = [1.0] * len(grid)  # each copy's rows a second, measured ("speed" balance)
-        self.redone = 0  # steps redone after failures, over the run
+        self.redone = 0  # steps (and evaluations) redone after failures, over the run
         self.broken = ""  # why the trainer cannot go on (a recovery that failed), else empty
         self._links = self._plan_links()
         self._boundary = self._snapshot()
@@ -88,8 +95,10 @@ class PipelineTrainer:
                grad_clip: float | None = None, lora: dict[str, Any] | None = None, dtype: str = "float32",
                seq_len: int | None = None, name: str = "train", balance: str = "even", seed: int = 0,
                stage_resources: dict[str, Any] | None = None, wire: dict[str, Any] | None = None) -> PipelineTrainer:
-        """Starts D x S training actors (layers split by compute, as `Pipeline.deploy` does; one GPU each by
-        default, CPUs when the cluster has none) and forms each stage's data-parallel group."""
+        """Starts D x S training actors (layers split as `Pipeline.deploy` splits them: by compute into
+        `num_stages`, or `layers_per_stage` layers a stage; one GPU each by default, CPUs when the cluster
+        has none) and forms each stage's data-parallel group. A trainer of the same `name` still running
+        in the cluster is refused (DeploymentError): shut it down first, or give another name."""
         import ray
 
         from actors.config import WireOptions
@@ -112,9 +121,8 @@ class PipelineTrainer:
             from models.lora import LoraConfig
 
             LoraConfig.from_dict(lora)  # a bad key or value fails here, before any actor starts
-        if layers_per_stage is not None:
-            num_stages = -(-cfg.n_layers // layers_per_stage)
-        specs = partition(cfg, num_stages)
+        specs = partition(cfg, layers_per_stage=layers_per_stage) if layers_per_stage is not None \
+            else partition(cfg, num_stages)
         D, S = data_parallel, len(specs)
         resources = choose_resources(D * S, stage_resources)  # fails fast when the cluster lacks GPUs
         key = load_key(w.encryption_key.get_secret_value() if w.encryption_key else None) \
@@ -129,16 +137,24 @@ class PipelineTrainer:
                                                      config["optimizer"], name, s, copy, wire_key, lora, seed,
                                                      sharing=D * S, max_retransmits=w.max_retransmits)
 
-        grid = [[spawn(d, s) for s in range(S)] for d in range(D)]
+        grid: list[list[Any]] = []
+        try:
+            for d in range(D):
+                grid.append([])
+                for s in range(S):
+                    grid[d].append(spawn(d, s))
+        except ray.exceptions.ActorAlreadyExistsError:
+            _kill(grid)
+            raise DeploymentError(f"a trainer named {name!r} is still running in this Ray cluster (its stage "
+                                  f"actors hold the names): shut it down first (`tr.shutdown()`), or deploy "
+                                  f"(or resume) under another name=") from None
         config.update(source=path, seq_len=seq_len or cfg.max_seq_len, wire_options=w)
         config["vocab_size"] = cfg.vocab_size  # not saved: read from the source again on resume
         try:
             tr = cls(config, grid, spawn, cfg.tie_embeddings, wire_key)
             tr._form_groups()
         except Exception:
-            for row in grid:
-                for a in row:
-                    ray.kill(a)
+            _kill(grid)
             raise
         return tr
 
@@ -177,29 +193,64 @@ class PipelineTrainer:
         return ([a.checkpoint.remote() for a in self.grid[0]],
                 [[a.rng_state.remote() for a in row] for row in self.grid])
 
-    def _recover(self, error: Exception) -> None:
-        """Replaces dead actors, returns every stage to the last boundary and re-forms the groups."""
+    def _recover(self, what: str, error: Exception, redo: bool = True) -> None:
+        """Replaces dead actors, returns every stage to the last boundary and re-forms the groups; if that
+        fails the trainer is broken (StageFailedError)."""
         import ray
 
-        log.warning("a training step failed (%s): replacing dead stages and redoing it", type(error).__name__)
-        for attempt in range(MAX_REDOS + 1):  # another stage may die while this one is replaced
-            for d, row in enumerate(self.grid):
-                for s, a in enumerate(row):
-                    try:
-                        ray.get(a.node_id.remote(), timeout=30)
-                    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                        log.warning("%s is dead: starting a replacement", train_stage_name(self.config["name"], s, d))
-                        ray.kill(a)
-                        row[s] = self._respawn(d, s)
+        log.warning("%s failed (%s): replacing dead stages and %s", what, type(error).__name__,
+                    "redoing it" if redo else "returning every stage to the last step boundary")
+        try:
+            for attempt in range(MAX_REDOS + 1):  # another stage may die while this one is replaced
+                for d, row in enumerate(self.grid):
+                    for s, a in enumerate(row):
+                        try:
+                            ray.get(a.node_id.remote(), timeout=30)
+                        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                            log.warning("%s is dead: starting a replacement",
+                                        train_stage_name(self.config["name"], s, d))
+                            ray.kill(a)
+                            row[s] = self._respawn(d, s)
+                try:
+                    self._rewind()
+                    self._links = self._plan_links()
+                    self._form_groups()
+                    return
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError,
+                        ray.exceptions.GetTimeoutError) as e:
+                    log.warning("recovering the trainer failed (%s): trying again", type(e).__name__)
+            self.broken = "could not return its stages to the last step boundary"
+        except Exception as e:  # noqa: BLE001 - a replacement that would not start: the trainer cannot go on
+            self.broken = f"could not return its stages to the last step boundary ({type(e).__name__}: {e})"
+        raise self._broken_error()
+
+    def _broken_error(self) -> StageFailedError:
+        return StageFailedError(f"the trainer {self.broken}: shut it down (`tr.shutdown()`) and resume "
+                                "its last save (`PipelineTrainer.resume`)")
+
+    def _redoing(self, what: str, attempt: Callable[[], T]) -> tuple[T, int]:
+        """`attempt()` and the redos it took: after a stage died (or lost a peer) every stage returns to the
+        last step boundary and it runs again, at most MAX_REDOS times; a task that failed on its own (a
+        bug) raises its error. Either way nothing of a failed attempt reaches the next step."""
+        import ray
+
+        if self.broken:
+            raise self._broken_error()
+        for redo in range(MAX_REDOS + 1):
             try:
-                self._rewind()
-                self._links = self._plan_links()
-                self._form_groups()
-                return
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as e:
-                log.warning("recovering the trainer failed (%s): trying again", type(e).__name__)
-        self.broken = "its stages could not be returned to the last step boundary"
-        raise StageFailedError(f"the trainer {self.broken}: resume it from its last save")
+                return attempt(), redo
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                if isinstance(e, ray.exceptions.RayTaskError) and not _lost_peer(e):
+                    self._rewind()  # no gradient or micro-batch of the failed attempt reaches the next step
+                    raise e.as_instanceof_cause() from None
+                if redo == MAX_REDOS:  # at the boundary again (or broken), so a retry applies its step once
+                    self._recover(what, e, redo=False)
+                    raise StageFailedError(f"{what} failed {redo + 1} times (last: {type(e).__name__}); "
+                                           f"every stage is back at step {self.steps}: check the stage "
+                                           "actors' logs, then retry") from None
+                self.redone += 1
+                self._recover(what, e)
+        raise AssertionError("unreachable")
 
     def _rewind(self) -> None:
         """Every actor back at the last step boundary (its tasks run in order: stray backwards end first)."""
@@ -277,27 +328,12 @@ class PipelineTrainer:
 
     def step(self, batch: Any) -> StepResult:
         """One optimizer step on `batch` (token-id rows of equal length, a list or a [B, T] tensor)."""
-        import ray
-
-        if self.broken:
-            raise StageFailedError(f"the trainer {self.broken}: resume it from its last save")
         ids, targets = self._rows(batch)
         total = int((targets != -100).sum())
-        for redo in range(MAX_REDOS + 1):
-            try:
-                result = self._step(ids, targets, total)
-                result.redone = redo
-                return result
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                if isinstance(e, ray.exceptions.RayTaskError) and not _lost_peer(e):
-                    self._rewind()  # no gradient or micro-batch of the failed step reaches the next one
-                    raise e.as_instanceof_cause() from None
-                if redo == MAX_REDOS:
-                    raise StageFailedError(f"training step {self.steps + 1} failed {redo + 1} times (last: "
-                                           f"{type(e).__name__}): check the stage actors' logs") from None
-                self.redone += 1
-                self._recover(e)
-        raise AssertionError("unreachable")
+        result, redone = self._redoing(f"training step {self.steps + 1}",
+                                       lambda: self._step(ids, targets, total))
+        result.redone = redone
+        return result
 
     def _step(self, ids: torch.Tensor, targets: torch.Tensor, total: int) -> StepResult:
         import ray
@@ -346,21 +382,36 @@ class PipelineTrainer:
         return lr_at(step, base, **sched)
 
     def evaluate(self, batch: Any) -> float:
-        """The mean loss of `batch` with the current weights (no update); perplexity is its exp."""
-        import ray
-
+        """The mean loss of `batch` with the current weights (no update); perplexity is its exp. It runs
+        through copy 0 in micro-batches of at most EVAL_TOKENS tokens, a few in flight, so its memory does
+        not grow with the batch; a stage that dies meanwhile is replaced and the evaluation redone (between
+        steps the weights are the boundary's)."""
         ids, targets = self._rows(batch)
         total = int((targets != -100).sum())
+        summed, _ = self._redoing(f"evaluation at step {self.steps}", lambda: self._evaluate(ids, targets))
+        return summed / total
+
+    def _evaluate(self, ids: torch.Tensor, targets: torch.Tensor) -> float:
+        """The summed loss of the rows' targets: EVAL_TOKENS-token micro-batches through copy 0, at most two
+        a stage in flight (every stage busy; the messages held stay bounded)."""
+        import ray
+
         row, links = self.grid[0], self._links[0]
-        sums = []
-        n = min(self.micro_batches, ids.shape[0])
-        for m, (i, t) in enumerate(zip(torch.tensor_split(ids, n), torch.tensor_split(targets, n))):
+        per = max(1, EVAL_TOKENS // ids.shape[1])  # rows an evaluation micro-batch
+        flight: deque[Any] = deque()
+        summed = 0.0
+        for m, (i, t) in enumerate(zip(ids.split(per), targets.split(per))):
+            if len(flight) >= 2 * len(row):
+                summed += ray.get(flight.popleft())
             x: Any = self._ids_message(i, links[0])
             for s, st in enumerate(row):
                 x = st.forward.remote(self.steps, m, x, *i.shape, (links[s], links[s + 1]),
                                       t.reshape(-1) if s == len(row) - 1 else None, False)
-            sums.append(x)
-        return sum(ray.get(sums)) / total
+            flight.append(x)
+        for x in flight:
+            summed += ray.get(x)
+        ray.get([a.forget_sent.remote() for a in row])  # every message was opened: none will be asked again
+        return summed
 
     def fit(self, data: Any, steps: int, batch_size: int = 8, held_out: float = 0.1, eval_every: int = 0,
             seed: int = 0, on_step: Callable[[dict[str, float]], None] | None = None,
@@ -532,11 +583,7 @@ class PipelineTrainer:
         return [ray.get([a.stats.remote() for a in row]) for row in self.grid]
 
     def shutdown(self) -> None:
-        import ray
-
-        for row in self.grid:
-            for a in row:
-                ray.kill(a)
+        _kill(self.grid)
 
 
 def _check(config: dict[str, Any], max_seq_len: int, codec: str) -> None:
@@ -584,6 +631,14 @@ def _check(config: dict[str, Any], max_seq_len: int, codec: str) -> None:
             raise ConfigError(f"lr_schedule {sched!r}: warmup and total are steps (ints >= 0), min_lr a rate >= 0")
         if sched.get("name", "constant") != "constant" and total <= warmup:
             raise ConfigError(f"lr_schedule {sched!r}: a {sched['name']} decay needs total > warmup")
+
+
+def _kill(grid: list[list[Any]]) -> None:
+    import ray
+
+    for row in grid:
+        for a in row:
+            ray.kill(a)
 
 
 def _tokens(micros: list[tuple[torch.Tensor, torch.Tensor]]) -> int:

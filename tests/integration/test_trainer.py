@@ -10,10 +10,11 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from actors.errors import InsufficientResourcesError
-from actors.trainer import PipelineTrainer
+from actors.errors import DeploymentError, InsufficientResourcesError, StageFailedError
+from actors.layout import partition
+from actors.trainer import EVAL_TOKENS, MAX_REDOS, PipelineTrainer
 from models import ConfigError, InvalidRequestError
-from models.loading import _source_name
+from models.loading import _source_name, read_config
 from tests.checkpoints import make_tiny_llama
 from tests.hf_float64 import hf_llama_float64
 
@@ -108,7 +109,71 @@ def test_a_stage_killed_mid_step_is_replaced_and_the_run_ends_with_the_undisturb
         assert [r.lr for r in (first, second, third)] == pytest.approx([1e-2, 1e-2 * 0.75, 1e-2 * 0.25])
         got = tr.state_dict()
         assert max((got[k] - want[k]).abs().max().item() for k in want) == 0.0
-        assert sum(st["retransmits_asked"] for st in tr.stats()[0]) >= 1
+        stats = tr.stats()
+        assert sum(st["retransmits_asked"] for st in stats[0]) >= 1
+        assert [st["kept_for_resend"] for row in stats for st in row] == [0] * 4  # dropped at each step's end
+    finally:
+        tr.shutdown()
+
+
+def test_a_stage_killed_during_evaluation_is_replaced_and_the_evaluation_redone(tiny_ckpt: Path) -> None:
+    """A stage dying mid-evaluation (fit's held-out loss) is healed as one dying mid-step is: replaced, every
+    stage back at the boundary (the weights between steps), the evaluation redone. Same loss, and the run
+    goes on with the undisturbed weights."""
+    batch = torch.randint(3, 250, (4, 10), generator=torch.Generator().manual_seed(13))
+    opts = {"num_stages": 2, "micro_batches": 2, "dtype": "float64", "optimizer": {"name": "adamw", "lr": 1e-2}}
+    calm, want = _undisturbed(tiny_ckpt, "tr-calm-eval", batch, opts, steps=2)
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-eval-crash", **opts)
+    try:
+        got = [tr.step(batch).loss]
+        before = tr.evaluate(batch)
+        victim = tr.grid[0][1]
+        tr.inject(1, "crash", micro=0)
+        assert tr.evaluate(batch) == before  # before: ActorDiedError ended the run
+        assert tr.grid[0][1] is not victim and tr.redone == 1
+        got.append(tr.step(batch).loss)
+        assert got == calm
+        w = tr.state_dict()
+        assert max((w[k] - want[k]).abs().max().item() for k in want) == 0.0
+    finally:
+        tr.shutdown()
+
+
+def test_a_step_failing_every_redo_leaves_the_stages_at_the_boundary(tiny_ckpt: Path) -> None:
+    """Step 2 loses a peer (gloo's connection reset, raised in the driver after the backward, before the
+    optimizer step) on every attempt: StageFailedError, with every stage back at step 1's boundary, so the
+    retried step applies its gradients once (before: the last attempt's gradients stayed and were added
+    again, SGD moved twice as far). If the stages cannot be returned, the trainer refuses to go on."""
+    batch = torch.randint(3, 250, (4, 10), generator=torch.Generator().manual_seed(1))
+    opts = {"num_stages": 2, "micro_batches": 2, "dtype": "float64", "optimizer": {"name": "sgd", "lr": 0.1}}
+    calm, want = _undisturbed(tiny_ckpt, "tr-calm-flaky", batch, opts, steps=2)
+
+    def lost_peer(*_: object) -> None:
+        raise ray.exceptions.RayTaskError("TrainStage.all_reduce", "Traceback ...",
+                                          RuntimeError("gloo: Connection reset by peer"))
+
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), name="tr-flaky", **opts)
+    try:
+        got = [tr.step(batch).loss]
+        tr._lr = lost_peer  # called once a step's gradients sit in the stages
+        with pytest.raises(StageFailedError, match=f"step 2 failed {MAX_REDOS + 1} times.*back at step 1"):
+            tr.step(batch)
+        assert tr.steps == 1 and tr.redone == MAX_REDOS and not tr.broken
+        del tr._lr  # the link is back: retry
+        got.append(tr.step(batch).loss)
+        assert got == calm
+        w = tr.state_dict()
+        assert max((w[k] - want[k]).abs().max().item() for k in want) == 0.0
+
+        def stuck() -> None:
+            raise ray.exceptions.GetTimeoutError("restore timed out")
+
+        tr._lr, tr._rewind = lost_peer, stuck
+        with pytest.raises(StageFailedError, match="could not return its stages.*resume its last save"):
+            tr.step(batch)
+        assert tr.broken
+        with pytest.raises(StageFailedError, match="shut it down"):
+            tr.evaluate(batch)
     finally:
         tr.shutdown()
 
@@ -258,6 +323,76 @@ def test_a_resumed_fit_continues_its_data_stream(tiny_ckpt: Path, tmp_path: Path
         assert [h["step"] for h in rest] == [3] and rest[0]["loss"] == whole[2]
         got = tr.state_dict()
         assert max((got[k] - want[k]).abs().max().item() for k in want) == 0.0
+    finally:
+        tr.shutdown()
+
+
+def test_resuming_beside_a_running_trainer_of_the_same_name_says_to_shut_it_down(tiny_ckpt: Path,
+                                                                                 tmp_path: Path) -> None:
+    """`tr.save(...); PipelineTrainer.resume(...)` while `tr` runs: a DeploymentError naming the fix (before:
+    Ray's ActorAlreadyExistsError), `tr` untouched; after `tr.shutdown()` the resume works."""
+    batch = torch.randint(3, 250, (4, 10), generator=torch.Generator().manual_seed(4))
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=2, micro_batches=2, dtype="float64",
+                                name="tr-alive")
+    try:
+        tr.step(batch)
+        folder = tr.save(str(tmp_path / "ckpt"))
+        with pytest.raises(DeploymentError, match="'tr-alive' is still running.*shut it down first"):
+            PipelineTrainer.resume(folder)
+        tr.step(batch)  # its stages were left alone
+    finally:
+        tr.shutdown()
+    tr = PipelineTrainer.resume(folder)
+    try:
+        assert tr.steps == 1
+    finally:
+        tr.shutdown()
+
+
+def test_layers_per_stage_splits_as_pipeline_deploy_does(tiny_ckpt: Path) -> None:
+    """`layers_per_stage=3` on 4 layers: stages of 3 and 1 layers, `partition(cfg, layers_per_stage=3)` as
+    `Pipeline.deploy` uses (before: 2 stages balanced by compute, 2 and 2)."""
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), layers_per_stage=3, dtype="float64", name="tr-lps")
+    try:
+        held = [sorted({int(k.split(".")[1]) for k in sd if k.startswith("layers.")})
+                for sd in ray.get([a.state_dict.remote() for a in tr.stages])]
+        assert held == [[0, 1, 2], [3]]
+        assert held == [list(sp.layers) for sp in partition(read_config(str(tiny_ckpt)), layers_per_stage=3)]
+    finally:
+        tr.shutdown()
+
+
+def test_evaluation_runs_in_bounded_micro_batches_with_the_same_loss(tiny_ckpt: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A held-out split of over 2 x EVAL_TOKENS tokens is evaluated in micro-batches of at most EVAL_TOKENS
+    tokens, more of them for more rows (before: `micro_batches` pieces whatever its size, so the last
+    stage's logits grew with the data file); the loss is still the mean over every target token, as
+    transformers computes it in one process."""
+    from transformers import LlamaForCausalLM
+
+    per = EVAL_TOKENS // 12
+    big = torch.randint(3, 250, (2 * per + 5, 12), generator=torch.Generator().manual_seed(8))
+    with hf_llama_float64(), torch.no_grad():
+        hf = LlamaForCausalLM.from_pretrained(tiny_ckpt, torch_dtype=torch.float64)
+        logits = torch.cat([hf(rows).logits for rows in big.split(256)])
+        want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), big[:, 1:].reshape(-1)).item()
+    sizes: list[tuple[int, int]] = []
+    ids_message = PipelineTrainer._ids_message
+
+    def spy(self: PipelineTrainer, ids: torch.Tensor, link: object) -> object:
+        sizes.append(tuple(ids.shape))  # one per micro-batch the driver sends into copy 0
+        return ids_message(self, ids, link)
+
+    monkeypatch.setattr(PipelineTrainer, "_ids_message", spy)
+    tr = PipelineTrainer.deploy(str(tiny_ckpt), num_stages=2, micro_batches=2, dtype="float64",
+                                name="tr-eval-big")
+    try:
+        assert abs(tr.evaluate(big) - want) < 1e-9
+        assert sizes == [(per, 12), (per, 12), (5, 12)]  # at most EVAL_TOKENS tokens each
+        sizes.clear()
+        tr.evaluate(big[:8])
+        assert sizes == [(8, 12)]  # a small batch: one micro-batch
+        assert [st["kept_for_resend"] for st in tr.stats()[0]] == [0, 0]  # nothing kept once it ended
     finally:
         tr.shutdown()
 
