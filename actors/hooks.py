@@ -63,6 +63,8 @@ class ScalingHooks:
         rep = await self.pool.drain(stage, timeout_s)
         if rep is None:
             return None
+        if self.rings:  # its rings end as a removal, not as a member's failure once it is killed
+            await self.rings.break_over(stage, rep.replica)
         ray.kill(rep.handle, no_restart=True)
         return rep.name
 

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 30.0  # a ring's members connect within this
 CALL_TIMEOUT_S = 10.0  # a break's stop and rewind calls, all members together
-BreakCause = Literal["setup failed", "admission failed", "replica died", "member failed", "shutdown"]
+BreakCause = Literal["setup failed", "admission failed", "replica died", "replica removed", "member failed", "shutdown"]
 ENDED_KEPT = 1024  # requests that left a ring remembered, to free on its members should it break (a pass's worth)
 BREAKS_KEPT = 64  # breaks `stats()` lists (`breaks` counts them all)
 RETRY_AFTER_S = 30.0  # a route whose ring failed to start uses the Ray-call path this long
@@ -241,9 +241,20 @@ class RingDriver:
     def watch(self) -> None:
         """Breaks rings with a replica that Ray reports dead or restarting (the router's watcher saw it)."""
         for ring in list(self.rings.values()):
-            reps = self.pool.table.on_route(ring.route)
-            if any(map(self.pool.seen_down, reps)):
+            reps = self._members(ring)
+            if any(rep is None for rep in reps):  # drained and removed: its ring goes with it
+                self.jobs.spawn(self.break_ring(ring.ring_id, "a replica was removed", cause="replica removed"))
+            elif any(map(self.pool.seen_down, reps)):
                 self.jobs.spawn(self.break_ring(ring.ring_id, "a replica died", cause="replica died", failure=True))
+
+    def _members(self, ring: Ring) -> list[Any]:
+        """The ring's replicas in the table now (None: one removed since, a drain's)."""
+        return [self.pool.table.find(s, r) for s, r in enumerate(ring.route.replicas)]
+
+    async def break_over(self, stage: int, replica: int) -> None:
+        """Breaks the rings through a replica about to be killed (a drain's), before its members report it."""
+        await asyncio.gather(*[self.break_ring(ring.ring_id, "a replica was removed", cause="replica removed")
+                               for ring in list(self.rings.values()) if ring.route.replicas[stage] == replica])
 
     async def break_ring(self, ring_id: str, why: str, *, cause: BreakCause, failure: bool = False) -> None:
         """Stops the ring everywhere, rewinds what the router never saw, hands its requests to `fallback`.
@@ -258,8 +269,8 @@ class RingDriver:
             del self.rings[ring.route.replicas]
         # a member Ray reports dead or restarting lost its caches: nothing to stop or rewind there, and a
         # call to it could only wait; the others get both calls within one CALL_TIMEOUT_S in all
-        reps = self.pool.table.on_route(ring.route)
-        live = [h for h, rep in zip(ring.handles, reps) if not self.pool.seen_down(rep)]
+        reps = [rep for rep in self._members(ring) if rep is not None]
+        live = [h for h, rep in zip(ring.handles, self._members(ring)) if rep is not None and not self.pool.seen_down(rep)]
         t0 = time.monotonic()
         deadline = t0 + CALL_TIMEOUT_S
         entry = {"at": time.time(), "ring": ring_id, "cause": cause, "why": why,

@@ -158,6 +158,24 @@ def test_sequences_on_one_route_share_every_step(tiny_ckpt: Path) -> None:
         p.shutdown()
 
 
+def test_draining_a_replica_ends_its_decode_rings_as_a_removal(tiny_ckpt: Path, reference: list) -> None:
+    """The ring over the drained replica stayed listed once it left the table: its break raised KeyError in
+    the router and was never recorded."""
+    pipe = Pipeline.deploy(str(tiny_ckpt), num_stages=2, replicas_per_stage=[1, 2], dtype="float64",
+                           name="drain-ring", micro_batches=1)
+    try:
+        assert tokens(pipe.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)) == tokens(reference)
+        assert sorted(r["replicas"] for r in pipe.stats()["router"]["rings"]) == [[0, 0], [0, 1]]
+        drained = ray.get(pipe.router.drain_replica.remote(1, 5.0), timeout=60)
+        router = pipe.stats()["router"]
+        gone = int(drained.rsplit("-", 1)[1])
+        assert [r["replicas"] for r in router["rings"]] == [[0, 1 - gone]]
+        assert [b["cause"] for b in router["rings_broken"]] == ["replica removed"]
+        assert tokens(pipe.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)) == tokens(reference)
+    finally:
+        pipe.shutdown()
+
+
 def test_draining_the_replica_that_holds_standby_copies_keeps_the_request(tiny_ckpt: Path) -> None:
     """With `replicate_every`, a running sequence has copies on stage 1's idle replica; draining that one
     removed it while the request still named it, and the request's end raised KeyError in the router
