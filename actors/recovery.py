@@ -342,8 +342,14 @@ class Recovery:
         starts = [r.copies[k][1] if r.copies.get(k, (None,))[0] == standby.replica else 0 for r in reqs]
         for r in reqs:
             standby.keep(r.rid)
-        refs, ends = await rep.handle.replicate.remote(standby.handle, [r.rid for r in reqs], starts)
-        await refs[0]
+        try:
+            refs, ends = await rep.handle.replicate.remote(standby.handle, [r.rid for r in reqs], starts)
+            await refs[0]
+        except Exception:  # the standby holds less than its copies say (Ray restarted it, or a new replica took
+            for r in reqs:  # its id): the next copy starts from position 0, not past what it holds for good
+                if r.copies.get(k, (None,))[0] == standby.replica:
+                    r.copies.pop(k)
+            raise
         for r, end in zip(reqs, ends):
             old = r.copies.get(k)
             if old and old[0] != standby.replica and (was := table.find(k, old[0])) is not None:

@@ -218,6 +218,34 @@ def make_recovery(pool: ReplicaPool, states: dict[str, tuple[str, int]]) -> tupl
     return rec, scheduled
 
 
+def test_a_failed_copy_to_a_standby_starts_the_next_one_from_position_0() -> None:
+    """A standby Ray restarted holds nothing: every later copy started past that (CacheMissError) for good."""
+    from models import CacheMissError
+
+    pool = make_pool([2])
+    rec, _ = make_recovery(pool, {})
+    req = make_request("s", [1, 2, 3], generated=2)
+    req.copies[0] = (1, 4)  # by the record, the standby holds positions ..4
+    starts: list[list[int]] = []
+
+    async def failed() -> None:
+        raise CacheMissError("copy starts at position 4 but only 0 are held")
+
+    async def landed() -> None:
+        return None
+
+    def replicate(standby: Any, rids: list[str], at: list[int]) -> tuple[list[Any], list[int]]:
+        starts.append(list(at))
+        return [failed() if len(starts) == 1 else landed()], [5]
+
+    rep = pool.table.get(0, 0)
+    rep.handle.answers["replicate"] = replicate
+    with pytest.raises(CacheMissError):
+        asyncio.run(rec._copy(0, rep, [req]))
+    assert asyncio.run(rec._copy(0, rep, [req])) == 5
+    assert starts == [[4], [0]] and req.copies[0] == (1, 5)
+
+
 def test_watcher_marks_dead_replicas_and_takes_restarted_ones_back() -> None:
     pool = make_pool([2])
     rep = pool.table.get(0, 1)
