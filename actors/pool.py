@@ -61,6 +61,10 @@ class ReplicaPool:
 
     # ---------- costs and routes ----------
 
+    def kv_pools(self) -> dict[tuple[int, int], int]:
+        """(stage, replica) -> its KV pool in tokens, as the replicas are now (added, drained, replaced)."""
+        return {(s, i["replica"]): i["kv_cache_tokens"] for s, stage in enumerate(self.replica_info) for i in stage}
+
     def hosts(self) -> list[str]:
         return sorted({self.node_id, *(r.host for r in self.table)})
 

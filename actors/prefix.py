@@ -1,7 +1,7 @@
 """The router's side of the paged KV cache: block admission, prefix hits and prefix-aware routes.
 
-- `KvBudget` (pure): the stages' pools in blocks. A request reserves its prompt plus a stretch of
-  output and grows while it decodes; one that cannot grow is preempted (its blocks stay cached, so
+- `KvBudget` (pure): each replica's pool in blocks. A request reserves its prompt plus a stretch of
+  output on every replica of its route and grows while it decodes; one that cannot grow is preempted (its blocks stay cached, so
   taking it up again recomputes little) instead of any stage allocating past its pool.
 - `PrefixIndex` (pure): which full-block hashes each replica is believed to hold (what the router
   sent there; bounded like the replica's pool, least recently used out), so the planner can price
@@ -41,54 +41,90 @@ def expected_steps(req: Request) -> int:
 
 
 class KvBudget:
-    """Blocks of the route's pools reserved per request (every stage's pool is taken to be the smallest)."""
+    """Blocks reserved per request on each replica of its route, against that replica's own pool: with
+    several replicas a stage holds as many sequences as their pools together (the smallest pool once
+    stood for every replica)."""
 
-    def __init__(self, pool_tokens: int, block_size: int) -> None:
+    def __init__(self, pools: Callable[[], dict[tuple[int, int], int]], block_size: int) -> None:
+        self.pools = pools  # () -> (stage, replica) -> its pool's tokens, as the replicas are now
         self.block_size = block_size
-        self.blocks = max(1, pool_tokens // block_size)
+        smallest = min(pools().values())
         # a small pool reserves in smaller stretches (a sixteenth of it), never below a block
-        self.grow_tokens = max(block_size, min(GROW_TOKENS, pool_tokens // 16))
-        self.lag_tokens = max(block_size, min(LAG_TOKENS, pool_tokens // 16))
-        self.reserved: dict[str, int] = {}  # request id -> blocks
+        self.grow_tokens = max(block_size, min(GROW_TOKENS, smallest // 16))
+        self.lag_tokens = max(block_size, min(LAG_TOKENS, smallest // 16))
+        self.reserved: dict[str, tuple[tuple[int, ...], int]] = {}  # request id -> (its route's replicas, blocks)
+        self.held: Counter[tuple[int, int]] = Counter()  # (stage, replica) -> blocks reserved there
         self.preemptions = 0
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
+    def _stages(self) -> list[dict[int, int]]:
+        """Per stage, replica -> its pool in blocks."""
+        out: list[dict[int, int]] = []
+        for (stage, replica), tokens in sorted(self.pools().items()):
+            while len(out) <= stage:
+                out.append({})
+            out[stage][replica] = max(1, tokens // self.block_size)
+        return out
+
+    @property
+    def blocks(self) -> int:
+        """The bottleneck stage's pools together, in blocks (what `used` is measured against)."""
+        return min(sum(pools.values()) for pools in self._stages())
+
     @property
     def used(self) -> int:
-        return sum(self.reserved.values())
+        """Blocks reserved on each stage (a request holds its blocks once a stage)."""
+        return sum(blocks for _, blocks in self.reserved.values())
+
+    def one_pool(self) -> int:
+        """Blocks one sequence can have at most: the largest pool of each stage, the smallest of those."""
+        return min(max(pools.values()) for pools in self._stages())
 
     def fits_ever(self, tokens: int) -> bool:
-        """Whether one sequence of `tokens` positions fits the pool at all."""
-        return self.blocks_for(tokens) <= self.blocks
+        """Whether one sequence of `tokens` positions fits the pools at all."""
+        return self.blocks_for(tokens) <= self.one_pool()
 
     def want(self, length: int, limit: int) -> int:
         """Blocks for `length` positions, a stretch of output and the ring's lag, never past the
         `limit` positions the request can reach (so a request alone always fits)."""
         return min(self.blocks_for(min(limit, length + self.grow_tokens) + self.lag_tokens), self.blocks_for(limit))
 
-    def reserve(self, rid: str, length: int, limit: int) -> bool:
-        """Reserves for a request about to start (`length` positions now, `limit` at most); False: no room."""
-        need = self.want(length, limit)
-        if self.used - self.reserved.get(rid, 0) + need > self.blocks:
-            return False
-        self.reserved[rid] = need
+    def reserve(self, rid: str, length: int, limit: int, replicas: tuple[int, ...]) -> bool:
+        """Reserves on the route's `replicas` for a request about to start (`length` positions now, `limit` at
+        most), or moved there; False: no room on one of them."""
+        need, stages = self.want(length, limit), self._stages()
+        old_route, old = self.reserved.get(rid, ((), 0))
+        for stage, replica in enumerate(replicas):
+            mine = old if stage < len(old_route) and old_route[stage] == replica else 0
+            if self.held[(stage, replica)] - mine + need > stages[stage].get(replica, 0):
+                return False
+        self.release(rid)
+        self.reserved[rid] = (tuple(replicas), need)
+        for stage, replica in enumerate(replicas):
+            self.held[(stage, replica)] += need
         return True
 
-    def grow(self, rid: str, length: int, limit: int) -> bool:
-        """Keeps `length` + lag covered as a request decodes; False: no room (preempt it)."""
+    def grow(self, rid: str, length: int, limit: int, route: Any) -> bool:
+        """Keeps `length` + lag covered on the request's `route` (a failover's: there now) as it decodes;
+        False: no room (preempt it). A request without a reservation or a route has nothing to grow."""
         have = self.reserved.get(rid)
-        if have is None or self.blocks_for(length + self.lag_tokens) <= have:
+        if have is None or route is None or \
+                have[0] == route.replicas and self.blocks_for(length + self.lag_tokens) <= have[1]:
             return True
-        return self.reserve(rid, length, limit)
+        return self.reserve(rid, length, limit, route.replicas)
 
     def fits_now(self, wants: Sequence[tuple[int, int]]) -> bool:
-        """Whether requests of (positions now, positions at most) could all start now."""
+        """Whether requests of (positions now, positions at most) could all start now (on some routes)."""
         return self.used + sum(self.want(n, limit) for n, limit in wants) <= self.blocks
 
     def release(self, rid: str) -> None:
-        self.reserved.pop(rid, None)
+        route, blocks = self.reserved.pop(rid, ((), 0))
+        for stage, replica in enumerate(route):
+            self.held[(stage, replica)] -= blocks
+            if self.held[(stage, replica)] <= 0:
+                del self.held[(stage, replica)]
 
 
 class PrefixIndex:

@@ -68,7 +68,7 @@ def new_request(rid: str, ids: list[int], params: SamplingParams, timeout_s: flo
     if not kv.fits_ever(limit):
         raise InvalidRequestError(
             f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs {limit} KV positions, "
-            f"more than a stage's pool holds ({kv.blocks * kv.block_size}): lower max_new_tokens or deploy with "
+            f"more than a stage's pool holds ({kv.one_pool() * kv.block_size}): lower max_new_tokens or deploy with "
             "a larger kv_cache_tokens")
     seq = SequenceState(rid, ids, params, frozenset(cfg.eos_ids), cfg.max_seq_len)
     deadline = time.monotonic() + timeout_s if timeout_s else None

@@ -88,7 +88,7 @@ class RouterActor(FaultHooks, ScalingHooks):
                                 self.rc.prefill_chunk, self.ring_tokens, self.metrics.ring_broken) \
             if self.rc.data_path == "ring" and not self.rc.replicate_every else None
         pool_tokens, block = min(i["kv_cache_tokens"] for i in infos), infos[0]["kv_block_size"]
-        self.kv = KvBudget(pool_tokens, block)  # admission in blocks of the smallest pool
+        self.kv = KvBudget(self.pool.kv_pools, block)  # admission on each replica's own pool
         self.prefix = PrefixCache(block, pool_tokens // block, self.metrics) if infos[0]["prefix_caching"] else None
         self.tokens_generated = 0
         self._rid = RequestIds(spec.deployment)
@@ -272,7 +272,7 @@ class RouterActor(FaultHooks, ScalingHooks):
                 for r in doomed:
                     self._end(r, StageFailedError(self.recovery.all_gone_message(lost[0])))
                 return
-            if not self.kv.reserve(req.rid, len(tokens), req.kv_tokens):
+            if not self.kv.reserve(req.rid, len(tokens), req.kv_tokens, route.replicas):
                 return  # the pools are full: wait for blocks to come back
             self.waiting.popleft()
             self.metrics.prompted(prompt_tokens=len(tokens))
@@ -415,7 +415,7 @@ class RouterActor(FaultHooks, ScalingHooks):
         r.changed.set()
         if self.prefix:
             self.prefix.first_token(r.rid)
-        if not r.seq.done and not self.kv.grow(r.rid, len(r.seq.prompt) + len(r.seq.generated), r.kv_tokens):
+        if not r.seq.done and not self.kv.grow(r.rid, len(r.seq.prompt) + len(r.seq.generated), r.kv_tokens, r.route):
             self._preempt(r)
         if r.seq.done:
             completion = r.seq.completion(self.tokenizer)

@@ -48,7 +48,7 @@ def stats(router: RouterActor) -> dict[str, Any]:
         "active": router._active(),
         "queued": len(router.waiting),
         "kv": {"block_size": router.kv.block_size, "blocks": router.kv.blocks, "blocks_reserved": router.kv.used,
-               "preemptions": router.kv.preemptions},  # the smallest stage pool, in blocks
+               "preemptions": router.kv.preemptions},  # the bottleneck stage's pools together, in blocks
         "prefix": router.metrics.prefix_stats(),  # prompt tokens started, hit (computed by no stage), hit_rate
         "tokens_generated": router.tokens_generated,
         "retransmits": router.sender.retransmits + (rings.retransmits if rings else 0),

@@ -5,30 +5,57 @@ from __future__ import annotations
 
 import asyncio
 from types import SimpleNamespace
+from typing import Any
 
 from actors.prefix import EXPECTED_STEPS, KvBudget, PrefixIndex, expected_steps, pin_route
 from models.generation import plan_chunks
 from tests.unit.test_router_parts import FakeHandle, make_pool
 
 
+def _pools(*stages: list[int]) -> Any:
+    """KvBudget's view of the replicas: stage k's replica r has pool stages[k][r] tokens."""
+    return lambda: {(k, r): tokens for k, pools in enumerate(stages) for r, tokens in enumerate(pools)}
+
+
+def _route(*replicas: int) -> Any:
+    return SimpleNamespace(replicas=tuple(replicas))
+
+
 def test_budget_reserves_a_stretch_grows_and_refuses_past_the_pool() -> None:
-    b = KvBudget(pool_tokens=4096, block_size=16)  # 256 blocks; stretches of 256 tokens, lag 64
+    b = KvBudget(_pools([4096], [4096]), block_size=16)  # 256 blocks; stretches of 256 tokens, lag 64
+    on = (0, 0)
     assert b.want(100, 10_000) == b.blocks_for(100 + 256 + 64)
     assert b.want(100, 120) == b.blocks_for(120)  # never past what the request can reach
-    assert b.reserve("a", 100, 10_000) and b.used == 27
-    assert b.grow("a", 300, 10_000) and b.used == 27  # 300 + lag still inside
-    assert b.grow("a", 400, 10_000) and b.used == b.blocks_for(400 + 256 + 64)
-    assert b.reserve("b", 2000, 3000) and b.used == 45 + 145
-    assert not b.grow("a", 1500, 10_000)  # the pool cannot cover a's next stretch: preempt it
+    assert b.reserve("a", 100, 10_000, on) and b.used == 27
+    assert b.grow("a", 300, 10_000, _route(*on)) and b.used == 27  # 300 + lag still inside
+    assert b.grow("a", 400, 10_000, _route(*on)) and b.used == b.blocks_for(400 + 256 + 64)
+    assert b.reserve("b", 2000, 3000, on) and b.used == 45 + 145
+    assert not b.grow("a", 1500, 10_000, _route(*on))  # the pool cannot cover a's next stretch: preempt it
     assert not b.fits_now([(1000, 2000)]) and b.fits_now([(100, 200)])
     b.release("b")
-    assert b.grow("a", 1500, 10_000) and not b.fits_ever(4097) and b.fits_ever(4096)
+    assert b.grow("a", 1500, 10_000, _route(*on)) and not b.fits_ever(4097) and b.fits_ever(4096)
+    assert b.grow("gone", 1500, 10_000, None) and b.grow("a", 9000, 10_000, None)  # nothing to grow
 
 
 def test_a_small_pool_reserves_in_small_stretches() -> None:
-    b = KvBudget(pool_tokens=512, block_size=16)
+    b = KvBudget(_pools([512]), block_size=16)
     assert (b.grow_tokens, b.lag_tokens) == (32, 32)
-    assert all(b.reserve(r, 10, 250) for r in "abc") and b.used == 15
+    assert all(b.reserve(r, 10, 250, (0,)) for r in "abc") and b.used == 15
+
+
+def test_each_replica_holds_what_its_own_pool_does() -> None:
+    """Two replicas of a stage hold twice the sequences (the smallest pool once stood for the deployment)."""
+    b = KvBudget(_pools([1024, 1024], [2048, 2048]), block_size=16)  # 64-block pools, 128-block pools
+    w = b.want(700, 1000)  # 52 blocks: one sequence a replica
+    assert b.blocks == 128 and b.one_pool() == 64 and b.fits_ever(1024) and not b.fits_ever(1025)
+    assert b.reserve("a", 700, 1000, (0, 0)) and b.reserve("b", 700, 1000, (1, 1))  # the smallest pool: one only
+    assert not b.reserve("c", 700, 1000, (0, 1)) and not b.reserve("c", 700, 1000, (1, 0))  # stage 0 full
+    assert not b.fits_now([(700, 1000)]) and b.used == 2 * w
+    assert not b.grow("a", 700, 1000, _route(1, 0))  # a failover onto b's stage-0 replica: no room there
+    b.release("b")
+    assert b.grow("a", 700, 1000, _route(1, 0))  # moved: reserved there, given back where it was
+    assert dict(b.held) == {(0, 1): w, (1, 0): w} and b.reserved["a"] == ((1, 0), w)
+    assert b.reserve("c", 700, 1000, (0, 0))
 
 
 def test_plan_chunks_lets_decodes_go_and_prompts_share_the_budget() -> None:
