@@ -400,6 +400,8 @@ def request_of_records(records: list[RequestRecord], cfg: Any) -> list[tuple[Req
 
 async def resume(router: RouterActor) -> None:
     """A restarted router: frees every stage's orphaned caches and re-admits the journal's requests."""
+    from actors.request import admission_order
+
     records = router.journal.load()
     freed = await asyncio.gather(*[r.handle.reset.remote() for r in router.pool.table], return_exceptions=True)
     log.warning("router restarted (incarnation %d): %d requests from the journal; freed %d orphaned "
@@ -413,7 +415,7 @@ async def resume(router: RouterActor) -> None:
             resumed.append(req)
     router._ensure_started()
     router.resumed = len(resumed)
-    router.waiting.extend(sorted(resumed, key=lambda r: r.rid))
+    router.waiting.extend(sorted(resumed, key=lambda r: admission_order(r.rid)))
     router._schedule()
 
 

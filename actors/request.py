@@ -85,3 +85,9 @@ class RequestIds:
 
     def __call__(self) -> str:
         return f"{self.prefix}{next(self.count)}"
+
+
+def admission_order(rid: str) -> tuple[str, int]:
+    """A sort key of request ids in the order one router admitted them (as strings, `...-10` came before `...-9`)."""
+    head, _, n = rid.rpartition("-")
+    return (head, int(n)) if n.isdigit() else (rid, -1)

@@ -239,3 +239,12 @@ def test_close_lets_the_writes_on_their_way_land_before_it_clears() -> None:
         return kv
 
     assert asyncio.run(main()).data == {}  # nothing outlives the deployment (the finished record did)
+
+
+def test_resumed_requests_queue_in_the_order_they_were_admitted() -> None:
+    from actors.request import RequestIds, admission_order
+
+    ids = RequestIds("my-deploy")
+    rids = [ids() for _ in range(12)]
+    assert sorted(reversed(rids), key=admission_order) == rids  # as strings, "-10" came before "-9"
+    assert admission_order("odd") == ("odd", -1)
