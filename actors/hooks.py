@@ -65,6 +65,8 @@ class ScalingHooks:
             return None
         if self.rings:  # its rings end as a removal, not as a member's failure once it is killed
             await self.rings.break_over(stage, rep.replica)
+        if self.prefix:  # an added replica may take its id: it caches none of this one's prefixes
+            self.prefix.index.forget((stage, rep.replica))
         ray.kill(rep.handle, no_restart=True)
         return rep.name
 

@@ -148,6 +148,10 @@ class PrefixIndex:
                 n += 1
         return n * self.block_size
 
+    def forget(self, replica: tuple[int, int]) -> None:
+        """A replica removed (drained): what it cached went with it, and a later one may take its id."""
+        self.held.pop(replica, None)
+
     def record(self, replicas: Sequence[tuple[int, int]], hashes: Sequence[bytes]) -> None:
         for rep in replicas:
             held = self.held.setdefault(rep, OrderedDict())

@@ -73,6 +73,9 @@ def test_index_counts_leading_blocks_and_forgets_least_recent() -> None:
     assert idx.hit_tokens((0, 1), idx.hashes([9] + list(range(1, 13)))) == 0  # differs in block 0
     idx.record([(0, 1)], idx.hashes([7] * 9))  # two new blocks push a's oldest out
     assert idx.hit_tokens((0, 1), a) == 0
+    idx.record([(0, 0), (1, 0)], a)
+    idx.forget((0, 0))  # drained: a replica added later under its id holds nothing
+    assert idx.hit_tokens((0, 0), a) == 0 and idx.hit_tokens((1, 0), a) == 12
 
 
 def test_routes_prefer_the_replicas_that_hold_the_prompt_unless_they_are_loaded() -> None:
