@@ -4,8 +4,9 @@ Every `period_s` it reads the stages' load from the router, asks the pure policy
 an upscale asks Ray's cluster autoscaler ahead for the GPUs all stages will want
 (`ray.autoscaler.sdk.request_resources`), then has the router start a replica (which asks Ray for
 a GPU; with none free, the cluster autoscaler launches a node); a downscale has the router drain
-a replica (no new sequences; its own finish or move; then it is killed). Decisions are logged
-and counted.
+a replica (no new sequences; its own finish or move; then it is killed), in the background: the
+rounds go on meanwhile (an upscale need not wait up to a drain's minute), one drain a stage at a
+time. Decisions are logged and counted.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class AutoscalerActor:
         self.history: deque[dict[str, Any]] = deque(maxlen=DECISIONS_KEPT)
         self.applied = 0
         self._task: asyncio.Task | None = None
+        self.draining: dict[int, asyncio.Task] = {}  # stage -> its drain under way (one a stage at a time)
         import ray
 
         ctx = ray.get_runtime_context()
@@ -51,6 +53,8 @@ class AutoscalerActor:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        for task in list(self.draining.values()):
+            task.cancel()
 
     def decisions(self) -> list[dict[str, Any]]:
         return list(self.history)
@@ -62,11 +66,24 @@ class AutoscalerActor:
                 loads = [StageLoad(**x) for x in await self.router.stage_loads.remote()]
                 total = sum(ld.replicas for ld in loads)  # follows each decision applied this round
                 for d in decide(loads, self.cfg, self.state, time.monotonic()):
-                    total = await self._apply(d, total)
+                    if d.delta > 0:
+                        total = await self._apply(d, total)
+                    elif d.stage not in self.draining:  # a drain waits for its replica's sequences (up to
+                        self.draining[d.stage] = background(self._drain(d, total))  # a minute): rounds go on
+                        total -= 1
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - a failed round must not end the loop
                 log.warning("autoscaler of %r: round failed (%s: %s)", self.deployment, type(e).__name__, e)
+
+    async def _drain(self, d: Decision, total: int) -> None:
+        try:
+            await self._apply(d, total)
+        except Exception as e:  # noqa: BLE001 - the replica stays; a later round may decide again
+            log.warning("autoscaler of %r: removing a replica of stage %d failed (%s: %s)", self.deployment,
+                        d.stage, type(e).__name__, e)
+        finally:
+            self.draining.pop(d.stage, None)
 
     async def _apply(self, d: Decision, total: int) -> int:
         """Acts on one decision; returns the deployment's replica count after it (`total` before)."""
