@@ -269,6 +269,7 @@ class ReplicaPool:
         if not self._live(stage):
             return self._undrain(rep)
         self.table.remove(rep)
+        self._labels.pop(rep.handle._actor_id.hex(), None)  # bounded by the replicas there are, not ever were
         self._busy_seen.pop(rep.name, None)  # a later replica may take its name: no stale baselines
         self._down.pop((stage, rep.replica), None)
         self.replica_info[stage] = [i for i in self.replica_info[stage] if i["replica"] != rep.replica]

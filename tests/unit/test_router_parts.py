@@ -123,6 +123,7 @@ def test_pool_drain_waits_for_sequences_then_removes() -> None:
 
     removed = asyncio.run(run())
     assert removed.replica == 1 and [r.replica for r in pool.table] == [0]
+    assert pool.label_of(removed.handle._actor_id.hex()) == "a stage"  # its label went with it
     assert asyncio.run(pool.drain(0)) is None  # never the last live replica
 
 
