@@ -220,7 +220,7 @@ class ReplicaPool:
         replica = 1 + max((r.replica for r in self.table.by_stage[stage]), default=-1)
         handle = self.launcher.launch(self.specs[stage], replica)
         try:
-            info = await asyncio.wait_for(_awaited(handle.ready.remote()), timeout_s)
+            info = await asyncio.wait_for(handle.ready.remote(), timeout_s)
         except BaseException as e:  # a pending replica would hold its GPU ask (and its name) for good
             ray.kill(handle, no_restart=True)
             if isinstance(e, asyncio.CancelledError):
@@ -336,7 +336,3 @@ class ReplicaPool:
                                    return_exceptions=True)
         return [x if not isinstance(x, BaseException) else
                 {"stage": r.stage, "replica": r.replica, "down": f"{type(x).__name__}"} for r, x in zip(reps, got)]
-
-
-async def _awaited(ref: Any) -> Any:
-    return await ref

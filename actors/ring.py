@@ -269,8 +269,9 @@ class RingDriver:
             del self.rings[ring.route.replicas]
         # a member Ray reports dead or restarting lost its caches: nothing to stop or rewind there, and a
         # call to it could only wait; the others get both calls within one CALL_TIMEOUT_S in all
-        reps = [rep for rep in self._members(ring) if rep is not None]
-        live = [h for h, rep in zip(ring.handles, self._members(ring)) if rep is not None and not self.pool.seen_down(rep)]
+        members = self._members(ring)
+        reps = [rep for rep in members if rep is not None]
+        live = [h for h, rep in zip(ring.handles, members) if rep is not None and not self.pool.seen_down(rep)]
         t0 = time.monotonic()
         deadline = t0 + CALL_TIMEOUT_S
         entry = {"at": time.time(), "ring": ring_id, "cause": cause, "why": why,
