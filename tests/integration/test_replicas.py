@@ -78,12 +78,27 @@ def _named(suffix: str) -> bool:
     return any(a["name"].endswith(suffix) for a in ray.util.list_named_actors(True))
 
 
+def _free_gpus() -> int:
+    """The free GPU count once it holds still: a killed actor's GPUs come back a moment after `ray.kill`
+    (a hog sized before that would leave one free for the pending replica to take)."""
+    last, since, end = -1, time.monotonic(), time.monotonic() + 15
+    while time.monotonic() < end:
+        now = int(ray.available_resources().get("GPU", 0))
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= 1.0:
+            break
+        time.sleep(0.1)
+    return last
+
+
 @pytest.mark.parametrize("router_dies", [False, True], ids=["add-times-out", "router-restarts"])
 def test_an_added_replica_no_gpu_comes_for_is_given_up_and_killed(replicated: Pipeline, reference: list,
                                                                   router_dies: bool) -> None:
     """A pending replica would keep its GPU ask, its name and the autoscaler's loop for good; one a router
     left pending when it died would hold up the restarted router's start."""
-    hog = _Hog.options(num_gpus=int(ray.available_resources().get("GPU", 0)), num_cpus=0).remote()
+    hogged = _free_gpus()
+    hog = _Hog.options(num_gpus=hogged, num_cpus=0).remote()
     ray.get(hog.ok.remote())
     try:
         if router_dies:
@@ -105,6 +120,9 @@ def test_an_added_replica_no_gpu_comes_for_is_given_up_and_killed(replicated: Pi
             time.sleep(0.2)
     finally:
         ray.kill(hog)
+        end = time.monotonic() + 15
+        while ray.available_resources().get("GPU", 0) < hogged and time.monotonic() < end:
+            time.sleep(0.1)  # its GPUs back before the next test sizes its own hog
     assert [len(s) for s in replicated.describe()["replicas"]] == [2, 2]
     assert tokens(replicated.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)) == tokens(reference)
 
