@@ -94,22 +94,30 @@ class ReplicaPool:
         self._links.clear()
 
     def plan(self, prefixes: PrefixIndex | None = None, hashes: Sequence[bytes] = (), tokens: int = 0,
-             steps: int = 1) -> Route:
+             steps: int = 1, avoid: frozenset[tuple[int, int]] = frozenset()) -> Route:
         """The cheapest route for a new sequence now (cached until costs move). With a prompt's block
         `hashes` (of `tokens` tokens), each replica also costs the prompt tokens it would compute: fewer
         where it holds the prefix (`PrefixIndex`), so a conversation stays where its history is cached.
         That prefill is paid once while a route's hops and queues are paid every step: it is spread over
-        the `steps` the sequence is expected to decode (a slow link outweighs a cached prefix soon)."""
+        the `steps` the sequence is expected to decode (a slow link outweighs a cached prefix soon).
+        The (stage, replica)s in `avoid` (no free KV for it) are left out while their stage has another
+        replica; NoReplicaError when one has none: the request waits for blocks."""
         states = self.table.states()
+        for st in states:
+            st.alive = st.alive and (st.stage, st.replica) not in avoid
         hits = {(st.stage, st.replica): prefixes.hit_tokens((st.stage, st.replica), hashes)
                 for st in states} if prefixes is not None and hashes else {}
-        if not any(hits.values()):
+        if not any(hits.values()) and not avoid:
             return self.routes.get(states, self.table.num_stages, self.costs, self.node_id)
         for st in states:  # one rate a stage: its replicas' fastest prompt token (measured on large steps)
             rates = [r.prefill_ms for r in self.table.by_stage[st.stage] if r.prefill_ms is not None and r.alive]
             rate = min(rates) if rates else PREFILL_TOKEN_MS
-            st.compute_ms += (tokens - hits[(st.stage, st.replica)]) * rate / max(1, steps)
+            st.compute_ms += (tokens - hits.get((st.stage, st.replica), 0)) * rate / max(1, steps)
         return plan_route(states, self.table.num_stages, self.costs, self.node_id)
+
+    def lost_stages(self) -> list[int]:
+        """The stages whose every replica is gone for good (no route can be planned until one is added)."""
+        return [k for k, reps in enumerate(self.table.by_stage) if all(r.gone for r in reps)]
 
     def links_for(self, route: Route) -> list[LinkCodec]:
         """How each hop of `route` encodes: links[k] is the message into stage k."""

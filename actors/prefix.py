@@ -106,6 +106,13 @@ class KvBudget:
             self.held[(stage, replica)] += need
         return True
 
+    def full(self, length: int, limit: int) -> frozenset[tuple[int, int]]:
+        """The (stage, replica)s without room now for a request of `length` positions (`limit` at most):
+        its route goes around them while another replica of their stage has room."""
+        need = self.want(length, limit)
+        return frozenset((stage, replica) for stage, pools in enumerate(self._stages())
+                         for replica, blocks in pools.items() if self.held[(stage, replica)] + need > blocks)
+
     def grow(self, rid: str, length: int, limit: int, route: Any) -> bool:
         """Keeps `length` + lag covered on the request's `route` (a failover's: there now) as it decodes;
         False: no room (preempt it). A request without a reservation or a route has nothing to grow."""

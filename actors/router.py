@@ -262,10 +262,10 @@ class RouterActor(FaultHooks, ScalingHooks):
                 freeing.add_done_callback(lambda _: self._schedule())
                 return
             try:
-                route = self.pool.plan(self.prefix and self.prefix.index, hashes, len(tokens), expected_steps(req))
+                route = self.pool.plan(self.prefix and self.prefix.index, hashes, len(tokens), expected_steps(req),
+                                       self.kv.full(len(tokens), req.kv_tokens))  # around replicas with no room
             except NoReplicaError:
-                lost = [k for k, reps in enumerate(self.pool.table.by_stage) if all(r.gone for r in reps)]
-                if not lost:
+                if not (lost := self.pool.lost_stages()):
                     return  # every replica of a stage is down for now: wait for the probe to readmit one
                 doomed = list(self.waiting)
                 self.waiting.clear()

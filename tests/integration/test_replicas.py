@@ -127,6 +127,27 @@ def test_an_added_replica_no_gpu_comes_for_is_given_up_and_killed(replicated: Pi
     assert tokens(replicated.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)) == tokens(reference)
 
 
+def test_a_request_goes_around_a_replica_whose_kv_pool_is_full(tiny_ckpt: Path, reference: list) -> None:
+    """The cheapest route's replica holds one sequence (a 16-token pool): the others take the dearer
+    replica, which has room, rather than wait for the cheap one's blocks."""
+    short = [i for i, p in enumerate(PROMPTS) if len(p) + 8 <= 16]
+    p = Pipeline.deploy(str(tiny_ckpt), num_stages=1, replicas_per_stage=2, dtype="float64", name="kv-around",
+                        kv_cache_tokens=16, micro_batches=1)
+    try:
+        p.generate([[1]], max_new_tokens=1)  # the router's loops (its probes among them) start with a request
+        p.set_hop_delay(0, 0.05, replica=0)  # stage-0/replica-0 is the dear one
+        end = time.monotonic() + 20
+        while _replica(p.stats(), 0, 0)["inbound_ms"] < 20:  # the router's probes notice
+            assert time.monotonic() < end, p.stats()
+            time.sleep(0.2)
+        outs = p.generate([PROMPTS[i] for i in short], max_new_tokens=8, ignore_eos=True)
+        assert tokens(outs) == [reference[i].token_ids for i in short]
+        used = [o.route[0].rsplit("/", 1)[1] for o in outs]
+        assert "replica-0" in used and "replica-1" in used, used
+    finally:
+        p.shutdown()
+
+
 def test_one_count_per_stage(tiny_ckpt: Path, reference: list) -> None:
     p = Pipeline.deploy(str(tiny_ckpt), num_stages=2, replicas_per_stage=[1, 2], dtype="float64", name="uneven")
     try:

@@ -58,6 +58,18 @@ def test_each_replica_holds_what_its_own_pool_does() -> None:
     assert b.reserve("c", 700, 1000, (0, 0))
 
 
+def test_full_names_the_replicas_a_route_must_go_around() -> None:
+    b = KvBudget(_pools([1024, 1024], [2048, 2048]), block_size=16)  # 64-block pools, 128-block pools
+    assert b.full(700, 1000) == frozenset()
+    assert b.reserve("a", 700, 1000, (0, 0))  # 52 blocks on each
+    assert b.full(700, 1000) == {(0, 0)}  # stage 1's 128-block pools hold two
+    assert b.full(10, 20) == frozenset()  # a short one still fits beside it
+    assert b.reserve("b", 700, 1000, (1, 0))
+    assert b.full(700, 1000) == {(0, 0), (0, 1), (1, 0)}
+    b.release("a")
+    assert b.full(700, 1000) == {(0, 1)}
+
+
 def test_plan_chunks_lets_decodes_go_and_prompts_share_the_budget() -> None:
     assert plan_chunks([1, 3000, 1, 700, 5], 512) == [1, 512, 1, 0, 0]
     assert plan_chunks([100, 700, 1], 512) == [100, 412, 1]

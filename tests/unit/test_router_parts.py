@@ -20,6 +20,7 @@ from actors.request import Lane, Request
 from actors.specs import RouterSpec, StageSetup
 from models import ConfigError, SamplingParams, SequenceState
 from topology.failover import Health
+from topology.planner import NoReplicaError
 
 _ids = itertools.count()
 
@@ -80,6 +81,19 @@ def test_pool_plans_and_spreads_sequences_over_replicas() -> None:
     second = pool.plan()
     assert first.replicas != second.replicas  # the loaded route costs its queue wait
     assert [lk.codec for lk in pool.links_for(first)] == ["none", "none"]  # one host: lossless, no codec
+
+
+def test_pool_plans_around_replicas_without_free_kv() -> None:
+    pool = make_pool([2, 2])
+    for rep in pool.table:
+        rep.compute_ms = 1.0
+    pool.table.get(1, 0).compute_ms = 50.0  # the cheap route goes through stage-1/replica-1
+    assert pool.plan().replicas[1] == 1
+    assert pool.plan(avoid=frozenset({(1, 1)})).replicas[1] == 0  # full: the dearer replica has room
+    assert pool.plan(avoid=frozenset({(0, 0), (1, 1)})).replicas == (1, 0)
+    with pytest.raises(NoReplicaError):  # no replica of stage 0 has room: the request waits
+        pool.plan(avoid=frozenset({(0, 0), (0, 1)}))
+    assert pool.plan().replicas[1] == 1 and all(st.alive for st in pool.table.states())
 
 
 def test_pool_ban_backs_off_and_down_events_are_per_replica() -> None:
