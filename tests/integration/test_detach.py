@@ -28,7 +28,7 @@ class Probe:
     async def slow(self) -> None:
         self.begun += 1
         try:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(3.0)  # the controls' cancel must land first (1 s was tight under load)
         except asyncio.CancelledError:
             self.cancelled += 1
             raise

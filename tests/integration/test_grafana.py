@@ -69,6 +69,9 @@ def _serve_every_event(pipe: Pipeline) -> None:
                                                                          ignore_eos=True)))
     t.start()
     time.sleep(0.5)
+    # and once a stage-1 replica holds sequences (a loaded machine may not have admitted them yet)
+    wait_for(lambda: any(rep["sequences"] for rep in pipe.stats()["router"]["replicas"][1]), 30,
+             "a busy stage-1 replica")
     busy = [r for r, rep in enumerate(pipe.stats()["router"]["replicas"][1]) if rep["sequences"]]
     ray.kill(ray.get_actor(f"meshpipe/{SERVE}/stage-1/replica-{busy[0]}", namespace="meshpipe"))
     t.join(timeout=120)

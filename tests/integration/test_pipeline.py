@@ -175,9 +175,11 @@ def test_timeout_and_cancel_free_their_caches(pipe: Pipeline) -> None:
 
 
 def test_hop_delay_hook_slows_one_hop_and_changes_nothing(pipe: Pipeline) -> None:
-    t0 = time.perf_counter()
-    fast = pipe.generate([8, 9], max_new_tokens=5, ignore_eos=True)[0].token_ids
-    fast_s = time.perf_counter() - t0
+    fast_s = float("inf")
+    for _ in range(3):  # the fastest of three: one run stalled on a loaded machine (~0.1 s) ate the margin
+        t0 = time.perf_counter()
+        fast = pipe.generate([8, 9], max_new_tokens=5, ignore_eos=True)[0].token_ids
+        fast_s = min(fast_s, time.perf_counter() - t0)
     pipe.set_hop_delay(1, 0.1)
     try:
         t0 = time.perf_counter()

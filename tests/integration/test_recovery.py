@@ -91,6 +91,9 @@ def test_with_two_replicas_a_dead_one_is_routed_around_and_caches_rebuilt(tiny_c
 
         def kill_a_busy_replica() -> None:
             time.sleep(0.5)
+            # and once a stage-1 replica holds sequences (a loaded machine may not have admitted them yet)
+            wait_for(lambda: any(rep["sequences"] for rep in pipe.stats()["router"]["replicas"][1]), 30,
+                     "a busy stage-1 replica")
             busy = [r for r, rep in enumerate(pipe.stats()["router"]["replicas"][1]) if rep["sequences"]]
             killed.append(busy[0])
             ray.kill(ray.get_actor(f"meshpipe/reroute/stage-1/replica-{busy[0]}", namespace="meshpipe"))
