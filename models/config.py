@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from models.errors import ConfigError
+from models.rope import RopeScaling
 
 MAX_CONTEXT = 1 << 24  # positions: a config claiming more is refused before its RoPE tables are built
 
@@ -35,6 +36,7 @@ class ModelConfig:
     bos_id: int | None = 1  # beginning-of-sequence token, if any
     eos_ids: tuple[int, ...] = (2,)  # tokens that end a generation
     head_dim_override: int | None = None  # per-head size when it is not dim // n_heads
+    rope_scaling: RopeScaling | None = None  # RoPE stretched past the trained context (None: plain RoPE)
 
     def __post_init__(self) -> None:
         ints = {k: getattr(self, k) for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim",
@@ -48,6 +50,8 @@ class ModelConfig:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
                 raise ConfigError(f"{k}={v!r} must be a finite positive number")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"rope_scaling={self.rope_scaling!r} must be a RopeScaling or None")
         if self.head_dim_override is not None and (not isinstance(self.head_dim_override, int)
                                                    or self.head_dim_override < 1):
             raise ConfigError(f"head_dim={self.head_dim_override!r} must be a positive integer")
@@ -79,6 +83,7 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
         d["eos_ids"] = tuple(d.get("eos_ids", ()))
+        d["rope_scaling"] = RopeScaling.from_dict(d.get("rope_scaling"))
         return cls(**d)
 
     def layer_params(self) -> int:

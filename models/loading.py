@@ -22,10 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from models import rope
 from models.config import ModelConfig, resolve_dtype
 from models.errors import ConfigError, ModelNotInstalledError, UnknownModelError
 from models.gguf_file import GGUFFile
 from models.model import Transformer
+from models.rope import RopeScaling
 
 logger = logging.getLogger(__name__)
 
@@ -175,11 +177,6 @@ def _gguf_config(f: GGUFFile) -> ModelConfig:
         raise ConfigError(
             f"{f.path}: GGUF architecture {arch!r} is not supported (only 'llama' family models)"
         )
-    scaling = f.get("llama.rope.scaling.type")
-    if scaling not in (None, "none", "linear") or (
-        scaling == "linear" and float(f.get("llama.rope.scaling.factor", 1.0)) != 1.0
-    ):
-        raise ConfigError(f"{f.path}: RoPE scaling {scaling!r} is not supported")
     n_heads = int(f.get("llama.attention.head_count"))
     dim = int(f.get("llama.embedding_length"))
     key_length = f.get("llama.attention.key_length")
@@ -205,7 +202,25 @@ def _gguf_config(f: GGUFFile) -> ModelConfig:
         bos_id=None if bos is None else int(bos),
         eos_ids=eos_ids,
         head_dim_override=head_dim if head_dim * n_heads != dim else None,
+        rope_scaling=_gguf_rope(f, head_dim),
     )
+
+
+def _gguf_rope(f: GGUFFile, head_dim: int) -> RopeScaling | None:
+    """llama.cpp's RoPE scaling: a per-frequency divisor tensor (`rope_freqs`, Llama 3.1 and later) or a
+    linear factor; YaRN as llama.cpp computes it differs from Hugging Face's and is refused."""
+    kind = f.get("llama.rope.scaling.type")
+    factor = float(f.get("llama.rope.scaling.factor", 1.0))
+    if kind not in (None, "none", "linear") or (kind == "linear" and "rope_freqs.weight" in f.tensors):
+        raise ConfigError(f"{f.path}: RoPE scaling {kind!r} is not supported (supported: linear, and "
+                          "per-frequency factors)")
+    if "rope_freqs.weight" in f.tensors:
+        size = int(np.prod(f.tensors["rope_freqs.weight"].shape))  # checked before it is read
+        if size != head_dim // 2:
+            raise ConfigError(f"{f.path}: rope_freqs holds {size} factors for {head_dim // 2} frequencies")
+        factors = f.tensor("rope_freqs.weight").reshape(-1)
+        return RopeScaling(kind="factors", freq_factors=tuple(float(x) for x in factors))
+    return RopeScaling(kind="linear", factor=factor) if kind == "linear" and factor != 1.0 else None
 
 
 # --------------------------------------------------------------------------- HF folders
@@ -219,20 +234,17 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"{path} is not valid JSON: {e}") from e
 
 
-def _rope_theta(cfg: dict, where: Path) -> float:
+def _rope(cfg: dict, where: Path, max_positions: int) -> tuple[float, RopeScaling | None]:
+    """(base frequency, scaling) from `rope_theta` and `rope_scaling` (transformers 4) or `rope_parameters` (5)."""
+    scaling, theta = None, cfg.get("rope_theta")
     for key in ("rope_scaling", "rope_parameters"):
         params = cfg.get(key)
         if isinstance(params, dict):
-            kind = params.get("rope_type", params.get("type"))
-            if kind not in (None, "default"):
-                raise ConfigError(f"{where}: RoPE scaling type {kind!r} is not supported")
-    if cfg.get("rope_theta") is not None:
-        return float(cfg["rope_theta"])
-    for key in ("rope_parameters", "rope_scaling"):
-        params = cfg.get(key)
-        if isinstance(params, dict) and params.get("rope_theta") is not None:
-            return float(params["rope_theta"])
-    return 10000.0
+            scaling = scaling or rope.from_hf(params, max_positions, str(where))
+            theta = params.get("rope_theta") if theta is None else theta
+        elif params is not None:
+            raise ConfigError(f"{where}: {key} must be an object, not {type(params).__name__}")
+    return (10000.0 if theta is None else float(theta)), scaling
 
 
 def _hf_config(folder: Path) -> ModelConfig:
@@ -254,6 +266,7 @@ def _hf_config(folder: Path) -> ModelConfig:
     max_pos = int(cfg.get("max_position_embeddings", 2048))
     if window is not None and int(window) < max_pos:
         raise ConfigError(f"{where}: sliding_window={window} attention is not supported")
+    theta, scaling = _rope(cfg, where, max_pos)
     dim = int(cfg["hidden_size"])
     n_heads = int(cfg["num_attention_heads"])
     head_dim = cfg.get("head_dim")
@@ -268,8 +281,9 @@ def _hf_config(folder: Path) -> ModelConfig:
         n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
         hidden_dim=int(cfg["intermediate_size"]),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(cfg, where),
+        rope_theta=theta,
         max_seq_len=max_pos,
+        rope_scaling=scaling,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         bos_id=None if bos is None else int(bos),
         eos_ids=tuple(int(e) for e in eos_list),
@@ -435,6 +449,8 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
            "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch.")}
     if cfg.head_dim_override is not None:
         out["head_dim"] = cfg.head_dim_override
+    if cfg.rope_scaling is not None:
+        out["rope_scaling"] = cfg.rope_scaling.to_hf()
     return out
 
 
@@ -472,10 +488,10 @@ def save_hf(folder: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor]
     import json
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {_source_name(k, 1): _own(v) for k, v in state.items()
                if not (k == "output.weight" and cfg.tie_embeddings)}
-    dtype = next(iter(tensors.values())).dtype
+    config = hf_config_dict(cfg, next(iter(tensors.values())).dtype)  # one it cannot write fails before any file
+    folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(tensors, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import rope
 from models.batch import Batch
 from models.cache import DEFAULT_BLOCK, KVCache
 from models.config import ModelConfig
@@ -50,12 +51,16 @@ def rope_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[t
     one roll instead of two slices, a negation and a concatenation (the same bits: -a*b == a*-b)."""
     hd = cfg.head_dim
     cpu = torch.device("cpu")  # real tensors even when the module is built on the meta device
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=cpu) / hd))
-    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64, device=cpu), inv_freq)
+    with torch.device(cpu):
+        freqs = rope.inv_freq(cfg.rope_theta, hd, cfg.rope_scaling)  # (hd/2,) scaled past the trained context
+        angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), freqs)
     emb = torch.cat([angles, angles], dim=-1)  # (L, hd)
-    sin = emb.sin()
+    scale = rope.attention_factor(cfg.rope_scaling)  # YaRN's mscale; 1 otherwise
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
     sin[:, :hd // 2].neg_()
-    return emb.cos().to(device), sin.to(device)
+    return cos.to(device), sin.to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -31,12 +31,14 @@ def make_tiny_llama(
     dtype: torch.dtype = torch.float32,
     random_norms: bool = True,
     max_positions: int = 256,
+    rope: dict | None = None,
 ) -> Path:
     """Save a random Llama (transformers' LlamaForCausalLM) as a safetensors HF folder.
 
     ``init`` is transformers' ``initializer_range`` (large, so greedy decoding has clear margins).
     ``random_norms`` sets RMSNorm weights to 1 + 0.1·N(0, 1) (transformers initialises them to
     ones, which would hide a swapped norm). ``sharded`` writes ~64 KB shards with an index.
+    ``rope``: a RoPE scaling (transformers' `rope_parameters` entries besides the base).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,7 +52,7 @@ def make_tiny_llama(
         intermediate_size=hidden,
         initializer_range=init,
         max_position_embeddings=max_positions,
-        rope_theta=10000.0,  # transformers 5 moves it into config.rope_parameters
+        rope_parameters={"rope_type": "default", **(rope or {}), "rope_theta": 10000.0},
         tie_word_embeddings=tie,
         bos_token_id=1,
         eos_token_id=2,
@@ -137,6 +139,12 @@ def make_tiny_gguf(
     w.add_eos_token_id(cfg["eos_token_id"])
     if chat_template is not None:
         w.add_chat_template(chat_template)
+    rope = cfg["rope_parameters"]
+    if rope.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", _llama3_rope_factors(rope, cfg["hidden_size"] // n_heads))
+    elif rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
     for name, t in sorted(tensors.items()):
         arr = t.float().numpy()
         if name.startswith("model.layers."):
@@ -156,6 +164,26 @@ def make_tiny_gguf(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """llama.cpp's `rope_freqs` for Llama 3 scaling: what each frequency is divided by (its converter's rule)."""
+    import math
+
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    old, low, high, factor = (rope["original_max_position_embeddings"], rope["low_freq_factor"],
+                              rope["high_freq_factor"], rope["factor"])
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 TINY_CHAT_TEMPLATE = (  # ChatML, as SmolLM2's, spelled in the tiny byte-level vocabulary

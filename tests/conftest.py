@@ -37,9 +37,11 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tied_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 6-layer random Llama with tied embeddings, in 64 KB safetensors shards."""
+    """A 6-layer random Llama with tied embeddings, in 64 KB safetensors shards, and Llama 3's RoPE
+    scaling (trained on 16 positions: every stage must build the same scaled tables)."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-tied") / "llama", n_layers=6, tie=True,
-                           sharded=True, seed=1)
+                           sharded=True, seed=1, rope={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ def _norm(self, h: torch.Tensor) -> torch.Tensor:
 
 
 def _rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if self.rope_type != "default":  # its scaled frequencies are not recomputed here: compare in float32
+        raise NotImplementedError(f"the float64 oracle has no {self.rope_type!r} RoPE")
     dim = self.inv_freq.numel() * 2
     theta = self.config.rope_parameters["rope_theta"]
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)

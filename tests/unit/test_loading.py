@@ -210,10 +210,12 @@ def test_hf_config_variants(tmp_path: Path) -> None:
 def test_unsupported_hf_configs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="gpt_neox"):
         read_config(write_config(tmp_path / "a", model_type="gpt_neox"))
-    with pytest.raises(ConfigError, match="llama3"):
+    with pytest.raises(ConfigError, match="original_max_position_embeddings=None must be a positive integer"):
         read_config(write_config(tmp_path / "b", rope_scaling={"rope_type": "llama3", "factor": 8}))
-    with pytest.raises(ConfigError, match="yarn"):
+    with pytest.raises(ConfigError, match="'yarn' needs a factor"):
         read_config(write_config(tmp_path / "c", rope_parameters={"rope_type": "yarn"}))
+    with pytest.raises(ConfigError, match="'dynamic' is not supported"):
+        read_config(write_config(tmp_path / "d", rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
     with pytest.raises(ConfigError, match="attention_bias"):
         read_config(write_config(tmp_path / "d", attention_bias=True))
 
