@@ -37,6 +37,7 @@ class ModelConfig:
     eos_ids: tuple[int, ...] = (2,)  # tokens that end a generation
     head_dim_override: int | None = None  # per-head size when it is not dim // n_heads
     rope_scaling: RopeScaling | None = None  # RoPE stretched past the trained context (None: plain RoPE)
+    qkv_bias: bool = False  # the q, k and v projections add a bias (Qwen2); o and the MLP never do
 
     def __post_init__(self) -> None:
         ints = {k: getattr(self, k) for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim",

@@ -51,7 +51,8 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     ),
 }
 
-SUPPORTED_HF_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2")  # llama.cpp's names; qwen2's q/k rows are stored unpermuted
 
 # Our key suffix (after ``layers.N.``) -> the GGUF / Hugging Face suffix (after ``blk.N.`` /
 # ``model.layers.N.``).
@@ -65,6 +66,11 @@ _LAYER_KEYS: dict[str, tuple[str, str]] = {
     "feed_forward.w1.weight": ("ffn_gate.weight", "mlp.gate_proj.weight"),
     "feed_forward.w2.weight": ("ffn_down.weight", "mlp.down_proj.weight"),
     "feed_forward.w3.weight": ("ffn_up.weight", "mlp.up_proj.weight"),
+}
+_BIAS_KEYS: dict[str, tuple[str, str]] = {  # with `qkv_bias` (Qwen2)
+    "attention.wq.bias": ("attn_q.bias", "self_attn.q_proj.bias"),
+    "attention.wk.bias": ("attn_k.bias", "self_attn.k_proj.bias"),
+    "attention.wv.bias": ("attn_v.bias", "self_attn.v_proj.bias"),
 }
 _GLOBAL_KEYS: dict[str, tuple[str, str]] = {
     "tok_embeddings.weight": ("token_embd.weight", "model.embed_tokens.weight"),
@@ -173,16 +179,16 @@ def unpermute_qk(w: torch.Tensor | np.ndarray, n_heads: int) -> Any:
 
 def _gguf_config(f: GGUFFile) -> ModelConfig:
     arch = f.get("general.architecture")
-    if arch != "llama":
+    if arch not in GGUF_ARCHITECTURES:
         raise ConfigError(
-            f"{f.path}: GGUF architecture {arch!r} is not supported (only 'llama' family models)"
+            f"{f.path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})"
         )
-    n_heads = int(f.get("llama.attention.head_count"))
-    dim = int(f.get("llama.embedding_length"))
-    key_length = f.get("llama.attention.key_length")
+    n_heads = int(f.get(f"{arch}.attention.head_count"))
+    dim = int(f.get(f"{arch}.embedding_length"))
+    key_length = f.get(f"{arch}.attention.key_length")
     head_dim = int(key_length) if key_length is not None else dim // n_heads
     tokens = f.get("tokenizer.ggml.tokens")
-    vocab = f.get("llama.vocab_size")
+    vocab = f.get(f"{arch}.vocab_size")
     if vocab is None:  # older files: the token list, else the embedding's rows
         vocab = len(tokens) if tokens is not None else int(f.tensors["token_embd.weight"].shape[1])
     eos = [f.get("tokenizer.ggml.eos_token_id"), f.get("tokenizer.ggml.eot_token_id")]
@@ -191,26 +197,27 @@ def _gguf_config(f: GGUFFile) -> ModelConfig:
     return ModelConfig(
         vocab_size=int(vocab),
         dim=dim,
-        n_layers=int(f.get("llama.block_count")),
+        n_layers=int(f.get(f"{arch}.block_count")),
         n_heads=n_heads,
-        n_kv_heads=int(f.get("llama.attention.head_count_kv", n_heads)),
-        hidden_dim=int(f.get("llama.feed_forward_length")),
-        norm_eps=float(f.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(f.get("llama.rope.freq_base", 10000.0)),
-        max_seq_len=int(f.get("llama.context_length", 2048)),
+        n_kv_heads=int(f.get(f"{arch}.attention.head_count_kv", n_heads)),
+        hidden_dim=int(f.get(f"{arch}.feed_forward_length")),
+        norm_eps=float(f.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(f.get(f"{arch}.rope.freq_base", 10000.0)),
+        max_seq_len=int(f.get(f"{arch}.context_length", 2048)),
         tie_embeddings="output.weight" not in f.tensors,
         bos_id=None if bos is None else int(bos),
         eos_ids=eos_ids,
         head_dim_override=head_dim if head_dim * n_heads != dim else None,
-        rope_scaling=_gguf_rope(f, head_dim),
+        rope_scaling=_gguf_rope(f, arch, head_dim),
+        qkv_bias="blk.0.attn_q.bias" in f.tensors,
     )
 
 
-def _gguf_rope(f: GGUFFile, head_dim: int) -> RopeScaling | None:
+def _gguf_rope(f: GGUFFile, arch: str, head_dim: int) -> RopeScaling | None:
     """llama.cpp's RoPE scaling: a per-frequency divisor tensor (`rope_freqs`, Llama 3.1 and later) or a
     linear factor; YaRN as llama.cpp computes it differs from Hugging Face's and is refused."""
-    kind = f.get("llama.rope.scaling.type")
-    factor = float(f.get("llama.rope.scaling.factor", 1.0))
+    kind = f.get(f"{arch}.rope.scaling.type")
+    factor = float(f.get(f"{arch}.rope.scaling.factor", 1.0))
     if kind not in (None, "none", "linear") or (kind == "linear" and "rope_freqs.weight" in f.tensors):
         raise ConfigError(f"{f.path}: RoPE scaling {kind!r} is not supported (supported: linear, and "
                           "per-frequency factors)")
@@ -256,7 +263,7 @@ def _hf_config(folder: Path) -> ModelConfig:
             f"{where}: model_type {model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_HF_MODEL_TYPES)})"
         )
-    for flag in ("attention_bias", "mlp_bias"):
+    for flag in ("attention_bias", "mlp_bias"):  # Llama's: o_proj's (or the MLP's) bias as well
         if cfg.get(flag):
             raise ConfigError(f"{where}: {flag}=true is not supported")
     act = cfg.get("hidden_act", "silu")
@@ -264,6 +271,8 @@ def _hf_config(folder: Path) -> ModelConfig:
         raise ConfigError(f"{where}: hidden_act {act!r} is not supported (only silu)")
     window = cfg.get("sliding_window")
     max_pos = int(cfg.get("max_position_embeddings", 2048))
+    if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+        window = None  # Qwen2 names a window it does not use unless use_sliding_window
     if window is not None and int(window) < max_pos:
         raise ConfigError(f"{where}: sliding_window={window} attention is not supported")
     theta, scaling = _rope(cfg, where, max_pos)
@@ -290,6 +299,7 @@ def _hf_config(folder: Path) -> ModelConfig:
         head_dim_override=(
             int(head_dim) if head_dim is not None and int(head_dim) * n_heads != dim else None
         ),
+        qkv_bias=model_type == "qwen2",
     )
 
 
@@ -372,6 +382,8 @@ def stage_keys(config: ModelConfig, layers: Iterable[int], embed: bool, head: bo
         if not 0 <= int(i) < config.n_layers:
             raise ConfigError(f"layer {i} is out of range for a model of {config.n_layers} layers")
         keys.extend(f"layers.{int(i)}.{suffix}" for suffix in _LAYER_KEYS)
+        if config.qkv_bias:
+            keys.extend(f"layers.{int(i)}.{suffix}" for suffix in _BIAS_KEYS)
     if head:
         keys.append("norm.weight")
         if not config.tie_embeddings:
@@ -385,7 +397,7 @@ def _source_name(key: str, which: int) -> str:
         return _GLOBAL_KEYS[key][which]
     _, index, suffix = key.split(".", 2)
     prefix = ("blk.", "model.layers.")[which]
-    return f"{prefix}{index}.{_LAYER_KEYS[suffix][which]}"
+    return f"{prefix}{index}.{(_LAYER_KEYS.get(suffix) or _BIAS_KEYS[suffix])[which]}"
 
 
 def load_state_dict(
@@ -406,12 +418,13 @@ def load_state_dict(
     if not is_gguf(path):
         return _load_hf(path, {k: _source_name(k, 1) for k in keys}, dtype)
     f = open_gguf(path)
+    permuted = f.get("general.architecture") == "llama"  # llama.cpp interleaves llama's q/k rows for its RoPE
     out: dict[str, torch.Tensor] = {}
     for key in keys:
         arr = f.tensor(_source_name(key, 0))
-        if key.endswith("attention.wq.weight"):
+        if permuted and key.endswith("attention.wq.weight"):
             arr = unpermute_qk(arr, config.n_heads)
-        elif key.endswith("attention.wk.weight"):
+        elif permuted and key.endswith("attention.wk.weight"):
             arr = unpermute_qk(arr, config.n_kv_heads)
         out[key] = torch.from_numpy(np.ascontiguousarray(arr)).to(dtype=dtype).contiguous()
     return out
@@ -439,14 +452,17 @@ def build_stage(cfg: ModelConfig, layers: Sequence[int] | None, state: dict[str,
 
 
 def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    """A Hugging Face Llama `config.json` for `cfg` (what `_hf_config` reads back)."""
-    out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+    """A Hugging Face Llama (Qwen2 with q/k/v biases) `config.json` for `cfg` (what `_hf_config` reads back)."""
+    arch, kind = ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else ("LlamaForCausalLM", "llama")
+    out = {"architectures": [arch], "model_type": kind, "vocab_size": cfg.vocab_size,
            "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
            "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.hidden_dim, "hidden_act": "silu",
            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
            "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_id,
            "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) != 1 else cfg.eos_ids[0],
            "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch.")}
+    if cfg.qkv_bias:
+        out["use_sliding_window"] = False
     if cfg.head_dim_override is not None:
         out["head_dim"] = cfg.head_dim_override
     if cfg.rope_scaling is not None:

@@ -140,9 +140,10 @@ class LoraLinear(nn.Module):
         return self.base.weight + self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # a checkpoint of the unwrapped model names the frozen weight `<m>.weight`: it is the base's
-        if prefix + "weight" in state_dict and prefix + "base.weight" not in state_dict:
-            state_dict[prefix + "base.weight"] = state_dict.pop(prefix + "weight")
+        # a checkpoint of the unwrapped model names the frozen weight `<m>.weight` (and bias): the base's
+        for name in ("weight", "bias"):
+            if prefix + name in state_dict and prefix + "base." + name not in state_dict:
+                state_dict[prefix + "base." + name] = state_dict.pop(prefix + name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -219,6 +220,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     no adapter keys and no `base.` infix (what `models.loading.save_hf` exports)."""
     wrapped = lora_modules(model)
     merged = {f"{name}.base.weight": (f"{name}.weight", m.merged_weight()) for name, m in wrapped.items()}
+    merged.update({f"{name}.base.bias": (f"{name}.bias", m.base.bias.detach()) for name, m in wrapped.items()
+                   if m.base.bias is not None})  # a bias is the base's, unchanged
     skip = {f"{name}.lora_{ab}.weight" for name in wrapped for ab in "AB"}
     out: dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():

@@ -76,11 +76,12 @@ def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 class FusedLinears:
-    """Several bias-free linears that read the same input, as one matmul whose output is their outputs side
-    by side (gpt-fast's wqkv): fewer, larger kernels a layer. The linears stay the modules (state dicts,
-    LoRA and training see them unchanged); at the first inference call their weights become row views of
-    one tensor, so nothing is held twice. Weights replaced or moved since (`load_weights`, `.to()`) are
-    fused again; `None` when any linear is not a plain `nn.Linear` (LoRA wraps them) or has a bias.
+    """Several linears that read the same input, as one matmul whose output is their outputs side by side
+    (gpt-fast's wqkv): fewer, larger kernels a layer. The linears stay the modules (state dicts, LoRA and
+    training see them unchanged); at the first inference call their weights (and biases, when all have
+    one: `bias`) become row views of one tensor, so nothing is held twice. Weights replaced or moved since
+    (`load_weights`, `.to()`) are fused again; `None` when any linear is not a plain `nn.Linear` (LoRA
+    wraps them) or only some have a bias.
 
     By default only on accelerators, where a decode step is bound by kernel launches; CPU weights stay as
     loaded (stages share them zero-copy with the object store, and the matmuls are bound by memory
@@ -89,7 +90,8 @@ class FusedLinears:
     def __init__(self, *names: str) -> None:
         self.names = names  # the linears' attribute names in their module, in output order
         self.weight: torch.Tensor | None = None
-        self.ptrs: tuple[int, ...] = ()  # where the linears' weights started when `weight` was built
+        self.bias: torch.Tensor | None = None  # their biases side by side (None: they have none)
+        self.ptrs: tuple[int, ...] = ()  # where the linears' weights (and biases) started when `weight` was built
         self.enabled: bool | None = None  # None: on accelerators only
         self.declined = 0  # the first weight's address when fusing was declined for its device (CPU)
 
@@ -101,11 +103,11 @@ class FusedLinears:
         mods = [owner._modules[n] for n in self.names]
         if self.declined and type(mods[0]) is nn.Linear and mods[0]._parameters["weight"].data_ptr() == self.declined:
             return None  # declined before: a CPU weight
-        ws = [m._parameters.get("weight") if type(m) is nn.Linear and m._parameters.get("bias") is None else None
-              for m in mods]
-        if any(w is None for w in ws):  # LoRA wraps one (its weight is its base's), or a bias
+        ws = [m._parameters.get("weight") if type(m) is nn.Linear else None for m in mods]
+        bs = [m._parameters.get("bias") for m in mods]
+        if any(w is None for w in ws) or len({b is None for b in bs}) > 1:  # LoRA wraps one, or some biases
             return None
-        ptrs = tuple(w.data_ptr() for w in ws)
+        ptrs = tuple(t.data_ptr() for t in ws + bs if t is not None)
         if ptrs == self.ptrs and self.weight is not None:
             return self.weight
         if ws[0].is_meta:
@@ -113,13 +115,20 @@ class FusedLinears:
         if self.enabled is None and ws[0].device.type == "cpu":
             self.declined = ptrs[0]
             return None
-        with torch.inference_mode(False), torch.no_grad():  # plain tensors: training may use them later
-            fused = torch.cat([w.detach() for w in ws])  # (sum of out_features, in_features)
-            row = 0
-            for w in ws:
-                w.data, row = fused[row:row + w.shape[0]], row + w.shape[0]
-        self.weight, self.ptrs = fused, tuple(w.data_ptr() for w in ws)
-        return fused
+        self.weight = _fuse_rows(ws)  # (sum of out_features, in_features)
+        self.bias = None if bs[0] is None else _fuse_rows(bs)  # (sum of out_features,)
+        self.ptrs = tuple(t.data_ptr() for t in ws + bs if t is not None)
+        return self.weight
+
+
+def _fuse_rows(params: list[torch.Tensor]) -> torch.Tensor:
+    """`params` concatenated along dim 0, each rebound to its rows of the result (held once)."""
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors: training may use them later
+        fused = torch.cat([p.detach() for p in params])
+        row = 0
+        for p in params:
+            p.data, row = fused[row:row + p.shape[0]], row + p.shape[0]
+    return fused
 
 
 class Attention(nn.Module):
@@ -127,9 +136,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, self.n_heads * self.hd, bias=False)
-        self.wk = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
-        self.wv = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
         self.wqkv = FusedLinears("wq", "wk", "wv")  # inference: one matmul for q, k and v
 
@@ -140,7 +149,7 @@ class Attention(nn.Module):
         B, T, L = b.span()
         wqkv = self.wqkv.get(self) if cache is not None and not torch.is_grad_enabled() else None
         if wqkv is not None:  # inference: q | k | v in one matmul, RoPE once in place, k | v cached as they lie
-            qkv = F.linear(x, wqkv)  # (N, (H + 2 KV) hd)
+            qkv = F.linear(x, wqkv, self.wqkv.bias)  # (N, (H + 2 KV) hd)
             apply_rope_(qkv[:, :(H + KV) * hd].view(N, H + KV, hd), cos, sin)
             q = qkv[:, :H * hd].view(N, H, hd)  # (N, H, hd)
             cache.write_packed(self.layer_id, b, qkv[:, H * hd:].view(N, 2, KV, hd))

@@ -32,18 +32,20 @@ def make_tiny_llama(
     random_norms: bool = True,
     max_positions: int = 256,
     rope: dict | None = None,
+    qwen2: bool = False,
 ) -> Path:
     """Save a random Llama (transformers' LlamaForCausalLM) as a safetensors HF folder.
 
     ``init`` is transformers' ``initializer_range`` (large, so greedy decoding has clear margins).
     ``random_norms`` sets RMSNorm weights to 1 + 0.1·N(0, 1) (transformers initialises them to
     ones, which would hide a swapped norm). ``sharded`` writes ~64 KB shards with an index.
-    ``rope``: a RoPE scaling (transformers' `rope_parameters` entries besides the base).
+    ``rope``: a RoPE scaling (transformers' `rope_parameters` entries besides the base). ``qwen2``:
+    transformers' Qwen2ForCausalLM instead (q/k/v biases, drawn like the weights: it inits them to 0).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     path = Path(path)
-    config = LlamaConfig(  # type: ignore[call-arg]
+    config = (Qwen2Config if qwen2 else LlamaConfig)(  # type: ignore[call-arg]
         vocab_size=vocab,
         hidden_size=dim,
         num_hidden_layers=n_layers,
@@ -58,13 +60,14 @@ def make_tiny_llama(
         eos_token_id=2,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    if random_norms:
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+    model = (Qwen2ForCausalLM if qwen2 else LlamaForCausalLM)(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if random_norms and name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(init * torch.randn(p.shape, generator=gen))
     model = model.to(dtype)
     # transformers 5 always writes safetensors (no `safe_serialization=`) and drops the tied
     # lm_head from the files.
@@ -86,6 +89,9 @@ _GGUF_NAMES = {
     "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight",
     "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
@@ -150,9 +156,9 @@ def make_tiny_gguf(
         if name.startswith("model.layers."):
             _, _, index, suffix = name.split(".", 3)
             gname = f"blk.{index}.{_GGUF_NAMES[suffix]}"
-            if suffix.startswith("self_attn.q_proj"):
+            if architecture == "llama" and suffix.startswith("self_attn.q_proj"):  # qwen2's stay as they are
                 arr = llama_cpp_permute(arr, n_heads)
-            elif suffix.startswith("self_attn.k_proj"):
+            elif architecture == "llama" and suffix.startswith("self_attn.k_proj"):
                 arr = llama_cpp_permute(arr, n_kv)
         else:
             gname = _GGUF_NAMES[name]

@@ -66,6 +66,17 @@ def test_greedy_tokens_equal_the_single_process_model(tiny_tied_ckpt: Path, layo
         p.shutdown()
 
 
+def test_a_qwen2_pipeline_equals_the_single_process_model(tmp_path: Path) -> None:
+    """q/k/v biases on every stage, through the fused projections (as on a GPU)."""
+    folder = make_tiny_llama(tmp_path / "qwen2", n_layers=4, qwen2=True, seed=3)
+    ref = load_model(folder, dtype="float64").generate(PROMPTS, max_new_tokens=10, ignore_eos=True)
+    p = Pipeline.deploy(str(folder), num_stages=2, dtype="float64", name="qwen2", fuse_linears=True)
+    try:
+        assert tokens(p.generate(PROMPTS, max_new_tokens=10, ignore_eos=True)) == tokens(ref)
+    finally:
+        p.shutdown()
+
+
 @pytest.mark.parametrize("hop_mode", ["push", "router"])
 def test_float32_pipeline_matches_with_asserted_margins(tiny_ckpt: Path, hop_mode: str) -> None:
     ref = load_model(tiny_ckpt, dtype="float32").generate(PROMPTS, max_new_tokens=12, ignore_eos=True,

@@ -131,13 +131,13 @@ def test_gguf_yarn_and_bad_factor_tensors_are_refused(tmp_path: Path) -> None:
     hf = make_tiny_llama(tmp_path / "hf", n_layers=1)
     path = make_tiny_gguf(tmp_path / "t.gguf", hf)
     plain = GGUFFile(path)
-    assert _gguf_rope(plain, 16) is None
+    assert _gguf_rope(plain, "llama", 16) is None
     plain.fields["llama.rope.scaling.type"] = gguf.RopeScalingType.YARN.value
     with pytest.raises(ConfigError, match="RoPE scaling 'yarn' is not supported"):
-        _gguf_rope(plain, 16)
+        _gguf_rope(plain, "llama", 16)
     llama3 = GGUFFile(make_tiny_gguf(tmp_path / "l3.gguf", make_tiny_llama(tmp_path / "l3", n_layers=1,
                                                                             rope=LLAMA3)))
     with pytest.raises(ConfigError, match="rope_freqs holds 8 factors for 16 frequencies"):
-        _gguf_rope(llama3, 32)
+        _gguf_rope(llama3, "llama", 32)
     with pytest.raises(ConfigError, match="frequency factors must be finite positive"):
         RopeScaling(kind="factors", freq_factors=(1.0, 0.0))
