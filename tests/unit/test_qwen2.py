@@ -133,3 +133,11 @@ def test_a_sliding_window_is_refused_only_when_used(qwen2: Path, tmp_path: Path)
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="sliding_window=16 attention is not supported"):
         read_config(folder)
+
+
+def test_the_gguf_pre_tokenizer_splits_as_transformers_qwen2_tokenizer() -> None:
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from models.tokenizer import _QWEN2_SPLIT
+
+    assert _QWEN2_SPLIT == PRETOKENIZE_REGEX
