@@ -31,6 +31,7 @@ from typing import Any
 
 from actors.channels import close_socket
 from models import TokenLogprob
+from models.sampling import FAILED
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ def decode_report(raw: bytes) -> Report:
     batch = []
     for row in rows:
         if not (isinstance(row, list) and len(row) == 6 and isinstance(row[0], str) and isinstance(row[1], list)
-                and all(count(t) for t in row[1]) and isinstance(row[2], list) and count(row[3]) and count(row[4])
+                and all(count(t) or t == FAILED for t in row[1]) and isinstance(row[2], list) and count(row[3])
+                and count(row[4])
                 and row[4] <= min(row[3], len(row[1])) and count(row[5])):
             raise ValueError("a report row is not [request id, tokens, logprobs, drafted, accepted, before]")
         batch.append((row[0], row[1], [lp(x) for x in row[2]], row[3], row[4], row[5]))

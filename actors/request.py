@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from actors.errors import BackPressureError
 from models import InvalidRequestError, ModelConfig, SamplingParams, SequenceState
+from models.generation import plan_chunks
 from topology.planner import Route
 
 if TYPE_CHECKING:
@@ -42,6 +43,15 @@ class Lane:
     seqs: list[Request] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     step: int = 0  # steps run so far
+
+
+def chunked(reqs: list[Request], budget: int) -> list[Request]:
+    """Chunked prefill: the requests going this step (`plan_chunks` of `budget` prompt tokens), each prompt
+    chunk's size in its `chunk` (0: the whole rest, sampled this step)."""
+    takes = plan_chunks([len(r.seq.next_input()) for r in reqs], budget)
+    for r, take in zip(reqs, takes):
+        r.chunk = take if take < len(r.seq.next_input()) else 0
+    return [r for r, take in zip(reqs, takes) if take]
 
 
 def check_room(deployment: str, active: int, queued: int, n: int, max_active: int, max_queued: int) -> None:

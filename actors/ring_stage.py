@@ -447,8 +447,8 @@ class RingMember:
             kept, ended = [], False
             for j, t in enumerate(toks):
                 kept.append(t)
-                if t in self.spec.eos_ids and not q.params.ignore_eos:
-                    ended = True
+                if t < 0 or t in self.spec.eos_ids and not q.params.ignore_eos:  # < 0: NaN logits (the router
+                    ended = True  # ends it with NonFiniteLogitsError)
                     break
                 q.generated += 1
                 if q.generated >= q.params.max_new_tokens or first + j + 1 >= self.spec.max_seq_len:

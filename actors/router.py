@@ -32,15 +32,15 @@ from actors.pool import ReplicaPool
 from actors.prefix import KvBudget, PrefixCache, expected_steps
 from actors.probe import LinkProber
 from actors.recovery import Recovery
-from actors.request import Lane, Request, RequestIds, check_room, new_request
+from actors.request import Lane, Request, RequestIds, check_room, chunked, new_request
 from actors.replicas import default_micro_batches, deployed_infos, live_replica_set
 from actors import router_views
 from actors.ring import RingDriver, RingLane
 from actors.sender import StepSender
 from actors.specs import RouterSpec
 from actors.wire import subkey
-from models import Completion, InvalidRequestError, ModelConfig, SamplingParams
-from models.generation import encode_prompt, plan_chunks
+from models import Completion, InvalidRequestError, ModelConfig, NonFiniteLogitsError, SamplingParams
+from models.generation import encode_prompt
 from topology.graph import Topology
 from topology.planner import NoReplicaError
 
@@ -362,7 +362,7 @@ class RouterActor(FaultHooks, ScalingHooks):
         groups: dict[tuple[int, ...], list[Request]] = {}  # by replicas: a route's cost moves with load
         for r in lane.seqs:
             groups.setdefault(r.route.replicas, []).append(r)
-        groups = {key: self._chunked(reqs) for key, reqs in groups.items()}
+        groups = {key: chunked(reqs, self.rc.prefill_chunk) for key, reqs in groups.items()}
         tokens = [sum(len(r.seq.next_input()[:r.chunk or None]) for r in reqs) for reqs in groups.values()]
         with self.pool.table.carrying([r.rid for reqs in groups.values() for r in reqs]):  # freed once landed
             outs = await asyncio.gather(*[self.sender.step(lane.step, reqs[0].route, reqs)
@@ -395,20 +395,16 @@ class RouterActor(FaultHooks, ScalingHooks):
             else:
                 self._deliver(r, [token], [lp])
 
-    def _chunked(self, reqs: list[Request]) -> list[Request]:
-        """Chunked prefill: the requests going this step (`plan_chunks`), each prompt chunk's size in `chunk`."""
-        takes = plan_chunks([len(r.seq.next_input()) for r in reqs], self.rc.prefill_chunk)
-        for r, take in zip(reqs, takes):
-            r.chunk = take if take < len(r.seq.next_input()) else 0
-        return [r for r, take in zip(reqs, takes) if take]
-
     def _deliver(self, r: Request, tokens: list[int], logprobs: list[Any], drafted: int | None = None,
                  accepted: int = 0) -> None:
         """A step's token for `r`, or a pass's (the first `accepted` confirm drafts); a finished `r` completes."""
         if r.future.done():  # cancelled or timed out while the step was in flight
             return
         counted = drafted is not None and r.seq.params.speculative
-        taken = r.seq.add_pass(tokens, logprobs, self.tokenizer, drafted if counted else None, accepted)
+        try:
+            taken = r.seq.add_pass(tokens, logprobs, self.tokenizer, drafted if counted else None, accepted)
+        except NonFiniteLogitsError as e:  # this sequence's logits were NaN: it ends, the step's others go on
+            return self._end(r, e)
         self.tokens_generated += taken
         if counted:
             self.metrics.speculated(drafted, min(accepted, taken))

@@ -20,6 +20,7 @@ from models.errors import (
     InvalidRequestError,
     MeshpipeError,
     ModelNotInstalledError,
+    NonFiniteLogitsError,
     PromptTooLongError,
     UnknownModelError,
 )
@@ -42,7 +43,7 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "auto", device: st
 
 __all__ = [
     "Batch", "CacheMissError", "build_stage", "CacheFullError", "Completion", "ConfigError", "InvalidRequestError", "KVCache",
-    "MeshpipeError", "ModelConfig", "ModelNotInstalledError", "PromptTooLongError", "SamplingParams", "SequenceState",
-    "TokenLogprob", "Transformer", "UnknownModelError", "benchmark_speculative", "default_pool_tokens", "encode_prompt",
+    "MeshpipeError", "ModelConfig", "ModelNotInstalledError", "NonFiniteLogitsError", "PromptTooLongError",
+    "SamplingParams", "SequenceState", "TokenLogprob", "Transformer", "UnknownModelError", "benchmark_speculative", "default_pool_tokens", "encode_prompt",
     "generate_local", "is_batch", "load_model", "load_stage", "propose_drafts", "resolve_dtype", "sample",
 ]

@@ -140,7 +140,11 @@ class KVCache:
 
     def write_packed(self, layer: int, b: Batch, kv: torch.Tensor) -> None:
         # kv: (N, 2, KV, hd), keys then values of the packed tokens of this step (one scatter, by slot:
-        # block x block_size + offset, into the pool seen as (blocks x block_size, 2, KV, hd))
+        # block x block_size + offset, into the pool seen as (blocks x block_size, 2, KV, hd)). A NaN or inf
+        # goes in as 0: kept in the pool it would reach other sequences, whose masked reads of block 0 and
+        # of reused blocks multiply it by 0 (NaN); the sequence that made it ends at its logits
+        # (`NonFiniteLogitsError`), finite values are written unchanged
+        kv = torch.nan_to_num(kv, nan=0.0, posinf=0.0, neginf=0.0)
         self.kv[layer].view(-1, 2, self.n_kv, self.hd).index_copy_(0, b.token_slot, kv)
 
     def read(self, layer: int, b: Batch, length: int) -> tuple[torch.Tensor, torch.Tensor]:

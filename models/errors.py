@@ -27,6 +27,11 @@ class PromptTooLongError(InvalidRequestError):
     """A prompt does not fit the model's context (HTTP 400, code `context_length_exceeded`)."""
 
 
+class NonFiniteLogitsError(MeshpipeError, ArithmeticError):
+    """A sequence's logits were NaN or infinite (its weights or activations overflowed their dtype): that
+    sequence ends with this error; the others in its step go on."""
+
+
 class CacheMissError(MeshpipeError, LookupError):
     """A stage was asked to extend a sequence whose KV cache it does not hold (or holds shorter).
 

@@ -17,7 +17,7 @@ import torch
 from models.batch import Batch, long_tensor
 from models.cache import DEFAULT_BLOCK
 from models.config import ModelConfig
-from models.errors import InvalidRequestError, PromptTooLongError
+from models.errors import InvalidRequestError, NonFiniteLogitsError, PromptTooLongError
 from models.sampling import SamplingParams, TokenLogprob, sample
 from models.speculative import speculative_step
 
@@ -127,6 +127,11 @@ class SequenceState:
         return (self.prompt + self.generated)[self.cached:]
 
     def add(self, token: int, logprob: TokenLogprob | None, tokenizer: Tokenizer | None) -> None:
+        if token < 0:  # `models.sampling.FAILED`: nothing can be drawn from this sequence's logits
+            raise NonFiniteLogitsError(
+                f"sequence {self.seq_id}: the model's logits after {len(self.prompt) + len(self.generated)} tokens "
+                "were NaN or infinite (its weights or activations overflowed their dtype, float16 soonest: "
+                "try bfloat16 or float32)")
         self.cached = len(self.prompt) + len(self.generated)
         if token in self.eos_ids and not self.params.ignore_eos:
             self.finish_reason = "stop"

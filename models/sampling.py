@@ -15,6 +15,7 @@ import torch
 from models.errors import InvalidRequestError
 
 MAX_SPECULATIVE = 16  # draft tokens per verification pass, at most
+FAILED = -1  # the token of a row whose logits were NaN or infinite (`SequenceState.add` ends its sequence)
 
 
 @dataclass(frozen=True)
@@ -78,16 +79,21 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
 
     Greedy rows take their argmax where the logits are (a GPU's logits never cross to the host whole);
     the rows that draw or want logprobs are copied to the CPU, whose seeded generator makes each draw
-    the same on every device.
+    the same on every device. A row with a NaN or +inf logit gets `FAILED` (one sequence's overflow
+    must not fail the others sampled with it).
     """
-    tokens = logits.argmax(-1).tolist()  # greedy for everyone; sampled rows overwrite below
-    host = [i for i, p in enumerate(params) if not p.greedy or p.logprobs is not None]
+    top, index = logits.max(-1)  # the argmax (the first of equals); its value is NaN or inf in a broken row
+    tokens = [t if math.isfinite(v) else FAILED for t, v in zip(index.tolist(), top.tolist())]  # greedy for all
+    host = [i for i, p in enumerate(params) if (not p.greedy or p.logprobs is not None) and tokens[i] != FAILED]
     if not host:
         return tokens, [None] * len(params)
     rows = dict(zip(host, logits[host].cpu()))  # (len(host), vocab)
     logp = {i: torch.log_softmax(rows[i], -1) for i in host if params[i].logprobs is not None}
     out_lp: list[TokenLogprob | None] = []
     for i, p in enumerate(params):
+        if tokens[i] == FAILED:
+            out_lp.append(None)
+            continue
         if not p.greedy:
             row = rows[i] / p.temperature
             if p.top_k is not None and p.top_k < row.numel():

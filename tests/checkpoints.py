@@ -75,6 +75,18 @@ def make_tiny_llama(
     return path
 
 
+def poison_token(folder: str | Path, token: int) -> Path:
+    """`folder`'s (untied, one-file) checkpoint with token `token`'s embedding row NaN: a prompt ending in it
+    has NaN logits, as a model overflowing its dtype would."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.embed_tokens.weight"][token] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    return Path(folder)
+
+
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf's q/k row permutation (HF rotate_half -> GGUF interleaved)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

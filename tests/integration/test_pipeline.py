@@ -77,6 +77,30 @@ def test_a_qwen2_pipeline_equals_the_single_process_model(tmp_path: Path) -> Non
         p.shutdown()
 
 
+@pytest.mark.parametrize("data_path", ["ring", "calls"])
+def test_a_sequence_with_nan_logits_fails_alone(tmp_path: Path, data_path: str) -> None:
+    """Its logits NaN (a token whose embedding overflowed): that request ends with NonFiniteLogitsError, the
+    ones stepping with it (greedy and sampled) get their tokens, no ring breaks, and the pipeline serves on."""
+    from models import NonFiniteLogitsError
+    from tests.checkpoints import poison_token
+
+    folder = poison_token(make_tiny_llama(tmp_path / "nan", n_layers=4), 7)
+    good = [PROMPTS[1], PROMPTS[2], PROMPTS[3]]  # none holds token 7, nor draws it (asserted by the reference)
+    opts = {"max_new_tokens": 12, "ignore_eos": True, "temperature": 0.7, "seed": 5}
+    ref = load_model(folder, dtype="float64").generate(good, **opts)
+    p = Pipeline.deploy(str(folder), num_stages=2, dtype="float64", name=f"nan-{data_path}", data_path=data_path)
+    try:
+        bad = p.submit([5, 9, 7], **opts)  # joins the others' steps
+        ids = [p.submit(prompt, **opts) for prompt in good]
+        with pytest.raises(NonFiniteLogitsError, match="logits after 3 tokens were NaN"):
+            p.result(bad, timeout=60)
+        assert [p.result(i, timeout=60).token_ids for i in ids] == tokens(ref)
+        assert tokens(p.generate(good, **opts)) == tokens(ref)
+        assert p.stats()["router"]["rings_broken_total"] == 0, p.stats()["router"]["rings_broken"][0]["why"]
+    finally:
+        p.shutdown()
+
+
 @pytest.mark.parametrize("hop_mode", ["push", "router"])
 def test_float32_pipeline_matches_with_asserted_margins(tiny_ckpt: Path, hop_mode: str) -> None:
     ref = load_model(tiny_ckpt, dtype="float32").generate(PROMPTS, max_new_tokens=12, ignore_eos=True,

@@ -64,6 +64,39 @@ def test_a_vanishing_temperature_draws_the_argmax_instead_of_failing(temperature
         assert tokens == logits.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("broken", [float("nan"), float("inf")])
+def test_a_row_of_nan_or_inf_logits_fails_alone(broken: float) -> None:
+    """One sequence's overflow is its own: its row gets FAILED, the others draw as they would without it
+    (a NaN probability made the draw raise and fail every sequence of the step)."""
+    from models.sampling import FAILED
+
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(2))
+    params = [SamplingParams(temperature=0.8, seed=1, logprobs=2), SamplingParams(logprobs=1),
+              SamplingParams(temperature=1.0, top_p=0.9, seed=2), SamplingParams()]
+    want, want_lp = sample(logits, params, [5, 6, 7, 8])
+    for bad in range(4):
+        hurt = logits.clone()
+        hurt[bad, 17] = broken
+        tokens, lps = sample(hurt, params, [5, 6, 7, 8])
+        assert tokens[bad] == FAILED and lps[bad] is None
+        assert [t for i, t in enumerate(tokens) if i != bad] == [t for i, t in enumerate(want) if i != bad]
+        assert [lp for i, lp in enumerate(lps) if i != bad] == [lp for i, lp in enumerate(want_lp) if i != bad]
+    masked = logits.clone()
+    masked[:, :100] = float("-inf")  # -inf is a masked token, not a broken row
+    assert FAILED not in sample(masked, params, [5, 6, 7, 8])[0]
+
+
+def test_a_failed_token_ends_its_sequence_with_a_typed_error() -> None:
+    from models import NonFiniteLogitsError
+    from models.sampling import FAILED
+
+    s = SequenceState("req-9", [5, 6], SamplingParams(max_new_tokens=10), frozenset({2}), 32)
+    s.add(7, None, None)
+    with pytest.raises(NonFiniteLogitsError, match="sequence req-9: the model's logits after 4 tokens were NaN"):
+        s.add_pass([8, FAILED], [None, None], None)
+    assert s.generated == [7, 8] and not s.done
+
+
 @pytest.mark.parametrize("bad", [
     {"max_new_tokens": 0}, {"max_new_tokens": -3}, {"temperature": -1.0}, {"temperature": float("inf")},
     {"temperature": float("nan")}, {"top_k": 0},

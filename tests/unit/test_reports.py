@@ -154,7 +154,7 @@ def test_a_forgotten_ring_is_cut_off_and_its_reports_are_dropped() -> None:
     assert len(run(body)) == 1
 
 
-@pytest.mark.parametrize("raw", [b"[]", b'[[["r", [1], [], 0, 0, 0]], [[1, 2]], []]', b'[[["r", [-1], [], 0, 0, 0]], [], []]',
+@pytest.mark.parametrize("raw", [b"[]", b'[[["r", [1], [], 0, 0, 0]], [[1, 2]], []]', b'[[["r", [-2], [], 0, 0, 0]], [], []]',
                                  b'[[["r", [1], [[1, NaN, []]], 0, 0, 0]], [], []]', b"\xff",
                                  b'[[["r", [true], [], 0, 0, 0]], [], []]',
                                  b'[[["r", [1], [], 0, 0]], [], []]',  # a row of five fields
@@ -170,6 +170,11 @@ def test_a_forgotten_ring_is_cut_off_and_its_reports_are_dropped() -> None:
 def test_malformed_reports_are_refused_by_name(raw: bytes) -> None:
     with pytest.raises(ValueError, match="report"):
         decode_report(raw)
+
+
+def test_a_failed_token_is_reported() -> None:
+    """FAILED (a sequence whose logits were NaN) rides as -1: the router ends that sequence alone."""
+    assert decode_report(b'[[["r", [4, -1], [], 0, 0, 0]], [], []]')[0] == [("r", [4, -1], [], 0, 0, 0)]
 
 
 def test_a_report_survives_encoding() -> None:
