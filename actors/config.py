@@ -120,7 +120,8 @@ class DeployConfig(BaseModel):
     layers_per_stage: int | None = Field(None, ge=1)  # 1 = one actor per layer
     replicas_per_stage: int | list[int] = 1  # replicas of every stage, or one count per stage
     topology: Any = None  # a Topology, a YAML path or a dict: place stages on its GPUs (DP); None: measured
-    autoscaling: dict | None = None  # AutoscalingConfig fields (topology/autoscaling.py); None: fixed replicas
+    # AutoscalingConfig fields (topology/autoscaling.py); None: fixed replicas
+    autoscaling: dict[str, Any] | None = None
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")  # the deployment's name (actor names carry it)
     ready_timeout_s: float = Field(600.0, gt=0)  # stages not loaded by then: DeploymentError
     router: RouterOptions = RouterOptions()

@@ -12,6 +12,10 @@ from models.errors import ConfigError
 from models.rope import RopeScaling
 
 MAX_CONTEXT = 1 << 24  # positions: a config claiming more is refused before its RoPE tables are built
+# A config file's sizes are read before any tensor is: these bound what a forged one makes every stage build
+# (RoPE tables are max_seq_len x head_dim; a stage lists its layers' keys) before the weights are checked.
+MAX_HEAD_DIM = 1024  # real models: 64 to 256
+MAX_LAYERS = 4096  # real models: at most a few hundred
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -62,6 +66,14 @@ class ModelConfig:
             )
         if self.head_dim_override is None and self.dim % self.n_heads:
             raise ConfigError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}")
+        if self.head_dim % 2 or self.head_dim > MAX_HEAD_DIM:  # RoPE rotates pairs of dims
+            raise ConfigError(f"head_dim={self.head_dim} must be even and at most {MAX_HEAD_DIM}: check the "
+                              "config's head_dim, hidden_size and num_attention_heads")
+        if self.n_layers > MAX_LAYERS:
+            raise ConfigError(f"n_layers={self.n_layers} is beyond the {MAX_LAYERS} layers meshpipe supports")
+        if self.rope_scaling is not None and self.rope_scaling.kind == "yarn" and self.rope_theta <= 1:
+            # YaRN's ramp divides by log(rope_theta)
+            raise ConfigError(f"rope_theta={self.rope_theta!r} must be above 1 for YaRN scaling")
         if self.n_layers < 1 or self.vocab_size < 1 or self.max_seq_len < 1:
             raise ConfigError(
                 f"n_layers={self.n_layers}, vocab_size={self.vocab_size} and "

@@ -23,6 +23,9 @@ SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "
 MAX_DIMS = 8  # a tensor of more dims is refused (llama.cpp writes at most 4)
 MAX_NESTING = 4  # arrays of arrays deeper than this are refused (GGUF files in use nest none)
 DEFAULT_ALIGNMENT = 32
+# Elements of one array decoded on use: a Python list costs ~10x the file's bytes, so a forged count (or a
+# multi-GB array) would be a multi-GB list; the largest vocabularies and merge lists are ~10**6.
+MAX_ARRAY_ITEMS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,9 @@ class GGUFFile:
             raise ValueError(f"unknown GGUF array element type {item_type}")
 
     def _array(self, a: _Array) -> list[Any]:
+        if a.count > MAX_ARRAY_ITEMS:
+            raise ValueError(f"a metadata array of {a.count} elements (at offset {a.offset}) is more than "
+                             f"the {MAX_ARRAY_ITEMS} meshpipe reads: not a model's tokenizer")
         saved, self.pos = self.pos, a.offset
         try:
             if a.item_type in SCALARS:

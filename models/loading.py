@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -238,7 +238,11 @@ def _read_json(path: Path) -> dict:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except RecursionError:  # json's decoder recurses once per nested array or object
+        raise ConfigError(f"{path}: JSON nested too deeply to be a model file") from None
 
 
 def _rope(cfg: dict, where: Path, max_positions: int) -> tuple[float, RopeScaling | None]:
@@ -312,10 +316,12 @@ def _hf_key_files(folder: Path) -> dict[str, Path] | Path:
         if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                        for k, v in weight_map.items()):
             raise ConfigError(f"{index}: weight_map must map tensor names to shard file names")
-        inside = folder.resolve()
         for v in set(weight_map.values()):  # shards are files of this folder: never "../" or an absolute path
-            shard = (folder / v).resolve()
-            if not shard.is_relative_to(inside) or shard.suffix != ".safetensors":
+            # Checked as written, not resolved: a Hugging Face cache snapshot's shards are symlinks into
+            # ../../blobs (as model.safetensors itself may be).
+            name = PurePosixPath(v)
+            if (name.is_absolute() or ".." in name.parts or "\\" in v or "\0" in v or ":" in v
+                    or name.suffix != ".safetensors"):
                 raise ConfigError(f"{index}: shard {v!r} is not a .safetensors file in {folder}")
         return {k: folder / v for k, v in weight_map.items()}
     single = folder / "model.safetensors"
@@ -346,12 +352,20 @@ def _load_hf(folder: Path, wanted: dict[str, str], dtype: torch.dtype) -> dict[s
     out: dict[str, torch.Tensor] = {}
     for path, keys in by_file.items():
         logger.debug("reading %d tensors from %s", len(keys), path)
-        with _safe_open(path) as fh:
-            present = set(fh.keys())
-            for ours, theirs in keys:
-                if theirs not in present:
-                    raise ConfigError(f"{path} has no tensor {theirs!r}")
-                out[ours] = fh.get_tensor(theirs).to(dtype=dtype, copy=True).contiguous()
+        if not path.is_file():
+            raise ConfigError(f"{path} is missing: the checkpoint index names it (download it again)")
+        try:
+            with _safe_open(path) as fh:
+                present = set(fh.keys())
+                for ours, theirs in keys:
+                    if theirs not in present:
+                        raise ConfigError(f"{path} has no tensor {theirs!r}")
+                    out[ours] = fh.get_tensor(theirs).to(dtype=dtype, copy=True).contiguous()
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+            raise ConfigError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                              f"{str(e)[:200]}): download it again") from None
     return out
 
 
@@ -367,8 +381,9 @@ def read_config(source: str | Path) -> ModelConfig:
         return _hf_config(path)
     except ConfigError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
-        # a missing or mistyped field, a truncated file: named, never a bare KeyError from deep inside
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
+        # a missing, mistyped or zero field (head_count 0 divides), a truncated file: named, never a bare
+        # KeyError from deep inside
         what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:200]}"
         raise ConfigError(f"{path}: not a readable model config ({what})") from None
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
@@ -12,6 +14,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import models as tok_models
@@ -67,18 +70,109 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+# A chat template comes with the model file and runs on every chat request: these bound what one can
+# make a render do (jinja's sandbox stops Python internals, not `'x' * 10**10`, `n ** n ** n` or loops
+# nested over `range(100000)`).
+MAX_TEMPLATE_INT = 1 << 20  # largest int argument of a call or filter, repeat count or `**` exponent
+MAX_TEMPLATE_VALUE = 1 << 24  # chars (or items) of one value built by `*` or `%`
+MAX_TEMPLATE_RANGE = 1 << 20  # items all `range()` calls of one render yield together
+MAX_TEMPLATE_OUTPUT = 1 << 26  # chars of one rendered prompt
+
+
+def _refuse(what: str) -> jinja2.exceptions.SecurityError:
+    return jinja2.exceptions.SecurityError(
+        f"the chat template {what}: no chat format needs that (replace the model's chat template)")
+
+
+def _check_args(args: Iterable[Any]) -> None:
+    """Refuse an int beyond MAX_TEMPLATE_INT (a width, a count) or a value beyond MAX_TEMPLATE_VALUE
+    (a macro calling itself on `s ~ s` doubles it each time)."""
+    for a in args:
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_TEMPLATE_INT:
+            raise _refuse(f"passes {a} to a call (at most {MAX_TEMPLATE_INT})")
+        if isinstance(a, (str, list, tuple)) and len(a) > MAX_TEMPLATE_VALUE:
+            raise _refuse(f"passes a value of {len(a)} items to a call (at most {MAX_TEMPLATE_VALUE})")
+
+
+class _BoundedNamespace(jinja2.utils.Namespace):
+    """`namespace()`, whose attributes (assigned in a loop, so they can grow each turn) stay bounded."""
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        if isinstance(value, (str, list, tuple)):  # (ints: `*` and `**` bound them)
+            _check_args([value])
+        super().__setitem__(name, value)
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, whose calls, filters, `*`, `**` and `%` refuse sizes no chat format needs."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - jinja's
+        _check_args([*args, *kwargs.values()])
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        bits = [abs(x).bit_length() for x in (left, right) if isinstance(x, int)]
+        if operator == "**" and isinstance(right, (int, float)) and (
+                abs(right) > 64 or len(bits) == 2 and bits[0] * abs(right) > 1 << 16):
+            raise _refuse(f"raises to the power {right} (at most 64, and 2**65536)")
+        if operator == "*" and len(bits) == 2 and sum(bits) > 1 << 16:  # squaring in a loop
+            raise _refuse("multiplies numbers beyond 2**65536")
+        if operator == "*":
+            n, seq = (right, left) if isinstance(right, int) else (left, right)
+            if isinstance(n, int) and hasattr(seq, "__len__") and n * len(seq) > MAX_TEMPLATE_VALUE:
+                raise _refuse(f"repeats a value {n} times (at most {MAX_TEMPLATE_VALUE} items)")
+        if operator == "%" and isinstance(left, str):  # a `%` width or precision is an allocation
+            specs = re.findall(r"%(?:\([^)]*\))?[#0 +-]*(\d*)(?:\.(\d*))?", left)
+            _check_args(int(w) for spec in specs for w in spec if w)
+            _check_args(right if isinstance(right, tuple) else [right])
+        return super().call_binop(context, operator, left, right)
+
+
+def _bounded_filter(f: Any) -> Any:
+    @functools.wraps(f)  # keeps jinja's pass_context / pass_environment marks
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _check_args([*args, *kwargs.values()])
+        return f(*args, **kwargs)
+
+    return bounded
+
+
+def _budgeted_range() -> Any:
+    """A `range` for one render: its calls share MAX_TEMPLATE_RANGE items (nested loops multiply)."""
+    left = [MAX_TEMPLATE_RANGE]
+
+    def bounded_range(*args: int) -> range:
+        r = range(*args)
+        left[0] -= len(r)
+        if left[0] < 0:
+            raise _refuse(f"loops over more than {MAX_TEMPLATE_RANGE} range() items in one render")
+        return r
+
+    return bounded_range
+
+
 def _compile_template(source: str) -> jinja2.Template:
-    """Compile a chat template the way transformers does (sandboxed, trimmed blocks)."""
-    env = ImmutableSandboxedEnvironment(
+    """Compile a chat template the way transformers does (sandboxed, trimmed blocks), with bounds."""
+    env = _BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
+    env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
+    env.globals["namespace"] = _BoundedNamespace
     env.globals["strftime_now"] = _strftime_now
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise ConfigError(f"the model's chat template does not compile: {e}") from e
+    except RecursionError:  # jinja's parser and code generator recurse once per nested expression
+        raise ConfigError("the model's chat template does not compile: nested too deeply") from None
+
+
+def _is_token_id(i: Any) -> bool:
+    return not isinstance(i, bool) and hasattr(i, "__index__") and 0 <= int(i) < 1 << 32  # numpy ints too
 
 
 class Tokenizer:
@@ -94,6 +188,12 @@ class Tokenizer:
         chat_template: str | None = None,
         vocab_size: int | None = None,
     ) -> None:
+        eos_ids = list(eos_ids)
+        bad = [i for i in [*eos_ids, *([] if bos_id is None else [bos_id])] if not _is_token_id(i)]
+        if bad:  # the tokenizers library takes u32 ids: a negative one would fail every request
+            raise ConfigError(f"special token ids {bad} are not token ids (non-negative integers)")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise ConfigError(f"the chat template must be text, not {type(chat_template).__name__}")
         self.backend = backend
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in eos_ids))
         self.bos_id = bos_id
@@ -142,12 +242,23 @@ class Tokenizer:
             self._template = _compile_template(self.chat_template)
         context = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
         context.update(kwargs)
+        context["range"] = _budgeted_range()  # per render (kwargs cannot swap it for an unbounded one)
         try:
-            return self._template.render(
+            out, size = [], 0
+            for chunk in self._template.generate(
                 messages=messages, add_generation_prompt=add_generation_prompt, **context
-            )
+            ):
+                size += len(chunk)
+                if size > MAX_TEMPLATE_OUTPUT:
+                    raise _refuse(f"renders more than {MAX_TEMPLATE_OUTPUT} characters")
+                out.append(chunk)
+            return "".join(out)
         except jinja2.exceptions.TemplateError as e:
             raise InvalidRequestError(f"the chat template rejected the messages: {e}") from e
+        except (ArithmeticError, TypeError, ValueError, LookupError, AttributeError, RecursionError) as e:
+            # a template bug these messages trip (`1/0`, str + int): named, not a traceback from jinja
+            raise InvalidRequestError(f"the chat template failed on these messages: {type(e).__name__}: "
+                                      f"{str(e)[:200]}") from None
 
     def save(self, folder: str | Path) -> None:
         """Writes `tokenizer.json` and `tokenizer_config.json` into a Hugging Face folder (what
@@ -193,7 +304,10 @@ def _gguf_tokenizer(path: Path) -> Tokenizer:
         if not sep:
             raise ConfigError(f"{path}: malformed merge {merge!r} (expected 'left right')")
         pairs.append((left, right))
-    backend = Backend(tok_models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    try:
+        backend = Backend(tok_models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception (a merge out of vocabulary)
+        raise ConfigError(f"{path}: its tokens and merges are not a BPE vocabulary: {str(e)[:200]}") from None
 
     pre = f.get("tokenizer.ggml.pre")
     if pre == "smollm":  # llama.cpp: \p{N} split first, then GPT-2's regex
@@ -313,6 +427,17 @@ def _hf_tokenizer(folder: Path) -> Tokenizer | None:
 def load_tokenizer(source: str | Path) -> Tokenizer | None:
     """The model's tokenizer; None for a Hugging Face folder without ``tokenizer.json``."""
     path = resolve_source(source)
-    if is_gguf(path):
-        return _gguf_tokenizer(path)
-    return _hf_tokenizer(path)
+    try:
+        if is_gguf(path):
+            return _gguf_tokenizer(path)
+        return _hf_tokenizer(path)
+    except ConfigError as e:
+        if str(path) in str(e):
+            raise
+        raise ConfigError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError,
+            RecursionError) as e:
+        # a missing or mistyped field (no token list, a list for an object, an id that is text), a file that
+        # is not JSON or UTF-8: named, never a bare error from deep inside
+        what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:200]}"
+        raise ConfigError(f"{path}: not a readable tokenizer ({what})") from None

@@ -37,6 +37,11 @@ class LinkSpec(BaseModel):
     trusted: bool = True  # False: encrypt messages on this link (messages issue)
 
 
+# GPUs of a whole topology: `gpus_from_topology` lists each one, so a forged count (`gpus: 1000000000`)
+# would be a list of a billion before any placement starts.
+MAX_GPUS = 1 << 16
+
+
 class TopologySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -50,6 +55,10 @@ class TopologySpec(BaseModel):
                 if getattr(link, end) not in self.nodes:
                     raise ValueError(f"links[{i}].{end}: unknown node {getattr(link, end)!r} "
                                      f"(nodes are {sorted(self.nodes)})")
+        total = sum(node.gpus for node in self.nodes.values() if node is not None)
+        if total > MAX_GPUS:
+            raise ValueError(f"nodes: {total} GPUs in all is more than the {MAX_GPUS} meshpipe places on: "
+                             "check each node's gpus count")
         return self
 
 
@@ -117,6 +126,8 @@ class Topology:
             raise TopologyError(f"{path}: not valid YAML: {e}") from None
         except UnicodeDecodeError as e:
             raise TopologyError(f"{path}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+        except RecursionError:  # PyYAML composes nested lists and maps recursively
+            raise TopologyError(f"{path}: YAML nested too deeply to be a topology") from None
         return cls.from_dict(data, where=str(path))
 
     def link_cost_ms(self, a: str, b: str, nbytes: float = 0) -> float:
