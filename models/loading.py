@@ -277,8 +277,13 @@ def _hf_config(folder: Path) -> ModelConfig:
     max_pos = int(cfg.get("max_position_embeddings", 2048))
     if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
         window = None  # Qwen2 names a window it does not use unless use_sliding_window
-    if window is not None and int(window) < max_pos:
-        raise ConfigError(f"{where}: sliding_window={window} attention is not supported")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigError(f"{where}: sliding_window={window!r} must be a positive integer or null")
+        if window < max_pos:  # a sequence no longer than the window attends to all of itself: exact
+            logger.info("%s: sliding_window=%d: sequences are capped at %d positions (full attention within "
+                        "the window)", where, window, window)
+            max_pos = window
     theta, scaling = _rope(cfg, where, max_pos)
     dim = int(cfg["hidden_size"])
     n_heads = int(cfg["num_attention_heads"])

@@ -121,18 +121,44 @@ def test_saved_and_lora_merged_folders_load_in_transformers(qwen2: Path, hf_qwen
     assert (ours - ref).abs().max().item() < 1e-4 and (ours - base).abs().max().item() > 1e-3
 
 
-def test_a_sliding_window_is_refused_only_when_used(qwen2: Path, tmp_path: Path) -> None:
+def test_a_sliding_window_caps_the_context_only_when_used(qwen2: Path, tmp_path: Path) -> None:
     import shutil
 
     folder = shutil.copytree(qwen2, tmp_path / "q")
     cfg = json.loads((folder / "config.json").read_text())
     cfg.update(sliding_window=16, use_sliding_window=False)
     (folder / "config.json").write_text(json.dumps(cfg))
-    assert read_config(folder).qkv_bias
+    assert read_config(folder).max_seq_len == cfg["max_position_embeddings"]
     cfg["use_sliding_window"] = True
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="sliding_window=16 attention is not supported"):
+    assert read_config(folder).max_seq_len == 16
+    cfg["sliding_window"] = "16"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="sliding_window='16' must be a positive integer"):
         read_config(folder)
+
+
+def test_a_mistral_with_a_sliding_window_equals_transformers_within_it(tmp_path: Path) -> None:
+    """Mistral 7B v0.1's 4096-position window over a 32768 context: within the window its attention is
+    full attention, so the context is capped there and every token equals transformers' Mistral."""
+    from transformers import MistralForCausalLM
+
+    from models import PromptTooLongError
+
+    folder = make_tiny_llama(tmp_path / "mistral", n_layers=2, seed=4)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=48)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert read_config(folder).max_seq_len == 48
+    hf = MistralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = load_model(folder, dtype="float32")
+    prompt = PROMPTS[2]  # 41 tokens: 7 more fill the window
+    out = model.generate([prompt], max_new_tokens=7, ignore_eos=True)[0]
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=7, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)[0, len(prompt):].tolist()
+    assert out.token_ids == ref and out.finish_reason == "length"
+    with pytest.raises(PromptTooLongError):
+        model.generate([list(range(1, 50))], max_new_tokens=1)
 
 
 def test_the_gguf_pre_tokenizer_splits_as_transformers_qwen2_tokenizer() -> None:
