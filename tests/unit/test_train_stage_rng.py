@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from actors.train_stage import TrainStage
-from actors.trainer import _rng_grid_ok
+from actors.train_checkpoint import _rng_grid_ok
 from models.lora import LoraLinear
 
 

@@ -9,7 +9,8 @@ import pytest
 import ray
 import torch.distributed as dist
 
-from actors.trainer import _checkpoint_meta, _lost_peer
+from actors.train_checkpoint import _checkpoint_meta
+from actors.trainer import _lost_peer
 from models import ConfigError
 
 
