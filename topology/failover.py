@@ -71,8 +71,11 @@ def failover(route: Route, health: Sequence[Health], replicas: Sequence[ReplicaS
     states = [replace(r, alive=allowed(r)) for r in replicas]
     try:
         new = plan(states, num_stages, costs, source)
-    except NoReplicaError:  # e.g. no finite-cost link to the alternatives: wait for the old replicas instead
-        return Failover(route, wait=failed)
+    except NoReplicaError:  # e.g. no finite-cost link to the alternatives: wait for the old replicas instead,
+        # but only where they can come back: a gone one never does, and the router's wait returns at once
+        # for it, so "wait" on a gone stage would re-run the same decision in a loop that never ends
+        return Failover(route, wait=[k for k in failed if health[k] != Health.GONE],
+                        gone=[k for k in failed if health[k] == Health.GONE])
     return Failover(new, moved=[k for k in movable if new.replicas[k] != route.replicas[k]], wait=wait)
 
 

@@ -114,6 +114,8 @@ def place(weights: StageCostModel, gpus: Sequence[Gpu], num_stages: int | None =
     nothing fits (the message gives the numbers).
     """
     n = weights.n_layers
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:  # else an IndexError on no candidates
+        raise SplitError(f"n_layers={n!r} of the cost model must be a positive integer: a model has layers")
     gpus = list(gpus)
     if not gpus:
         raise SplitError("gpus is empty: give at least one GPU to place the model's layers on")

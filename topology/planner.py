@@ -475,8 +475,13 @@ class RouteCache:
             old = self._node[k]
             if new == old:
                 continue
+            if not (math.isfinite(new) and math.isfinite(old)):
+                # inf <-> finite (an unreachable replica came back, or went away): the relative test
+                # below reads inf <= threshold * inf as "unchanged", and the cache would keep a far
+                # costlier route for good; NaN lands here too and re-plans (plan names the field)
+                return True
             delta = abs(new - old)
-            if not (delta <= self.min_change_ms or delta <= self.threshold * abs(old)):  # NaN/inf: moved
+            if not (delta <= self.min_change_ms or delta <= self.threshold * abs(old)):
                 return True
         return False
 

@@ -9,6 +9,7 @@ to give the makespan and the bubble fraction, (S - 1) / (M + S - 1) for equal ti
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -122,8 +123,10 @@ def deal(micro_batches: int, speeds: list[float]) -> list[int]:
     """How many of `micro_batches` each data-parallel copy runs: in proportion to its speed (largest
     remainder; equal speeds deal evenly, earlier copies take the remainder), every copy at least one
     while there are enough."""
-    if not speeds or any(not v > 0 for v in speeds):
-        raise ValueError(f"speeds must be positive, got {speeds}")
+    if not speeds or any(not (v > 0 and math.isfinite(v)) for v in speeds):  # inf: inf / inf is NaN below
+        raise ValueError(f"speeds must be positive and finite, got {speeds}")
+    if micro_batches < 0:  # a negative count was dealt out as negative shares
+        raise ValueError(f"micro_batches={micro_batches!r} must be >= 0")
     D = len(speeds)
     floor = 1 if micro_batches >= D else 0
     rest = micro_batches - floor * D
@@ -142,8 +145,6 @@ def lr_at(step: int, base_lr: float, name: str = "constant", warmup: int = 0, to
           min_lr: float = 0.0) -> float:
     """The learning rate of optimizer step `step` (1-based): linear warmup over `warmup` steps, then
     constant, or a linear / cosine decay to `min_lr` at step `total`."""
-    import math
-
     if name not in LR_SCHEDULES:
         raise ValueError(f"lr schedule {name!r}: choose one of {LR_SCHEDULES}")
     if warmup and step <= warmup:

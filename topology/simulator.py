@@ -222,10 +222,16 @@ def build_cluster(topology: Topology, placements: Sequence[tuple[int, str, float
     missing = sorted(set(range(num_stages)) - set(stage.tolist()))
     if missing:
         raise ValueError(f"placements: stages {missing} have no replica")
+    unknown = sorted({p[1] for p in placements} - set(index))
+    if unknown:
+        raise ValueError(f"placements: unknown hosts {unknown}: add them to the topology")
     host = np.array([index[p[1]] for p in placements], dtype=np.int64)
     speed = np.array([p[2] for p in placements], dtype=np.float64)
-    if (speed <= 0).any():
-        raise ValueError("placements: GPU speeds must be > 0")
+    if not (np.isfinite(speed) & (speed > 0)).all():  # a NaN speed made every step time NaN
+        raise ValueError("placements: GPU speeds must be finite and > 0")
+    if replica_ids is not None and len(replica_ids) != len(placements):
+        raise ValueError(f"replica_ids: {len(replica_ids)} ids for {len(placements)} placements: "
+                         "give one each")
     if replica_ids is None:
         counts: dict[int, int] = {}
         replica_ids = []

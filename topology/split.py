@@ -7,7 +7,6 @@ embedding table and the LM head cost. actors/ derives them from a model's config
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import lru_cache
 
 from topology.errors import SplitError
 
@@ -64,25 +63,39 @@ def min_max_cuts(model: StageCostModel, num_stages: int,
 
     Returns (that cost, cuts); the cost is inf when no split fits `capacity` bytes a stage.
     Among equally good splits the first stage ends earliest, then recursively for the rest.
+    Bottom up, one row per number of stages left: a recursion one frame a stage hit Python's
+    recursion limit (a bare RecursionError) from about 500 stages, which MAX_LAYERS allows.
     """
-    n, cost, mem = model.n_layers, model.cost, model.memory
-
-    @lru_cache(maxsize=None)
-    def best(i: int, s: int) -> tuple[float, tuple[int, ...]]:
-        """Min over splits of layers [i, n) into s stages of the max stage cost, and the cut points."""
-        if s == 1:
-            return (cost(i, n), (n,)) if mem(i, n) <= capacity else (float("inf"), (n,))
-        result: tuple[float, tuple[int, ...]] = (float("inf"), ())
-        for j in range(i + 1, n - s + 2):
-            if mem(i, j) > capacity:
-                break
-            rest, cuts = best(j, s - 1)
-            worst = max(cost(i, j), rest)
-            if worst < result[0]:
-                result = (worst, (j, *cuts))
-        return result
-
-    return best(0, num_stages)
+    n, cost, mem, inf = model.n_layers, model.cost, model.memory, float("inf")
+    if num_stages < 1:
+        raise SplitError(f"num_stages={num_stages!r} must be a positive integer")
+    if num_stages > n:
+        return inf, ()
+    # worst[i]: min over splits of layers [i, n) into the stages left of the costliest stage;
+    # end[s][i]: where the first of them ends (i ranges over the starts that leave a layer a stage)
+    worst = {i: cost(i, n) if mem(i, n) <= capacity else inf for i in range(num_stages - 1, n)}
+    end: list[dict[int, int]] = [{i: n for i in worst}]
+    for s in range(2, num_stages + 1):  # s stages left, starting at layer i
+        row: dict[int, float] = {}
+        ends: dict[int, int] = {}
+        for i in range(num_stages - s, n - s + 1):
+            best, at = inf, -1
+            for j in range(i + 1, n - s + 2):
+                if mem(i, j) > capacity:
+                    break
+                w = max(cost(i, j), worst[j])
+                if w < best:  # strict: ties keep the earliest end
+                    best, at = w, j
+            row[i], ends[i] = best, at
+        worst = row
+        end.append(ends)
+    if worst[0] == inf:
+        return inf, (n,) if num_stages == 1 else ()
+    cuts, i = [], 0
+    for ends in reversed(end):
+        i = ends[i]
+        cuts.append(i)
+    return worst[0], tuple(cuts)
 
 
 def split(model: StageCostModel, num_stages: int | None = None, layers_per_stage: int | None = None,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import math
 
+import numpy as np
 import pytest
 
 from topology.failover import Health, failover
@@ -69,6 +71,21 @@ def test_two_failed_stages_move_together_and_a_waited_one_stays() -> None:
     d = failover(route, [DOWN, DOWN, GONE], reps, 3, COSTS, "n0")
     assert d.moved == [0, 2] and d.wait == [1] and d.ok
     assert d.route.replicas == (1 - route.replicas[0], route.replicas[1], 1 - route.replicas[2])
+
+
+
+def test_a_gone_stage_whose_alternatives_are_unreachable_fails_instead_of_waiting() -> None:
+    # replica 1 of stage 1 lives but no finite-cost link reaches it: the plan fails. A gone replica
+    # never comes back, and the router's wait returns at once for it: "wait" made it loop for ever
+    costs = HostCosts(["n0", "n1"], np.array([[0.0, math.inf], [math.inf, 0.0]]))
+    reps = [ReplicaState(0, 0, "n0"), ReplicaState(1, 0, "n0"), ReplicaState(1, 1, "n1")]
+    route = plan(reps, 2, costs, "n0")
+    d = failover(route, [UP, GONE], reps, 2, costs, "n0")
+    assert d.gone == [1] and not d.wait and not d.ok and d.route == route
+    d = failover(route, [DOWN, GONE], reps, 2, costs, "n0")  # a down stage is still waited for
+    assert d.gone == [1] and d.wait == [0] and not d.ok
+    d = failover(route, [UP, DOWN], reps, 2, costs, "n0")  # a down one may restart: wait, as before
+    assert d.wait == [1] and not d.gone and d.ok
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -285,6 +285,20 @@ def test_route_cache_replans_only_on_real_changes(caplog: pytest.LogCaptureFixtu
     assert cache.plans == 6
 
 
+def test_route_cache_replans_when_an_infinite_node_cost_turns_finite() -> None:
+    # inf -> finite passed the relative test (inf <= 0.1 * inf): the cache kept the 52 ms route for good
+    costs = HostCosts.uniform(["a", "b"], 1.0)
+    replicas = [ReplicaState(0, 0, "a", compute_ms=INF), ReplicaState(0, 1, "b", compute_ms=50.0)]
+    cache = RouteCache()
+    assert cache.get(replicas, 1, costs, "a").replicas == (1,)
+    replicas[0].compute_ms = 1.0  # the unreachable replica is back, and far cheaper
+    back = cache.get(replicas, 1, costs, "a")
+    assert cache.plans == 2 and back.replicas == (0,) and back.cost_ms == 1.0
+    replicas[0].compute_ms = INF  # and gone again: finite -> inf re-plans too
+    assert cache.get(replicas, 1, costs, "a").replicas == (1,) and cache.plans == 3
+    assert cache.get(replicas, 1, costs, "a").replicas == (1,) and cache.plans == 3  # inf == inf: cached
+
+
 def test_mermaid_draws_stages_the_route_thick_and_dead_replicas() -> None:
     costs = HostCosts.uniform(["a", "b"], 1.0)
     replicas = [ReplicaState(0, 0, "a", compute_ms=9), ReplicaState(0, 1, "b", compute_ms=1),

@@ -59,6 +59,11 @@ def test_deal_gives_faster_copies_proportionally_more_micro_batches() -> None:
     assert sum(deal(13, [0.3, 2.0, 1.1])) == 13
     with pytest.raises(ValueError, match="positive"):
         deal(4, [1.0, 0.0])
+    with pytest.raises(ValueError, match="positive and finite"):  # was int(NaN): inf / inf
+        deal(4, [1.0, float("inf")])
+    with pytest.raises(ValueError, match="micro_batches=-3"):  # was dealt out as [-3]
+        deal(-3, [1.0])
+    assert deal(0, [1.0, 2.0]) == [0, 0]
 
 
 def test_lr_schedules_warm_up_then_decay_to_the_floor() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -185,3 +186,16 @@ def test_bench_and_cli_print_json_lines() -> None:
                                    "--requests", "40", "--policies", "round_robin"])
     lines = run.stdout.strip().splitlines()
     assert run.exit_code == 0 and len(lines) == 1 and json.loads(lines[0])["policy"] == "round_robin"
+
+
+def test_build_cluster_rejects_unknown_hosts_bad_speeds_and_short_replica_ids() -> None:
+    # an unknown host was a bare KeyError; a NaN speed built a cluster whose every step time was NaN;
+    # too few replica_ids silently gave the replicas arrays of different lengths
+    topo = Topology.from_dict({"nodes": {"R": {}, "A": {"gpus": 2}}, "links": [{"a": "R", "b": "A"}]})
+    with pytest.raises(ValueError, match=r"unknown hosts \['Z'\]"):
+        build_cluster(topo, [(0, "Z", 1.0)], ["R"], 1)
+    for bad in (math.nan, math.inf, 0.0):
+        with pytest.raises(ValueError, match="speeds must be finite"):
+            build_cluster(topo, [(0, "A", bad)], ["R"], 1)
+    with pytest.raises(ValueError, match="replica_ids: 1 ids for 2 placements"):
+        build_cluster(topo, [(0, "A", 1.0), (0, "A", 1.0)], ["R"], 1, replica_ids=[0])
