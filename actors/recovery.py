@@ -108,9 +108,13 @@ class Recovery:
                                 "has the details)")
 
     def all_gone_message(self, stage: int) -> str:
-        names = ", ".join(r.label for r in self.pool.table.by_stage[stage])
-        return (f"stage {stage} of deployment {self.deployment!r} has no replica left ({names} are gone for "
-                "good: restarts used up or killed): redeploy, or deploy with more replicas or max_restarts")
+        reps = self.pool.table.by_stage[stage]
+        gone = ", ".join(r.label for r in reps if r.gone)
+        if all(r.gone for r in reps):
+            return (f"stage {stage} of deployment {self.deployment!r} has no replica left ({gone} are gone for "
+                    "good: restarts used up or killed): redeploy, or deploy with more replicas or max_restarts")
+        return (f"stage {stage} of deployment {self.deployment!r} lost {gone} for good and no route reaches its "
+                "other replicas (their hosts are unreachable from the route): check the links, or add a replica")
 
     # ---------- recovering a step ----------
 

@@ -333,6 +333,15 @@ def test_all_gone_fails_fast_naming_the_stage() -> None:
         asyncio.run(rec.failover([req], time.monotonic() + 5))
 
 
+def test_a_gone_replica_whose_stage_has_unreachable_others_is_not_called_the_last() -> None:
+    pool = make_pool([1, 2])
+    rec, _ = make_recovery(pool, {})
+    pool.table.get(1, 0).gone = True
+    assert "lost stage-1/replica-0 for good and no route reaches its other replicas" in rec.all_gone_message(1)
+    pool.table.get(1, 1).gone = True
+    assert "has no replica left (stage-1/replica-0, stage-1/replica-1 are gone" in rec.all_gone_message(1)
+
+
 def test_a_failed_steps_error_names_the_stage_and_the_kind_never_rays_text() -> None:
     """Ray's error text carries the remote traceback, the process id and the node's address: clients
     (503 bodies, stream error events) get the replica's name and the exception's kind only."""
