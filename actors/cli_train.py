@@ -15,7 +15,7 @@ import typer
 
 from actors.cli_helpers import _ensure_model, dashboard_hint, err, local_stage_resources, out
 from models import InvalidRequestError
-from models.loading import SMOLLM2_NAME
+from models.sources import SMOLLM2_NAME
 
 LORA_TARGETS = "q_proj,v_proj"
 

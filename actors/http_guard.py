@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from starlette.exceptions import HTTPException
+
+from actors.errors import DeploymentError
 
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/dashboard", "/dashboard/login"})
 OPEN_PREFIXES = ("/dashboard/static/",)
@@ -162,3 +166,35 @@ async def _reply(send: Send, status: int, body: bytes, extra: dict[str, str] | N
     headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def tls_options(cert: str | None, key: str | None) -> dict[str, str]:
+    """Serve's HTTP options for HTTPS from a PEM certificate (chain) and its private key; {} for neither.
+
+    Both files are checked here, so a typo fails before Serve starts (a proxy that cannot read them
+    would fail later, on its node)."""
+    if cert is None and key is None:
+        return {}
+    if cert is None or key is None:
+        raise DeploymentError("TLS needs both a certificate and its private key: give --tls-cert and --tls-key")
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: bad content, not a missing file
+        unreadable = isinstance(e, OSError) and not isinstance(e, ssl.SSLError)
+        reason = (e.strerror or "unreadable").lower() if unreadable else "not PEM, or a key that does not match"
+        raise DeploymentError(f"the TLS certificate or key cannot be used ({reason}): give --tls-cert a PEM "
+                              "certificate and --tls-key the unencrypted PEM private key that matches it") from None
+    return {"ssl_certfile": str(Path(cert).resolve()), "ssl_keyfile": str(Path(key).resolve())}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only listens on this machine (no API key needed there)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -7,7 +7,6 @@ router's: a full pipeline answers 429 with `Retry-After`. A client that goes awa
 """
 
 import asyncio
-import ipaddress
 import json
 import logging
 import weakref
@@ -26,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.dashboard import routes as dashboard_routes
 from actors.dashboard.status import PipelineStatus
-from actors.http_guard import DEFAULT_MAX_BODY, GuardConfig, HttpGuard, hash_key
+from actors.http_guard import DEFAULT_MAX_BODY, GuardConfig, HttpGuard, hash_key, is_loopback, tls_options
 from actors.openai_api import (
     CHARS_PER_TOKEN,
     ERROR_STATUSES,
@@ -339,7 +338,7 @@ def start(deployments: list[str], host: str = "127.0.0.1", port: int = 8000, rep
     `Authorization: Bearer KEY` (the app keeps their SHA-256 digests); a host other than loopback
     without a key is refused unless `insecure`. With `tls_cert` and `tls_key` (PEM files, readable where
     Serve's proxies run) the server speaks HTTPS."""
-    if not api_keys and not insecure and not _loopback(host):
+    if not api_keys and not insecure and not is_loopback(host):
         raise DeploymentError(f"serving on {host} without an API key would let anyone who reaches it use the "
                               "deployments: give --api-key KEY (or MESHPIPE_API_KEY), or --insecure to do it anyway")
     tls = tls_options(tls_cert, tls_key)
@@ -362,37 +361,6 @@ def start(deployments: list[str], host: str = "127.0.0.1", port: int = 8000, rep
     url = f"{'https' if http.ssl_certfile else 'http'}://{http.host}:{http.port}/v1"
     log.info("serving %s at %s", deployments, url)
     return url
-
-
-def tls_options(cert: str | None, key: str | None) -> dict[str, str]:
-    """Serve's HTTP options for HTTPS from a PEM certificate (chain) and its private key; {} for neither.
-
-    Both files are checked here, so a typo fails before Serve starts (a proxy that cannot read them
-    would fail later, on its node)."""
-    if cert is None and key is None:
-        return {}
-    if cert is None or key is None:
-        raise DeploymentError("TLS needs both a certificate and its private key: give --tls-cert and --tls-key")
-    import ssl
-
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: bad content, not a missing file
-        unreadable = isinstance(e, OSError) and not isinstance(e, ssl.SSLError)
-        reason = (e.strerror or "unreadable").lower() if unreadable else "not PEM, or a key that does not match"
-        raise DeploymentError(f"the TLS certificate or key cannot be used ({reason}): give --tls-cert a PEM "
-                              "certificate and --tls-key the unencrypted PEM private key that matches it") from None
-    return {"ssl_certfile": str(Path(cert).resolve()), "ssl_keyfile": str(Path(key).resolve())}
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def stop() -> None:

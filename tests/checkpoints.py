@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models.errors import ModelNotInstalledError
-from models.loading import SMOLLM2_NAME, resolve_source
+from models.sources import SMOLLM2_NAME, resolve_source
 
 
 def make_tiny_llama(

