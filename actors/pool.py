@@ -103,8 +103,9 @@ class ReplicaPool:
         The (stage, replica)s in `avoid` (no free KV for it) are left out while their stage has another
         replica; NoReplicaError when one has none: the request waits for blocks."""
         states = self.table.states()
-        for st in states:
-            st.alive = st.alive and (st.stage, st.replica) not in avoid
+        if avoid:
+            for st in states:
+                st.alive = st.alive and (st.stage, st.replica) not in avoid
         hits = {(st.stage, st.replica): prefixes.hit_tokens((st.stage, st.replica), hashes)
                 for st in states} if prefixes is not None and hashes else {}
         if not any(hits.values()) and not avoid:

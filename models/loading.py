@@ -184,6 +184,7 @@ def _hf_config(folder: Path) -> ModelConfig:
         raise ConfigError(f"{where}: hidden_act {act!r} is not supported (only silu)")
     window = cfg.get("sliding_window")
     max_pos = int(cfg.get("max_position_embeddings", 2048))
+    theta, scaling = _rope(cfg, where, max_pos)  # YaRN's default factor reads the model's whole context
     if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
         window = None  # Qwen2 names a window it does not use unless use_sliding_window
     if window is not None:
@@ -193,7 +194,6 @@ def _hf_config(folder: Path) -> ModelConfig:
             logger.info("%s: sliding_window=%d: sequences are capped at %d positions (full attention within "
                         "the window)", where, window, window)
             max_pos = window
-    theta, scaling = _rope(cfg, where, max_pos)
     dim = int(cfg["hidden_size"])
     n_heads = int(cfg["num_attention_heads"])
     head_dim = cfg.get("head_dim")

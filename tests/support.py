@@ -107,3 +107,13 @@ def token_rate(samples: list[tuple[float, int]], a: float, b: float) -> float:
     """Tokens per second between times `a` and `b` from `load_step`'s samples."""
     window = [(t, n) for t, n in samples if a <= t <= b]
     return (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+
+
+def last_logits(model, prompt: list[int]):  # noqa: ANN001, ANN201 - a models.Transformer; a tensor
+    """`model`'s logits after `prompt`, run alone as one sequence in a fresh cache (no grad)."""
+    import torch
+
+    from models import Batch
+
+    with torch.no_grad():
+        return model(torch.tensor(prompt), Batch.build(["s"], [0], [len(prompt)]), model.new_cache())[0]

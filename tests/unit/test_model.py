@@ -164,22 +164,20 @@ def test_a_nan_sequence_ends_alone_and_leaves_no_nan_in_the_pool(tmp_path: Path)
     through block 0's padding or a reused block's stale tail, made them NaN too: 0 x NaN)."""
     from models import NonFiniteLogitsError
     from tests.checkpoints import make_tiny_llama, poison_token
+    from tests.support import last_logits
 
     folder = poison_token(make_tiny_llama(tmp_path / "llama", n_layers=2), 7)
     model = load_model(folder, dtype="float32")
     bad, good = [5, 9, 11] * 13 + [7], [3, 4, 5]
     cache = model.new_cache()
 
-    def alone(prompt: list[int]) -> torch.Tensor:
-        return model(torch.tensor(prompt), Batch.build(["x"], [0], [len(prompt)]), model.new_cache())[0]
-
     both = model(torch.tensor(bad + good), Batch.build(["bad", "good"], [0, 0], [len(bad), len(good)]), cache)
-    assert torch.isnan(both[0]).any() and torch.allclose(both[1], alone(good), atol=1e-5)
+    assert torch.isnan(both[0]).any() and torch.allclose(both[1], last_logits(model, good), atol=1e-5)
     cache.free(["bad", "good"])
     prompts = [list(range(20, 20 + n)) for n in (3, 20, 50)]  # in the bad sequence's freed blocks, padded
     outs = model(torch.tensor([t for p in prompts for t in p]),
                  Batch.build(["a", "b", "c"], [0, 0, 0], [len(p) for p in prompts]), cache)
     for out, prompt in zip(outs, prompts):
-        assert torch.allclose(out, alone(prompt), atol=1e-5)
+        assert torch.allclose(out, last_logits(model, prompt), atol=1e-5)
     with pytest.raises(NonFiniteLogitsError, match="logits after 40 tokens were NaN"):
         model.generate([good, bad], max_new_tokens=4, ignore_eos=True)

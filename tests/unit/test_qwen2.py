@@ -14,6 +14,7 @@ from models import Batch, ConfigError, load_model, load_stage
 from models.lora import LoraConfig, apply_lora, merged_state_dict
 from models.loading import read_config, save_hf
 from tests.checkpoints import make_tiny_gguf, make_tiny_llama
+from tests.support import last_logits
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(30, 71)), [200]]
 
@@ -30,11 +31,6 @@ def hf_qwen2(qwen2: Path):  # noqa: ANN201
     return Qwen2ForCausalLM.from_pretrained(qwen2, dtype=torch.float32).eval()
 
 
-def _last_logits(model, prompt: list[int]) -> torch.Tensor:  # noqa: ANN001
-    with torch.no_grad():
-        return model(torch.tensor(prompt), Batch.build(["s"], [0], [len(prompt)]), model.new_cache())[0]
-
-
 def test_logits_and_greedy_tokens_equal_transformers(qwen2: Path, hf_qwen2) -> None:  # noqa: ANN001
     cfg = read_config(qwen2)
     assert cfg.qkv_bias and cfg.tie_embeddings
@@ -42,7 +38,7 @@ def test_logits_and_greedy_tokens_equal_transformers(qwen2: Path, hf_qwen2) -> N
     for prompt in PROMPTS:
         with torch.no_grad():
             ref = hf_qwen2(torch.tensor([prompt])).logits[0, -1]
-        assert (_last_logits(model, prompt) - ref).abs().max().item() < 1e-4
+        assert (last_logits(model, prompt) - ref).abs().max().item() < 1e-4
     outs = model.generate(PROMPTS, max_new_tokens=10, ignore_eos=True)
     for prompt, out in zip(PROMPTS, outs):
         ref = hf_qwen2.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
@@ -56,7 +52,7 @@ def test_the_biases_are_what_makes_them_equal(qwen2: Path, hf_qwen2) -> None:  #
         layer.attention.wk.bias.data.zero_()
     with torch.no_grad():
         ref = hf_qwen2(torch.tensor([PROMPTS[2]])).logits[0, -1]
-    assert (_last_logits(model, PROMPTS[2]) - ref).abs().max().item() > 1e-2
+    assert (last_logits(model, PROMPTS[2]) - ref).abs().max().item() > 1e-2
 
 
 def test_fused_projections_carry_the_biases(qwen2: Path) -> None:
@@ -64,7 +60,7 @@ def test_fused_projections_carry_the_biases(qwen2: Path) -> None:
     fused = load_model(qwen2, dtype="float64")
     fused.fuse_linears(True)
     for prompt in PROMPTS:
-        a, b = _last_logits(plain, prompt), _last_logits(fused, prompt)
+        a, b = last_logits(plain, prompt), last_logits(fused, prompt)
         assert (a - b).abs().max().item() < 1e-10
     attn = fused.layers["0"].attention
     assert attn.wqkv.bias is not None and attn.wq.bias.data_ptr() == attn.wqkv.bias.data_ptr()  # held once
@@ -82,7 +78,7 @@ def test_stages_chained_equal_the_whole_model(qwen2: Path, num_stages: int) -> N
     with torch.no_grad():
         for stage in stages:
             x = stage(x, b, stage.new_cache())
-    assert (x[0] - _last_logits(whole, prompt)).abs().max().item() < 1e-10
+    assert (x[0] - last_logits(whole, prompt)).abs().max().item() < 1e-10
 
 
 def test_a_qwen2_gguf_equals_the_folder(qwen2: Path, tmp_path: Path) -> None:
@@ -95,7 +91,7 @@ def test_a_qwen2_gguf_equals_the_folder(qwen2: Path, tmp_path: Path) -> None:
     assert cfg == folder.replace(max_seq_len=cfg.max_seq_len, eos_ids=cfg.eos_ids, bos_id=cfg.bos_id,
                                  norm_eps=cfg.norm_eps)
     a, b = load_model(path, dtype="float32"), load_model(qwen2, dtype="float32")
-    assert (_last_logits(a, PROMPTS[2]) - _last_logits(b, PROMPTS[2])).abs().max().item() < 1e-5
+    assert (last_logits(a, PROMPTS[2]) - last_logits(b, PROMPTS[2])).abs().max().item() < 1e-5
 
 
 def test_saved_and_lora_merged_folders_load_in_transformers(qwen2: Path, hf_qwen2, tmp_path: Path) -> None:  # noqa: ANN001
@@ -115,7 +111,7 @@ def test_saved_and_lora_merged_folders_load_in_transformers(qwen2: Path, hf_qwen
     assert saved["model_type"] == "qwen2" and saved["architectures"] == ["Qwen2ForCausalLM"]
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
-        ours = model(torch.tensor(PROMPTS[2]), Batch.build(["s"], [0], [len(PROMPTS[2])]), model.new_cache())[0]
+        ours = last_logits(model, PROMPTS[2])
         ref = theirs(torch.tensor([PROMPTS[2]])).logits[0, -1]
         base = hf_qwen2(torch.tensor([PROMPTS[2]])).logits[0, -1]
     assert (ours - ref).abs().max().item() < 1e-4 and (ours - base).abs().max().item() > 1e-3

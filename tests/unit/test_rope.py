@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import Batch, ConfigError, load_model, load_stage
+from models import ConfigError, load_model, load_stage
 from models.loading import hf_config_dict, read_config
 from models.rope import RopeScaling, attention_factor, from_hf, inv_freq
 from tests.checkpoints import make_tiny_gguf, make_tiny_llama
+from tests.support import last_logits
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 32}
@@ -63,11 +64,11 @@ def test_logits_and_greedy_tokens_equal_transformers(scaled: tuple[str, Path]) -
     assert model.cfg.rope_scaling is not None and model.cfg.rope_scaling.kind == name
     with torch.no_grad():
         ref = hf(torch.tensor([PROMPT])).logits[0]
-        last = model(torch.tensor(PROMPT), Batch.build(["s"], [0], [len(PROMPT)]), model.new_cache())[0]
+        last = last_logits(model, PROMPT)
     assert (last - ref[-1]).abs().max().item() < 1e-4
     plain = load_stage(folder, dtype="float32", config=read_config(folder).replace(rope_scaling=None))
     with torch.no_grad():
-        unscaled = plain(torch.tensor(PROMPT), Batch.build(["s"], [0], [len(PROMPT)]), plain.new_cache())[0]
+        unscaled = last_logits(plain, PROMPT)
     assert (unscaled - ref[-1]).abs().max().item() > 1e-2  # the scaling is what makes them equal
     out = model.generate([PROMPT], max_new_tokens=16, ignore_eos=True)[0].token_ids
     want = hf.generate(torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False, eos_token_id=None,
@@ -96,8 +97,7 @@ def test_a_llama3_gguf_carries_its_frequency_factors(name: str, tmp_path: Path) 
     assert cfg.rope_scaling is not None and cfg.rope_scaling.kind == ("factors" if name == "llama3" else "linear")
     a, b = load_model(path, dtype="float32"), load_model(folder, dtype="float32")
     with torch.no_grad():
-        la = a(torch.tensor(PROMPT), Batch.build(["s"], [0], [len(PROMPT)]), a.new_cache())[0]
-        lb = b(torch.tensor(PROMPT), Batch.build(["s"], [0], [len(PROMPT)]), b.new_cache())[0]
+        la, lb = last_logits(a, PROMPT), last_logits(b, PROMPT)
     assert (la - lb).abs().max().item() < 1e-4
 
 
